@@ -1,0 +1,80 @@
+"""Model configuration (a plain dataclass; Hydra's structured config reuses it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIXERS = ("softmax",)  # token mixers registered in models/mixers.py
+
+
+@dataclass
+class RopeConfig:
+    """RoPE and its scaling for context extension.
+
+    type: none | linear (position interpolation) | ntk (base-theta change by ``factor``)
+          | yarn | llama3
+    """
+    theta: float = 10000.0
+    type: str = "none"
+    factor: float = 1.0
+    original_max_position: int = 2048
+    low_freq_factor: float = 1.0     # llama3
+    high_freq_factor: float = 4.0    # llama3
+    beta_fast: float = 32.0          # yarn
+    beta_slow: float = 1.0           # yarn
+    attention_factor: float | None = None  # yarn: None -> 0.1 * ln(factor) + 1
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None          # default dim // n_heads
+    ffn_dim: int | None = None           # default 8/3 * dim rounded up to multiple_of
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    attention_bias: bool = False         # Qwen2 uses q/k/v biases
+    mixer_pattern: list[str] = field(default_factory=lambda: ["softmax"])  # cycled over layers
+    sliding_window: int | None = None    # softmax layers; None = full causal
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def ffn(self) -> int:
+        if self.ffn_dim:
+            return self.ffn_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def mixer_of(self, layer: int) -> str:
+        return self.mixer_pattern[layer % len(self.mixer_pattern)]
+
+    def validate(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
+                             f"{self.n_kv_heads}: choose n_kv_heads among the divisors of n_heads")
+        if self.head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
+                             "change one, or set model.head_dim explicitly")
+        if not self.mixer_pattern:
+            raise ValueError("model.mixer_pattern is empty: give at least one mixer, e.g. [softmax]")
+        from models.mixers import MIXER_REGISTRY
+        for m in self.mixer_pattern:
+            if m not in MIXER_REGISTRY:
+                raise ValueError(f"model.mixer_pattern has unknown mixer {m!r}: choose from "
+                                 f"{sorted(MIXER_REGISTRY)}")
+        if self.rope.type not in ("none", "linear", "ntk", "yarn", "llama3"):
+            raise ValueError(f"model.rope.type={self.rope.type!r} is unknown: choose none, linear, "
+                             "ntk, yarn or llama3")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 1 or null")

@@ -1,0 +1,1 @@
+"""Plain-PyTorch kernels, each with a naive reference beside it."""

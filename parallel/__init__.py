@@ -1,0 +1,1 @@
+"""Parallelism applied to plain models: device mesh, CP sharding, strategies, DP wrapping."""

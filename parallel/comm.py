@@ -1,0 +1,89 @@
+"""The one thin layer every collective goes through: it counts bytes per rank and op.
+
+Counts are what this rank *sends* and *receives* (payload only, no protocol overhead):
+all_gather of a local tensor of s bytes receives (P-1)*s and sends (P-1)*s (ring
+algorithm view), reduce_scatter of a full tensor of P*s bytes receives (P-1)*s, etc.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+
+class ByteCounter:
+    def __init__(self):
+        self.sent: dict[str, int] = defaultdict(int)
+        self.received: dict[str, int] = defaultdict(int)
+
+    def add(self, op: str, sent: int, received: int) -> None:
+        self.sent[op] += sent
+        self.received[op] += received
+
+    def reset(self) -> None:
+        self.sent.clear()
+        self.received.clear()
+
+    @property
+    def total_received(self) -> int:
+        return sum(self.received.values())
+
+    @property
+    def total_sent(self) -> int:
+        return sum(self.sent.values())
+
+
+COUNTER = ByteCounter()  # per process; read by tests and the benchmark
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
+    """Gather ``x`` (same shape on every rank) from all ranks of ``group``."""
+    p = dist.get_world_size(group)
+    out = [torch.empty_like(x) for _ in range(p)]
+    dist.all_gather(out, x.contiguous(), group=group)
+    COUNTER.add("all_gather", (p - 1) * _nbytes(x), (p - 1) * _nbytes(x))
+    return out
+
+
+def reduce_scatter(chunks: list[torch.Tensor], group) -> torch.Tensor:
+    """Sum ``chunks[j]`` over ranks and return the sum of chunk ``rank`` on each rank."""
+    p = dist.get_world_size(group)
+    out = torch.empty_like(chunks[0])
+    chunks = [c.contiguous() for c in chunks]
+    if dist.get_backend(group) == "gloo":
+        # gloo has no reduce_scatter: all_reduce the stack and keep our slice. Count the
+        # bytes a reduce_scatter would move, which is what the GPU backends do.
+        full = torch.stack(chunks)
+        dist.all_reduce(full, group=group)
+        out.copy_(full[dist.get_rank(group)])
+    else:
+        dist.reduce_scatter(out, chunks, group=group)
+    COUNTER.add("reduce_scatter", (p - 1) * _nbytes(out), (p - 1) * _nbytes(out))
+    return out
+
+
+def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    p = dist.get_world_size(group)
+    dist.all_reduce(x, op=op, group=group)
+    COUNTER.add("all_reduce", 2 * (p - 1) * _nbytes(x) // max(p, 1), 2 * (p - 1) * _nbytes(x) // max(p, 1))
+    return x
+
+
+def all_to_all(outputs: list[torch.Tensor], inputs: list[torch.Tensor], group) -> None:
+    rank = dist.get_rank(group)
+    dist.all_to_all(outputs, [t.contiguous() for t in inputs], group=group)
+    COUNTER.add("all_to_all", sum(_nbytes(t) for i, t in enumerate(inputs) if i != rank),
+                sum(_nbytes(t) for i, t in enumerate(outputs) if i != rank))
+
+
+def send_recv(send: torch.Tensor, recv: torch.Tensor, dst: int, src: int, group) -> list:
+    """Post an async send to group rank ``dst`` and receive from ``src``; returns the works."""
+    ops = [dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, dst), group),
+           dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group)]
+    COUNTER.add("send_recv", _nbytes(send), _nbytes(recv))
+    return dist.batch_isend_irecv(ops)

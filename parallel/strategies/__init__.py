@@ -1,0 +1,9 @@
+"""Context-parallel strategies: one module each, all behind ``Strategy``.
+
+A new strategy is a new file that subclasses Strategy and decorates itself with
+``@register("name")``, plus its import below.
+"""
+from parallel.strategies.base import STRATEGIES, Strategy, build_strategy, register
+from parallel.strategies import local, allgather  # noqa: F401  (registration)
+
+__all__ = ["STRATEGIES", "Strategy", "build_strategy", "register"]

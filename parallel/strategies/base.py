@@ -1,0 +1,43 @@
+"""The interface every context-parallel attention strategy implements."""
+from __future__ import annotations
+
+from parallel.sharding import check_divisible
+
+STRATEGIES: dict[str, type] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+    return wrap
+
+
+class Strategy:
+    """attention(q [B, C, H, D], k, v [B, C, Hkv, D], ctx) -> o [B, C, H, D], exact in
+    forward and backward against single-device attention on the unsharded row."""
+
+    name = "base"
+    layouts = ("contiguous", "zigzag")
+
+    def check(self, *, n_heads: int, n_kv_heads: int, cp: int, seq_len: int, layout: str) -> None:
+        """Raise ValueError (naming the setting and the fix) before any collective runs."""
+        if layout not in self.layouts:
+            raise ValueError(f"parallel.cp.layout={layout!r} is not supported by strategy "
+                             f"{self.name!r}: choose one of {self.layouts}")
+        check_divisible(seq_len, cp, layout)
+
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+        raise NotImplementedError
+
+    def forward_bytes(self, *, batch: int, seq_len: int, cp: int, n_kv_heads: int,
+                      head_dim: int, elem_bytes: int) -> int:
+        """Bytes one rank receives in one layer's forward, by the strategy's formula."""
+        raise NotImplementedError
+
+
+def build_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"parallel.cp.strategy={name!r} is unknown: choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name]()
