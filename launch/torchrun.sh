@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Launch longctx training with torchrun on one node or several.
+#
+#   launch/torchrun.sh [hydra overrides...]                 one node, NPROC_PER_NODE ranks
+#   NNODES=4 MASTER_ADDR=host0 launch/torchrun.sh ...        several nodes (run on each node)
+#   sbatch --nodes 4 launch/slurm.sbatch ...                 under SLURM (rendezvous from SLURM_*)
+#
+# Environment: NPROC_PER_NODE (default: GPUs on this node, else 2), NNODES (default 1 or
+# SLURM_NNODES), NODE_RANK (default 0 or SLURM_NODEID), MASTER_ADDR / MASTER_PORT (default:
+# first host of SLURM_JOB_NODELIST, else localhost; port 29500), PYTHON (default python).
+set -euo pipefail
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  default_nproc=$(nvidia-smi -L | wc -l)
+else
+  default_nproc=2
+fi
+NPROC_PER_NODE=${NPROC_PER_NODE:-$default_nproc}
+NNODES=${NNODES:-${SLURM_NNODES:-1}}
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+if [[ -z "${MASTER_ADDR:-}" ]]; then
+  if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  else
+    MASTER_ADDR=127.0.0.1
+  fi
+fi
+MASTER_PORT=${MASTER_PORT:-29500}
+PYTHON=${PYTHON:-python}
+
+if [[ "$NNODES" -gt 1 ]]; then
+  rdzv=(--rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${SLURM_JOB_ID:-longctx}")
+else
+  rdzv=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+fi
+
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+  --nproc_per_node "$NPROC_PER_NODE" "${rdzv[@]}" -m trainer.train "$@"

@@ -1,0 +1,53 @@
+"""From loader rows to what the model sees: device transfer, CP sharding, context, loss."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.context import build_context
+from parallel.sharding import shard_batch
+
+
+def build_loaders(cfg, mesh):
+    """Train and validation loaders for this rank's data-parallel shard, and the tokenizer.
+    Every CP rank of a dp group reads the same rows (it keeps its own shard of each)."""
+    from trainer.data import (DataLoaderShard, PackedDataset, StdlibSource, TextFilesSource,
+                              build_tokenizer)
+    d = cfg.data
+    tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path)
+
+    def source(split):
+        if d.source == "stdlib":
+            return StdlibSource(split=split, val_fraction=d.val_fraction)
+        return TextFilesSource(list(d.paths), split=split, val_fraction=d.val_fraction)
+
+    train = DataLoaderShard(PackedDataset(source("train"), tokenizer, d.seq_len, d.seed),
+                            mesh.dp_rank, mesh.dp, d.micro_batch)
+    val = DataLoaderShard(PackedDataset(source("val"), tokenizer, d.seq_len, d.seed + 1),
+                          mesh.dp_rank, mesh.dp, d.micro_batch)
+    return train, val, tokenizer
+
+
+def prepare_batch(batch: dict, cfg, mesh, strategy):
+    """Shard a [B, N] batch for this CP rank and build the attention context."""
+    cp = cfg.parallel.cp
+    local = shard_batch(batch, mesh.cp_rank, mesh.cp, cp.layout)
+    for key in ("input_ids", "labels", "positions"):
+        local[key] = local[key].to(mesh.device, non_blocking=True)
+    ctx = build_context(strategy, mesh.cp_group if mesh.cp > 1 else None, mesh.cp_rank, mesh.cp,
+                        cp.layout, local, cp.block)
+    return local, ctx
+
+
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, mesh, group=None):
+    """Cross-entropy over this rank's tokens, scaled so that DP averaging of gradients over
+    all ranks yields the gradient of the global mean. Returns (loss to backprop,
+    global CE sum, global token count) -- the last two as Python numbers."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                         reduction="sum")
+    stats = torch.stack([ce.detach(), (labels != -100).sum().to(ce.dtype)])
+    dist.all_reduce(stats, group=group)
+    ce_sum, count = stats.tolist()
+    world = dist.get_world_size(group)
+    return ce * world / max(count, 1.0), ce_sum, int(count)

@@ -1,0 +1,60 @@
+"""Logging on the first rank: console, ``metrics.jsonl`` in the run dir, and wandb."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+# Dense bf16 peak FLOP/s by device name fragment (for MFU).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
+    """6 * params (matmuls, fwd+bwd) + causal attention scores and values (fwd+bwd)."""
+    n_softmax = sum(model_cfg.mixer_of(i) == "softmax" for i in range(model_cfg.n_layers))
+    attn = 6 * n_softmax * model_cfg.n_heads * model_cfg.hd * seq_len   # 12*L*H*d*T / 2
+    return 6 * n_params + attn
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, cfg_dict: dict, is_main: bool, wandb_cfg):
+        self.is_main = is_main
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.wandb = None
+        if is_main and wandb_cfg.wandb and wandb_cfg.wandb_mode != "disabled":
+            try:
+                import wandb
+                self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, dir=run_dir,
+                                        mode=wandb_cfg.wandb_mode, config=cfg_dict, resume="allow",
+                                        settings=wandb.Settings(silent=True))
+            except Exception as e:  # wandb must never stop training
+                print(f"[longctx] wandb disabled: {e}")
+
+    def log(self, step: int, metrics: dict, console=print) -> None:
+        if not self.is_main:
+            return
+        row = {"step": step, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in row.items())
+        console(text)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,194 @@
+"""Hydra entry point: ``python -m trainer.train [experiment=NAME] [key=value ...]``.
+
+Order of work: validate the config on every rank (no collective yet), build the dp x cp
+mesh, the model (optionally from a Hugging Face checkpoint), data parallelism, optimizer,
+data; resume from the run directory if it holds a checkpoint; train with gradient
+accumulation, clipping and autocast; log, evaluate, checkpoint (also on SIGTERM/SIGUSR1).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from models import Transformer
+from parallel.data_parallel import no_sync, unwrap, wrap_data_parallel
+from parallel.mesh import Mesh, env_ranks, init_mesh
+from parallel.strategies import build_strategy
+from trainer import checkpoint
+from trainer.batching import batch_loss, build_loaders, prepare_batch
+from trainer.config import TrainConfig, validate
+from trainer.evaluate import evaluate
+from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from trainer.optim import build_optimizer, build_scheduler
+
+
+def to_config(cfg: DictConfig) -> TrainConfig:
+    """Merge onto the typed schema (unknown keys and wrong types fail here) and instantiate."""
+    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    return OmegaConf.to_object(merged)
+
+
+class _Preemption:
+    """Remembers SIGTERM / SIGUSR1; the trainer checkpoints and exits at the next step."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+
+def _resolve_run_dir(cfg: TrainConfig, mesh: Mesh) -> str:
+    if cfg.trainer.run_dir is not None:
+        run_dir = cfg.trainer.run_dir
+    else:
+        from hydra.core.hydra_config import HydraConfig
+        run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "runs/default"
+    box = [run_dir]
+    dist.broadcast_object_list(box, src=0)      # every rank agrees with rank 0's directory
+    os.makedirs(box[0], exist_ok=True)
+    return box[0]
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
+    if cfg.init_from is not None:
+        from models.hf_io import load_hf_checkpoint
+        hf_cfg, state = load_hf_checkpoint(cfg.init_from)
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads"):
+            if getattr(hf_cfg, name) != getattr(cfg.model, name):
+                raise ValueError(f"model.{name}={getattr(cfg.model, name)} differs from the checkpoint "
+                                 f"in init_from ({getattr(hf_cfg, name)}): set model.{name}="
+                                 f"{getattr(hf_cfg, name)} or use a matching model config")
+        model = Transformer(cfg.model)
+        model.load_state_dict(state, strict=True)
+    else:
+        torch.manual_seed(cfg.trainer.seed)
+        model = Transformer(cfg.model)
+    model.checkpoint_layers = cfg.trainer.activation_checkpointing
+    return model.to(device)
+
+
+def train(cfg: TrainConfig) -> dict:
+    rank, _, world = env_ranks()
+    validate(cfg, world)                                     # before any collective can hang
+    mesh = init_mesh(cfg.parallel.cp.size, cfg.trainer.device)
+    run_dir = _resolve_run_dir(cfg, mesh)
+    t = cfg.trainer
+    strategy = build_strategy(cfg.parallel.cp.strategy)
+    train_loader, val_loader, tokenizer = build_loaders(cfg, mesh)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"vocabulary ({tokenizer.vocab_size}): set model.vocab_size={tokenizer.vocab_size}")
+    model = build_model(cfg, mesh.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    dp_model = wrap_data_parallel(model, cfg.parallel.dp_mode, mesh)
+    optimizer = build_optimizer(dp_model, cfg.optim)
+    scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
+    step = 0
+    resume = checkpoint.latest_step(run_dir)
+    if resume is not None:
+        step = checkpoint.load(run_dir, resume, unwrap(dp_model), optimizer, scheduler, train_loader, rank)
+    else:
+        torch.manual_seed(t.seed + rank)
+    logger = MetricsLogger(run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), mesh.is_main, cfg.logger)
+    if mesh.is_main:
+        tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * t.grad_accum * mesh.dp
+        print(f"[longctx] run_dir={run_dir} world={world} dp={mesh.dp} cp={mesh.cp} "
+              f"strategy={strategy.name} layout={cfg.parallel.cp.layout} params={n_params / 1e6:.2f}M "
+              f"tokens/step={tokens_per_step}" + (f" resumed from step {step}" if resume else ""))
+    preempt = _Preemption()
+    peak = device_peak_flops(mesh.device)
+    fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
+    autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    train_iter = iter(train_loader)
+    bar = _progress(t, step, mesh)
+    history, last = [], {}
+    t0, tokens_since = time.perf_counter(), 0
+    end = t.steps if t.stop_after is None else min(t.steps, step + t.stop_after)
+    while step < end:
+        dp_model.train()
+        loss_sum, count_sum = 0.0, 0
+        for micro in range(t.grad_accum):
+            batch, ctx = prepare_batch(next(train_iter), cfg, mesh, strategy)
+            with no_sync(dp_model, micro < t.grad_accum - 1), autocast:
+                logits = dp_model(batch["input_ids"], batch["positions"], ctx)
+                loss, ce_sum, count = batch_loss(logits, batch["labels"], mesh)
+                (loss / t.grad_accum).backward()
+            loss_sum += ce_sum
+            count_sum += count
+            tokens_since += batch["input_ids"].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(dp_model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_loss = loss_sum / max(count_sum, 1)
+        history.append(train_loss)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.4f}")
+        if step % t.log_every == 0 or step == end:
+            dt = time.perf_counter() - t0
+            tok_s = tokens_since * mesh.world_size / mesh.cp / max(dt, 1e-9)  # tokens of all dp ranks
+            last = {"loss": train_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "tokens_per_s": tok_s}
+            if peak:
+                last["mfu"] = tok_s * fpt / (peak * mesh.world_size)
+            if mesh.device.type == "cuda":
+                last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            logger.log(step, last, console=bar.write if bar is not None else print)
+            t0, tokens_since = time.perf_counter(), 0
+        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+            ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategy)
+            logger.log(step, ev, console=bar.write if bar is not None else print)
+            last.update(ev)
+        stop = _any_rank(preempt.flag, mesh)
+        if (t.save_every and step % t.save_every == 0) or step == end or stop:
+            checkpoint.save(run_dir, step, unwrap(dp_model), optimizer, scheduler, train_loader, rank,
+                            t.keep_checkpoints)
+        if stop:
+            if mesh.is_main:
+                print(f"[longctx] preempted: checkpoint written at step {step}")
+            break
+    if bar is not None:
+        bar.close()
+    logger.close()
+    return {"step": step, "history": history, "run_dir": run_dir, **last}
+
+
+def _any_rank(flag: bool, mesh: Mesh) -> bool:
+    x = torch.tensor([int(flag)], device=mesh.device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return bool(x.item())
+
+
+def _progress(t, step, mesh):
+    if not (mesh.is_main and t.progress_bar):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        train(to_config(cfg))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
