@@ -21,7 +21,7 @@ def wrap_data_parallel(model: nn.Module, mode: str, mesh) -> nn.Module:
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [mesh.device.index] if mesh.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, broadcast_buffers=False)
+        return DDP(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
     flat = mesh.device_mesh._flatten("dp_cp") if hasattr(mesh.device_mesh, "_flatten") else mesh.device_mesh
     for block in model.layers.values():

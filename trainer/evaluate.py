@@ -1,6 +1,7 @@
 """Evaluation: held-out loss and passkey retrieval accuracy by context length."""
 from __future__ import annotations
 
+import copy
 import random
 
 import torch
@@ -11,6 +12,7 @@ from trainer.batching import batch_loss, prepare_batch
 
 @torch.no_grad()
 def heldout_loss(model, loader, cfg, mesh, strategy) -> float:
+    start = copy.deepcopy(loader.state_dict())   # every evaluation sees the same rows
     it = iter(loader)
     ce, count = 0.0, 0
     for _ in range(cfg.trainer.eval_batches):
@@ -18,6 +20,7 @@ def heldout_loss(model, loader, cfg, mesh, strategy) -> float:
         logits = model(batch["input_ids"], batch["positions"], ctx)
         _, s, c = batch_loss(logits, batch["labels"], mesh)
         ce, count = ce + s, count + c
+    loader.load_state_dict(start)
     return ce / max(count, 1)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import hydra
@@ -77,6 +78,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
 
 
 def train(cfg: TrainConfig) -> dict:
+    preempt = _Preemption()                                  # first: a signal must never kill us
     rank, _, world = env_ranks()
     validate(cfg, world)                                     # before any collective can hang
     mesh = init_mesh(cfg.parallel.cp.size, cfg.trainer.device)
@@ -104,7 +106,6 @@ def train(cfg: TrainConfig) -> dict:
         print(f"[longctx] run_dir={run_dir} world={world} dp={mesh.dp} cp={mesh.cp} "
               f"strategy={strategy.name} layout={cfg.parallel.cp.layout} params={n_params / 1e6:.2f}M "
               f"tokens/step={tokens_per_step}" + (f" resumed from step {step}" if resume else ""))
-    preempt = _Preemption()
     peak = device_peak_flops(mesh.device)
     fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
@@ -181,6 +182,11 @@ def _progress(t, step, mesh):
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(to_config(cfg))
+    except ValueError as e:          # configuration errors: one clear line (HYDRA_FULL_ERROR=1: trace)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"[longctx] error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
