@@ -114,6 +114,16 @@ def _fold_kv_grad(g: torch.Tensor, groups: int) -> torch.Tensor:
     return g.reshape(h // groups, groups, tk, d).sum(1).transpose(0, 1)
 
 
+def _no_autocast(fn):
+    """Kernels choose their own precision (fp32 accumulation) whatever autocast says."""
+    def wrapped(*args, **kwargs):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return fn(*args, **kwargs)
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+@_no_autocast
 def attention_forward(q, k, v, mask: MaskSpec, scale: float | None = None,
                       block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (o [B, Tq, H, D] in q.dtype, lse [B, H, Tq] in fp32 or fp64)."""
@@ -142,6 +152,7 @@ def attention_forward(q, k, v, mask: MaskSpec, scale: float | None = None,
     return o.to(q.dtype), lse
 
 
+@_no_autocast
 def attention_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = None,
                        block: int = DEFAULT_BLOCK):
     """Gradients (dq, dk, dv) of ``o`` for one (Q, K) block pair, recomputed from ``lse``.
