@@ -1,0 +1,75 @@
+"""Run a function on P local gloo processes, with a timeout: a hang fails, never blocks.
+
+Used by the multi-rank tests and by the benchmarks (bench/).
+
+    results = run_distributed(fn, world_size, *args, timeout=120)
+
+``fn(rank, world_size, *args)`` must be a module-level function; it runs after
+``init_process_group("gloo")`` and its return value (picklable) comes back in rank order.
+An exception on any rank fails the call with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    import torch
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        out = fn(rank, world_size, *args)
+        queue.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 -- report everything to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 180.0):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    try:
+        import queue as _q
+        for _ in range(world_size):
+            try:
+                rank, ok, out = queue.get(timeout=timeout)
+            except _q.Empty:
+                raise TimeoutError(f"distributed test timed out after {timeout}s "
+                                   f"({len(results)}/{world_size} ranks finished)") from None
+            if ok:
+                results[rank] = out
+            else:
+                errors.append(f"--- rank {rank} ---\n{out}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if not errors else 0.5)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("a rank failed:\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
+__all__ = ["run_distributed"]
