@@ -40,5 +40,5 @@ class AllGatherKV(Strategy):
         mask = MaskSpec(ctx.local_index, kv_index, ctx.local_doc, ctx.doc_of(kv_index), causal, window)
         return attention(q, kv[0], kv[1], mask, scale, ctx.block)[0]
 
-    def forward_bytes(self, *, batch, seq_len, cp, n_kv_heads, head_dim, elem_bytes) -> int:
+    def forward_bytes(self, *, batch, seq_len, cp, n_kv_heads, head_dim, elem_bytes, n_heads=None) -> int:
         return (cp - 1) * 2 * batch * (seq_len // cp) * n_kv_heads * head_dim * elem_bytes

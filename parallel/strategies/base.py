@@ -31,7 +31,13 @@ class Strategy:
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         raise NotImplementedError
 
-    def forward_bytes(self, *, batch: int, seq_len: int, cp: int, n_kv_heads: int,
+    def work_queries(self, ctx):
+        """(global row positions of the queries this rank computes attention for, fraction of
+        the heads it computes them for). Sequence-sharded strategies: (local_index, 1.0);
+        head-sharded ones (Ulysses) override it. Used to measure compute balance."""
+        return ctx.local_index, 1.0
+
+    def forward_bytes(self, *, batch: int, seq_len: int, cp: int, n_heads: int, n_kv_heads: int,
                       head_dim: int, elem_bytes: int) -> int:
         """Bytes one rank receives in one layer's forward, by the strategy's formula."""
         raise NotImplementedError

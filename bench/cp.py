@@ -1,0 +1,256 @@
+"""Context-parallel attention benchmark: strategies x world sizes x lengths x masks.
+
+    python -m bench.cp                                  # CPU defaults: world 1 2 4, N 2048 8192
+    python -m bench.cp --world-sizes 2 4 --seq-lens 8192 --masks causal docs --repeats 3
+
+Each cell runs as real processes (gloo on CPU, NCCL on CUDA) and reports: forward+backward
+time of one attention layer (median of repeats), bytes received per rank in the forward
+measured by parallel.comm and by the strategy's formula, peak memory per rank, max error
+of output and gradients against the single-rank kernel, and compute balance (max/mean over
+ranks of unmasked query-key pairs). Writes ``cp.csv`` and ``cp.png`` into --out.
+
+Peak memory: on CUDA, ``max_memory_allocated``; on CPU (no allocator statistics) the bytes of
+tensors the layer keeps for backward plus its communication buffers, measured with
+saved-tensor hooks: the part of memory the strategies differ in.
+Peers: yunchang's Ulysses/ring forward (its torch attention type) runs in the same
+invocation when installed, marked ``peer:``; its CPU path has no backward, so only forward
+time and error are reported for it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from models.ops.attention import MaskSpec, attention, doc_ids
+from parallel import comm
+from parallel.context import CPContext
+from parallel.spawn import run_distributed
+from parallel.strategies import STRATEGIES, build_strategy
+
+COLUMNS = ["strategy", "world_size", "seq_len", "mask", "fwd_bwd_ms", "bytes_per_rank",
+           "bytes_formula", "peak_mem_mb", "max_err", "balance"]
+
+
+def make_inputs(n, h, hkv, d, mask, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(1, n, h, d, generator=g, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(1, n, hkv, d, generator=g, dtype=dtype) for _ in range(2))
+    if mask == "docs":   # packed documents of mixed lengths (1/2, 1/4, 1/8, ... of the row)
+        starts, s, length = [0], 0, n // 2
+        while s + length < n and length >= 16:
+            s += length
+            starts.append(s)
+            length //= 2
+        cu = torch.tensor(starts + [n])
+    else:
+        cu = torch.tensor([0, n])
+    window = n // 8 if mask == "window" else None
+    return q, k, v, do, cu, window
+
+
+def pairs_per_query(pos, cu, window):
+    """Number of keys each causal query at row positions ``pos`` may see."""
+    start = cu[doc_ids(cu, pos)]
+    seen = pos - start + 1
+    return seen.clamp(max=window) if window else seen
+
+
+def _saved_bytes():
+    box = {"bytes": 0}
+
+    def pack(t):
+        box["bytes"] += t.numel() * t.element_size()
+        return t
+    return box, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, repeats, device):
+    group = dist.group.WORLD
+    ctx = CPContext(strategy, group if world > 1 else None, rank, world, layout, q.shape[1], 1, cu, block)
+    idx = ctx.local_index
+    ql, kl, vl = (t[:, idx].to(device).requires_grad_() for t in (q, k, v))
+    dol = do[:, idx].to(device)
+
+    def step():
+        o = ctx.attention(ql, kl, vl, causal=True, window=window)
+        torch.autograd.backward(o, dol)
+        return o
+    step()                                                        # warm-up
+    times = []
+    for _ in range(repeats):
+        for t in (ql, kl, vl):
+            t.grad = None
+        dist.barrier()
+        t0 = time.perf_counter()
+        o = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    comm.COUNTER.reset()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    box, hooks = _saved_bytes()
+    with hooks:
+        o2 = ctx.attention(ql, kl, vl, causal=True, window=window)
+    received = comm.COUNTER.total_received
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else box["bytes"]
+    del o2
+    got = [o.detach(), ql.grad, kl.grad, vl.grad]
+    qi, frac = strategy.work_queries(ctx)
+    work = float(pairs_per_query(qi, cu, window).sum()) * frac
+    return statistics.median(times), received, peak, got, idx, work
+
+
+def _reference(q, k, v, do, cu, window, block):
+    n = q.shape[1]
+    pos = torch.arange(n)
+    doc = doc_ids(cu, pos)[None]
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    o, _ = attention(q, k, v, MaskSpec(pos, pos, doc, doc, True, window), None, block)
+    torch.autograd.backward(o, do)
+    return [o.detach(), q.grad, k.grad, v.grad]
+
+
+def _yunchang_forward(q, k, v, world, rank, idx, repeats):
+    """Peer: yunchang's LongContextAttention forward with its torch attention type."""
+    try:
+        from yunchang import LongContextAttention, set_seq_parallel_pg
+        from yunchang.kernels import AttnType
+    except Exception as e:  # not installed or incompatible
+        return None, f"{type(e).__name__}: {e}"
+    set_seq_parallel_pg(world, 1, rank, world)
+    attn = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH)
+    hkv = k.shape[2]
+    rep = q.shape[2] // hkv
+    args = [t[:, idx].contiguous() for t in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2))]
+    out = attn(*args, causal=True)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        out = attn(*args, causal=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def bench_rank(rank, world, args):
+    torch.set_num_threads(max(1, args.threads // world))
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    rows = []
+    for n in args.seq_lens:
+        for mask in args.masks:
+            q, k, v, do, cu, window = make_inputs(n, args.heads, args.kv_heads, args.head_dim, mask)
+            ref_path = os.path.join(args.out, f"ref_{n}_{mask}.pt")
+            if world == 1 or not os.path.exists(ref_path):
+                ref = _reference(q, k, v, do, cu, window, args.block)
+                if rank == 0 and world == 1:
+                    torch.save(ref, ref_path)
+            else:
+                ref = torch.load(ref_path)
+            for name in args.strategies:
+                strat = build_strategy(name)
+                try:
+                    strat.check(n_heads=args.heads, n_kv_heads=args.kv_heads, cp=world, seq_len=n,
+                                layout=args.layout)
+                except ValueError:
+                    continue
+                t, recv, peak, got, idx, work = _run_cell(strat, q, k, v, do, cu, window, rank, world,
+                                                          args.layout, args.block, args.repeats, device)
+                err = max((g.float().cpu() - r[:, idx]).abs().max().item() for g, r in zip(got, ref))
+                stats = torch.tensor([t, recv, peak, err, work, work], dtype=torch.float64)
+                all_stats = [torch.zeros_like(stats) for _ in range(world)]
+                dist.all_gather(all_stats, stats)
+                s = torch.stack(all_stats)
+                formula = strat.forward_bytes(batch=1, seq_len=n, cp=world, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                                              head_dim=args.head_dim, elem_bytes=q.element_size())
+                rows.append(dict(strategy=name, world_size=world, seq_len=n, mask=mask,
+                                 fwd_bwd_ms=round(s[:, 0].max().item() * 1e3, 2),
+                                 bytes_per_rank=int(s[:, 1].max().item()), bytes_formula=int(formula),
+                                 peak_mem_mb=round(s[:, 2].max().item() / 2**20, 2),
+                                 max_err=float(f"{s[:, 3].max().item():.3g}"),
+                                 balance=round(s[:, 4].max().item() / s[:, 4].mean().item(), 3)))
+            if args.peers and mask == "causal" and world > 1:
+                idx = CPContext(build_strategy("allgather"), None, rank, world, "contiguous", n, 1,
+                                cu).local_index
+                t, out = _yunchang_forward(q, k, v, world, rank, idx, args.repeats)
+                if t is not None:
+                    err = (out.float() - ref[0][:, idx]).abs().max().item()
+                    s = torch.tensor([t, err], dtype=torch.float64)
+                    dist.all_reduce(s, op=dist.ReduceOp.MAX)
+                    rows.append(dict(strategy="peer:yunchang-ulysses+ring(fwd only)", world_size=world,
+                                     seq_len=n, mask=mask, fwd_bwd_ms=round(s[0].item() * 1e3, 2),
+                                     bytes_per_rank="", bytes_formula="", peak_mem_mb="",
+                                     max_err=float(f"{s[1].item():.3g}"), balance=""))
+                elif rank == 0:
+                    print(f"[bench.cp] peer yunchang skipped: {out}")
+    return rows
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    masks = sorted({r["mask"] for r in rows})
+    fig, axes = plt.subplots(2, len(masks), figsize=(5 * len(masks), 8), squeeze=False)
+    for j, mask in enumerate(masks):
+        for name in sorted({r["strategy"] for r in rows}):
+            sel = [r for r in rows if r["strategy"] == name and r["mask"] == mask and r["world_size"] > 1]
+            n_max = max((r["seq_len"] for r in sel), default=None)
+            pts = sorted((r["world_size"], r["fwd_bwd_ms"], r["bytes_per_rank"]) for r in sel
+                         if r["seq_len"] == n_max)
+            if not pts:
+                continue
+            axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+            if pts[0][2] != "":
+                axes[1][j].plot([p[0] for p in pts], [p[2] / 2**20 for p in pts], "o-", label=name)
+        axes[0][j].set_title(f"{mask}: fwd+bwd ms (longest N)")
+        axes[1][j].set_title(f"{mask}: MiB received per rank (fwd)")
+        for ax in axes[:, j]:
+            ax.set_xlabel("world size")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--masks", nargs="+", default=["causal", "docs", "window"],
+                   choices=["causal", "docs", "window"])
+    p.add_argument("--strategies", nargs="+", default=None, help="default: every registered one")
+    p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"])
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--block", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--no-peers", dest="peers", action="store_false")
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args(argv)
+    args.strategies = args.strategies or [s for s in sorted(STRATEGIES) if s != "local"]
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for world in sorted(args.world_sizes):
+        rows += run_distributed(bench_rank, world, args, timeout=3600)[0]
+    with open(os.path.join(args.out, "cp.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, os.path.join(args.out, "cp.png"))
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
+    print(" ".join(c.ljust(widths[c]) for c in COLUMNS))
+    for r in rows:
+        print(" ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS))
+    print(f"wrote {args.out}/cp.csv and {args.out}/cp.png")
+
+
+if __name__ == "__main__":
+    main()
