@@ -87,3 +87,17 @@ def send_recv(send: torch.Tensor, recv: torch.Tensor, dst: int, src: int, group)
            dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group)]
     COUNTER.add("send_recv", _nbytes(send), _nbytes(recv))
     return dist.batch_isend_irecv(ops)
+
+
+def exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group) -> None:
+    """Point-to-point exchange within ``group``: send ``sends[dst]`` to each dst and fill
+    ``recvs[src]`` from each src (group ranks), all posted at once, then wait."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, dst), group)
+           for dst, t in sorted(sends.items())]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src), group)
+            for src, t in sorted(recvs.items())]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    COUNTER.add("exchange", sum(_nbytes(t) for t in sends.values()),
+                sum(_nbytes(t) for t in recvs.values()))

@@ -40,10 +40,10 @@ def reference(q, k, v, do, cu, causal, window):
     return o.detach(), q.grad, k.grad, v.grad
 
 
-def check_strategy(rank, world, strategy, layout, cases, block=16):
+def check_strategy(rank, world, strategy, layout, cases, block=16, options=None):
     """cases: list of dicts(seed, b, n, h, hkv, d, doc_lens, causal, window)."""
     group = dist.group.WORLD if world > 1 else None
-    strat = build_strategy(strategy)
+    strat = build_strategy(strategy, **(options or {}))
     errs = []
     for c in cases:
         q, k, v, do, cu = make_case(c["seed"], c["b"], c["n"], c["h"], c["hkv"], c["d"], c["doc_lens"])

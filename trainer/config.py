@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from models.config import ModelConfig
 
@@ -17,6 +18,7 @@ class CPConfig:
     strategy: str = "allgather"     # see parallel/strategies
     layout: str = "zigzag"          # contiguous | zigzag
     block: int = 256                # attention kernel block size
+    options: dict[str, Any] = field(default_factory=dict)   # strategy options, e.g. ulysses_size
 
 
 @dataclass
@@ -103,7 +105,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     m.validate()
     check_world(world_size, p.cp.size)
     _choice("parallel.dp_mode", p.dp_mode, ("ddp", "fsdp"))
-    build_strategy(p.cp.strategy).check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, cp=p.cp.size,
+    build_strategy(p.cp.strategy, **p.cp.options).check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, cp=p.cp.size,
                                         seq_len=d.seq_len, layout=p.cp.layout)
     _choice("data.source", d.source, ("stdlib", "files"))
     _choice("data.tokenizer", d.tokenizer, ("byte", "hf"))
@@ -128,7 +130,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             raise ValueError(f"{name}={val} must be >= 1")
     for length in t.passkey_lengths:
         try:
-            build_strategy(p.cp.strategy).check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+            build_strategy(p.cp.strategy, **p.cp.options).check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                                                 cp=p.cp.size, seq_len=length, layout=p.cp.layout)
         except ValueError as e:
             raise ValueError(f"trainer.passkey_lengths has {length}: {e}".replace(

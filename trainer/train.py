@@ -84,7 +84,7 @@ def train(cfg: TrainConfig) -> dict:
     mesh = init_mesh(cfg.parallel.cp.size, cfg.trainer.device)
     run_dir = _resolve_run_dir(cfg, mesh)
     t = cfg.trainer
-    strategy = build_strategy(cfg.parallel.cp.strategy)
+    strategy = build_strategy(cfg.parallel.cp.strategy, **cfg.parallel.cp.options)
     train_loader, val_loader, tokenizer = build_loaders(cfg, mesh)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "

@@ -43,7 +43,14 @@ class Strategy:
         raise NotImplementedError
 
 
-def build_strategy(name: str) -> Strategy:
+def build_strategy(name: str, **options) -> Strategy:
+    """The strategy ``name`` built with its options (``parallel.cp.options``)."""
     if name not in STRATEGIES:
         raise ValueError(f"parallel.cp.strategy={name!r} is unknown: choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[name]()
+    import inspect
+    accepted = set(inspect.signature(STRATEGIES[name].__init__).parameters) - {"self"}
+    unknown = set(options) - accepted
+    if unknown:
+        raise ValueError(f"parallel.cp.options has {sorted(unknown)}, which strategy {name!r} does not "
+                         f"take: its options are {sorted(accepted) or 'none'}")
+    return STRATEGIES[name](**options)
