@@ -209,7 +209,12 @@ class _Attention(torch.autograd.Function):
 
 def attention(q, k, v, mask: MaskSpec, scale: float | None = None,
               block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable block-sparse attention. Returns (o, lse); lse carries no gradient."""
+    """Differentiable block-sparse attention. Returns (o, lse); lse carries no gradient.
+    On CUDA in half precision with flash-attn installed, same-run pairs use flash-attn."""
+    if q.is_cuda:
+        from models.ops import flash
+        if flash.available() and flash.applicable(q, mask):
+            return flash.flash_attention(q, k, v, mask, scale)
     return _Attention.apply(q, k, v, mask, scale, block)
 
 

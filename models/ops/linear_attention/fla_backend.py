@@ -1,0 +1,53 @@
+"""Dispatch to flash-linear-attention's Triton kernels (CUDA only; untested on CPU machines).
+
+Argument mapping (fla >= 0.2, layout [B, T, H, D], ``head_first`` removed):
+    g = gk = None        -> fla.ops.simple_gla.chunk_simple_gla(q, k, v, g=None, ...)
+    g only               -> chunk_simple_gla(q, k, v, g=g, ...)                  g [B, T, H]
+    gk (and maybe g)     -> fla.ops.gla.chunk_gla(q, k, v, g=gk + g[..., None], ...)
+    scale                -> scale= (always explicit: fla's default is Dk ** -0.5)
+    cu_seqlens           -> fla wants B = 1: q, k, v, g are flattened to [1, B*T, ...] and
+                            cu_seqlens (int64, on the device) is passed unchanged
+    initial_state [B,..] -> fla's is per *document* [N, H, Dk, Dv]: row b's state goes to the
+                            document holding token b*T, all other documents start from 0
+    final_state          -> fla returns one per document; row b's is that of token (b+1)*T - 1
+fla's chunk size is its own (64); both kernels include the diagonal (token t sees itself).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def available() -> bool:
+    return importlib.util.find_spec("fla") is not None
+
+
+def fla_linear_attention(q, k, v, g, gk, scale, initial_state, cu_seqlens, output_final_state):
+    if not q.is_cuda:
+        raise RuntimeError("the fla backend runs on CUDA tensors only: use backend='torch'")
+    from fla.ops.gla import chunk_gla
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    bsz, t = q.shape[:2]
+    fn, decay = chunk_simple_gla, g
+    if gk is not None:
+        fn, decay = chunk_gla, (gk if g is None else gk + g[..., None])
+    if cu_seqlens is None:
+        o, ht = fn(q, k, v, g=decay, scale=scale, initial_state=initial_state,
+                   output_final_state=output_final_state)
+        return o, ht
+    cu = cu_seqlens.to(q.device, torch.int64)
+    row_first = torch.searchsorted(cu, torch.arange(bsz, device=q.device) * t, right=True) - 1
+    row_last = torch.searchsorted(cu, torch.arange(1, bsz + 1, device=q.device) * t - 1,
+                                  right=True) - 1
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.new_zeros(len(cu) - 1, *initial_state.shape[1:])
+        h0 = h0.index_copy(0, row_first, initial_state)
+    flat = [x.reshape(1, bsz * t, *x.shape[2:]) if x is not None else None
+            for x in (q, k, v, decay)]
+    o, ht = fn(*flat[:3], g=flat[3], scale=scale, initial_state=h0,
+               output_final_state=output_final_state, cu_seqlens=cu)
+    o = o.reshape(bsz, t, *o.shape[2:])
+    return o, (ht[row_last] if output_final_state else None)
