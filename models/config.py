@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MIXERS = ("softmax",)  # token mixers registered in models/mixers.py
 
 
 @dataclass
@@ -41,6 +40,15 @@ class ModelConfig:
     sliding_window: int | None = None    # softmax layers; None = full causal
     rope: RopeConfig = field(default_factory=RopeConfig)
     init_std: float = 0.02
+    # linear-attention mixers (models/linear_attention.py); None = the mixer's own default
+    linear_feature_map: str | None = None    # identity | relu | elu1 | silu | learnable | hedgehog
+    linear_output_norm: bool | None = None
+    linear_output_gate: bool | None = None
+    linear_rope: bool | None = None
+    linear_chunk_size: int = 64
+    linear_impl: str = "auto"                # auto | chunk | naive
+    linear_gate_normalizer: float = 16.0
+    linear_gate_low_rank: int = 16
 
     def __post_init__(self):
         self.validate()
@@ -76,5 +84,13 @@ class ModelConfig:
         if self.rope.type not in ("none", "linear", "ntk", "yarn", "llama3"):
             raise ValueError(f"model.rope.type={self.rope.type!r} is unknown: choose none, linear, "
                              "ntk, yarn or llama3")
+        if self.linear_impl not in ("auto", "chunk", "naive"):
+            raise ValueError(f"model.linear_impl={self.linear_impl!r} is unknown: choose auto, chunk or naive")
+        maps = ("identity", "relu", "elu1", "silu", "learnable", "hedgehog")
+        if self.linear_feature_map is not None and self.linear_feature_map not in maps:
+            raise ValueError(f"model.linear_feature_map={self.linear_feature_map!r} is unknown: "
+                             f"choose one of {maps}")
+        if self.linear_chunk_size < 1:
+            raise ValueError(f"model.linear_chunk_size={self.linear_chunk_size} must be >= 1")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 1 or null")

@@ -3,8 +3,9 @@
 A mixer never knows whether it runs on one device or under context parallelism: it
 calls ``ctx.attention(q, k, v, causal=..., window=..., scale=...)`` with its *local*
 tokens, shapes ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]``, and gets ``o [B, T, H, D]``.
-The single-device context lives here; context-parallel ones are built in ``parallel/``
-and follow the same protocol.
+Linear-attention mixers call ``ctx.linear_attention(q, k, v, g=..., gk=..., scale=...)``
+the same way. The single-device context lives here; context-parallel ones are built in
+``parallel/`` and follow the same protocol.
 """
 from __future__ import annotations
 
@@ -13,11 +14,15 @@ from typing import Protocol
 import torch
 
 from models.ops.attention import MaskSpec, attention, doc_ids
+from models.ops.linear_attention import doc_linear_attention
 
 
 class AttentionContext(Protocol):
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                   window: int | None = None, scale: float | None = None) -> torch.Tensor: ...
+
+    def linear_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, g=None, gk=None,
+                         scale: float = 1.0, **options) -> torch.Tensor: ...
 
 
 class SingleDeviceContext:
@@ -40,3 +45,7 @@ class SingleDeviceContext:
     def attention(self, q, k, v, *, causal=True, window=None, scale=None):
         o, _ = attention(q, k, v, self.mask(causal, window), scale, self.block)
         return o
+
+    def linear_attention(self, q, k, v, *, g=None, gk=None, scale=1.0, **options):
+        """q, k [B, T, H, Dk], v [B, T, H, Dv], g [B, T, H], gk [B, T, H, Dk] -> o [B, T, H, Dv]."""
+        return doc_linear_attention(q, k, v, self.doc, g, gk, scale, **options)

@@ -46,6 +46,8 @@ class Transformer(nn.Module):
     def reset_parameters(self, seed: int | None = None):
         g = None if seed is None else torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
+            if name.endswith(("q_map.weight", "k_map.weight")):
+                continue    # learnable feature maps keep their own (identity) initialisation
             if p.dim() == 1:
                 nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
             else:

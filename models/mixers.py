@@ -20,3 +20,4 @@ def build_mixer(name: str, cfg, layer: int):
 
 
 from models import softmax_attention  # noqa: E402,F401  (registers "softmax")
+from models import linear_attention  # noqa: E402,F401  (registers the linear-attention mixers)

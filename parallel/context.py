@@ -26,6 +26,7 @@ class CPContext:
     batch_size: int                  # B
     cu_seqlens: torch.Tensor         # [n_docs + 1] document starts over the flattened batch
     block: int = 256
+    linear_strategy: object | None = None   # strategy of linear-attention layers (LASP-2H)
     local_index: torch.Tensor = field(init=False)   # [C]
     local_doc: torch.Tensor = field(init=False)     # [B, C]
 
@@ -47,9 +48,15 @@ class CPContext:
         """q [B, C, H, D], k, v [B, C, Hkv, D] (local shards) -> o [B, C, H, D]."""
         return self.strategy.attention(q, k, v, self, causal=causal, window=window, scale=scale)
 
+    def linear_attention(self, q, k, v, *, g=None, gk=None, scale=1.0, **options):
+        """q, k [B, C, H, Dk], v [B, C, H, Dv], g [B, C, H], gk [B, C, H, Dk] (local shards)
+        -> o [B, C, H, Dv], by the linear-attention strategy (LASP-2 under CP)."""
+        strategy = self.linear_strategy or self.strategy
+        return strategy.linear_attention(q, k, v, self, g=g, gk=gk, scale=scale, **options)
+
 
 def build_context(strategy, group, rank: int, world_size: int, layout: str, batch: dict,
-                  block: int = 256) -> CPContext:
+                  block: int = 256, linear_strategy=None) -> CPContext:
     """Context for one (already sharded) batch; see parallel.sharding.shard_batch."""
     return CPContext(strategy, group, rank, world_size, layout, int(batch["seq_len"]),
-                     batch["input_ids"].shape[0], batch["cu_seqlens"], block)
+                     batch["input_ids"].shape[0], batch["cu_seqlens"], block, linear_strategy)

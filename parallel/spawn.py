@@ -11,6 +11,7 @@ An exception on any rank fails the call with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -32,7 +33,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, True, out))
+        # plain pickle copies tensor data; the queue's own pickler would pass shared memory,
+        # which breaks when this process exits before the parent has read it
+        queue.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 -- report everything to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -58,7 +61,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0):
                 raise TimeoutError(f"distributed test timed out after {timeout}s "
                                    f"({len(results)}/{world_size} ranks finished)") from None
             if ok:
-                results[rank] = out
+                results[rank] = pickle.loads(out)
             else:
                 errors.append(f"--- rank {rank} ---\n{out}")
                 break

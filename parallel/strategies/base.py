@@ -29,7 +29,18 @@ class Strategy:
         check_divisible(seq_len, cp, layout)
 
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
-        raise NotImplementedError
+        raise NotImplementedError(f"strategy {self.name!r} has no softmax attention: set "
+                                  "parallel.cp.strategy to a softmax strategy (allgather, ring, ...)")
+
+    def linear_attention(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, **options):
+        """Linear attention over the local shard; q, k [B, C, H, Dk], v [B, C, H, Dv].
+        Softmax strategies only serve it on a CP world of 1; LASP strategies override it."""
+        if ctx.world_size > 1:
+            raise NotImplementedError(
+                f"strategy {self.name!r} cannot run linear attention across {ctx.world_size} ranks: "
+                "set parallel.cp.linear_strategy=lasp2")
+        from models.ops.linear_attention import doc_linear_attention
+        return doc_linear_attention(q, k, v, ctx.local_doc, g, gk, scale, **options)
 
     def work_queries(self, ctx):
         """(global row positions of the queries this rank computes attention for, fraction of
