@@ -70,12 +70,9 @@ def _block_bounds(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     return lo, hi
 
 
-def active_blocks(mask: MaskSpec, block_q: int, block_k: int) -> list[list[torch.Tensor]]:
-    """For each batch row and query block, the key indices of the key blocks that may be
-    non-empty (a conservative test on per-block position and document bounds).
-
-    Returns ``plan[b][iq]`` = 1-D int64 tensor of key indices (possibly empty).
-    """
+def block_candidates(mask: MaskSpec, block_q: int, block_k: int) -> torch.Tensor:
+    """[B, nq, nk] bool: may query block i and key block j of row b hold an allowed pair?
+    A conservative test on per-block position and document bounds (never a false 'no')."""
     qlo, qhi = _block_bounds(mask.q_pos, block_q)            # [nq]
     klo, khi = _block_bounds(mask.k_pos, block_k)            # [nk]
     qdlo, qdhi = _block_bounds(mask.q_doc, block_q)          # [B, nq]
@@ -87,10 +84,25 @@ def active_blocks(mask: MaskSpec, block_q: int, block_k: int) -> list[list[torch
         ok &= (qlo[:, None] - khi[None, :]) < mask.window
         if not mask.causal:
             ok &= (klo[None, :] - qhi[:, None]) < mask.window
+    docs = (kdlo[:, None, :] <= qdhi[:, :, None]) & (kdhi[:, None, :] >= qdlo[:, :, None])
+    return ok[None] & docs
+
+
+def may_attend(mask: MaskSpec, block: int) -> bool:
+    """False only if no (query, key) pair of the whole (Q, K) pair is allowed."""
+    return bool(block_candidates(mask, block, block).any())
+
+
+def active_blocks(mask: MaskSpec, block_q: int, block_k: int) -> list[list[torch.Tensor]]:
+    """For each batch row and query block, the key indices of the key blocks that may be
+    non-empty (see ``block_candidates``).
+
+    Returns ``plan[b][iq]`` = 1-D int64 tensor of key indices (possibly empty).
+    """
+    ok = block_candidates(mask, block_q, block_k)
     tk = mask.k_pos.shape[0]
     plan = []
-    for b in range(mask.q_doc.shape[0]):
-        okb = ok & (kdlo[b][None, :] <= qdhi[b][:, None]) & (kdhi[b][None, :] >= qdlo[b][:, None])
+    for okb in ok:
         rows = []
         for iq in range(okb.shape[0]):
             ks = okb[iq].nonzero().flatten()
