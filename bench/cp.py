@@ -31,7 +31,7 @@ from models.ops.attention import MaskSpec, attention, doc_ids
 from parallel import comm
 from parallel.context import CPContext
 from parallel.spawn import run_distributed
-from parallel.strategies import STRATEGIES, build_strategy
+from parallel.strategies import STRATEGIES, Strategy, build_strategy
 
 COLUMNS = ["strategy", "world_size", "seq_len", "mask", "fwd_bwd_ms", "bytes_per_rank",
            "bytes_formula", "peak_mem_mb", "max_err", "balance"]
@@ -102,7 +102,7 @@ def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, rep
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else box["bytes"]
     del o2
     got = [o.detach(), ql.grad, kl.grad, vl.grad]
-    qi, frac = strategy.work_queries(ctx)
+    qi, frac = strategy.work_queries(ctx, q.shape[2])
     work = float(pairs_per_query(qi, cu, window).sum()) * frac
     return statistics.median(times), received, peak, got, idx, work
 
@@ -235,7 +235,8 @@ def main(argv=None):
     p.add_argument("--no-peers", dest="peers", action="store_false")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
-    args.strategies = args.strategies or [s for s in sorted(STRATEGIES) if s != "local"]
+    args.strategies = args.strategies or [s for s, cls in sorted(STRATEGIES.items())   # softmax ones
+                                          if s != "local" and cls.attention is not Strategy.attention]
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for world in sorted(args.world_sizes):

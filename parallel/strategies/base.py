@@ -42,7 +42,7 @@ class Strategy:
         from models.ops.linear_attention import doc_linear_attention
         return doc_linear_attention(q, k, v, ctx.local_doc, g, gk, scale, **options)
 
-    def work_queries(self, ctx):
+    def work_queries(self, ctx, n_heads: int):
         """(global row positions of the queries this rank computes attention for, fraction of
         the heads it computes them for). Sequence-sharded strategies: (local_index, 1.0);
         head-sharded ones (Ulysses) override it. Used to measure compute balance."""

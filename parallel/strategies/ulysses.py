@@ -138,6 +138,10 @@ class Ulysses(Strategy):
         o = attention(qh, kh, vh, mask, scale, ctx.block)[0]               # [B, N, H/P, D]
         return HeadToSeq.apply(o, ctx.group, p, order)
 
+    def work_queries(self, ctx, n_heads: int):
+        """Every rank attends with all N queries for H / P heads."""
+        return torch.arange(ctx.seq_len), 1.0 / ctx.world_size
+
     def forward_bytes(self, *, batch, seq_len, cp, n_kv_heads, head_dim, elem_bytes, n_heads) -> int:
         c, hkv = seq_len // cp, kv_heads_for(n_heads, n_kv_heads, cp)
         return (cp - 1) * batch * c * 2 * (n_heads + hkv) * head_dim * elem_bytes // cp

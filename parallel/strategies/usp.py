@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from models.ops.attention import MaskSpec, attention
@@ -127,6 +128,12 @@ class USP(Strategy):
                         causal, window, scale, ctx.block)
         o = ring_attention(q, k, v, spec)                                  # [B, u*C, H/u, D]
         return HeadToSeq.apply(o, mesh.ulysses_group, u, order) if u > 1 else o
+
+    def work_queries(self, ctx, n_heads: int):
+        """The queries of my Ulysses group (u consecutive CP ranks) for H / u heads."""
+        u = self.degree(ctx.world_size, n_heads)
+        g = ctx.rank // u
+        return torch.cat([ctx.index_of(c) for c in range(g * u, (g + 1) * u)]), 1.0 / u
 
     def forward_bytes(self, *, batch, seq_len, cp, n_kv_heads, head_dim, elem_bytes, n_heads) -> int:
         u = self.degree(cp, n_heads)
