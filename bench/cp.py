@@ -12,9 +12,10 @@ ranks of unmasked query-key pairs). Writes ``cp.csv`` and ``cp.png`` into --out.
 Peak memory: on CUDA, ``max_memory_allocated``; on CPU (no allocator statistics) the bytes of
 tensors the layer keeps for backward plus its communication buffers, measured with
 saved-tensor hooks: the part of memory the strategies differ in.
-Peers: yunchang's Ulysses/ring forward (its torch attention type) runs in the same
-invocation when installed, marked ``peer:``; its CPU path has no backward, so only forward
-time and error are reported for it.
+Peers: yunchang's Ulysses and ring forward (its torch attention type, contiguous shards)
+run in the same invocation when installed (``pip install --no-deps yunchang``), marked
+``peer:``; its CPU path has no backward, so the time is forward only, and its error shows
+whether its merges are right.
 """
 from __future__ import annotations
 
@@ -117,25 +118,26 @@ def _reference(q, k, v, do, cu, window, block):
     return [o.detach(), q.grad, k.grad, v.grad]
 
 
-def _yunchang_forward(q, k, v, world, rank, idx, repeats):
-    """Peer: yunchang's LongContextAttention forward with its torch attention type."""
+def _yunchang_forward(q, k, v, world, rank, idx, repeats, ulysses, ring):
+    """Peer: yunchang's LongContextAttention forward (its torch attention type), contiguous
+    shards, ulysses x ring degrees as given. Returns (median seconds, output) or (None, why)."""
     try:
         from yunchang import LongContextAttention, set_seq_parallel_pg
         from yunchang.kernels import AttnType
-    except Exception as e:  # not installed or incompatible
+        set_seq_parallel_pg(ulysses, ring, rank, world)
+        attn = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH_MATH)
+        rep = q.shape[2] // k.shape[2]
+        args = [t[:, idx].contiguous() for t in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2))]
+        with torch.no_grad():
+            out = attn(*args, causal=True)
+            times = []
+            for _ in range(repeats):
+                dist.barrier()
+                t0 = time.perf_counter()
+                out = attn(*args, causal=True)
+                times.append(time.perf_counter() - t0)
+    except Exception as e:  # not installed, or fails on this machine: report, don't stop
         return None, f"{type(e).__name__}: {e}"
-    set_seq_parallel_pg(world, 1, rank, world)
-    attn = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH)
-    hkv = k.shape[2]
-    rep = q.shape[2] // hkv
-    args = [t[:, idx].contiguous() for t in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2))]
-    out = attn(*args, causal=True)
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = attn(*args, causal=True)
-        times.append(time.perf_counter() - t0)
     return statistics.median(times), out
 
 
@@ -178,17 +180,23 @@ def bench_rank(rank, world, args):
             if args.peers and mask == "causal" and world > 1:
                 idx = CPContext(build_strategy("allgather"), None, rank, world, "contiguous", n, 1,
                                 cu).local_index
-                t, out = _yunchang_forward(q, k, v, world, rank, idx, args.repeats)
-                if t is not None:
+                for label, u, r in (("ulysses", world, 1), ("ring", 1, world)):
+                    if args.heads % u:
+                        continue
+                    t, out = _yunchang_forward(q, k, v, world, rank, idx, args.repeats, u, r)
+                    ok = torch.tensor([float(t is not None)])
+                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                    if not ok.item():
+                        if rank == 0:
+                            print(f"[bench.cp] peer yunchang-{label} skipped: {out}")
+                        continue
                     err = (out.float() - ref[0][:, idx]).abs().max().item()
                     s = torch.tensor([t, err], dtype=torch.float64)
                     dist.all_reduce(s, op=dist.ReduceOp.MAX)
-                    rows.append(dict(strategy="peer:yunchang-ulysses+ring(fwd only)", world_size=world,
+                    rows.append(dict(strategy=f"peer:yunchang-{label}(fwd only)", world_size=world,
                                      seq_len=n, mask=mask, fwd_bwd_ms=round(s[0].item() * 1e3, 2),
                                      bytes_per_rank="", bytes_formula="", peak_mem_mb="",
                                      max_err=float(f"{s[1].item():.3g}"), balance=""))
-                elif rank == 0:
-                    print(f"[bench.cp] peer yunchang skipped: {out}")
     return rows
 
 

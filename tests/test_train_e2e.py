@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -74,11 +75,16 @@ def test_signal_writes_checkpoint_and_stops(tmp_path):
     assert int(open(os.path.join(run, "checkpoints", "latest")).read()) == step
 
 
-def test_cp2_training_matches_single_rank(tmp_path):
-    """Same data, same init: 5 steps at CP=2 follow the CP=1 loss curve (fp32, 1e-5)."""
-    common = ["trainer.steps=5", "optim.warmup_steps=2", "parallel.cp.layout=zigzag"]
+@pytest.mark.parametrize("strategy,layout", [("allgather", "zigzag"), ("ring", "zigzag"),
+                                             ("ulysses", "contiguous"), ("usp", "zigzag")])
+def test_cp2_training_matches_single_rank(tmp_path, strategy, layout):
+    """Same data, same init: 4 steps at CP=2 follow the CP=1 loss curve (fp32, 1e-5); every
+    strategy is selected by one override."""
+    common = ["trainer.steps=4", "optim.warmup_steps=2", f"parallel.cp.layout={layout}"]
     one = run_distributed(_train, 1, common + [f"trainer.run_dir={tmp_path / 'one'}"])[0]["history"]
-    two = run_distributed(_train, 2, common + ["parallel=cp2", f"trainer.run_dir={tmp_path / 'two'}"])
+    two = run_distributed(_train, 2, common + ["parallel=cp2", f"parallel.cp.strategy={strategy}",
+                                               f"trainer.run_dir={tmp_path / 'two'}"])
+    assert len(one) == len(two[0]["history"]) == 4
     for a, b in zip(one, two[0]["history"]):
         assert abs(a - b) < 1e-5, (one, two[0]["history"])
 
