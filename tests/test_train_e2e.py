@@ -46,7 +46,8 @@ def test_loss_falls_with_cp2_and_metrics_written(tmp_path):
     assert out[0]["history"] == out[1]["history"]
     assert sum(hist[-5:]) / 5 < hist[0] - 1.0, hist
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    assert rows[0]["step"] == 0 and "val_loss" in rows[0]          # evaluation before training
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[1])
     assert any("val_loss" in r and "passkey@128" in r for r in rows)
 
 

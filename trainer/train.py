@@ -111,7 +111,10 @@ def train(cfg: TrainConfig) -> dict:
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     train_iter = iter(train_loader)
     bar = _progress(t, step, mesh)
-    history, last = [], {}
+    history, last, window = [], {}, []
+    if resume is None:
+        ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategy)   # the starting point
+        logger.log(0, ev, console=bar.write if bar is not None else print)
     t0, tokens_since = time.perf_counter(), 0
     end = t.steps if t.stop_after is None else min(t.steps, step + t.stop_after)
     while step < end:
@@ -133,14 +136,16 @@ def train(cfg: TrainConfig) -> dict:
         step += 1
         train_loss = loss_sum / max(count_sum, 1)
         history.append(train_loss)
+        window.append(train_loss)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}")
         if step % t.log_every == 0 or step == end:
             dt = time.perf_counter() - t0
             tok_s = tokens_since * mesh.world_size / mesh.cp / max(dt, 1e-9)  # tokens of all dp ranks
-            last = {"loss": train_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                    "tokens_per_s": tok_s}
+            last = {"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm), "tokens_per_s": tok_s}   # loss: mean since last log
+            window = []
             if peak:
                 last["mfu"] = tok_s * fpt / (peak * mesh.world_size)
             if mesh.device.type == "cuda":
