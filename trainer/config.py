@@ -19,6 +19,7 @@ class CPConfig:
     layout: str = "zigzag"          # contiguous | zigzag
     block: int = 256                # attention kernel block size
     options: dict[str, Any] = field(default_factory=dict)   # strategy options, e.g. ulysses_size
+    linear_strategy: str = "lasp2"  # CP strategy of linear-attention layers (lasp2 | lasp1)
 
 
 @dataclass
@@ -107,6 +108,13 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     _choice("parallel.dp_mode", p.dp_mode, ("ddp", "fsdp"))
     build_strategy(p.cp.strategy, **p.cp.options).check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, cp=p.cp.size,
                                         seq_len=d.seq_len, layout=p.cp.layout)
+    if any(m.mixer_of(i) != "softmax" for i in range(m.n_layers)):
+        try:
+            build_strategy(p.cp.linear_strategy).check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                                                       cp=p.cp.size, seq_len=d.seq_len, layout=p.cp.layout)
+        except ValueError as e:
+            raise ValueError(f"{e} (parallel.cp.linear_strategy={p.cp.linear_strategy!r} serves the "
+                             "model's linear-attention layers)") from None
     _choice("data.source", d.source, ("stdlib", "files"))
     _choice("data.tokenizer", d.tokenizer, ("byte", "hf"))
     if d.tokenizer == "hf" and (not d.tokenizer_path or not os.path.isdir(d.tokenizer_path)):

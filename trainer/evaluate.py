@@ -11,12 +11,12 @@ from trainer.batching import batch_loss, prepare_batch
 
 
 @torch.no_grad()
-def heldout_loss(model, loader, cfg, mesh, strategy) -> float:
+def heldout_loss(model, loader, cfg, mesh, strategies) -> float:
     start = copy.deepcopy(loader.state_dict())   # every evaluation sees the same rows
     it = iter(loader)
     ce, count = 0.0, 0
     for _ in range(cfg.trainer.eval_batches):
-        batch, ctx = prepare_batch(next(it), cfg, mesh, strategy)
+        batch, ctx = prepare_batch(next(it), cfg, mesh, strategies)
         logits = model(batch["input_ids"], batch["positions"], ctx)
         _, s, c = batch_loss(logits, batch["labels"], mesh)
         ce, count = ce + s, count + c
@@ -25,7 +25,7 @@ def heldout_loss(model, loader, cfg, mesh, strategy) -> float:
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, length: int, cfg, mesh, strategy) -> float:
+def passkey_accuracy(model, tokenizer, length: int, cfg, mesh, strategies) -> float:
     """Teacher-forced: an example is correct when every answer token is the argmax."""
     from trainer.data import passkey_example
     rng = random.Random(1234 + length)
@@ -40,7 +40,7 @@ def passkey_accuracy(model, tokenizer, length: int, cfg, mesh, strategy) -> floa
         labels = torch.cat([labels, torch.full((length - len(labels),), -100)])
         batch = {"input_ids": inputs[None], "labels": labels[None],
                  "positions": torch.arange(length)[None], "cu_seqlens": torch.tensor([0, length])}
-        batch, ctx = prepare_batch(batch, cfg, mesh, strategy)
+        batch, ctx = prepare_batch(batch, cfg, mesh, strategies)
         logits = model(batch["input_ids"], batch["positions"], ctx)
         mask = batch["labels"] != -100
         hits = torch.stack([(logits.argmax(-1)[mask] == batch["labels"][mask]).sum(), mask.sum()]).float()
@@ -54,10 +54,10 @@ def len_answer_tokens(tokenizer) -> int:
     return len(tokenizer.encode(" 12345."))
 
 
-def evaluate(model, val_loader, tokenizer, cfg, mesh, strategy) -> dict:
+def evaluate(model, val_loader, tokenizer, cfg, mesh, strategies) -> dict:
     model.eval()
-    out = {"val_loss": heldout_loss(model, val_loader, cfg, mesh, strategy)}
+    out = {"val_loss": heldout_loss(model, val_loader, cfg, mesh, strategies)}
     for length in cfg.trainer.passkey_lengths:
-        out[f"passkey@{length}"] = passkey_accuracy(model, tokenizer, length, cfg, mesh, strategy)
+        out[f"passkey@{length}"] = passkey_accuracy(model, tokenizer, length, cfg, mesh, strategies)
     model.train()
     return out

@@ -20,9 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from models import Transformer
 from parallel.data_parallel import no_sync, unwrap, wrap_data_parallel
 from parallel.mesh import Mesh, env_ranks, init_mesh
-from parallel.strategies import build_strategy
 from trainer import checkpoint
-from trainer.batching import batch_loss, build_loaders, prepare_batch
+from trainer.batching import batch_loss, build_loaders, build_strategies, prepare_batch
 from trainer.config import TrainConfig, validate
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
@@ -84,7 +83,7 @@ def train(cfg: TrainConfig) -> dict:
     mesh = init_mesh(cfg.parallel.cp.size, cfg.trainer.device)
     run_dir = _resolve_run_dir(cfg, mesh)
     t = cfg.trainer
-    strategy = build_strategy(cfg.parallel.cp.strategy, **cfg.parallel.cp.options)
+    strategies = build_strategies(cfg)
     train_loader, val_loader, tokenizer = build_loaders(cfg, mesh)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -104,7 +103,8 @@ def train(cfg: TrainConfig) -> dict:
     if mesh.is_main:
         tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * t.grad_accum * mesh.dp
         print(f"[longctx] run_dir={run_dir} world={world} dp={mesh.dp} cp={mesh.cp} "
-              f"strategy={strategy.name} layout={cfg.parallel.cp.layout} params={n_params / 1e6:.2f}M "
+              f"strategy={strategies[0].name}/{strategies[1].name} layout={cfg.parallel.cp.layout} "
+              f"params={n_params / 1e6:.2f}M "
               f"tokens/step={tokens_per_step}" + (f" resumed from step {step}" if resume else ""))
     peak = device_peak_flops(mesh.device)
     fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
@@ -113,7 +113,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = _progress(t, step, mesh)
     history, last, window = [], {}, []
     if resume is None:
-        ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategy)   # the starting point
+        ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)   # the starting point
         logger.log(0, ev, console=bar.write if bar is not None else print)
     t0, tokens_since = time.perf_counter(), 0
     end = t.steps if t.stop_after is None else min(t.steps, step + t.stop_after)
@@ -121,7 +121,7 @@ def train(cfg: TrainConfig) -> dict:
         dp_model.train()
         loss_sum, count_sum = 0.0, 0
         for micro in range(t.grad_accum):
-            batch, ctx = prepare_batch(next(train_iter), cfg, mesh, strategy)
+            batch, ctx = prepare_batch(next(train_iter), cfg, mesh, strategies)
             with no_sync(dp_model, micro < t.grad_accum - 1), autocast:
                 logits = dp_model(batch["input_ids"], batch["positions"], ctx)
                 loss, ce_sum, count = batch_loss(logits, batch["labels"], mesh)
@@ -153,7 +153,7 @@ def train(cfg: TrainConfig) -> dict:
             logger.log(step, last, console=bar.write if bar is not None else print)
             t0, tokens_since = time.perf_counter(), 0
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-            ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategy)
+            ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)
             logger.log(step, ev, console=bar.write if bar is not None else print)
             last.update(ev)
         stop = _any_rank(preempt.flag, mesh)
