@@ -71,6 +71,24 @@ def _saved_bytes():
     return box, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
+def timed_repeats(step, leaves, repeats, device, world):
+    """Warm up once, then time ``step()`` (forward + backward) ``repeats`` times, clearing
+    the gradients of ``leaves`` before each run. Returns (seconds list, last output)."""
+    step()
+    times = []
+    for _ in range(repeats):
+        for t in leaves:
+            t.grad = None
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        o = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times, o
+
+
 def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, repeats, device):
     group = dist.group.WORLD
     ctx = CPContext(strategy, group if world > 1 else None, rank, world, layout, q.shape[1], 1, cu, block)
@@ -82,17 +100,7 @@ def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, rep
         o = ctx.attention(ql, kl, vl, causal=True, window=window)
         torch.autograd.backward(o, dol)
         return o
-    step()                                                        # warm-up
-    times = []
-    for _ in range(repeats):
-        for t in (ql, kl, vl):
-            t.grad = None
-        dist.barrier()
-        t0 = time.perf_counter()
-        o = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times, o = timed_repeats(step, (ql, kl, vl), repeats, device, world)
     comm.COUNTER.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bench.cp import COLUMNS, _reference as softmax_reference, make_inputs, pairs_per_query
+from bench.cp import COLUMNS, _reference as softmax_reference, make_inputs, pairs_per_query, timed_repeats
 from models.ops.attention import doc_ids
 from models.ops.linear_attention import doc_linear_attention
 from parallel import comm
@@ -97,18 +97,7 @@ def _run_cell(name, strat, layout, tensors, cu, rank, world, args, device):
         o = forward()
         torch.autograd.backward(o, dol)
         return o
-    step()                                                        # warm-up
-    times = []
-    for _ in range(args.repeats):
-        for t in live:
-            t.grad = None
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
-        o = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times, o = timed_repeats(step, live, args.repeats, device, world)
     comm.COUNTER.reset()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
