@@ -3,24 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-
-@dataclass
-class RopeConfig:
-    """RoPE and its scaling for context extension.
-
-    type: none | linear (position interpolation) | ntk (base-theta change by ``factor``)
-          | yarn | llama3
-    """
-    theta: float = 10000.0
-    type: str = "none"
-    factor: float = 1.0
-    original_max_position: int = 2048
-    low_freq_factor: float = 1.0     # llama3
-    high_freq_factor: float = 4.0    # llama3
-    beta_fast: float = 32.0          # yarn
-    beta_slow: float = 1.0           # yarn
-    attention_factor: float | None = None  # yarn: None -> 0.1 * ln(factor) + 1
+from models.rope import ROPE_TYPES, RopeConfig
 
 
 @dataclass
@@ -67,6 +50,15 @@ class ModelConfig:
     def mixer_of(self, layer: int) -> str:
         return self.mixer_pattern[layer % len(self.mixer_pattern)]
 
+    def kind_of(self, layer: int) -> str:
+        """The mixer kind (``softmax``, ``linear``, ...) of layer ``layer``."""
+        from models.mixers import mixer_class
+        return mixer_class(self.mixer_of(layer)).kind
+
+    def kinds(self) -> list[str]:
+        """The mixer kinds the model's layers use, in layer order, each once."""
+        return list(dict.fromkeys(self.kind_of(i) for i in range(self.n_layers)))
+
     def validate(self) -> None:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
@@ -76,12 +68,12 @@ class ModelConfig:
                              "change one, or set model.head_dim explicitly")
         if not self.mixer_pattern:
             raise ValueError("model.mixer_pattern is empty: give at least one mixer, e.g. [softmax]")
-        from models.mixers import MIXER_REGISTRY
+        from models.mixers import MIXERS
         for m in self.mixer_pattern:
-            if m not in MIXER_REGISTRY:
+            if m not in MIXERS:
                 raise ValueError(f"model.mixer_pattern has unknown mixer {m!r}: choose from "
-                                 f"{sorted(MIXER_REGISTRY)}")
-        if self.rope.type not in ("none", "linear", "ntk", "yarn", "llama3"):
+                                 f"{sorted(MIXERS)}")
+        if self.rope.type not in ROPE_TYPES:
             raise ValueError(f"model.rope.type={self.rope.type!r} is unknown: choose none, linear, "
                              "ntk, yarn or llama3")
         if self.linear_impl not in ("auto", "chunk", "naive"):

@@ -40,7 +40,6 @@ from models.config import ModelConfig, RopeConfig
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "mistral": "MistralForCausalLM"}
-_SETTING = "init_from"  # the training config key that points at a Hugging Face checkpoint
 _CONFIG = "config.json"
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -207,8 +206,10 @@ def config_to_hf(cfg: ModelConfig, model_type: str = "llama", dtype: torch.dtype
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported for export: choose one of "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if any(m != "softmax" for m in cfg.mixer_pattern):
-        raise ValueError(f"model.mixer_pattern={cfg.mixer_pattern} has non-softmax mixers, which have "
+    from models.mixers import mixer_class
+    other = [m for m in cfg.mixer_pattern if not mixer_class(m).hf_attention]
+    if other:
+        raise ValueError(f"model.mixer_pattern={cfg.mixer_pattern} has mixers {other}, which have "
                          "no Hugging Face equivalent: export needs mixer_pattern=[softmax]")
     if cfg.sliding_window is not None and model_type == "llama":
         raise ValueError(f"model.sliding_window={cfg.sliding_window} cannot be exported as llama (no "
@@ -259,9 +260,8 @@ def config_to_hf(cfg: ModelConfig, model_type: str = "llama", dtype: torch.dtype
 # --------------------------------------------------------------------------- import
 
 def _missing(path: str, what: str) -> ValueError:
-    return ValueError(f"{_SETTING}={path!r}: {what}. {_SETTING} must point at a local Hugging Face "
-                      f"checkpoint directory holding {_CONFIG} and {_WEIGHTS} (or a sharded {_INDEX}); "
-                      f"fix the path, or set {_SETTING}=null to train from scratch")
+    return ValueError(f"Hugging Face checkpoint {path!r}: {what}. It must be a local directory "
+                      f"holding {_CONFIG} and {_WEIGHTS} (or a sharded {_INDEX}): fix the path")
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -387,9 +387,7 @@ def load_hf_model(path: str, **overrides) -> "torch.nn.Module":
 
 # --------------------------------------------------------------------------- export
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    if hasattr(t, "full_tensor"):          # a DTensor (FSDP2) shard: gather it, duck-typed
-        t = t.full_tensor()
+def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
@@ -408,8 +406,12 @@ def _write_file(directory: str, name: str, write) -> None:
 
 
 def save_hf_checkpoint(model, path: str, model_type: str = "llama",
-                       max_position_embeddings: int | None = None) -> None:
+                       max_position_embeddings: int | None = None,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``model`` (our Transformer) as a Hugging Face checkpoint directory.
+
+    ``state_dict``: whole tensors by our parameter names (default: the model's parameters). A
+    model whose parameters are sharded (FSDP2) passes ``parallel.data_parallel.full_state_dict``.
 
     Writes ``config.json`` and ``model.safetensors`` atomically: a new directory is built
     beside ``path`` and renamed into place; an existing directory gets each file through a
@@ -417,13 +419,13 @@ def save_hf_checkpoint(model, path: str, model_type: str = "llama",
     """
     model = getattr(model, "module", model)              # DDP wrapper
     cfg: ModelConfig = model.cfg
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if state_dict is None else state_dict
     dtype = params["embed.weight"].dtype
     hf_config = config_to_hf(cfg, model_type, dtype, max_position_embeddings)
 
     tensors = {}
     for ours, theirs in _hf_names(cfg).items():
-        tensors[theirs] = _full(params[ours])
+        tensors[theirs] = _plain(params[ours])
     if model_type == "qwen2" and not cfg.attention_bias:   # Qwen2 always has q/k/v biases
         for i in range(cfg.n_layers):
             for p in ("q", "k", "v"):

@@ -1,7 +1,7 @@
 """Linear-attention token mixers: linear, lightning, retention, simple_gla, gla.
 
 x [B, T, dim] -> q, k [B, T, H, Dk], v [B, T, H, D], log-decay g [B, T, H] or gk [B, T, H, Dk]
--> ctx.linear_attention (or local_linear_attention) -> o [B, T, H, D] -> per-head norm, gate
+-> ctx.run("linear") -> o [B, T, H, D] -> per-head norm, gate
 -> [B, T, dim].  H = n_heads for q, k and v alike (no GQA for linear mixers; n_kv_heads is
 ignored), D = cfg.hd, Dk = D (2 D for the hedgehog feature map).
 
@@ -21,25 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.mixers import register_mixer
-from models.ops.linear_attention import doc_linear_attention
+from models.ops.linear_attention import linear_attention
+from models.registry import register_kind, register_mixer
 from models.rope import apply_rotary
 
 
-def local_linear_attention(ctx, q, k, v, g=None, gk=None, scale=1.0, *, chunk_size=64,
-                           impl="auto"):
-    """Linear attention over the tokens the context holds, with its document boundaries, for
-    contexts without a ``linear_attention`` method. ctx: SingleDeviceContext (``.doc`` [B, T])
-    or a one-rank CP context (``.local_doc``).
+@register_kind("linear")
+def local_linear_attention(q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
+    """Linear attention over the tokens ``ctx`` holds, the state restarting at every document.
     q, k [B,T,H,Dk], v [B,T,H,Dv], g [B,T,H], gk [B,T,H,Dk] -> o [B,T,H,Dv]."""
-    if getattr(ctx, "world_size", 1) > 1:
-        raise NotImplementedError("linear attention under context parallelism needs the "
-                                  "context's linear_attention method (LASP-2); this context "
-                                  "has none, and a local run would ignore the other ranks")
-    doc = getattr(ctx, "doc", None)
-    if doc is None:
-        doc = ctx.local_doc
-    return doc_linear_attention(q, k, v, doc, g, gk, scale, chunk_size=chunk_size, impl=impl)
+    return linear_attention(q, k, v, g, gk, scale, cu_seqlens=ctx.docs.cu_seqlens,
+                            chunk_size=chunk_size, impl=impl)
 
 
 def _option(cfg, name: str, default):
@@ -95,6 +87,8 @@ class HeadNorm(nn.Module):
 class LinearAttentionBase(nn.Module):
     """Shared projections, feature map, output norm and gate; subclasses define the decay."""
 
+    kind = "linear"
+    hf_attention = False         # no Hugging Face equivalent
     feature_map = "identity"
     output_norm = True
     output_gate = True
@@ -121,6 +115,12 @@ class LinearAttentionBase(nn.Module):
                        if _option(cfg, "linear_output_gate", self.output_gate) else None)
         self.o_proj = nn.Linear(self.h * self.d, cfg.dim, bias=False)
 
+    @staticmethod
+    def core_flops_per_token(cfg, seq_len: int) -> float:
+        """State update k^T v and readout q S, fwd+bwd: 3 * 2 * 2 * H * Dk * Dv per token
+        (Dk = D; the hedgehog map's 2 D is not distinguished here). Flat in seq_len."""
+        return 12 * cfg.n_heads * cfg.hd * cfg.hd
+
     def decay(self, x):
         """(g [B,T,H] or None, gk [B,T,H,Dk] or None) log-decays, <= 0."""
         return None, None
@@ -135,8 +135,7 @@ class LinearAttentionBase(nn.Module):
         q, k = self.q_map(q), self.k_map(k)
         g, gk = self.decay(x)
         kw = dict(g=g, gk=gk, scale=self.scale, chunk_size=self.chunk_size, impl=self.impl)
-        fn = getattr(ctx, "linear_attention", None)
-        o = fn(q, k, v, **kw) if fn is not None else local_linear_attention(ctx, q, k, v, **kw)
+        o = ctx.run(self.kind, q, k, v, **kw)
         if self.o_norm is not None:
             o = self.o_norm(o)
         if self.g_proj is not None:

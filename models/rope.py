@@ -7,10 +7,29 @@ Frequencies follow the Hugging Face definitions, so imported checkpoints match.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from models.config import RopeConfig
+ROPE_TYPES = ("none", "linear", "ntk", "yarn", "llama3")
+
+
+@dataclass
+class RopeConfig:
+    """RoPE and its scaling for context extension.
+
+    type: none | linear (position interpolation) | ntk (base-theta change by ``factor``)
+          | yarn | llama3
+    """
+    theta: float = 10000.0
+    type: str = "none"
+    factor: float = 1.0
+    original_max_position: int = 2048
+    low_freq_factor: float = 1.0     # llama3
+    high_freq_factor: float = 4.0    # llama3
+    beta_fast: float = 32.0          # yarn
+    beta_slow: float = 1.0           # yarn
+    attention_factor: float | None = None  # yarn: None -> 0.1 * ln(factor) + 1
 
 
 def inv_frequencies(cfg: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:

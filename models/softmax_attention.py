@@ -1,17 +1,35 @@
-"""Softmax attention mixer: GQA, RoPE, optional sliding window.
+"""Softmax attention mixer (kind ``softmax``): GQA, RoPE, optional sliding window.
 
-x [B, T, dim] -> q [B, T, H, D], k, v [B, T, Hkv, D] -> ctx.attention -> [B, T, dim].
+x [B, T, dim] -> q [B, T, H, D], k, v [B, T, Hkv, D] -> ctx.run("softmax") -> [B, T, dim].
 """
 from __future__ import annotations
 
 from torch import nn
 
-from models.mixers import register_mixer
+from models.ops.attention import MaskSpec, attention
+from models.registry import register_kind, register_mixer
 from models.rope import apply_rotary
+
+
+@register_kind("softmax")
+def local_softmax_attention(q, k, v, ctx, *, causal=True, window=None, scale=None):
+    """Block-sparse attention over the tokens ``ctx`` holds, under their document mask.
+    q [B, T, H, D], k, v [B, T, Hkv, D] -> o [B, T, H, D]."""
+    d = ctx.docs
+    mask = MaskSpec(d.index, d.index, d.doc, d.doc, causal, window)
+    return attention(q, k, v, mask, scale, ctx.block)[0]
 
 
 @register_mixer("softmax")
 class SoftmaxAttention(nn.Module):
+    kind = "softmax"
+    hf_attention = True          # same projections as Hugging Face Llama attention (import/export)
+
+    @staticmethod
+    def core_flops_per_token(cfg, seq_len: int) -> float:
+        """Causal scores and values, fwd+bwd: 12 * H * D * T / 2 per token (MFU accounting)."""
+        return 6 * cfg.n_heads * cfg.hd * seq_len
+
     def __init__(self, cfg, layer: int):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
@@ -27,5 +45,5 @@ class SoftmaxAttention(nn.Module):
         k = self.k_proj(x).view(b, t, self.n_kv, self.hd)
         v = self.v_proj(x).view(b, t, self.n_kv, self.hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = ctx.attention(q, k, v, causal=True, window=self.window)
+        o = ctx.run(self.kind, q, k, v, causal=True, window=self.window)
         return self.o_proj(o.reshape(b, t, self.n_heads * self.hd))

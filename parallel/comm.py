@@ -1,4 +1,5 @@
-"""The one thin layer every collective goes through: it counts bytes per rank and op.
+"""The one thin layer every collective of a CP strategy goes through: it counts bytes per
+rank and op (blocking and asynchronous collectives alike).
 
 Counts are what this rank *sends* and *receives* (payload only, no protocol overhead):
 all_gather of a local tensor of s bytes receives (P-1)*s and sends (P-1)*s (ring
@@ -28,10 +29,6 @@ class ByteCounter:
     @property
     def total_received(self) -> int:
         return sum(self.received.values())
-
-    @property
-    def total_sent(self) -> int:
-        return sum(self.sent.values())
 
 
 COUNTER = ByteCounter()  # per process; read by tests and the benchmark
@@ -67,11 +64,26 @@ def reduce_scatter(chunks: list[torch.Tensor], group) -> torch.Tensor:
     return out
 
 
-def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+class PendingGather:
+    """An all-gather in flight (``all_gather_async``); ``wait()`` -> [P, *x.shape]."""
+
+    def __init__(self, bufs: list[torch.Tensor], work):
+        self.bufs, self.work = bufs, work
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return torch.stack(self.bufs)
+
+
+def all_gather_async(x: torch.Tensor, group) -> PendingGather:
+    """Start gathering ``x`` (same shape on every rank) from all ranks of ``group``; the
+    caller overlaps work and then calls ``wait()``. Counted when issued."""
     p = dist.get_world_size(group)
-    dist.all_reduce(x, op=op, group=group)
-    COUNTER.add("all_reduce", 2 * (p - 1) * _nbytes(x) // max(p, 1), 2 * (p - 1) * _nbytes(x) // max(p, 1))
-    return x
+    x = x.contiguous()
+    bufs = [torch.empty_like(x) for _ in range(p)]
+    work = dist.all_gather(bufs, x, group=group, async_op=True)
+    COUNTER.add("all_gather", (p - 1) * _nbytes(x), (p - 1) * _nbytes(x))
+    return PendingGather(bufs, work)
 
 
 def all_to_all(outputs: list[torch.Tensor], inputs: list[torch.Tensor], group) -> None:
@@ -89,7 +101,8 @@ def send_recv(send: torch.Tensor, recv: torch.Tensor, dst: int, src: int, group)
     return dist.batch_isend_irecv(ops)
 
 
-def exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group) -> None:
+def exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group,
+             op: str = "exchange") -> None:
     """Point-to-point exchange within ``group``: send ``sends[dst]`` to each dst and fill
     ``recvs[src]`` from each src (group ranks), all posted at once, then wait."""
     ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, dst), group)
@@ -99,5 +112,13 @@ def exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], gro
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-    COUNTER.add("exchange", sum(_nbytes(t) for t in sends.values()),
+    COUNTER.add(op, sum(_nbytes(t) for t in sends.values()),
                 sum(_nbytes(t) for t in recvs.values()))
+
+
+def p2p(group, send: torch.Tensor | None = None, dst: int | None = None,
+                   recv: torch.Tensor | None = None, src: int | None = None) -> None:
+    """Blocking point-to-point: send ``send`` to group rank ``dst`` and/or fill ``recv`` from
+    group rank ``src`` (a chain hop, e.g. LASP-1's state pass)."""
+    exchange({} if send is None else {dst: send}, {} if recv is None else {src: recv}, group,
+             op="send_recv")

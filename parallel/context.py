@@ -1,9 +1,13 @@
 """The context-parallel context: the one object the model's mixers see under CP.
 
-It carries the CP group, the strategy, the sharding layout, the global document
-boundaries (``cu_seqlens`` over the flattened [B * N] batch) and where this rank's
-tokens sit in the global row (``local_index`` [C]). Mixers call ``ctx.attention``
-exactly as they do on one device (models/context.py).
+It carries the CP group, one strategy per mixer kind (``{"softmax": ring, "linear": lasp2}``:
+LASP-2H is a hybrid model under one CP group and one layout), the sharding layout, the global
+document boundaries (``cu_seqlens`` over the flattened [B * N] batch) and where this rank's
+tokens sit in the global row. Mixers call ``ctx.run(kind, ...)`` exactly as on one device
+(models/context.py); a CP world of one runs every kind's single-device op.
+
+Per batch, once: ``docs`` (models.ops.documents.Documents of the local tokens: row positions
+``local_index`` [C], document ids ``local_doc`` [B, C], document starts at global positions).
 """
 from __future__ import annotations
 
@@ -11,13 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.ops.attention import doc_ids
+from models.context import AttentionContext
+from models.ops.documents import Documents, row_doc_ids
 from parallel.sharding import local_index as layout_index
 
 
 @dataclass
-class CPContext:
-    strategy: object                 # a parallel.strategies.base.Strategy
+class CPContext(AttentionContext):
+    strategies: dict                 # mixer kind -> parallel.strategies.base.Strategy
     group: object | None             # torch.distributed ProcessGroup (None for a world of 1)
     rank: int
     world_size: int
@@ -26,14 +31,26 @@ class CPContext:
     batch_size: int                  # B
     cu_seqlens: torch.Tensor         # [n_docs + 1] document starts over the flattened batch
     block: int = 256
-    linear_strategy: object | None = None   # strategy of linear-attention layers (LASP-2H)
-    local_index: torch.Tensor = field(init=False)   # [C]
-    local_doc: torch.Tensor = field(init=False)     # [B, C]
+    subgroups: dict = field(default_factory=dict)   # sub-meshes built at start-up (parallel.mesh)
+    docs: Documents = field(init=False)
 
     def __post_init__(self):
+        from parallel.strategies.base import Strategy
+        if isinstance(self.strategies, Strategy):        # one strategy: it serves its own kind
+            self.strategies = self.strategies.serves()
         self.cu_seqlens = self.cu_seqlens.detach().to("cpu", torch.int64)
-        self.local_index = self.index_of(self.rank)
-        self.local_doc = self.doc_of(self.local_index)
+        self.docs = Documents.of(self.cu_seqlens, self.batch_size, self.seq_len,
+                                 self.index_of(self.rank))
+
+    @property
+    def local_index(self) -> torch.Tensor:
+        """Global row positions of this rank's tokens. [C]"""
+        return self.docs.index
+
+    @property
+    def local_doc(self) -> torch.Tensor:
+        """Document ids of this rank's tokens. [B, C]"""
+        return self.docs.doc
 
     def index_of(self, rank: int) -> torch.Tensor:
         """Global row positions held by CP rank ``rank``. [C]"""
@@ -41,22 +58,22 @@ class CPContext:
 
     def doc_of(self, index: torch.Tensor) -> torch.Tensor:
         """Document ids [B, T] of row positions ``index`` [T] in every batch row."""
-        flat = torch.arange(self.batch_size)[:, None] * self.seq_len + index[None, :]
-        return doc_ids(self.cu_seqlens, flat)
+        return row_doc_ids(self.cu_seqlens, self.batch_size, self.seq_len, index)
 
-    def attention(self, q, k, v, *, causal=True, window=None, scale=None):
-        """q [B, C, H, D], k, v [B, C, Hkv, D] (local shards) -> o [B, C, H, D]."""
-        return self.strategy.attention(q, k, v, self, causal=causal, window=window, scale=scale)
+    def run(self, kind: str, q, k, v, **options) -> torch.Tensor:
+        """The core op of mixer kind ``kind`` on the local shards (see models/context.py)."""
+        if self.world_size == 1:
+            return super().run(kind, q, k, v, **options)
+        strategy = self.strategies.get(kind)
+        if strategy is None:
+            raise ValueError(f"no context-parallel strategy serves mixer kind {kind!r}: set "
+                             f"parallel.cp.strategies.{kind} (this context has "
+                             f"{ {k: s.name for k, s in self.strategies.items()} })")
+        return strategy(q, k, v, self, **options)
 
-    def linear_attention(self, q, k, v, *, g=None, gk=None, scale=1.0, **options):
-        """q, k [B, C, H, Dk], v [B, C, H, Dv], g [B, C, H], gk [B, C, H, Dk] (local shards)
-        -> o [B, C, H, Dv], by the linear-attention strategy (LASP-2 under CP)."""
-        strategy = self.linear_strategy or self.strategy
-        return strategy.linear_attention(q, k, v, self, g=g, gk=gk, scale=scale, **options)
 
-
-def build_context(strategy, group, rank: int, world_size: int, layout: str, batch: dict,
-                  block: int = 256, linear_strategy=None) -> CPContext:
+def build_context(strategies: dict, group, rank: int, world_size: int, layout: str, batch: dict,
+                  block: int = 256, subgroups: dict | None = None) -> CPContext:
     """Context for one (already sharded) batch; see parallel.sharding.shard_batch."""
-    return CPContext(strategy, group, rank, world_size, layout, int(batch["seq_len"]),
-                     batch["input_ids"].shape[0], batch["cu_seqlens"], block, linear_strategy)
+    return CPContext(strategies, group, rank, world_size, layout, int(batch["seq_len"]),
+                     batch["input_ids"].shape[0], batch["cu_seqlens"], block, subgroups or {})

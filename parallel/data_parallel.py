@@ -30,6 +30,17 @@ def wrap_data_parallel(model: nn.Module, mode: str, mesh) -> nn.Module:
     return model
 
 
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole parameters by name, gathering FSDP2 shards (DTensors); collective under FSDP2:
+    call it on every rank."""
+    out = {}
+    for name, p in unwrap(model).named_parameters():
+        if hasattr(p, "full_tensor"):          # a DTensor shard
+            p = p.full_tensor()
+        out[name] = p.detach()
+    return out
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
 

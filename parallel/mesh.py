@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,7 @@ class Mesh:
     cp: int
     device: torch.device
     device_mesh: object = None     # torch DeviceMesh with dims ("dp", "cp"), None for a world of 1
+    subgroups: dict = field(default_factory=dict)   # size -> SubMesh of the CP group (build_subgroups)
 
     @property
     def dp_rank(self) -> int:
@@ -53,10 +54,6 @@ class Mesh:
         return self.device_mesh["cp"].get_group() if self.device_mesh is not None else None
 
     @property
-    def world_group(self):
-        return dist.group.WORLD if dist.is_initialized() else None
-
-    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
@@ -67,8 +64,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_mesh(cp: int, device: str = "auto") -> Mesh:
-    """Initialise the process group (gloo on CPU, NCCL on CUDA) and the dp x cp mesh."""
+def init_mesh(cp: int, device: str = "auto", subgroup_sizes=()) -> Mesh:
+    """Initialise the process group (gloo on CPU, NCCL on CUDA), the dp x cp mesh and every
+    sub-group of the CP group the strategies need (``subgroup_sizes``, e.g. USP's Ulysses
+    degree): all process groups exist before the first forward."""
     rank, local_rank, world = env_ranks()
     check_world(world, cp)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -82,4 +81,64 @@ def init_mesh(cp: int, device: str = "auto") -> Mesh:
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(dev.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
-    return Mesh(rank, local_rank, world, world // cp, cp, dev, mesh)
+    out = Mesh(rank, local_rank, world, world // cp, cp, dev, mesh)
+    if cp > 1:
+        out.subgroups = build_subgroups(out.cp_group, cp, subgroup_sizes)
+    return out
+
+
+def build_subgroups(group, cp: int, sizes) -> dict:
+    """{u: SubMesh} for each Ulysses degree u in ``sizes`` (collective over the world: every
+    rank must call it with the same sizes, in the same order)."""
+    return {u: build_submesh(group, cp, u) for u in sorted(set(sizes))}
+
+
+@dataclass
+class SubMesh:
+    """This rank's two sub-groups of one CP group. Member lists hold CP ranks in sub-group
+    rank order (``new_group`` sorts by global rank)."""
+
+    ulysses_group: object | None
+    ulysses_members: list[int]          # my U_g
+    ring_group: object | None
+    ring_members: list[list[int]]       # for each member of my R_j: the members of its U_g
+    ring_rank: int
+
+
+def _all_cp_groups(global_ranks: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Global ranks of every CP group in the world (one gather, only when dp > 1)."""
+    world = dist.get_world_size()
+    if len(global_ranks) == world:
+        return [global_ranks]
+    every = [None] * world
+    dist.all_gather_object(every, global_ranks)
+    return sorted(set(every))
+
+
+def build_submesh(group, cp: int, u: int) -> SubMesh:
+    """Create the sub-groups with ``dist.new_group``, identically and in the same order on
+    every rank of the world (all CP groups' sub-groups, members or not); keep ours.
+    A sub-group that is the whole CP group reuses ``group``; one of size 1 is None."""
+    mine = tuple(dist.get_process_group_ranks(group))
+    me = mine.index(dist.get_rank())
+    r = cp // u
+    result = None
+    for granks in _all_cp_groups(mine):
+        def members(cps, granks=granks):    # CP ranks in their sub-group's rank order
+            cps = list(cps)
+            return cps if len(cps) == cp else sorted(cps, key=lambda c: granks[c])
+
+        def make(cps, granks=granks):
+            if len(cps) == 1 or len(cps) == cp:
+                return group if len(cps) == cp and granks == mine else None
+            return dist.new_group([granks[c] for c in cps])
+
+        uly = [members(range(g * u, (g + 1) * u)) for g in range(r)]
+        rings = [members(uly[g][j] for g in range(r)) for j in range(u)]
+        uly_groups, ring_groups = [make(m) for m in uly], [make(m) for m in rings]
+        if granks == mine:
+            j = next(i for i, m in enumerate(rings) if me in m)
+            result = SubMesh(uly_groups[me // u], uly[me // u], ring_groups[j],
+                             [uly[c // u] for c in rings[j]], rings[j].index(me))
+    return result
+

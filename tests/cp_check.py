@@ -1,16 +1,22 @@
-"""Shared checks of a CP attention strategy against the dense single-device reference.
+"""Shared spawn-and-compare helpers for the CP strategy tests.
 
 Each rank builds the same global q, k, v, dO (fp64, fixed seed), keeps its shard, runs
 the strategy forward and backward, and compares its shard of o, dq, dk, dv with the
-reference computed on the whole row. Returns the max errors per case.
+reference computed on the whole row. Returns the max errors per case. ``cases_for`` is the
+common case matrix (packed documents crossing ranks, GQA, windows, lengths that are not a
+multiple of the kernel block); ``run_cp`` spawns real gloo processes (a world of one runs
+in this process).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from models.ops.attention import MaskSpec, attention_ref, doc_ids
+from models.ops.attention import MaskSpec, attention_ref
+from models.ops.documents import doc_ids
 from parallel.context import CPContext
+from parallel.mesh import build_subgroups
+from parallel.spawn import run_distributed
 from parallel.strategies import build_strategy
 
 
@@ -49,7 +55,9 @@ def check_strategy(rank, world, strategy, layout, cases, block=16, options=None)
         q, k, v, do, cu = make_case(c["seed"], c["b"], c["n"], c["h"], c["hkv"], c["d"], c["doc_lens"])
         ref = reference(q, k, v, do, cu, c["causal"], c["window"])
         strat.check(n_heads=c["h"], n_kv_heads=c["hkv"], cp=world, seq_len=c["n"], layout=layout)
-        ctx = CPContext(strat, group, rank, world, layout, c["n"], c["b"], cu, block)
+        sizes = strat.subgroup_sizes(world, c["h"]) if world > 1 else []
+        subgroups = build_subgroups(group, world, sizes) if sizes else {}
+        ctx = CPContext(strat, group, rank, world, layout, c["n"], c["b"], cu, block, subgroups)
         idx = ctx.local_index
         ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
         o = ctx.attention(ql, kl, vl, causal=c["causal"], window=c["window"])
@@ -57,3 +65,28 @@ def check_strategy(rank, world, strategy, layout, cases, block=16, options=None)
         got = (o.detach(), ql.grad, kl.grad, vl.grad)
         errs.append(max((g - r[:, idx]).abs().max().item() for g, r in zip(got, ref)))
     return errs
+
+
+def cases_for(world, h=4):
+    n = 2 * world * 7   # 14 tokens per rank: not a multiple of the kernel block
+    base = dict(b=2, n=n, d=8, h=h)
+    return [
+        dict(base, seed=1, hkv=h, doc_lens=[n], causal=True, window=None),           # spans all ranks
+        dict(base, seed=2, hkv=h // 2, doc_lens=[1, 5, 2 * n // 3, 1, 9], causal=True, window=None),
+        dict(base, seed=3, hkv=h // 4, doc_lens=[3, n // 2 + 5], causal=True, window=5),
+        dict(base, seed=4, hkv=h // 4, doc_lens=[7, 1, n], causal=True, window=n // world + 3),
+        dict(base, seed=5, hkv=h // 2, doc_lens=[n // 3, 2], causal=False, window=None),
+        dict(base, seed=6, hkv=h, doc_lens=[1, n // 2, 1], causal=False, window=4),
+        dict(base, seed=7, b=1, hkv=h // 2, doc_lens=[1] * 3 + [n], causal=False, window=n // world + 2),
+    ]
+
+
+def run_cp(fn, world, *args):
+    """run_distributed, but a world of 1 runs in this process (it needs no process group)."""
+    return [fn(0, 1, *args)] if world == 1 else run_distributed(fn, world, *args)
+
+
+def check_layouts(rank, world, strategy, cases):
+    """Both layouts in one spawn (each spawn costs seconds)."""
+    return [e for layout in ("contiguous", "zigzag")
+            for e in check_strategy(rank, world, strategy, layout, cases)]

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from models.ops.attention import MaskSpec, active_blocks, attention, attention_ref, doc_ids
+from models.ops.attention import MaskSpec, active_blocks, attention, attention_ref
+from models.ops.documents import doc_ids
 
 
 def _case(b, tq, tk, h, hkv, d, q_pos, k_pos, cu, causal, window, seed=0):

@@ -40,7 +40,10 @@ def test_every_group_option_composes(group):
     (["model.mixer_pattern=[softmax,mamba]"], "model.mixer_pattern has unknown mixer 'mamba'"),
     (["model.n_heads=4", "model.n_kv_heads=3"], "not divisible by model.n_kv_heads=3"),
     (["parallel=cp2", "data.seq_len=1001"], "not divisible by 2\\*cp=4 for zigzag"),
-    (["parallel.cp.strategy=warp"], "parallel.cp.strategy='warp' is unknown"),
+    (["parallel.cp.strategies.softmax=warp"], "parallel.cp.strategies.softmax=.warp. is unknown"),
+    (["parallel.cp.strategies.softmax=lasp2"], "serves linear layers, not softmax ones"),
+    (["model.mixer_pattern=[gla,softmax]", "parallel.cp.strategies.linear=ring"], "serves softmax layers, not linear ones"),
+    (["+parallel.cp.options.ulysses_size=2"], "options are per mixer kind now"),
     (["data.tokenizer=hf", "data.tokenizer_path=/nonexistent/tok"], "data.tokenizer_path='/nonexistent/tok' does not exist"),
     (["init_from=/nonexistent/ckpt"], "init_from='/nonexistent/ckpt' is not a directory"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
@@ -59,4 +62,6 @@ def test_cp_size_must_divide_world():
 
 def test_unknown_key_is_rejected():
     with pytest.raises(Exception, match="lrr"):
+        _compose(["optim.lrr=1"])
+    with pytest.raises(ValueError, match="optim.lrr is not a setting"):
         _compose(["+optim.lrr=1"])

@@ -6,9 +6,9 @@ import torch.distributed as dist
 
 from parallel import comm
 from parallel.context import CPContext
-from parallel.strategies import build_strategy
+from parallel.spawn import run_distributed
+from parallel.strategies import LayerShape, build_strategy
 from tests.cp_check import check_strategy, make_case
-from tests.distributed import run_distributed
 
 
 def cases_for(world):
@@ -49,8 +49,8 @@ def _forward_bytes(rank, world, layout, gather, window, doc_lens):
 
 def test_bytes_match_formula():
     world, chunk = 4, 2 * 1 * 16 * 1 * 4 * 4            # K and V of one rank: 2*B*C*Hkv*D*4 bytes
-    formula = build_strategy("allgather").forward_bytes(batch=1, seq_len=64, cp=4, n_heads=2,
-                                                        n_kv_heads=1, head_dim=4, elem_bytes=4)
+    formula = build_strategy("allgather").forward_bytes(LayerShape(batch=1, seq_len=64, cp=4, n_heads=2,
+                                                                   n_kv_heads=1, head_dim=4, elem_bytes=4))
     assert formula == 3 * chunk
     full = run_distributed(_forward_bytes, world, "zigzag", "all", None, [64])
     assert full == [formula] * world
@@ -71,5 +71,5 @@ def test_bytes_match_formula():
 def test_bad_length_is_a_clear_error():
     with pytest.raises(ValueError, match="not divisible by 2\\*cp=8 for zigzag"):
         build_strategy("allgather").check(n_heads=4, n_kv_heads=2, cp=4, seq_len=1000 + 2, layout="zigzag")
-    with pytest.raises(ValueError, match="parallel.cp.options has \\['ulysses_size'\\]"):
+    with pytest.raises(ValueError, match="has \\['ulysses_size'\\], which strategy 'allgather' does not take"):
         build_strategy("allgather", ulysses_size=2)

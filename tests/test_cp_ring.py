@@ -4,33 +4,7 @@ import torch
 
 from models.ops.attention import MaskSpec
 from parallel.strategies.ring import may_attend
-from tests.cp_check import check_strategy
-from tests.distributed import run_distributed
-
-
-def cases_for(world, h=4):
-    n = 2 * world * 7   # 14 tokens per rank: not a multiple of the kernel block
-    base = dict(b=2, n=n, d=8, h=h)
-    return [
-        dict(base, seed=1, hkv=h, doc_lens=[n], causal=True, window=None),           # spans all ranks
-        dict(base, seed=2, hkv=h // 2, doc_lens=[1, 5, 2 * n // 3, 1, 9], causal=True, window=None),
-        dict(base, seed=3, hkv=h // 4, doc_lens=[3, n // 2 + 5], causal=True, window=5),
-        dict(base, seed=4, hkv=h // 4, doc_lens=[7, 1, n], causal=True, window=n // world + 3),
-        dict(base, seed=5, hkv=h // 2, doc_lens=[n // 3, 2], causal=False, window=None),
-        dict(base, seed=6, hkv=h, doc_lens=[1, n // 2, 1], causal=False, window=4),
-        dict(base, seed=7, b=1, hkv=h // 2, doc_lens=[1] * 3 + [n], causal=False, window=n // world + 2),
-    ]
-
-
-def run_cp(fn, world, *args):
-    """run_distributed, but a world of 1 runs in this process (it needs no process group)."""
-    return [fn(0, 1, *args)] if world == 1 else run_distributed(fn, world, *args)
-
-
-def check_layouts(rank, world, strategy, cases):
-    """Both layouts in one spawn (each spawn costs seconds)."""
-    return [e for layout in ("contiguous", "zigzag")
-            for e in check_strategy(rank, world, strategy, layout, cases)]
+from tests.cp_check import cases_for, check_layouts, run_cp
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

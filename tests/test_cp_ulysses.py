@@ -1,7 +1,7 @@
 """Ulysses (all-to-all) context parallelism vs the single-device reference (fp64, 1e-10)."""
 import pytest
 
-from tests.test_cp_ring import cases_for, check_layouts, run_cp
+from tests.cp_check import cases_for, check_layouts, run_cp
 
 HEADS = {1: 4, 2: 4, 3: 6, 4: 4}   # query heads must divide by the CP size
 

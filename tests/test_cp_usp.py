@@ -3,9 +3,8 @@ and, for ring, ulysses and usp, the bytes one forward receives against ``forward
 import pytest
 import torch
 
-from tests.cp_check import check_strategy, make_case, reference
-from tests.distributed import run_distributed
-from tests.test_cp_ring import cases_for
+from parallel.spawn import run_distributed
+from tests.cp_check import cases_for, check_strategy, make_case, reference
 
 # (strategy, ulysses degree or None, n_heads, n_kv_heads) per world size
 BYTE_CASES = {
@@ -20,18 +19,20 @@ def measure_bytes(rank, world, layout):
     import torch.distributed as dist
     from parallel import comm
     from parallel.context import CPContext
-    from parallel.strategies import build_strategy
+    from parallel.mesh import build_subgroups
+    from parallel.strategies import LayerShape, build_strategy
     out = []
     b, n, d = 2, 8 * world, 4
     for name, u, h, hkv in BYTE_CASES[world]:
         strat = build_strategy(name, **({} if u is None else {"ulysses_size": u}))
         q, k, v, _, cu = make_case(0, b, n, h, hkv, d, [5, n], dtype=torch.float32)
-        ctx = CPContext(strat, dist.group.WORLD, rank, world, layout, n, b, cu, block=8)
+        subgroups = build_subgroups(dist.group.WORLD, world, strat.subgroup_sizes(world, h))
+        ctx = CPContext(strat, dist.group.WORLD, rank, world, layout, n, b, cu, 8, subgroups)
         idx = ctx.local_index
         comm.COUNTER.reset()
         strat.attention(q[:, idx], k[:, idx], v[:, idx], ctx, causal=True)
-        want = strat.forward_bytes(batch=b, seq_len=n, cp=world, n_kv_heads=hkv, head_dim=d,
-                                   elem_bytes=4, n_heads=h)
+        want = strat.forward_bytes(LayerShape(batch=b, seq_len=n, cp=world, n_heads=h,
+                                              n_kv_heads=hkv, head_dim=d, elem_bytes=4))
         out.append((name, u, h, hkv, comm.COUNTER.total_received, want))
     return out
 
@@ -58,13 +59,15 @@ def check_usp_dp2(rank, world):
     """dp=2 x cp=4 (2x2): both CP groups build their sub-groups at the same time."""
     import torch.distributed as dist
     from parallel.context import CPContext
+    from parallel.mesh import build_subgroups
     from parallel.strategies.usp import USP
     groups = [dist.new_group(list(range(i, i + 4))) for i in (0, 4)]
     group, cp_rank = groups[rank // 4], rank % 4
     c = cases_for(4)[1]
     q, k, v, do, cu = make_case(c["seed"] + rank // 4, c["b"], c["n"], c["h"], c["hkv"], c["d"], c["doc_lens"])
     ref = reference(q, k, v, do, cu, c["causal"], c["window"])
-    ctx = CPContext(USP(ulysses_size=2), group, cp_rank, 4, "zigzag", c["n"], c["b"], cu, 16)
+    subgroups = build_subgroups(group, 4, [2])
+    ctx = CPContext(USP(ulysses_size=2), group, cp_rank, 4, "zigzag", c["n"], c["b"], cu, 16, subgroups)
     idx = ctx.local_index
     ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
     o = ctx.attention(ql, kl, vl, causal=c["causal"], window=c["window"])

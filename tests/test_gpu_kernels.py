@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from models.ops import flash
-from models.ops.attention import MaskSpec, attention, attention_ref, doc_ids
+from models.ops.attention import MaskSpec, attention, attention_ref
+from models.ops.documents import doc_ids
 
 pytestmark = pytest.mark.skipif(not flash.available(), reason="needs CUDA and flash-attn")
 

@@ -234,7 +234,7 @@ def test_sliding_window_rules():
 def test_missing_directory(tmp_path):
     path = str(tmp_path / "nope")
     for fn in (load_hf_checkpoint, load_hf_model):
-        with pytest.raises(ValueError, match="init_from") as e:
+        with pytest.raises(ValueError, match="Hugging Face checkpoint") as e:
             fn(path)
         assert path in str(e.value) and "does not exist" in str(e.value)
 
@@ -245,7 +245,7 @@ def test_missing_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_llama_dict()))
     with pytest.raises(ValueError, match="model.safetensors") as e:
         load_hf_checkpoint(str(tmp_path))
-    assert str(tmp_path) in str(e.value) and "init_from" in str(e.value)
+    assert str(tmp_path) in str(e.value) and "config.json" in str(e.value)
 
 
 def test_unsupported_model_type():

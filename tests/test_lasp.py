@@ -22,8 +22,8 @@ from models.ops.linear_attention import recurrent_linear_attention_ref
 from parallel import comm
 from parallel.context import CPContext
 from parallel.sharding import shard_batch, unshard
-from parallel.strategies import build_strategy
-from tests.distributed import run_distributed
+from parallel.spawn import run_distributed
+from parallel.strategies import LayerShape, build_strategy
 
 WORLDS = [1, 2, 3, 4, 8]
 C, B, H, DK, DV, SCALE = 6, 2, 2, 4, 4, 0.5
@@ -172,8 +172,9 @@ def _model_loss_and_grads(rank, world, layout):
         ctx = CPContext(build_strategy("local"), None, 0, 1, layout, MODEL_N, 2,
                         batch["cu_seqlens"], block=16)
     else:
-        ctx = CPContext(build_strategy("allgather"), dist.group.WORLD, rank, world, layout, MODEL_N,
-                        2, batch["cu_seqlens"], block=16, linear_strategy=build_strategy("lasp2"))
+        strategies = {"softmax": build_strategy("allgather"), "linear": build_strategy("lasp2")}
+        ctx = CPContext(strategies, dist.group.WORLD, rank, world, layout, MODEL_N, 2,
+                        batch["cu_seqlens"], block=16)
     logits = model(local["input_ids"], local["positions"], ctx)
     ce = F.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), reduction="sum")
     ce.backward()
@@ -240,8 +241,9 @@ def test_bytes_match_formula_and_are_flat(world):
         strat = build_strategy(strategy)
         per_n = []
         for n in (C * world, 10 * world):
-            formula = strat.forward_bytes(batch=B, seq_len=n, cp=world, n_heads=H, n_kv_heads=H,
-                                          head_dim=DV, key_dim=DK, elem_bytes=4, layout=layout)
+            formula = strat.forward_bytes(LayerShape(batch=B, seq_len=n, cp=world, n_heads=H,
+                                                     n_kv_heads=H, head_dim=DV, key_dim=DK,
+                                                     elem_bytes=4, layout=layout))
             got = [r["bytes"][(strategy, layout, n)] for r in res]
             if world == 1:
                 assert formula == 0 and all(f == {} and b == {} for f, b in got)
@@ -270,14 +272,17 @@ def test_hybrid_model_cp_matches_single(world, layout):
         assert (grads - ref_grads).abs().max() < 1e-5
 
 
-def test_lasp1_rejects_zigzag_and_lasp_has_no_softmax():
+def test_lasp1_rejects_zigzag_and_kinds_are_checked():
     with pytest.raises(ValueError, match="parallel.cp.layout='zigzag'"):
         build_strategy("lasp1").check(n_heads=2, n_kv_heads=2, cp=2, seq_len=24, layout="zigzag")
     build_strategy("lasp2").check(n_heads=2, n_kv_heads=2, cp=2, seq_len=24, layout="zigzag")
-    ctx = CPContext(build_strategy("lasp1"), None, 0, 1, "zigzag", 12, 1, torch.tensor([0, 12]))
-    x = torch.zeros(1, 12, 1, 2)
-    with pytest.raises(ValueError, match="parallel.cp.layout"):
-        ctx.linear_attention(x, x, x)
     for name in ("lasp1", "lasp2"):
-        with pytest.raises(NotImplementedError, match="no softmax attention"):
-            build_strategy(name).attention(x, x, x, ctx)
+        with pytest.raises(ValueError, match=f"strategies.softmax='{name}' serves linear layers"):
+            build_strategy(name, "softmax")
+    with pytest.raises(ValueError, match="strategies.linear='ring' serves softmax layers"):
+        build_strategy("ring", "linear")
+    # a CP context without a strategy for a kind refuses it instead of running locally
+    ctx = CPContext(build_strategy("lasp2"), None, 0, 2, "zigzag", 12, 1, torch.tensor([0, 12]))
+    x = torch.zeros(1, 6, 1, 2)
+    with pytest.raises(ValueError, match="parallel.cp.strategies.softmax"):
+        ctx.attention(x, x, x)

@@ -6,7 +6,6 @@ import torch
 
 from models import ModelConfig, Transformer
 from models.context import SingleDeviceContext
-from models.linear_attention import local_linear_attention
 from models.mixers import build_mixer
 from models.rope import Rotary
 
@@ -107,25 +106,19 @@ def test_model_causality_probe(name):
 
 
 def test_context_protocol():
-    """A context with linear_attention(...) is used as is; a multi-rank context without it
-    is refused instead of silently ignoring the other ranks."""
+    """Mixers reach their core op only through ctx.run(kind, ...): a context that overrides
+    run sees every call with the kind's options."""
     calls = []
 
     class Ctx(SingleDeviceContext):
-        def linear_attention(self, q, k, v, **kw):
-            calls.append(sorted(kw))
-            return local_linear_attention(self, q, k, v, **kw)
+        def run(self, kind, q, k, v, **kw):
+            calls.append((kind, sorted(kw)))
+            return super().run(kind, q, k, v, **kw)
 
     cfg = _cfg("simple_gla")
     mixer = build_mixer("simple_gla", cfg, 0)
     cos, sin = Rotary(cfg.rope, cfg.hd).cos_sin(_positions(), torch.float32)
     x = torch.randn(B, T, cfg.dim)
     out = mixer(x, cos, sin, Ctx(B, T, CU))
-    assert calls == [["chunk_size", "g", "gk", "impl", "scale"]]
+    assert calls == [("linear", ["chunk_size", "g", "gk", "impl", "scale"])]
     assert torch.allclose(out, mixer(x, cos, sin, SingleDeviceContext(B, T, CU)))
-
-    class CP:
-        world_size, local_doc = 2, torch.zeros(B, T, dtype=torch.long)
-
-    with pytest.raises(NotImplementedError, match="LASP-2"):
-        mixer(x, cos, sin, CP())

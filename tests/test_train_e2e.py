@@ -83,7 +83,7 @@ def test_cp2_training_matches_single_rank(tmp_path, strategy, layout):
     strategy is selected by one override."""
     common = ["trainer.steps=4", "optim.warmup_steps=2", f"parallel.cp.layout={layout}"]
     one = run_distributed(_train, 1, common + [f"trainer.run_dir={tmp_path / 'one'}"])[0]["history"]
-    two = run_distributed(_train, 2, common + ["parallel=cp2", f"parallel.cp.strategy={strategy}",
+    two = run_distributed(_train, 2, common + ["parallel=cp2", f"parallel.cp.strategies.softmax={strategy}",
                                                f"trainer.run_dir={tmp_path / 'two'}"])
     assert len(one) == len(two[0]["history"]) == 4
     for a, b in zip(one, two[0]["history"]):

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 from parallel.context import build_context
 from parallel.sharding import shard_batch
-from parallel.strategies import build_strategy
 
 
 def build_loaders(cfg, mesh):
@@ -30,22 +29,15 @@ def build_loaders(cfg, mesh):
     return train, val, tokenizer
 
 
-def build_strategies(cfg) -> tuple:
-    """(softmax strategy, linear-attention strategy) from parallel.cp (LASP-2H: each layer
-    kind gets its own strategy under one CP group and one layout)."""
-    cp = cfg.parallel.cp
-    return build_strategy(cp.strategy, **cp.options), build_strategy(cp.linear_strategy)
-
-
-def prepare_batch(batch: dict, cfg, mesh, strategies):
-    """Shard a [B, N] batch for this CP rank and build the attention context."""
+def prepare_batch(batch: dict, cfg, mesh, strategies: dict):
+    """Shard a [B, N] batch for this CP rank and build the attention context
+    (``strategies``: {mixer kind: strategy}, trainer.config.cp_strategies)."""
     cp = cfg.parallel.cp
     local = shard_batch(batch, mesh.cp_rank, mesh.cp, cp.layout)
     for key in ("input_ids", "labels", "positions"):
         local[key] = local[key].to(mesh.device, non_blocking=True)
-    softmax, linear = strategies
-    ctx = build_context(softmax, mesh.cp_group if mesh.cp > 1 else None, mesh.cp_rank, mesh.cp,
-                        cp.layout, local, cp.block, linear)
+    ctx = build_context(strategies, mesh.cp_group if mesh.cp > 1 else None, mesh.cp_rank, mesh.cp,
+                        cp.layout, local, cp.block, mesh.subgroups)
     return local, ctx
 
 

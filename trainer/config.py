@@ -6,6 +6,7 @@ rank with the same message instead of hanging a collective.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +16,25 @@ from models.config import ModelConfig
 @dataclass
 class CPConfig:
     size: int = 1                   # ranks per context-parallel group
-    strategy: str = "allgather"     # see parallel/strategies
+    # the CP strategy of each mixer kind (parallel/strategies); a kind not named here gets its
+    # default. One CP group and one layout serve every kind (LASP-2H for hybrid models).
+    strategies: dict[str, str] = field(default_factory=lambda: {"softmax": "allgather",
+                                                                "linear": "lasp2"})
     layout: str = "zigzag"          # contiguous | zigzag
     block: int = 256                # attention kernel block size
-    options: dict[str, Any] = field(default_factory=dict)   # strategy options, e.g. ulysses_size
-    linear_strategy: str = "lasp2"  # CP strategy of linear-attention layers (lasp2 | lasp1)
+    # strategy options per mixer kind, e.g. {softmax: {ulysses_size: 2}, linear: {recompute: false}}
+    options: dict[str, Any] = field(default_factory=lambda: {"softmax": {}, "linear": {}})
+    strategy: str | None = None         # deprecated alias of strategies.softmax
+    linear_strategy: str | None = None  # deprecated alias of strategies.linear
+
+    def __post_init__(self):
+        for old, kind in (("strategy", "softmax"), ("linear_strategy", "linear")):
+            value = getattr(self, old)
+            if value is not None:
+                warnings.warn(f"parallel.cp.{old} is deprecated: use parallel.cp.strategies.{kind}="
+                              f"{value}", FutureWarning, stacklevel=2)
+                self.strategies = {**self.strategies, kind: value}
+                setattr(self, old, None)
 
 
 @dataclass
@@ -93,6 +108,27 @@ class TrainConfig:
     init_from: str | None = None    # local Hugging Face checkpoint directory to start from
 
 
+SCHEMA_NAME = "train_schema"
+
+
+def register_schema() -> None:
+    """Make TrainConfig the base of ``conf/train.yaml`` (its first default): every yaml group
+    then holds only overrides of these dataclass defaults, and Hydra checks keys and types of
+    every override while composing."""
+    from hydra.core.config_store import ConfigStore
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+def conf_dir() -> str:
+    """The directory of the Hydra config groups: ``conf/`` beside the packages in a source
+    checkout, ``trainer/conf`` in an installed wheel (pyproject maps one onto the other)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "conf"), os.path.join(os.path.dirname(here), "conf")):
+        if os.path.isfile(os.path.join(candidate, "train.yaml")):
+            return candidate
+    raise FileNotFoundError(f"no Hydra config directory (train.yaml) next to {here}: reinstall longctx")
+
+
 def _choice(name: str, value, options) -> None:
     if value not in options:
         raise ValueError(f"{name}={value!r} is unknown: choose one of {tuple(options)}")
@@ -101,20 +137,22 @@ def _choice(name: str, value, options) -> None:
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Check everything that can be checked locally; raise ValueError naming the setting."""
     from parallel.mesh import check_world
-    from parallel.strategies import build_strategy
     m, p, d, o, t = cfg.model, cfg.parallel, cfg.data, cfg.optim, cfg.trainer
     m.validate()
     check_world(world_size, p.cp.size)
     _choice("parallel.dp_mode", p.dp_mode, ("ddp", "fsdp"))
-    build_strategy(p.cp.strategy, **p.cp.options).check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, cp=p.cp.size,
-                                        seq_len=d.seq_len, layout=p.cp.layout)
-    if any(m.mixer_of(i) != "softmax" for i in range(m.n_layers)):
-        try:
-            build_strategy(p.cp.linear_strategy).check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                                                       cp=p.cp.size, seq_len=d.seq_len, layout=p.cp.layout)
-        except ValueError as e:
-            raise ValueError(f"{e} (parallel.cp.linear_strategy={p.cp.linear_strategy!r} serves the "
-                             "model's linear-attention layers)") from None
+    strategies = cp_strategies(cfg)
+    for length in [d.seq_len, *t.passkey_lengths]:
+        for kind, strategy in strategies.items():
+            try:
+                strategy.check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, cp=p.cp.size,
+                               seq_len=length, layout=p.cp.layout)
+            except ValueError as e:
+                msg = f"{e} (parallel.cp.strategies.{kind}={strategy.name!r} serves the {kind} layers)"
+                if length != d.seq_len:
+                    msg = f"trainer.passkey_lengths has {length}: " + msg.replace("data.seq_len",
+                                                                                  "each passkey length")
+                raise ValueError(msg) from None
     _choice("data.source", d.source, ("stdlib", "files"))
     _choice("data.tokenizer", d.tokenizer, ("byte", "hf"))
     if d.tokenizer == "hf" and (not d.tokenizer_path or not os.path.isdir(d.tokenizer_path)):
@@ -136,10 +174,23 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                       ("trainer.steps", t.steps), ("trainer.grad_accum", t.grad_accum)):
         if val < 1:
             raise ValueError(f"{name}={val} must be >= 1")
-    for length in t.passkey_lengths:
-        try:
-            build_strategy(p.cp.strategy, **p.cp.options).check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                                                cp=p.cp.size, seq_len=length, layout=p.cp.layout)
-        except ValueError as e:
-            raise ValueError(f"trainer.passkey_lengths has {length}: {e}".replace(
-                "data.seq_len", "each passkey length")) from None
+
+
+def cp_strategies(cfg: TrainConfig) -> dict:
+    """{mixer kind: strategy} for the kinds the model uses, from ``parallel.cp.strategies`` and
+    ``parallel.cp.options``; ValueError naming the setting for an unknown kind or strategy."""
+    from models.mixers import KINDS
+    from parallel.strategies import build_strategies
+    cp = cfg.parallel.cp
+    for setting, keys in (("parallel.cp.strategies", cp.strategies), ("parallel.cp.options", cp.options)):
+        for key in keys:
+            if key not in KINDS:
+                hint = (f"; options are per mixer kind now: use parallel.cp.options.softmax.{key}"
+                        if setting.endswith("options") else "")
+                raise ValueError(f"{setting} has {key!r}, which is not a mixer kind: use one of "
+                                 f"{sorted(KINDS)}{hint}")
+    for kind, opts in cp.options.items():
+        if opts is not None and not isinstance(opts, dict):
+            raise ValueError(f"parallel.cp.options.{kind}={opts!r} must be a mapping of strategy "
+                             f"options, e.g. parallel.cp.options.{kind}={{}}")
+    return build_strategies(cp.strategies, cp.options, cfg.model.kinds())

@@ -18,10 +18,12 @@ def device_peak_flops(device: torch.device) -> float | None:
 
 
 def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
-    """6 * params (matmuls, fwd+bwd) + causal attention scores and values (fwd+bwd)."""
-    n_softmax = sum(model_cfg.mixer_of(i) == "softmax" for i in range(model_cfg.n_layers))
-    attn = 6 * n_softmax * model_cfg.n_heads * model_cfg.hd * seq_len   # 12*L*H*d*T / 2
-    return 6 * n_params + attn
+    """6 * params (matmuls, fwd+bwd) + each layer's token-mixing core (fwd+bwd), as its mixer
+    counts it (``core_flops_per_token``)."""
+    from models.mixers import mixer_class
+    core = sum(mixer_class(model_cfg.mixer_of(i)).core_flops_per_token(model_cfg, seq_len)
+               for i in range(model_cfg.n_layers))
+    return 6 * n_params + core
 
 
 class MetricsLogger:

@@ -7,10 +7,12 @@ accumulation, clipping and autocast; log, evaluate, checkpoint (also on SIGTERM/
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
 import time
+import typing
 
 import hydra
 import torch
@@ -21,8 +23,8 @@ from models import Transformer
 from parallel.data_parallel import no_sync, unwrap, wrap_data_parallel
 from parallel.mesh import Mesh, env_ranks, init_mesh
 from trainer import checkpoint
-from trainer.batching import batch_loss, build_loaders, build_strategies, prepare_batch
-from trainer.config import TrainConfig, validate
+from trainer.batching import batch_loss, build_loaders, prepare_batch
+from trainer.config import TrainConfig, conf_dir, cp_strategies, register_schema, validate
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from trainer.optim import build_optimizer, build_scheduler
@@ -30,8 +32,24 @@ from trainer.optim import build_optimizer, build_scheduler
 
 def to_config(cfg: DictConfig) -> TrainConfig:
     """Merge onto the typed schema (unknown keys and wrong types fail here) and instantiate."""
+    _reject_unknown_keys(cfg, TrainConfig, "")
     merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
     return OmegaConf.to_object(merged)
+
+
+def _reject_unknown_keys(node, schema: type, prefix: str) -> None:
+    """A key the dataclass ``schema`` lacks (e.g. added with ``+optim.lrr=1``) is a typo:
+    ValueError naming it, instead of being dropped silently."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node:
+        if key == "hydra":
+            continue
+        if key not in fields:
+            raise ValueError(f"{prefix}{key} is not a setting: choose among "
+                             f"{', '.join(prefix + name for name in fields)}")
+        sub = typing.get_type_hints(schema).get(key)
+        if dataclasses.is_dataclass(sub) and OmegaConf.is_dict(node[key]):
+            _reject_unknown_keys(node[key], sub, f"{prefix}{key}.")
 
 
 class _Preemption:
@@ -61,7 +79,11 @@ def _resolve_run_dir(cfg: TrainConfig, mesh: Mesh) -> str:
 def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     if cfg.init_from is not None:
         from models.hf_io import load_hf_checkpoint
-        hf_cfg, state = load_hf_checkpoint(cfg.init_from)
+        try:
+            hf_cfg, state = load_hf_checkpoint(cfg.init_from)
+        except ValueError as e:
+            raise ValueError(f"init_from={cfg.init_from!r}: {e}, or set init_from=null to train "
+                             "from scratch") from None
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads"):
             if getattr(hf_cfg, name) != getattr(cfg.model, name):
                 raise ValueError(f"model.{name}={getattr(cfg.model, name)} differs from the checkpoint "
@@ -80,10 +102,12 @@ def train(cfg: TrainConfig) -> dict:
     preempt = _Preemption()                                  # first: a signal must never kill us
     rank, _, world = env_ranks()
     validate(cfg, world)                                     # before any collective can hang
-    mesh = init_mesh(cfg.parallel.cp.size, cfg.trainer.device)
+    strategies = cp_strategies(cfg)                          # {mixer kind: strategy}
+    sizes = [u for s in strategies.values() for u in s.subgroup_sizes(cfg.parallel.cp.size,
+                                                                       cfg.model.n_heads)]
+    mesh = init_mesh(cfg.parallel.cp.size, cfg.trainer.device, sizes)
     run_dir = _resolve_run_dir(cfg, mesh)
     t = cfg.trainer
-    strategies = build_strategies(cfg)
     train_loader, val_loader, tokenizer = build_loaders(cfg, mesh)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -103,7 +127,8 @@ def train(cfg: TrainConfig) -> dict:
     if mesh.is_main:
         tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * t.grad_accum * mesh.dp
         print(f"[longctx] run_dir={run_dir} world={world} dp={mesh.dp} cp={mesh.cp} "
-              f"strategy={strategies[0].name}/{strategies[1].name} layout={cfg.parallel.cp.layout} "
+              f"strategies={','.join(f'{k}:{s.name}' for k, s in strategies.items())} "
+              f"layout={cfg.parallel.cp.layout} "
               f"params={n_params / 1e6:.2f}M "
               f"tokens/step={tokens_per_step}" + (f" resumed from step {step}" if resume else ""))
     peak = device_peak_flops(mesh.device)
@@ -183,7 +208,10 @@ def _progress(t, step, mesh):
     return tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+register_schema()
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(to_config(cfg))

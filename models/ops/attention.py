@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 DEFAULT_BLOCK = 256
 
 
@@ -243,8 +244,3 @@ def attention_ref(q, k, v, mask: MaskSpec, scale: float | None = None):
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
-
-
-def doc_ids(cu_seqlens: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
-    """Document id of each flattened token index given start offsets ``cu_seqlens``."""
-    return torch.searchsorted(cu_seqlens.to(torch.int64), flat_index, right=True) - 1

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from models.ops.documents import cu_seqlens_from_doc_ids
+
 
 def available() -> bool:
     try:
@@ -35,12 +37,7 @@ def flash_attention(q, k, v, mask, scale):
     """(o [B, T, H, D], lse [B, H, T] fp32); differentiable in q, k, v via flash-attn."""
     from flash_attn import flash_attn_varlen_func
     b, t, h, d = q.shape
-    doc = mask.q_doc.to(q.device)                                     # [B, T]
-    flat = (doc + torch.arange(b, device=q.device)[:, None] * (doc.max() + 1)).flatten()
-    change = torch.ones_like(flat, dtype=torch.bool)
-    change[1:] = flat[1:] != flat[:-1]
-    starts = change.nonzero().flatten()
-    cu = torch.cat([starts, starts.new_tensor([b * t])]).to(torch.int32)
+    cu = cu_seqlens_from_doc_ids(mask.q_doc.to(q.device)).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
     if mask.window is None:
         window = (-1, -1)

@@ -1,11 +1,13 @@
-"""Context-parallel strategies: one module each, all behind ``Strategy``.
+"""Context-parallel strategies: one module each, one base per mixer kind (base.py).
 
-A new strategy is a new file that subclasses Strategy and decorates itself with
-``@register("name")``, plus its import below.
+A new strategy is a new file that subclasses its kind's base (``SoftmaxStrategy``,
+``LinearStrategy``) and decorates itself with ``@register("name")``, plus its import below.
 """
-from parallel.strategies.base import STRATEGIES, Strategy, build_strategy, register
-from parallel.strategies import local, allgather  # noqa: F401  (registration)
-from parallel.strategies import ring, ulysses, usp  # noqa: F401  (registration: softmax CP)
-from parallel.strategies import lasp1, lasp2  # noqa: F401  (registration: linear-attention CP)
+from parallel.strategies import allgather, local, ring, ulysses, usp  # noqa: F401  (softmax)
+from parallel.strategies import lasp1, lasp2  # noqa: F401  (linear attention)
+from parallel.strategies.base import (DEFAULTS, STRATEGIES, LayerShape, LinearStrategy,
+                                      SoftmaxStrategy, Strategy, build_strategies, build_strategy,
+                                      register, strategy_names)
 
-__all__ = ["STRATEGIES", "Strategy", "build_strategy", "register"]
+__all__ = ["DEFAULTS", "STRATEGIES", "LayerShape", "LinearStrategy", "SoftmaxStrategy", "Strategy",
+           "build_strategies", "build_strategy", "register", "strategy_names"]

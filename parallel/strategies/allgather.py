@@ -19,7 +19,7 @@ import torch
 
 from models.ops.attention import MaskSpec, attention
 from parallel import comm
-from parallel.strategies.base import Strategy, register
+from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
 
 
 class GatherSequence(torch.autograd.Function):
@@ -91,8 +91,8 @@ def need_matrix(ctx, causal: bool, window: int | None) -> list[list[bool]]:
     return need
 
 
-@register("allgather")
-class AllGatherKV(Strategy):
+@register("allgather", default=True)
+class AllGatherKV(SoftmaxStrategy):
     def __init__(self, gather: str = "needed"):
         if gather not in ("needed", "all"):
             raise ValueError(f"parallel.cp.allgather_mode={gather!r} is unknown: choose needed or all")
@@ -101,9 +101,7 @@ class AllGatherKV(Strategy):
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         kv = torch.stack([k, v])                                       # [2, B, C, Hkv, D]
         p, me = ctx.world_size, ctx.rank
-        if p == 1:
-            sources = [0]
-        elif self.gather == "all":
+        if self.gather == "all":
             sources = list(range(p))
             kv = GatherSequence.apply(kv, ctx.group, 2)                 # [2, B, P*C, Hkv, D]
         else:
@@ -115,7 +113,8 @@ class AllGatherKV(Strategy):
         mask = MaskSpec(ctx.local_index, kv_index, ctx.local_doc, ctx.doc_of(kv_index), causal, window)
         return attention(q, kv[0], kv[1], mask, scale, ctx.block)[0]
 
-    def forward_bytes(self, *, batch, seq_len, cp, n_kv_heads, head_dim, elem_bytes, n_heads=None) -> int:
+    def forward_bytes(self, shape: LayerShape) -> int:
         """The all-gather volume; ``gather="needed"`` receives at most this (exactly this on the
         rank whose queries see every chunk, e.g. rank 0 under zigzag + causal)."""
-        return (cp - 1) * 2 * batch * (seq_len // cp) * n_kv_heads * head_dim * elem_bytes
+        s = shape
+        return (s.cp - 1) * 2 * s.batch * (s.seq_len // s.cp) * s.n_kv_heads * s.head_dim * s.elem_bytes

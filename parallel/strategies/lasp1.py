@@ -18,27 +18,11 @@ Bytes received per rank per layer in forward: B*H*Dk*Dv*s on ranks 1..P-1, 0 on 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from models.ops.linear_attention import doc_linear_attention
 from parallel import comm
-from parallel.strategies.base import Strategy, register
-from parallel.strategies.lasp2 import (document_starts, intra_linear_attention, state_bytes,
-                                      state_term, summarize)
-
-
-def _p2p(group, send=None, dst=None, recv=None, src=None) -> None:
-    """Blocking send to / receive from group ranks, counted as "send_recv"."""
-    ops = []
-    if send is not None:
-        send = send.contiguous()
-        ops.append(dist.P2POp(dist.isend, send, dist.get_global_rank(group, dst), group))
-    if recv is not None:
-        ops.append(dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group))
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
-    size = lambda t: 0 if t is None else t.numel() * t.element_size()   # noqa: E731
-    comm.COUNTER.add("send_recv", size(send), size(recv))
+from parallel.strategies.base import LayerShape, LinearStrategy, register
+from parallel.strategies.lasp_common import (intra_linear_attention, state_bytes, state_term,
+                                             summarize)
 
 
 class RingStatePass(torch.autograd.Function):
@@ -48,10 +32,10 @@ class RingStatePass(torch.autograd.Function):
     def forward(ctx, m, big_g, has_start, first_is_start, group, rank, world):
         s_recv = torch.zeros_like(m)
         if rank > 0:
-            _p2p(group, recv=s_recv, src=rank - 1)
+            comm.p2p(group, recv=s_recv, src=rank - 1)
         carry = torch.exp(big_g)[..., None] * (~has_start)[:, None, None, None]  # [B,H,Dk,1]
         if rank < world - 1:
-            _p2p(group, send=carry * s_recv + m, dst=rank + 1)
+            comm.p2p(group, send=carry * s_recv + m, dst=rank + 1)
         keep = (~first_is_start)[:, None, None, None]
         ctx.save_for_backward(s_recv, carry, keep)
         ctx.group, ctx.rank, ctx.world = group, rank, world
@@ -62,15 +46,15 @@ class RingStatePass(torch.autograd.Function):
         s_recv, carry, keep = ctx.saved_tensors
         ds_out = torch.zeros_like(s_recv)
         if ctx.rank < ctx.world - 1:
-            _p2p(ctx.group, recv=ds_out, src=ctx.rank + 1)
+            comm.p2p(ctx.group, recv=ds_out, src=ctx.rank + 1)
         if ctx.rank > 0:
-            _p2p(ctx.group, send=ds_in * keep + carry * ds_out, dst=ctx.rank - 1)
+            comm.p2p(ctx.group, send=ds_in * keep + carry * ds_out, dst=ctx.rank - 1)
         d_g = (carry * s_recv * ds_out).sum(-1)                             # [B, H, Dk]
         return ds_out, d_g, None, None, None, None, None
 
 
 @register("lasp1")
-class LASP1(Strategy):
+class LASP1(LinearStrategy):
     """Linear attention under CP with the state passed along the ranks (P-1 sequential hops).
     recompute: as in LASP2."""
 
@@ -86,10 +70,7 @@ class LASP1(Strategy):
             raise ValueError(f"parallel.cp.layout={ctx.layout!r} is not supported by strategy "
                              f"'lasp1' (the state chain follows contiguous segments): set "
                              f"parallel.cp.layout=contiguous or use lasp2")
-        if ctx.world_size == 1:
-            return doc_linear_attention(q, k, v, ctx.local_doc.to(q.device), g, gk, scale,
-                                        chunk_size=chunk_size, impl=impl)
-        starts = document_starts(ctx).to(q.device)                          # [B, C]
+        starts = ctx.docs.starts.to(q.device)                               # [B, C]
         m, big_g, has = summarize(k, v, g, gk, starts, self.recompute)
         o = intra_linear_attention(q, k, v, g, gk, scale, starts, chunk_size, impl)
         s_in = RingStatePass.apply(m, big_g, has, starts[:, 0], ctx.group, ctx.rank,
@@ -97,9 +78,9 @@ class LASP1(Strategy):
         inter = state_term(q, s_in, g, gk, starts, scale, self.recompute)
         return (o.to(inter.dtype) + inter).to(o.dtype)
 
-    def forward_bytes(self, *, batch, seq_len, cp, n_heads, head_dim, elem_bytes, n_kv_heads=None,
-                      layout="contiguous", key_dim=None) -> int:
+    def forward_bytes(self, shape: LayerShape) -> int:
         """B*H*Dk*Dv*s, what ranks 1..P-1 receive (rank 0 receives nothing); 0 for P = 1."""
-        if cp == 1:
+        s = shape
+        if s.cp == 1:
             return 0
-        return batch * n_heads * (key_dim or head_dim) * head_dim * state_bytes(elem_bytes)
+        return s.batch * s.n_heads * (s.key_dim or s.head_dim) * s.head_dim * state_bytes(s.elem_bytes)

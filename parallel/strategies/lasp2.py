@@ -18,7 +18,7 @@ ranks 0..P-1, P..2P-1 the second halves of ranks P-1..0.
 
 Forward on rank r:
   1. ``segment_state`` of each local segment -> packed; the all-gather of packed is issued
-     asynchronously (bytes counted in ``parallel.comm.COUNTER`` as "all_gather");
+     asynchronously through ``parallel.comm.all_gather_async`` (counted as "all_gather");
   2. meanwhile, the intra-segment part: the chunked op on the local tokens with zero incoming
      state, with a reset at every local segment start (so the second zigzag segment does not
      see the first directly: it sees it through the scan, decayed across the chunks between);
@@ -40,79 +40,12 @@ Bytes one rank receives per layer in forward (and again in backward's reduce-sca
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
-from models.ops.linear_attention import (chunk_linear_attention, cu_seqlens_from_starts,
-                                         doc_linear_attention, recurrent_linear_attention_ref,
-                                         scan_segment_states, segment_output_from_state,
-                                         segment_state)
-from models.ops.linear_attention.interface import IMPLS
+from models.ops.linear_attention import scan_segment_states
 from parallel import comm
-from parallel.strategies.base import Strategy, register
-
-
-# ----------------------------------------------------------------------------- shared helpers
-def document_starts(ctx) -> torch.Tensor:
-    """[B, C] bool: local tokens that start a document, judged at their *global* positions."""
-    idx = ctx.local_index
-    prev = ctx.doc_of((idx - 1).clamp(min=0))
-    return (idx == 0)[None, :] | (ctx.local_doc != prev)
-
-
-def local_segments(ctx) -> list[tuple[int, slice]]:
-    """(global segment id, local token slice) of each local segment, in local order."""
-    c = ctx.local_index.numel()
-    if ctx.layout == "contiguous":
-        return [(ctx.rank, slice(0, c))]
-    return [(ctx.rank, slice(0, c // 2)), (2 * ctx.world_size - 1 - ctx.rank, slice(c // 2, c))]
-
-
-def segment_owner(seg: int, world: int, layout: str) -> tuple[int, int]:
-    """(rank, local segment index) holding global segment ``seg``."""
-    if layout == "contiguous" or seg < world:
-        return seg, 0
-    return 2 * world - 1 - seg, 1
-
-
-def cut(x, sl: slice):
-    """x[:, sl] for an optional [B, T, ...] tensor."""
-    return None if x is None else x[:, sl]
-
-
-def intra_linear_attention(q, k, v, g, gk, scale, resets, chunk_size, impl):
-    """Local linear attention with zero incoming state and a fresh state at every ``resets``
-    token (resets [B, C] bool; token 0 always restarts). -> o [B, C, H, Dv]."""
-    if impl not in IMPLS:
-        raise ValueError(f"linear_impl={impl!r}: choose one of {IMPLS}")
-    cu = cu_seqlens_from_starts(resets.to(q.device))
-    if impl == "naive":
-        return recurrent_linear_attention_ref(q, k, v, g, gk, scale, cu_seqlens=cu)[0]
-    backend = "auto" if impl == "auto" else "torch"
-    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size,
-                                  backend=backend)[0]
-
-
-def summarize(k, v, g, gk, starts, recompute: bool):
-    """``segment_state`` (M, G, has_start); with ``recompute`` its intermediates are not kept
-    for backward (recomputed from the inputs, which the intra op keeps anyway)."""
-    if not recompute:
-        return segment_state(k, v, g, gk, starts)
-    return checkpoint(segment_state, k, v, g, gk, starts, use_reentrant=False,
-                      preserve_rng_state=False)
-
-
-def state_term(q, s_in, g, gk, starts, scale, recompute: bool):
-    """``segment_output_from_state`` [B, T, H, Dv] fp32/fp64, optionally recomputed."""
-    if not recompute:
-        return segment_output_from_state(q, s_in, g, gk, starts, scale)
-    return checkpoint(segment_output_from_state, q, s_in, g, gk, starts, scale,
-                      use_reentrant=False, preserve_rng_state=False)
-
-
-def state_bytes(elem_bytes: int) -> int:
-    """States are fp64 for fp64 inputs, fp32 otherwise."""
-    return 8 if elem_bytes == 8 else 4
+from parallel.strategies.base import LayerShape, LinearStrategy, register
+from parallel.strategies.lasp_common import (cut, intra_linear_attention, local_segments,
+                                             segment_owner, state_bytes, state_term, summarize)
 
 
 # ----------------------------------------------------------------------------- the collective
@@ -130,24 +63,8 @@ def _unpack(x, b, h, dk, dv):
             first > 0.5)
 
 
-class PendingGather:
-    """An all-gather of x (same shape on every rank) in flight; ``wait()`` -> [P, *x.shape]."""
-
-    def __init__(self, x: torch.Tensor, group):
-        p = dist.get_world_size(group)
-        x = x.contiguous()
-        self.bufs = [torch.empty_like(x) for _ in range(p)]
-        self.work = dist.all_gather(self.bufs, x, group=group, async_op=True)
-        nbytes = (p - 1) * x.numel() * x.element_size()
-        comm.COUNTER.add("all_gather", nbytes, nbytes)
-
-    def wait(self) -> torch.Tensor:
-        self.work.wait()
-        return torch.stack(self.bufs)
-
-
 class GatherSummaries(torch.autograd.Function):
-    """packed [S, n] on this rank -> gathered [P, S, n], from a ``PendingGather`` of
+    """packed [S, n] on this rank -> gathered [P, S, n], from a ``comm.all_gather_async`` of
     packed.detach() already in flight. Backward: one reduce-scatter of d(gathered)."""
 
     @staticmethod
@@ -161,8 +78,8 @@ class GatherSummaries(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- strategy
-@register("lasp2")
-class LASP2(Strategy):
+@register("lasp2", default=True)
+class LASP2(LinearStrategy):
     """Linear attention under CP with one all-gather of segment states per layer (LASP-2);
     any layout. Softmax attention is not provided (pair it with allgather: LASP-2H).
 
@@ -179,12 +96,9 @@ class LASP2(Strategy):
                          impl="auto"):
         """q, k [B, C, H, Dk], v [B, C, H, Dv], g [B, C, H], gk [B, C, H, Dk] -> o [B, C, H, Dv],
         exact against the single-device op on the whole row."""
-        if ctx.world_size == 1:
-            return doc_linear_attention(q, k, v, ctx.local_doc.to(q.device), g, gk, scale,
-                                        chunk_size=chunk_size, impl=impl)
         b, _, h, dk = q.shape
         dv = v.shape[-1]
-        starts = document_starts(ctx).to(q.device)                          # [B, C]
+        starts = ctx.docs.starts.to(q.device)                               # [B, C]
         segs = local_segments(ctx)
 
         # 1. segment summaries -> all-gather in flight
@@ -194,7 +108,7 @@ class LASP2(Strategy):
                                       starts[:, sl], self.recompute)
             packed.append(_pack(m, big_g, has, starts[:, sl.start]))
         packed = torch.stack(packed)                                        # [S, n]
-        pending = PendingGather(packed.detach(), ctx.group)
+        pending = comm.all_gather_async(packed.detach(), ctx.group)
 
         # 2. intra-segment part, overlapped with the gather
         resets = starts.clone()
@@ -217,11 +131,11 @@ class LASP2(Strategy):
             out.append((o[:, sl].to(inter.dtype) + inter).to(o.dtype))
         return torch.cat(out, dim=1)
 
-    def forward_bytes(self, *, batch, seq_len, cp, n_heads, head_dim, elem_bytes, n_kv_heads=None,
-                      layout="contiguous", key_dim=None) -> int:
+    def forward_bytes(self, shape: LayerShape) -> int:
         """(P-1) * S * (B*H*Dk*Dv + B*H*Dk + 2*B) * s (module docstring); H = n_heads (linear
         mixers have no GQA), Dv = head_dim, Dk = key_dim or head_dim. Flat in seq_len."""
-        dk = key_dim or head_dim
-        segments = 2 if layout == "zigzag" else 1
-        per_segment = batch * n_heads * dk * head_dim + batch * n_heads * dk + 2 * batch
-        return (cp - 1) * segments * per_segment * state_bytes(elem_bytes)
+        s = shape
+        dk = s.key_dim or s.head_dim
+        segments = 2 if s.layout == "zigzag" else 1
+        per_segment = s.batch * s.n_heads * dk * s.head_dim + s.batch * s.n_heads * dk + 2 * s.batch
+        return (s.cp - 1) * segments * per_segment * state_bytes(s.elem_bytes)

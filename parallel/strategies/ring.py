@@ -34,7 +34,7 @@ import torch
 
 from models.ops.attention import MaskSpec, attention_backward, attention_forward, may_attend
 from parallel import comm
-from parallel.strategies.base import Strategy, register
+from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
 
 
 @dataclass
@@ -159,12 +159,13 @@ def ring_attention(q, k, v, spec: RingSpec) -> torch.Tensor:
 
 
 @register("ring")
-class Ring(Strategy):
+class Ring(SoftmaxStrategy):
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         index = [ctx.index_of(r) for r in range(ctx.world_size)]
         spec = RingSpec(ctx.group, ctx.rank, ctx.world_size, index, [ctx.doc_of(i) for i in index],
                         causal, window, scale, ctx.block)
         return ring_attention(q, k, v, spec)
 
-    def forward_bytes(self, *, batch, seq_len, cp, n_kv_heads, head_dim, elem_bytes, n_heads=None) -> int:
-        return (cp - 1) * 2 * batch * (seq_len // cp) * n_kv_heads * head_dim * elem_bytes
+    def forward_bytes(self, shape: LayerShape) -> int:
+        s = shape
+        return (s.cp - 1) * 2 * s.batch * (s.seq_len // s.cp) * s.n_kv_heads * s.head_dim * s.elem_bytes

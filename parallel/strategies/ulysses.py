@@ -24,7 +24,7 @@ import torch
 
 from models.ops.attention import MaskSpec, attention
 from parallel import comm
-from parallel.strategies.base import Strategy, register
+from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
@@ -120,16 +120,13 @@ def check_heads(name: str, n_heads: int, n_kv_heads: int, size: int, setting: st
 
 
 @register("ulysses")
-class Ulysses(Strategy):
+class Ulysses(SoftmaxStrategy):
     def check(self, *, n_heads, n_kv_heads, cp, **kw):
         super().check(n_heads=n_heads, n_kv_heads=n_kv_heads, cp=cp, **kw)
         check_heads("ulysses", n_heads, n_kv_heads, cp, "parallel.cp.size")
 
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         p = ctx.world_size
-        if p == 1:
-            mask = MaskSpec(ctx.local_index, ctx.local_index, ctx.local_doc, ctx.local_doc, causal, window)
-            return attention(q, k, v, mask, scale, ctx.block)[0]
         check_heads("ulysses", q.shape[2], k.shape[2], p, "parallel.cp.size")
         order, pos = row_order([ctx.index_of(r) for r in range(p)])
         doc = ctx.doc_of(pos)
@@ -142,6 +139,7 @@ class Ulysses(Strategy):
         """Every rank attends with all N queries for H / P heads."""
         return torch.arange(ctx.seq_len), 1.0 / ctx.world_size
 
-    def forward_bytes(self, *, batch, seq_len, cp, n_kv_heads, head_dim, elem_bytes, n_heads) -> int:
-        c, hkv = seq_len // cp, kv_heads_for(n_heads, n_kv_heads, cp)
-        return (cp - 1) * batch * c * 2 * (n_heads + hkv) * head_dim * elem_bytes // cp
+    def forward_bytes(self, shape: LayerShape) -> int:
+        s = shape
+        c, hkv = s.seq_len // s.cp, kv_heads_for(s.n_heads, s.n_kv_heads, s.cp)
+        return (s.cp - 1) * s.batch * c * 2 * (s.n_heads + hkv) * s.head_dim * s.elem_bytes // s.cp

@@ -22,75 +22,21 @@ all-to-alls plus (r-1) * 2 * B*C*Hkv'*D*e for the ring.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from models.ops.attention import MaskSpec, attention
-from parallel.strategies.base import Strategy, register
+from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
 from parallel.strategies.ring import RingSpec, ring_attention
 from parallel.strategies.ulysses import HeadToSeq, check_heads, kv_heads_for, row_order, scatter_heads
 
 
-@dataclass
-class SubMesh:
-    """This rank's two sub-groups of one CP group. Member lists hold CP ranks in sub-group
-    rank order (``new_group`` sorts by global rank)."""
-
-    ulysses_group: object | None
-    ulysses_members: list[int]          # my U_g
-    ring_group: object | None
-    ring_members: list[list[int]]       # for each member of my R_j: the members of its U_g
-    ring_rank: int
-
-
-def _all_cp_groups(global_ranks: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Global ranks of every CP group in the world (one gather, only when dp > 1)."""
-    world = dist.get_world_size()
-    if len(global_ranks) == world:
-        return [global_ranks]
-    every = [None] * world
-    dist.all_gather_object(every, global_ranks)
-    return sorted(set(every))
-
-
-def build_submesh(group, cp: int, u: int) -> SubMesh:
-    """Create the sub-groups with ``dist.new_group``, identically and in the same order on
-    every rank of the world (all CP groups' sub-groups, members or not); keep ours.
-    A sub-group that is the whole CP group reuses ``group``; one of size 1 is None."""
-    mine = tuple(dist.get_process_group_ranks(group))
-    me = mine.index(dist.get_rank())
-    r = cp // u
-    result = None
-    for granks in _all_cp_groups(mine):
-        def members(cps, granks=granks):    # CP ranks in their sub-group's rank order
-            cps = list(cps)
-            return cps if len(cps) == cp else sorted(cps, key=lambda c: granks[c])
-
-        def make(cps, granks=granks):
-            if len(cps) == 1 or len(cps) == cp:
-                return group if len(cps) == cp and granks == mine else None
-            return dist.new_group([granks[c] for c in cps])
-
-        uly = [members(range(g * u, (g + 1) * u)) for g in range(r)]
-        rings = [members(uly[g][j] for g in range(r)) for j in range(u)]
-        uly_groups, ring_groups = [make(m) for m in uly], [make(m) for m in rings]
-        if granks == mine:
-            j = next(i for i, m in enumerate(rings) if me in m)
-            result = SubMesh(uly_groups[me // u], uly[me // u], ring_groups[j],
-                             [uly[c // u] for c in rings[j]], rings[j].index(me))
-    return result
-
-
 @register("usp")
-class USP(Strategy):
+class USP(SoftmaxStrategy):
     ulysses_size: int | None = None
 
     def __init__(self, ulysses_size: int | None = None):
         if ulysses_size is not None:
             self.ulysses_size = ulysses_size
-        self._submeshes: dict = {}      # (CP group ranks, u) -> SubMesh
 
     def degree(self, cp: int, n_heads: int) -> int:
         return self.ulysses_size if self.ulysses_size is not None else math.gcd(cp, n_heads)
@@ -103,20 +49,20 @@ class USP(Strategy):
                              f"for usp: choose a divisor of {cp} (the ring degree is cp / ulysses_size)")
         check_heads("usp", n_heads, n_kv_heads, u, "parallel.cp.ulysses_size")
 
-    def submesh(self, group, cp: int, u: int) -> SubMesh:
-        key = (tuple(dist.get_process_group_ranks(group)), u)
-        if key not in self._submeshes:
-            self._submeshes[key] = build_submesh(group, cp, u)
-        return self._submeshes[key]
+    def subgroup_sizes(self, cp: int, n_heads: int) -> list[int]:
+        """The Ulysses degree u: parallel.mesh builds the u-rank Ulysses groups and the
+        (cp / u)-rank ring groups at start-up."""
+        return [self.degree(cp, n_heads)]
 
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         p = ctx.world_size
-        if p == 1:
-            mask = MaskSpec(ctx.local_index, ctx.local_index, ctx.local_doc, ctx.local_doc, causal, window)
-            return attention(q, k, v, mask, scale, ctx.block)[0]
         self.check(n_heads=q.shape[2], n_kv_heads=k.shape[2], cp=p, seq_len=ctx.seq_len, layout=ctx.layout)
         u = self.degree(p, q.shape[2])
-        mesh = self.submesh(ctx.group, p, u)
+        mesh = ctx.subgroups.get(u)
+        if mesh is None:
+            raise ValueError(f"usp needs the Ulysses/ring sub-groups of degree {u}, which were not "
+                             "built at start-up: build them with parallel.mesh.build_subgroups "
+                             "(init_mesh does it for the configured strategies)")
 
         def tokens(members):            # (order, row positions) of one U_g's gathered tokens
             return row_order([ctx.index_of(c) for c in members])
@@ -135,9 +81,10 @@ class USP(Strategy):
         g = ctx.rank // u
         return torch.cat([ctx.index_of(c) for c in range(g * u, (g + 1) * u)]), 1.0 / u
 
-    def forward_bytes(self, *, batch, seq_len, cp, n_kv_heads, head_dim, elem_bytes, n_heads) -> int:
-        u = self.degree(cp, n_heads)
-        c, hkv = seq_len // cp, kv_heads_for(n_heads, n_kv_heads, u)
-        uly = (u - 1) * batch * c * 2 * (n_heads + hkv) * head_dim * elem_bytes // u
-        ring = (cp // u - 1) * 2 * batch * c * hkv * head_dim * elem_bytes
+    def forward_bytes(self, shape: LayerShape) -> int:
+        s = shape
+        u = self.degree(s.cp, s.n_heads)
+        c, hkv = s.seq_len // s.cp, kv_heads_for(s.n_heads, s.n_kv_heads, u)
+        uly = (u - 1) * s.batch * c * 2 * (s.n_heads + hkv) * s.head_dim * s.elem_bytes // u
+        ring = (s.cp // u - 1) * 2 * s.batch * c * hkv * s.head_dim * s.elem_bytes
         return uly + ring

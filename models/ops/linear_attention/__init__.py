@@ -5,7 +5,8 @@
     chunk.segment_state / scan_segment_states / segment_output_from_state
                                            the pieces a LASP-2 strategy needs
     fla_backend                            fla Triton kernels on CUDA when importable
-    interface.doc_linear_attention         the entry point for mixers / contexts (doc ids [B, T])
+    interface.linear_attention             the entry point for mixers / contexts (cu_seqlens)
+Document boundaries come as ``cu_seqlens`` (models/ops/documents.py converts every other form).
 
 LASP-2 on rank r (contiguous segment, global doc starts ``starts`` [B, C] incl. token 0):
     M, G, f = segment_state(k, v, g, gk, starts)             # all-gather (M, G, f, starts[:, 0])
@@ -19,14 +20,11 @@ from models.ops.linear_attention.chunk import (ChunkLinearAttentionFunction, chu
                                                linear_attention_bwd, linear_attention_fwd,
                                                scan_segment_states, segment_output_from_state,
                                                segment_state)
-from models.ops.linear_attention.interface import doc_linear_attention
+from models.ops.linear_attention.interface import IMPLS, check_impl, linear_attention
 from models.ops.linear_attention.naive import recurrent_linear_attention_ref
-from models.ops.linear_attention.segments import (cu_seqlens_from_doc_ids, cu_seqlens_from_starts,
-                                                  resets_from_cu_seqlens, starts_from_cu_seqlens)
 
 __all__ = [
-    "ChunkLinearAttentionFunction", "chunk_linear_attention", "doc_linear_attention",
-    "linear_attention_fwd", "linear_attention_bwd", "segment_state", "scan_segment_states", "segment_output_from_state",
-    "recurrent_linear_attention_ref", "cu_seqlens_from_doc_ids", "cu_seqlens_from_starts",
-    "resets_from_cu_seqlens", "starts_from_cu_seqlens",
+    "IMPLS", "ChunkLinearAttentionFunction", "check_impl", "chunk_linear_attention",
+    "linear_attention", "linear_attention_fwd", "linear_attention_bwd", "segment_state",
+    "scan_segment_states", "segment_output_from_state", "recurrent_linear_attention_ref",
 ]

@@ -1,6 +1,7 @@
-"""One entry point for mixers and contexts: linear attention over tokens labelled by document id.
+"""One entry point for mixers and contexts: linear attention over packed documents.
 
-    q, k [B, T, H, Dk], v [B, T, H, Dv], g [B, T, H], gk [B, T, H, Dk], doc [B, T]
+    q, k [B, T, H, Dk], v [B, T, H, Dv], g [B, T, H], gk [B, T, H, Dk],
+    cu_seqlens [n_docs + 1] (document starts over the flattened [B * T] batch; None: one per row)
     -> o [B, T, H, Dv]
 impl: "auto" (fla's Triton kernels for CUDA tensors when fla is importable, else the chunked
 torch op), "chunk" (always the torch op), "naive" (token-by-token reference, for tests).
@@ -11,17 +12,21 @@ import torch
 
 from models.ops.linear_attention.chunk import chunk_linear_attention
 from models.ops.linear_attention.naive import recurrent_linear_attention_ref
-from models.ops.linear_attention.segments import cu_seqlens_from_doc_ids
 
 IMPLS = ("auto", "chunk", "naive")
 
 
-def doc_linear_attention(q, k, v, doc: torch.Tensor, g=None, gk=None, scale: float = 1.0, *,
-                         chunk_size: int = 64, impl: str = "auto") -> torch.Tensor:
-    """The state restarts wherever the document id changes and at every row start."""
+def check_impl(impl: str) -> None:
     if impl not in IMPLS:
-        raise ValueError(f"linear_impl={impl!r}: choose one of {IMPLS}")
-    cu = cu_seqlens_from_doc_ids(doc).to(q.device)
+        raise ValueError(f"model.linear_impl={impl!r} is unknown: choose one of {IMPLS}")
+
+
+def linear_attention(q, k, v, g=None, gk=None, scale: float = 1.0, *,
+                     cu_seqlens: torch.Tensor | None = None, chunk_size: int = 64,
+                     impl: str = "auto") -> torch.Tensor:
+    """The state restarts at every document start of ``cu_seqlens`` and at every row start."""
+    check_impl(impl)
+    cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
     if impl == "naive":
         return recurrent_linear_attention_ref(q, k, v, g, gk, scale, cu_seqlens=cu)[0]
     backend = "auto" if impl == "auto" else "torch"

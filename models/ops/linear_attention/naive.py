@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from models.ops.linear_attention.segments import resets_from_cu_seqlens
+from models.ops.documents import resets_from_cu_seqlens
 
 
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
