@@ -10,8 +10,8 @@ of output and gradients against the single-rank kernel, and compute balance (max
 ranks of unmasked query-key pairs). Writes ``cp.csv`` and ``cp.png`` into --out.
 
 Peak memory: on CUDA, ``max_memory_allocated``; on CPU (no allocator statistics) the bytes of
-tensors the layer keeps for backward plus its communication buffers, measured with
-saved-tensor hooks: the part of memory the strategies differ in.
+the tensors the layer keeps for backward, each storage counted once (bench/runner.py): the part
+of memory the strategies differ in.
 Peers: yunchang's Ulysses and ring forward (its torch attention type, contiguous shards)
 run in the same invocation when installed (``pip install --no-deps yunchang``), marked
 ``peer:``; its CPU path has no backward, so the time is forward only, and its error shows
@@ -20,7 +20,6 @@ whether its merges are right.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import time
@@ -28,14 +27,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from models.ops.attention import MaskSpec, attention, doc_ids
-from parallel import comm
+from bench.runner import cached_reference, device_for, gather_stats, measure_cell, plot_axes, run_worlds, write_outputs
+from models.ops.attention import MaskSpec, attention
+from models.ops.documents import doc_ids
 from parallel.context import CPContext
-from parallel.spawn import run_distributed
-from parallel.strategies import STRATEGIES, Strategy, build_strategy
-
-COLUMNS = ["strategy", "world_size", "seq_len", "mask", "fwd_bwd_ms", "bytes_per_rank",
-           "bytes_formula", "peak_mem_mb", "max_err", "balance"]
+from parallel.mesh import build_subgroups
+from parallel.strategies import LayerShape, build_strategy, strategy_names
 
 
 def make_inputs(n, h, hkv, d, mask, seed=0, dtype=torch.float32):
@@ -62,58 +59,18 @@ def pairs_per_query(pos, cu, window):
     return seen.clamp(max=window) if window else seen
 
 
-def _saved_bytes():
-    box = {"bytes": 0}
-
-    def pack(t):
-        box["bytes"] += t.numel() * t.element_size()
-        return t
-    return box, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-
-
-def timed_repeats(step, leaves, repeats, device, world):
-    """Warm up once, then time ``step()`` (forward + backward) ``repeats`` times, clearing
-    the gradients of ``leaves`` before each run. Returns (seconds list, last output)."""
-    step()
-    times = []
-    for _ in range(repeats):
-        for t in leaves:
-            t.grad = None
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
-        o = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times, o
-
-
 def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, repeats, device):
-    group = dist.group.WORLD
-    ctx = CPContext(strategy, group if world > 1 else None, rank, world, layout, q.shape[1], 1, cu, block)
+    group = dist.group.WORLD if world > 1 else None
+    sizes = strategy.subgroup_sizes(world, q.shape[2]) if world > 1 else []
+    subgroups = build_subgroups(group, world, sizes) if sizes else {}
+    ctx = CPContext(strategy, group, rank, world, layout, q.shape[1], 1, cu, block, subgroups)
     idx = ctx.local_index
-    ql, kl, vl = (t[:, idx].to(device).requires_grad_() for t in (q, k, v))
-    dol = do[:, idx].to(device)
-
-    def step():
-        o = ctx.attention(ql, kl, vl, causal=True, window=window)
-        torch.autograd.backward(o, dol)
-        return o
-    times, o = timed_repeats(step, (ql, kl, vl), repeats, device, world)
-    comm.COUNTER.reset()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    box, hooks = _saved_bytes()
-    with hooks:
-        o2 = ctx.attention(ql, kl, vl, causal=True, window=window)
-    received = comm.COUNTER.total_received
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else box["bytes"]
-    del o2
-    got = [o.detach(), ql.grad, kl.grad, vl.grad]
+    inputs = {n: t[:, idx].to(device).requires_grad_() for n, t in zip("qkv", (q, k, v))}
+    t, received, peak, got = measure_cell(ctx, "softmax", inputs, dict(causal=True, window=window),
+                                          do[:, idx].to(device), repeats, device)
     qi, frac = strategy.work_queries(ctx, q.shape[2])
     work = float(pairs_per_query(qi, cu, window).sum()) * frac
-    return statistics.median(times), received, peak, got, idx, work
+    return t, received, peak, got, idx, work
 
 
 def _reference(q, k, v, do, cu, window, block):
@@ -151,18 +108,13 @@ def _yunchang_forward(q, k, v, world, rank, idx, repeats, ulysses, ring):
 
 def bench_rank(rank, world, args):
     torch.set_num_threads(max(1, args.threads // world))
-    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = device_for(rank)
     rows = []
     for n in args.seq_lens:
         for mask in args.masks:
             q, k, v, do, cu, window = make_inputs(n, args.heads, args.kv_heads, args.head_dim, mask)
-            ref_path = os.path.join(args.out, f"ref_{n}_{mask}.pt")
-            if world == 1 or not os.path.exists(ref_path):
-                ref = _reference(q, k, v, do, cu, window, args.block)
-                if rank == 0 and world == 1:
-                    torch.save(ref, ref_path)
-            else:
-                ref = torch.load(ref_path)
+            ref = cached_reference(os.path.join(args.out, f"ref_{n}_{mask}.pt"), world, rank,
+                                   _reference, q, k, v, do, cu, window, args.block)
             for name in args.strategies:
                 strat = build_strategy(name)
                 try:
@@ -173,12 +125,10 @@ def bench_rank(rank, world, args):
                 t, recv, peak, got, idx, work = _run_cell(strat, q, k, v, do, cu, window, rank, world,
                                                           args.layout, args.block, args.repeats, device)
                 err = max((g.float().cpu() - r[:, idx]).abs().max().item() for g, r in zip(got, ref))
-                stats = torch.tensor([t, recv, peak, err, work, work], dtype=torch.float64)
-                all_stats = [torch.zeros_like(stats) for _ in range(world)]
-                dist.all_gather(all_stats, stats)
-                s = torch.stack(all_stats)
-                formula = strat.forward_bytes(batch=1, seq_len=n, cp=world, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                                              head_dim=args.head_dim, elem_bytes=q.element_size())
+                s = gather_stats(torch.tensor([t, recv, peak, err, work], dtype=torch.float64), world)
+                formula = strat.forward_bytes(LayerShape(batch=1, seq_len=n, cp=world, n_heads=args.heads,
+                                                         n_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                                                         elem_bytes=q.element_size(), layout=args.layout))
                 rows.append(dict(strategy=name, world_size=world, seq_len=n, mask=mask,
                                  fwd_bwd_ms=round(s[:, 0].max().item() * 1e3, 2),
                                  bytes_per_rank=int(s[:, 1].max().item()), bytes_formula=int(formula),
@@ -209,11 +159,8 @@ def bench_rank(rank, world, args):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     masks = sorted({r["mask"] for r in rows})
-    fig, axes = plt.subplots(2, len(masks), figsize=(5 * len(masks), 8), squeeze=False)
+    fig, axes = plot_axes(len(masks))
     for j, mask in enumerate(masks):
         for name in sorted({r["strategy"] for r in rows}):
             sel = [r for r in rows if r["strategy"] == name and r["mask"] == mask and r["world_size"] > 1]
@@ -251,22 +198,8 @@ def main(argv=None):
     p.add_argument("--no-peers", dest="peers", action="store_false")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
-    args.strategies = args.strategies or [s for s, cls in sorted(STRATEGIES.items())   # softmax ones
-                                          if s != "local" and cls.attention is not Strategy.attention]
-    os.makedirs(args.out, exist_ok=True)
-    rows = []
-    for world in sorted(args.world_sizes):
-        rows += run_distributed(bench_rank, world, args, timeout=3600)[0]
-    with open(os.path.join(args.out, "cp.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    plot(rows, os.path.join(args.out, "cp.png"))
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
-    print(" ".join(c.ljust(widths[c]) for c in COLUMNS))
-    for r in rows:
-        print(" ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS))
-    print(f"wrote {args.out}/cp.csv and {args.out}/cp.png")
+    args.strategies = args.strategies or [s for s in strategy_names("softmax") if s != "local"]
+    write_outputs(run_worlds(bench_rank, args.world_sizes, args), args.out, "cp", plot)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m bench.linear_cp                           # CPU defaults: world 1 2 4, N 2048 8192
     python -m bench.linear_cp --world-sizes 2 4 --seq-lens 8192 32768 --decay key
 
-Same conventions and CSV columns as bench/cp.py (whose helpers it imports): each cell runs as
+Same conventions and CSV columns as bench/cp.py (both run on bench/runner.py): each cell runs as
 real processes (gloo on CPU, NCCL on CUDA) and reports forward+backward time of one layer
 (median of repeats, slowest rank), bytes received per rank in the forward measured by
 parallel.comm (max over ranks) and by the strategy's formula, peak memory per rank (CUDA:
@@ -22,25 +22,19 @@ bytes against N for the largest world size) into --out.
 from __future__ import annotations
 
 import argparse
-import csv
-import inspect
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bench.cp import COLUMNS, _reference as softmax_reference, make_inputs, pairs_per_query, timed_repeats
-from models.ops.attention import doc_ids
-from models.ops.linear_attention import doc_linear_attention
-from parallel import comm
+from bench.cp import _reference as softmax_reference
+from bench.cp import make_inputs, pairs_per_query
+from bench.runner import cached_reference, device_for, gather_stats, measure_cell, plot_axes, run_worlds, write_outputs
+from models.ops.documents import cu_seqlens_from_doc_ids, doc_ids
+from models.ops.linear_attention import linear_attention
 from parallel.context import CPContext
-from parallel.spawn import run_distributed
-from parallel.strategies import build_strategy
-
-LINEAR = ("lasp2", "lasp1")
+from parallel.strategies import STRATEGIES, LayerShape, build_strategy
 
 
 def make_decay(n, h, d, decay, seed=1):
@@ -51,92 +45,49 @@ def make_decay(n, h, d, decay, seed=1):
     return (gate, None) if decay == "scalar" else (None, gate)
 
 
-def _saved_storage_bytes():
-    """bench/cp.py's saved-tensor measure, counting each storage once: the LASP pieces save
-    views of the layer inputs (zigzag halves, recompute checkpoints) that hold no new memory."""
-    box, seen = {"bytes": 0}, set()
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            box["bytes"] += storage.nbytes()
-        return t
-    return box, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-
-
 def linear_reference(q, k, v, g, gk, do, cu, chunk):
     """Single-rank op on the whole row: [o, dq, dk, dv, dg or dgk]."""
     n = q.shape[1]
     doc = doc_ids(cu, torch.arange(n))[None]
     inputs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, g, gk)]
-    o = doc_linear_attention(*inputs[:3], doc, inputs[3], inputs[4], q.shape[-1] ** -0.5,
-                             chunk_size=chunk, impl="chunk")
+    o = linear_attention(*inputs, q.shape[-1] ** -0.5, cu_seqlens=cu_seqlens_from_doc_ids(doc),
+                         chunk_size=chunk, impl="chunk")
     torch.autograd.backward(o, do)
     return [o.detach()] + [t.grad for t in inputs if t is not None]
 
 
-def _run_cell(name, strat, layout, tensors, cu, rank, world, args, device):
+def _run_cell(strat, layout, tensors, cu, rank, world, args, device):
     q, k, v, g, gk, do = tensors
     ctx = CPContext(strat, dist.group.WORLD if world > 1 else None, rank, world, layout,
                     q.shape[1], 1, cu, args.block)
     idx = ctx.local_index
-    ql, kl, vl, gl, gkl = (None if t is None else t[:, idx].to(device).requires_grad_()
-                           for t in (q, k, v, g, gk))
-    live = [t for t in (ql, kl, vl, gl, gkl) if t is not None]             # grads in this order
-    dol = do[:, idx].to(device)
-    scale = q.shape[-1] ** -0.5
-
-    def forward():
-        if name in LINEAR:
-            return ctx.linear_attention(ql, kl, vl, g=gl, gk=gkl, scale=scale,
-                                        chunk_size=args.chunk_size, impl="chunk")
-        return ctx.attention(ql, kl, vl, causal=True, window=None, scale=scale)
-
-    def step():
-        o = forward()
-        torch.autograd.backward(o, dol)
-        return o
-    times, o = timed_repeats(step, live, args.repeats, device, world)
-    comm.COUNTER.reset()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    box, hooks = _saved_storage_bytes()
-    with hooks:
-        o2 = forward()
-    received = comm.COUNTER.total_received
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else box["bytes"]
-    del o2
-    got = [o.detach()] + [t.grad for t in live]
-    if name in LINEAR:
+    local = [None if t is None else t[:, idx].to(device).requires_grad_() for t in (q, k, v, g, gk)]
+    inputs = dict(zip(("q", "k", "v"), local[:3]))
+    options = dict(scale=q.shape[-1] ** -0.5)
+    if strat.kind == "linear":
+        inputs.update(g=local[3], gk=local[4])
+        options.update(chunk_size=args.chunk_size, impl="chunk")
+    else:
+        options.update(causal=True, window=None)
+    t, received, peak, got = measure_cell(ctx, strat.kind, inputs, options, do[:, idx].to(device),
+                                          args.repeats, device)
+    if strat.kind == "linear":
         work = float(len(idx))
     else:
         qi, frac = strat.work_queries(ctx, q.shape[2])
         work = float(pairs_per_query(qi, cu, None).sum()) * frac
-    return statistics.median(times), received, peak, got, idx, work
+    return t, received, peak, got, idx, work
 
 
 def _formula(strat, layout, n, world, args):
-    kw = dict(batch=1, seq_len=n, cp=world, n_heads=args.heads, n_kv_heads=args.heads,
-              head_dim=args.head_dim, elem_bytes=4)
-    if "layout" in inspect.signature(strat.forward_bytes).parameters:
-        kw["layout"] = layout
-    return strat.forward_bytes(**kw)
-
-
-def _cached(path, world, rank, compute):
-    """The single-rank reference, computed at world 1 and reused by the larger worlds."""
-    if world > 1 and os.path.exists(path):
-        return torch.load(path)
-    ref = compute()
-    if world == 1 and rank == 0:
-        torch.save(ref, path)
-    return ref
+    return strat.forward_bytes(LayerShape(batch=1, seq_len=n, cp=world, n_heads=args.heads,
+                                          n_kv_heads=args.heads, head_dim=args.head_dim,
+                                          elem_bytes=4, layout=layout))
 
 
 def bench_rank(rank, world, args):
     torch.set_num_threads(max(1, args.threads // world))
-    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = device_for(rank)
     rows = []
     for n in args.seq_lens:
         for mask in args.masks:
@@ -152,25 +103,21 @@ def bench_rank(rank, world, args):
                                 layout=layout)
                 except ValueError:
                     continue
-                kind = "linear" if name in LINEAR else "softmax"
+                kind = STRATEGIES[name].kind
                 if kind not in refs:
                     path = os.path.join(args.out, f"linref_{kind}_{n}_{mask}_{args.decay}.pt")
-                    refs[kind] = _cached(path, world, rank, (
-                        (lambda: linear_reference(q, k, v, g, gk, do, cu, args.chunk_size))
-                        if kind == "linear" else
-                        (lambda: softmax_reference(q, k, v, do, cu, None, args.block))))
+                    if kind == "linear":
+                        refs[kind] = cached_reference(path, world, rank, linear_reference,
+                                                      q, k, v, g, gk, do, cu, args.chunk_size)
+                    else:
+                        refs[kind] = cached_reference(path, world, rank, softmax_reference,
+                                                      q, k, v, do, cu, None, args.block)
                 tensors = (q, k, v, g, gk, do) if kind == "linear" else (q, k, v, None, None, do)
-                t, recv, peak, got, idx, work = _run_cell(name, strat, layout, tensors, cu, rank,
-                                                          world, args, device)
+                t, recv, peak, got, idx, work = _run_cell(strat, layout, tensors, cu, rank, world,
+                                                          args, device)
                 err = max((a.float().cpu() - r[:, idx]).abs().max().item()
                           for a, r in zip(got, refs[kind]))
-                stats = torch.tensor([t, recv, peak, err, work], dtype=torch.float64)
-                if world > 1:
-                    gathered = [torch.zeros_like(stats) for _ in range(world)]
-                    dist.all_gather(gathered, stats)
-                    s = torch.stack(gathered)
-                else:
-                    s = stats[None]
+                s = gather_stats(torch.tensor([t, recv, peak, err, work], dtype=torch.float64), world)
                 rows.append(dict(strategy=spec, world_size=world, seq_len=n, mask=mask,
                                  fwd_bwd_ms=round(s[:, 0].max().item() * 1e3, 2),
                                  bytes_per_rank=int(s[:, 1].max().item()),
@@ -183,12 +130,9 @@ def bench_rank(rank, world, args):
 
 def plot(rows, path):
     """Time and bytes against sequence length, per strategy, at the largest world size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     world = max(r["world_size"] for r in rows)
     masks = sorted({r["mask"] for r in rows})
-    fig, axes = plt.subplots(2, len(masks), figsize=(5 * len(masks), 8), squeeze=False)
+    fig, axes = plot_axes(len(masks))
     for j, mask in enumerate(masks):
         for name in sorted({r["strategy"] for r in rows}):
             pts = sorted((r["seq_len"], r["fwd_bwd_ms"], r["bytes_per_rank"]) for r in rows
@@ -206,13 +150,6 @@ def plot(rows, path):
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
-
-def print_table(rows):
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
-    print(" ".join(c.ljust(widths[c]) for c in COLUMNS))
-    for r in rows:
-        print(" ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS))
 
 
 def main(argv=None):
@@ -233,17 +170,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    rows = []
-    for world in sorted(args.world_sizes):
-        rows += run_distributed(bench_rank, world, args, timeout=3600)[0]
-    with open(os.path.join(args.out, "linear_cp.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    plot(rows, os.path.join(args.out, "linear_cp.png"))
-    print_table(rows)
-    print(f"wrote {args.out}/linear_cp.csv and {args.out}/linear_cp.png")
+    write_outputs(run_worlds(bench_rank, args.world_sizes, args), args.out, "linear_cp", plot)
 
 
 if __name__ == "__main__":

@@ -355,7 +355,7 @@ def load_hf_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     return cfg, state
 
 
-def load_hf_model(path: str, **overrides) -> "torch.nn.Module":
+def load_hf_model(path: str, **overrides) -> torch.nn.Module:
     """Transformer with the weights of a Hugging Face checkpoint.
 
     ``overrides`` replace ModelConfig fields that do not change parameter shapes, e.g.

@@ -15,7 +15,7 @@ replaces it, and a CP world of one falls back to this op.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 MIXERS: dict[str, type] = {}            # mixer name -> module class (with a ``kind`` attribute)
 KINDS: dict[str, Callable] = {}         # mixer kind -> single-device op

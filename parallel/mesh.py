@@ -126,7 +126,7 @@ def build_submesh(group, cp: int, u: int) -> SubMesh:
     for granks in _all_cp_groups(mine):
         def members(cps, granks=granks):    # CP ranks in their sub-group's rank order
             cps = list(cps)
-            return cps if len(cps) == cp else sorted(cps, key=lambda c: granks[c])
+            return cps if len(cps) == cp else sorted(cps, key=granks.__getitem__)
 
         def make(cps, granks=granks):
             if len(cps) == 1 or len(cps) == cp:

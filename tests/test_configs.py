@@ -42,9 +42,11 @@ def test_every_group_option_composes(group):
     (["parallel=cp2", "data.seq_len=1001"], "not divisible by 2\\*cp=4 for zigzag"),
     (["parallel.cp.strategies.softmax=warp"], "parallel.cp.strategies.softmax=.warp. is unknown"),
     (["parallel.cp.strategies.softmax=lasp2"], "serves linear layers, not softmax ones"),
-    (["model.mixer_pattern=[gla,softmax]", "parallel.cp.strategies.linear=ring"], "serves softmax layers, not linear ones"),
+    (["model.mixer_pattern=[gla,softmax]", "parallel.cp.strategies.linear=ring"],
+     "serves softmax layers, not linear ones"),
     (["+parallel.cp.options.ulysses_size=2"], "options are per mixer kind now"),
-    (["data.tokenizer=hf", "data.tokenizer_path=/nonexistent/tok"], "data.tokenizer_path='/nonexistent/tok' does not exist"),
+    (["data.tokenizer=hf", "data.tokenizer_path=/nonexistent/tok"],
+     "data.tokenizer_path='/nonexistent/tok' does not exist"),
     (["init_from=/nonexistent/ckpt"], "init_from='/nonexistent/ckpt' is not a directory"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
 ])

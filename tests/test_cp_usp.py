@@ -17,6 +17,7 @@ BYTE_CASES = {
 def measure_bytes(rank, world, layout):
     """Per case: (..., bytes received in one forward, the strategy's forward_bytes)."""
     import torch.distributed as dist
+
     from parallel import comm
     from parallel.context import CPContext
     from parallel.mesh import build_subgroups
@@ -58,6 +59,7 @@ def test_usp_exact_and_forward_bytes(world, degrees):
 def check_usp_dp2(rank, world):
     """dp=2 x cp=4 (2x2): both CP groups build their sub-groups at the same time."""
     import torch.distributed as dist
+
     from parallel.context import CPContext
     from parallel.mesh import build_subgroups
     from parallel.strategies.usp import USP

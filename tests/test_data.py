@@ -7,8 +7,16 @@ import random
 import pytest
 import torch
 
-from trainer.data import (ByteTokenizer, DataLoaderShard, PackedDataset, StdlibSource,
-                          TextFilesSource, build_tokenizer, mqar_example, passkey_example)
+from trainer.data import (
+    ByteTokenizer,
+    DataLoaderShard,
+    PackedDataset,
+    StdlibSource,
+    TextFilesSource,
+    build_tokenizer,
+    mqar_example,
+    passkey_example,
+)
 
 TOK = ByteTokenizer()
 DOCS = ["short", "", "a medium length document, with commas.", "x" * 50, "héllo wörld ✓",

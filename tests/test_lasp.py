@@ -196,12 +196,12 @@ def _rank_main(rank, world):
     return res
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_reference():
     return _model_loss_and_grads(0, 1, "contiguous")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _results(world):
     if world == 1:
         return [_rank_main(0, 1)]

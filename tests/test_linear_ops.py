@@ -5,11 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.ops.documents import (cu_seqlens_from_starts, resets_from_cu_seqlens,
-                                  starts_from_cu_seqlens)
-from models.ops.linear_attention import (ChunkLinearAttentionFunction, chunk_linear_attention,
-                                         recurrent_linear_attention_ref, scan_segment_states,
-                                         segment_output_from_state, segment_state)
+from models.ops.documents import cu_seqlens_from_starts, resets_from_cu_seqlens, starts_from_cu_seqlens
+from models.ops.linear_attention import (
+    ChunkLinearAttentionFunction,
+    chunk_linear_attention,
+    recurrent_linear_attention_ref,
+    scan_segment_states,
+    segment_output_from_state,
+    segment_state,
+)
 
 F64 = torch.float64
 

@@ -12,8 +12,7 @@ from parallel.sharding import shard_batch
 def build_loaders(cfg, mesh):
     """Train and validation loaders for this rank's data-parallel shard, and the tokenizer.
     Every CP rank of a dp group reads the same rows (it keeps its own shard of each)."""
-    from trainer.data import (DataLoaderShard, PackedDataset, StdlibSource, TextFilesSource,
-                              build_tokenizer)
+    from trainer.data import DataLoaderShard, PackedDataset, StdlibSource, TextFilesSource, build_tokenizer
     d = cfg.data
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path)
 

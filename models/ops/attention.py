@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 DEFAULT_BLOCK = 256
 
 

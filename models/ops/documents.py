@@ -97,7 +97,7 @@ class Documents:
 
     @classmethod
     def of(cls, cu_seqlens: torch.Tensor, batch: int, seq_len: int,
-           index: torch.Tensor | None = None) -> "Documents":
+           index: torch.Tensor | None = None) -> Documents:
         """Documents of row positions ``index`` [T] (default: the whole row) of a [B, seq_len]
         batch whose global document starts are ``cu_seqlens`` (None: one document per row)."""
         if cu_seqlens is None:

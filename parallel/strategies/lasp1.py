@@ -21,8 +21,7 @@ import torch
 
 from parallel import comm
 from parallel.strategies.base import LayerShape, LinearStrategy, register
-from parallel.strategies.lasp_common import (intra_linear_attention, state_bytes, state_term,
-                                             summarize)
+from parallel.strategies.lasp_common import intra_linear_attention, state_bytes, state_term, summarize
 
 
 class RingStatePass(torch.autograd.Function):

@@ -44,8 +44,15 @@ import torch
 from models.ops.linear_attention import scan_segment_states
 from parallel import comm
 from parallel.strategies.base import LayerShape, LinearStrategy, register
-from parallel.strategies.lasp_common import (cut, intra_linear_attention, local_segments,
-                                             segment_owner, state_bytes, state_term, summarize)
+from parallel.strategies.lasp_common import (
+    cut,
+    intra_linear_attention,
+    local_segments,
+    segment_owner,
+    state_bytes,
+    state_term,
+    summarize,
+)
 
 
 # ----------------------------------------------------------------------------- the collective

@@ -10,9 +10,13 @@ from __future__ import annotations
 from torch.utils.checkpoint import checkpoint
 
 from models.ops.documents import cu_seqlens_from_starts
-from models.ops.linear_attention import (check_impl, chunk_linear_attention,
-                                         recurrent_linear_attention_ref,
-                                         segment_output_from_state, segment_state)
+from models.ops.linear_attention import (
+    check_impl,
+    chunk_linear_attention,
+    recurrent_linear_attention_ref,
+    segment_output_from_state,
+    segment_state,
+)
 
 
 def local_segments(ctx) -> list[tuple[int, slice]]:

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from models.ops.linear_attention.naive import acc_dtype
 from models.ops.documents import resets_from_cu_seqlens
+from models.ops.linear_attention.naive import acc_dtype
 
 PAIRWISE_BUDGET = 1 << 24   # elements of one per-key decay block [B, H, n, C, C, Dk]
 NEG_INF = float("-inf")

@@ -1,0 +1,149 @@
+"""What the CP benchmarks share: spawning each world size, timing, byte and memory counts,
+the CSV / table / plot outputs.
+
+    rows = run_worlds(bench_rank, world_sizes, args)     # bench_rank(rank, world, args) -> rows
+    write_outputs(rows, args.out, "cp", plot)             # <out>/cp.csv, <out>/cp.png, a table
+
+``measure_cell`` runs one strategy on one rank: forward + backward of ``ctx.run(kind, ...)``
+timed over repeats (median), then one more forward counting the bytes this rank receives
+(``parallel.comm``) and its peak memory: on CUDA ``max_memory_allocated``; on CPU (no
+allocator statistics) the bytes of the tensors the layer keeps for backward, each storage
+counted once (saved-tensor hooks), which is the part of memory the strategies differ in.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from parallel import comm
+from parallel.spawn import run_distributed
+
+COLUMNS = ["strategy", "world_size", "seq_len", "mask", "fwd_bwd_ms", "bytes_per_rank",
+           "bytes_formula", "peak_mem_mb", "max_err", "balance"]
+
+
+def timed_repeats(step, leaves, repeats, device, world):
+    """Warm up once, then time ``step()`` (forward + backward) ``repeats`` times, clearing
+    the gradients of ``leaves`` before each run. Returns (seconds list, last output)."""
+    step()
+    times = []
+    for _ in range(repeats):
+        for t in leaves:
+            t.grad = None
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        o = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times, o
+
+
+def saved_storage_bytes():
+    """(box, hooks): inside ``hooks``, box["bytes"] sums the storages of the tensors autograd
+    saves for backward, each storage once (views and repeated saves are not double counted)."""
+    box, seen = {"bytes": 0}, set()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            box["bytes"] += storage.nbytes()
+        return t
+    return box, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def measure_cell(ctx, kind, inputs: dict, options: dict, do, repeats, device):
+    """One strategy on this rank. inputs: local leaves by name, "q", "k", "v" and the kind's
+    optional tensors ("g", "gk"; None when absent), already on ``device``. Returns (median
+    seconds of forward + backward, bytes received in one forward, peak bytes, [o, grads of
+    the non-None inputs in order])."""
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    extra = {n: t for n, t in inputs.items() if n not in ("q", "k", "v")}
+    live = [t for t in inputs.values() if t is not None]
+
+    def forward():
+        return ctx.run(kind, q, k, v, **extra, **options)
+
+    def step():
+        o = forward()
+        torch.autograd.backward(o, do)
+        return o
+    times, o = timed_repeats(step, live, repeats, device, ctx.world_size)
+    comm.COUNTER.reset()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    box, hooks = saved_storage_bytes()
+    with hooks:
+        o2 = forward()
+    received = comm.COUNTER.total_received
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else box["bytes"]
+    del o2
+    return statistics.median(times), received, peak, [o.detach()] + [t.grad for t in live]
+
+
+def gather_stats(stats: torch.Tensor, world: int) -> torch.Tensor:
+    """[k] per rank -> [world, k] on every rank."""
+    if world == 1:
+        return stats[None]
+    out = [torch.zeros_like(stats) for _ in range(world)]
+    dist.all_gather(out, stats)
+    return torch.stack(out)
+
+
+def cached_reference(path, world, rank, compute, *args):
+    """The single-rank reference ``compute(*args)``, computed at world 1 and reused by the
+    larger worlds."""
+    if world > 1 and os.path.exists(path):
+        return torch.load(path)
+    ref = compute(*args)
+    if world == 1 and rank == 0:
+        torch.save(ref, path)
+    return ref
+
+
+def device_for(rank: int) -> torch.device:
+    return torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_worlds(bench_rank, world_sizes, args) -> list[dict]:
+    """bench_rank(rank, world, args) on real processes for each world size (ascending, so the
+    world-1 references are cached first); rank 0's rows of every world."""
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for world in sorted(world_sizes):
+        rows += run_distributed(bench_rank, world, args, timeout=3600)[0]
+    return rows
+
+
+def print_table(rows, columns=COLUMNS):
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print(" ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print(" ".join(str(r[c]).ljust(widths[c]) for c in columns))
+
+
+def write_outputs(rows, out: str, name: str, plot, columns=COLUMNS) -> None:
+    """<out>/<name>.csv, <out>/<name>.png (``plot(rows, path)``) and the table on stdout."""
+    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, os.path.join(out, f"{name}.png"))
+    print_table(rows, columns)
+    print(f"wrote {out}/{name}.csv and {out}/{name}.png")
+
+
+def plot_axes(n_cols: int):
+    """A 2 x n_cols figure with the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, n_cols, figsize=(5 * n_cols, 8), squeeze=False)
+    return fig, axes
