@@ -67,3 +67,17 @@ def test_unknown_key_is_rejected():
         _compose(["optim.lrr=1"])
     with pytest.raises(ValueError, match="optim.lrr is not a setting"):
         _compose(["+optim.lrr=1"])
+
+
+def test_deprecated_strategy_keys_still_select_strategies():
+    with pytest.warns(FutureWarning, match="is deprecated: use parallel.cp.strategies"):
+        cfg = _compose(["parallel.cp.strategy=ring", "parallel.cp.linear_strategy=lasp1"])
+    assert cfg.parallel.cp.strategies == {"softmax": "ring", "linear": "lasp1"}
+
+
+def test_strategies_follow_the_model_kinds():
+    from trainer.config import cp_strategies
+    cfg = _compose(["experiment=quickstart", "parallel.cp.strategies.softmax=ring"])
+    assert {k: s.name for k, s in cp_strategies(cfg).items()} == {"linear": "lasp2", "softmax": "ring"}
+    cfg = _compose(["model.mixer_pattern=[softmax]", "parallel.cp.strategies.linear=nonsense"])
+    assert list(cp_strategies(cfg)) == ["softmax"]     # only kinds the model uses are built

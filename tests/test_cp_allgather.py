@@ -10,6 +10,8 @@ from parallel.spawn import run_distributed
 from parallel.strategies import LayerShape, build_strategy
 from tests.cp_check import check_strategy, make_case
 
+pytestmark = pytest.mark.gloo   # spawns multi-process gloo groups
+
 
 def cases_for(world):
     n = 2 * world * 7   # 14 tokens per rank: not a multiple of the kernel block

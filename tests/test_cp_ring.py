@@ -7,6 +7,7 @@ from parallel.strategies.ring import may_attend
 from tests.cp_check import cases_for, check_layouts, run_cp
 
 
+@pytest.mark.gloo
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ring_exact(world):
     errs = run_cp(check_layouts, world, "ring", cases_for(world))

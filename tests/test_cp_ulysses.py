@@ -3,6 +3,8 @@ import pytest
 
 from tests.cp_check import cases_for, check_layouts, run_cp
 
+pytestmark = pytest.mark.gloo   # spawns multi-process gloo groups
+
 HEADS = {1: 4, 2: 4, 3: 6, 4: 4}   # query heads must divide by the CP size
 
 

@@ -6,6 +6,8 @@ import torch
 from parallel.spawn import run_distributed
 from tests.cp_check import cases_for, check_strategy, make_case, reference
 
+pytestmark = pytest.mark.gloo   # spawns multi-process gloo groups
+
 # (strategy, ulysses degree or None, n_heads, n_kv_heads) per world size
 BYTE_CASES = {
     2: [("ring", None, 4, 2), ("ulysses", None, 6, 1), ("usp", 1, 4, 2), ("usp", 2, 4, 1)],

@@ -6,7 +6,7 @@ from models.ops import flash
 from models.ops.attention import MaskSpec, attention, attention_ref
 from models.ops.documents import doc_ids
 
-pytestmark = pytest.mark.skipif(not flash.available(), reason="needs CUDA and flash-attn")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not flash.available(), reason="needs CUDA and flash-attn")]
 
 
 @pytest.mark.parametrize("window", [None, 64])

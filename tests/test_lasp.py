@@ -25,6 +25,8 @@ from parallel.sharding import shard_batch, unshard
 from parallel.spawn import run_distributed
 from parallel.strategies import LayerShape, build_strategy
 
+pytestmark = pytest.mark.gloo   # spawns multi-process gloo groups
+
 WORLDS = [1, 2, 3, 4, 8]
 C, B, H, DK, DV, SCALE = 6, 2, 2, 4, 4, 0.5
 RUNS = [("lasp2", "contiguous"), ("lasp2", "zigzag"), ("lasp1", "contiguous")]

@@ -186,6 +186,7 @@ def test_against_fla_naive_references():
     assert (o - o_r).abs().max() < 1e-4 and (s - s_r).abs().max() < 1e-4
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("fla") is None or not torch.cuda.is_available(),
                     reason="the fla Triton dispatch needs fla and a CUDA device")
 @pytest.mark.parametrize("decay", ["none", "scalar", "key"])

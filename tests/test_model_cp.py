@@ -7,7 +7,9 @@ from models import ModelConfig, Transformer
 from parallel.context import CPContext
 from parallel.sharding import shard_batch
 from parallel.strategies import build_strategy
-from tests.distributed import run_distributed
+from parallel.spawn import run_distributed
+
+pytestmark = pytest.mark.gloo   # spawns multi-process gloo groups
 
 
 def _batch(n, b=2, vocab=257, seed=0):

@@ -9,7 +9,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.distributed import run_distributed
+from parallel.spawn import run_distributed
+
+pytestmark = [pytest.mark.e2e, pytest.mark.gloo]
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",

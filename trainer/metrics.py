@@ -26,19 +26,31 @@ def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
     return 6 * n_params + core
 
 
+def _start_wandb(run_dir: str, cfg_dict: dict, wandb_cfg):
+    """A wandb run, or None (with one line saying why): wandb is an optional extra and must
+    never stop training."""
+    try:
+        import wandb
+    except ImportError:
+        print("[longctx] wandb is not installed (pip install 'longctx[wandb]'): logging to "
+              "metrics.jsonl only; set logger.wandb=false to silence this")
+        return None
+    try:
+        return wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, dir=run_dir,
+                          mode=wandb_cfg.wandb_mode, config=cfg_dict, resume="allow",
+                          settings=wandb.Settings(silent=True))
+    except Exception as e:
+        print(f"[longctx] wandb disabled: {e}")
+        return None
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, cfg_dict: dict, is_main: bool, wandb_cfg):
         self.is_main = is_main
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb = None
         if is_main and wandb_cfg.wandb and wandb_cfg.wandb_mode != "disabled":
-            try:
-                import wandb
-                self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, dir=run_dir,
-                                        mode=wandb_cfg.wandb_mode, config=cfg_dict, resume="allow",
-                                        settings=wandb.Settings(silent=True))
-            except Exception as e:  # wandb must never stop training
-                print(f"[longctx] wandb disabled: {e}")
+            self.wandb = _start_wandb(run_dir, cfg_dict, wandb_cfg)
 
     def log(self, step: int, metrics: dict, console=print) -> None:
         if not self.is_main:
