@@ -17,6 +17,7 @@ run in the same invocation when installed (``pip install --no-deps yunchang``), 
 ``peer:``; its CPU path has no backward, so the time is forward only, and its error shows
 whether its merges are right.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ def make_inputs(n, h, hkv, d, mask, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     q, do = (torch.randn(1, n, h, d, generator=g, dtype=dtype) for _ in range(2))
     k, v = (torch.randn(1, n, hkv, d, generator=g, dtype=dtype) for _ in range(2))
-    if mask == "docs":   # packed documents of mixed lengths (1/2, 1/4, 1/8, ... of the row)
+    if mask == "docs":  # packed documents of mixed lengths (1/2, 1/4, 1/8, ... of the row)
         starts, s, length = [0], 0, n // 2
         while s + length < n and length >= 16:
             s += length
@@ -66,8 +67,9 @@ def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, rep
     ctx = CPContext(strategy, group, rank, world, layout, q.shape[1], 1, cu, block, subgroups)
     idx = ctx.local_index
     inputs = {n: t[:, idx].to(device).requires_grad_() for n, t in zip("qkv", (q, k, v))}
-    t, received, peak, got = measure_cell(ctx, "softmax", inputs, dict(causal=True, window=window),
-                                          do[:, idx].to(device), repeats, device)
+    t, received, peak, got = measure_cell(
+        ctx, "softmax", inputs, dict(causal=True, window=window), do[:, idx].to(device), repeats, device
+    )
     qi, frac = strategy.work_queries(ctx, q.shape[2])
     work = float(pairs_per_query(qi, cu, window).sum()) * frac
     return t, received, peak, got, idx, work
@@ -89,6 +91,7 @@ def _yunchang_forward(q, k, v, world, rank, idx, repeats, ulysses, ring):
     try:
         from yunchang import LongContextAttention, set_seq_parallel_pg
         from yunchang.kernels import AttnType
+
         set_seq_parallel_pg(ulysses, ring, rank, world)
         attn = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH_MATH)
         rep = q.shape[2] // k.shape[2]
@@ -113,31 +116,58 @@ def bench_rank(rank, world, args):
     for n in args.seq_lens:
         for mask in args.masks:
             q, k, v, do, cu, window = make_inputs(n, args.heads, args.kv_heads, args.head_dim, mask)
-            ref = cached_reference(os.path.join(args.out, f"ref_{n}_{mask}.pt"), world, rank,
-                                   _reference, q, k, v, do, cu, window, args.block)
+            ref = cached_reference(
+                os.path.join(args.out, f"ref_{n}_{mask}.pt"),
+                world,
+                rank,
+                _reference,
+                q,
+                k,
+                v,
+                do,
+                cu,
+                window,
+                args.block,
+            )
             for name in args.strategies:
                 strat = build_strategy(name)
                 try:
-                    strat.check(n_heads=args.heads, n_kv_heads=args.kv_heads, cp=world, seq_len=n,
-                                layout=args.layout)
+                    strat.check(n_heads=args.heads, n_kv_heads=args.kv_heads, cp=world, seq_len=n, layout=args.layout)
                 except ValueError:
                     continue
-                t, recv, peak, got, idx, work = _run_cell(strat, q, k, v, do, cu, window, rank, world,
-                                                          args.layout, args.block, args.repeats, device)
+                t, recv, peak, got, idx, work = _run_cell(
+                    strat, q, k, v, do, cu, window, rank, world, args.layout, args.block, args.repeats, device
+                )
                 err = max((g.float().cpu() - r[:, idx]).abs().max().item() for g, r in zip(got, ref))
                 s = gather_stats(torch.tensor([t, recv, peak, err, work], dtype=torch.float64), world)
-                formula = strat.forward_bytes(LayerShape(batch=1, seq_len=n, cp=world, n_heads=args.heads,
-                                                         n_kv_heads=args.kv_heads, head_dim=args.head_dim,
-                                                         elem_bytes=q.element_size(), layout=args.layout))
-                rows.append(dict(strategy=name, world_size=world, seq_len=n, mask=mask,
-                                 fwd_bwd_ms=round(s[:, 0].max().item() * 1e3, 2),
-                                 bytes_per_rank=int(s[:, 1].max().item()), bytes_formula=int(formula),
-                                 peak_mem_mb=round(s[:, 2].max().item() / 2**20, 2),
-                                 max_err=float(f"{s[:, 3].max().item():.3g}"),
-                                 balance=round(s[:, 4].max().item() / s[:, 4].mean().item(), 3)))
+                formula = strat.forward_bytes(
+                    LayerShape(
+                        batch=1,
+                        seq_len=n,
+                        cp=world,
+                        n_heads=args.heads,
+                        n_kv_heads=args.kv_heads,
+                        head_dim=args.head_dim,
+                        elem_bytes=q.element_size(),
+                        layout=args.layout,
+                    )
+                )
+                rows.append(
+                    dict(
+                        strategy=name,
+                        world_size=world,
+                        seq_len=n,
+                        mask=mask,
+                        fwd_bwd_ms=round(s[:, 0].max().item() * 1e3, 2),
+                        bytes_per_rank=int(s[:, 1].max().item()),
+                        bytes_formula=int(formula),
+                        peak_mem_mb=round(s[:, 2].max().item() / 2**20, 2),
+                        max_err=float(f"{s[:, 3].max().item():.3g}"),
+                        balance=round(s[:, 4].max().item() / s[:, 4].mean().item(), 3),
+                    )
+                )
             if args.peers and mask == "causal" and world > 1:
-                idx = CPContext(build_strategy("allgather"), None, rank, world, "contiguous", n, 1,
-                                cu).local_index
+                idx = CPContext(build_strategy("allgather"), None, rank, world, "contiguous", n, 1, cu).local_index
                 for label, u, r in (("ulysses", world, 1), ("ring", 1, world)):
                     if args.heads % u:
                         continue
@@ -151,10 +181,20 @@ def bench_rank(rank, world, args):
                     err = (out.float() - ref[0][:, idx]).abs().max().item()
                     s = torch.tensor([t, err], dtype=torch.float64)
                     dist.all_reduce(s, op=dist.ReduceOp.MAX)
-                    rows.append(dict(strategy=f"peer:yunchang-{label}(fwd only)", world_size=world,
-                                     seq_len=n, mask=mask, fwd_bwd_ms=round(s[0].item() * 1e3, 2),
-                                     bytes_per_rank="", bytes_formula="", peak_mem_mb="",
-                                     max_err=float(f"{s[1].item():.3g}"), balance=""))
+                    rows.append(
+                        dict(
+                            strategy=f"peer:yunchang-{label}(fwd only)",
+                            world_size=world,
+                            seq_len=n,
+                            mask=mask,
+                            fwd_bwd_ms=round(s[0].item() * 1e3, 2),
+                            bytes_per_rank="",
+                            bytes_formula="",
+                            peak_mem_mb="",
+                            max_err=float(f"{s[1].item():.3g}"),
+                            balance="",
+                        )
+                    )
     return rows
 
 
@@ -165,8 +205,7 @@ def plot(rows, path):
         for name in sorted({r["strategy"] for r in rows}):
             sel = [r for r in rows if r["strategy"] == name and r["mask"] == mask and r["world_size"] > 1]
             n_max = max((r["seq_len"] for r in sel), default=None)
-            pts = sorted((r["world_size"], r["fwd_bwd_ms"], r["bytes_per_rank"]) for r in sel
-                         if r["seq_len"] == n_max)
+            pts = sorted((r["world_size"], r["fwd_bwd_ms"], r["bytes_per_rank"]) for r in sel if r["seq_len"] == n_max)
             if not pts:
                 continue
             axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
@@ -185,8 +224,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
-    p.add_argument("--masks", nargs="+", default=["causal", "docs", "window"],
-                   choices=["causal", "docs", "window"])
+    p.add_argument("--masks", nargs="+", default=["causal", "docs", "window"], choices=["causal", "docs", "window"])
     p.add_argument("--strategies", nargs="+", default=None, help="default: every registered one")
     p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"])
     p.add_argument("--heads", type=int, default=4)

@@ -19,6 +19,7 @@ same per token, so work = local tokens (1.0 for every layout); softmax work = un
 (query, key) pairs, as in bench/cp.py. Writes ``linear_cp.csv`` and ``linear_cp.png`` (time and
 bytes against N for the largest world size) into --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,16 +51,16 @@ def linear_reference(q, k, v, g, gk, do, cu, chunk):
     n = q.shape[1]
     doc = doc_ids(cu, torch.arange(n))[None]
     inputs = [None if t is None else t.clone().requires_grad_() for t in (q, k, v, g, gk)]
-    o = linear_attention(*inputs, q.shape[-1] ** -0.5, cu_seqlens=cu_seqlens_from_doc_ids(doc),
-                         chunk_size=chunk, impl="chunk")
+    o = linear_attention(
+        *inputs, q.shape[-1] ** -0.5, cu_seqlens=cu_seqlens_from_doc_ids(doc), chunk_size=chunk, impl="chunk"
+    )
     torch.autograd.backward(o, do)
     return [o.detach()] + [t.grad for t in inputs if t is not None]
 
 
 def _run_cell(strat, layout, tensors, cu, rank, world, args, device):
     q, k, v, g, gk, do = tensors
-    ctx = CPContext(strat, dist.group.WORLD if world > 1 else None, rank, world, layout,
-                    q.shape[1], 1, cu, args.block)
+    ctx = CPContext(strat, dist.group.WORLD if world > 1 else None, rank, world, layout, q.shape[1], 1, cu, args.block)
     idx = ctx.local_index
     local = [None if t is None else t[:, idx].to(device).requires_grad_() for t in (q, k, v, g, gk)]
     inputs = dict(zip(("q", "k", "v"), local[:3]))
@@ -69,8 +70,7 @@ def _run_cell(strat, layout, tensors, cu, rank, world, args, device):
         options.update(chunk_size=args.chunk_size, impl="chunk")
     else:
         options.update(causal=True, window=None)
-    t, received, peak, got = measure_cell(ctx, strat.kind, inputs, options, do[:, idx].to(device),
-                                          args.repeats, device)
+    t, received, peak, got = measure_cell(ctx, strat.kind, inputs, options, do[:, idx].to(device), args.repeats, device)
     if strat.kind == "linear":
         work = float(len(idx))
     else:
@@ -80,9 +80,18 @@ def _run_cell(strat, layout, tensors, cu, rank, world, args, device):
 
 
 def _formula(strat, layout, n, world, args):
-    return strat.forward_bytes(LayerShape(batch=1, seq_len=n, cp=world, n_heads=args.heads,
-                                          n_kv_heads=args.heads, head_dim=args.head_dim,
-                                          elem_bytes=4, layout=layout))
+    return strat.forward_bytes(
+        LayerShape(
+            batch=1,
+            seq_len=n,
+            cp=world,
+            n_heads=args.heads,
+            n_kv_heads=args.heads,
+            head_dim=args.head_dim,
+            elem_bytes=4,
+            layout=layout,
+        )
+    )
 
 
 def bench_rank(rank, world, args):
@@ -99,32 +108,38 @@ def bench_rank(rank, world, args):
                 layout = layout or args.layout
                 strat = build_strategy(name)
                 try:
-                    strat.check(n_heads=args.heads, n_kv_heads=args.heads, cp=world, seq_len=n,
-                                layout=layout)
+                    strat.check(n_heads=args.heads, n_kv_heads=args.heads, cp=world, seq_len=n, layout=layout)
                 except ValueError:
                     continue
                 kind = STRATEGIES[name].kind
                 if kind not in refs:
                     path = os.path.join(args.out, f"linref_{kind}_{n}_{mask}_{args.decay}.pt")
                     if kind == "linear":
-                        refs[kind] = cached_reference(path, world, rank, linear_reference,
-                                                      q, k, v, g, gk, do, cu, args.chunk_size)
+                        refs[kind] = cached_reference(
+                            path, world, rank, linear_reference, q, k, v, g, gk, do, cu, args.chunk_size
+                        )
                     else:
-                        refs[kind] = cached_reference(path, world, rank, softmax_reference,
-                                                      q, k, v, do, cu, None, args.block)
+                        refs[kind] = cached_reference(
+                            path, world, rank, softmax_reference, q, k, v, do, cu, None, args.block
+                        )
                 tensors = (q, k, v, g, gk, do) if kind == "linear" else (q, k, v, None, None, do)
-                t, recv, peak, got, idx, work = _run_cell(strat, layout, tensors, cu, rank, world,
-                                                          args, device)
-                err = max((a.float().cpu() - r[:, idx]).abs().max().item()
-                          for a, r in zip(got, refs[kind]))
+                t, recv, peak, got, idx, work = _run_cell(strat, layout, tensors, cu, rank, world, args, device)
+                err = max((a.float().cpu() - r[:, idx]).abs().max().item() for a, r in zip(got, refs[kind]))
                 s = gather_stats(torch.tensor([t, recv, peak, err, work], dtype=torch.float64), world)
-                rows.append(dict(strategy=spec, world_size=world, seq_len=n, mask=mask,
-                                 fwd_bwd_ms=round(s[:, 0].max().item() * 1e3, 2),
-                                 bytes_per_rank=int(s[:, 1].max().item()),
-                                 bytes_formula=int(_formula(strat, layout, n, world, args)),
-                                 peak_mem_mb=round(s[:, 2].max().item() / 2**20, 2),
-                                 max_err=float(f"{s[:, 3].max().item():.3g}"),
-                                 balance=round(s[:, 4].max().item() / s[:, 4].mean().item(), 3)))
+                rows.append(
+                    dict(
+                        strategy=spec,
+                        world_size=world,
+                        seq_len=n,
+                        mask=mask,
+                        fwd_bwd_ms=round(s[:, 0].max().item() * 1e3, 2),
+                        bytes_per_rank=int(s[:, 1].max().item()),
+                        bytes_formula=int(_formula(strat, layout, n, world, args)),
+                        peak_mem_mb=round(s[:, 2].max().item() / 2**20, 2),
+                        max_err=float(f"{s[:, 3].max().item():.3g}"),
+                        balance=round(s[:, 4].max().item() / s[:, 4].mean().item(), 3),
+                    )
+                )
     return rows
 
 
@@ -135,8 +150,11 @@ def plot(rows, path):
     fig, axes = plot_axes(len(masks))
     for j, mask in enumerate(masks):
         for name in sorted({r["strategy"] for r in rows}):
-            pts = sorted((r["seq_len"], r["fwd_bwd_ms"], r["bytes_per_rank"]) for r in rows
-                         if r["strategy"] == name and r["mask"] == mask and r["world_size"] == world)
+            pts = sorted(
+                (r["seq_len"], r["fwd_bwd_ms"], r["bytes_per_rank"])
+                for r in rows
+                if r["strategy"] == name and r["mask"] == mask and r["world_size"] == world
+            )
             if not pts:
                 continue
             axes[0][j].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
@@ -157,10 +175,15 @@ def main(argv=None):
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--masks", nargs="+", default=["causal", "docs"], choices=["causal", "docs"])
-    p.add_argument("--strategies", nargs="+", default=["lasp2", "lasp2:zigzag", "lasp1", "ring:zigzag"],
-                   help="name[:layout]")
-    p.add_argument("--layout", default="contiguous", choices=["contiguous", "zigzag"],
-                   help="layout of strategies given without one")
+    p.add_argument(
+        "--strategies", nargs="+", default=["lasp2", "lasp2:zigzag", "lasp1", "ring:zigzag"], help="name[:layout]"
+    )
+    p.add_argument(
+        "--layout",
+        default="contiguous",
+        choices=["contiguous", "zigzag"],
+        help="layout of strategies given without one",
+    )
     p.add_argument("--decay", default="scalar", choices=["none", "scalar", "key"])
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=32)

@@ -10,6 +10,7 @@ timed over repeats (median), then one more forward counting the bytes this rank 
 allocator statistics) the bytes of the tensors the layer keeps for backward, each storage
 counted once (saved-tensor hooks), which is the part of memory the strategies differ in.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,18 @@ import torch.distributed as dist
 from parallel import comm
 from parallel.spawn import run_distributed
 
-COLUMNS = ["strategy", "world_size", "seq_len", "mask", "fwd_bwd_ms", "bytes_per_rank",
-           "bytes_formula", "peak_mem_mb", "max_err", "balance"]
+COLUMNS = [
+    "strategy",
+    "world_size",
+    "seq_len",
+    "mask",
+    "fwd_bwd_ms",
+    "bytes_per_rank",
+    "bytes_formula",
+    "peak_mem_mb",
+    "max_err",
+    "balance",
+]
 
 
 def timed_repeats(step, leaves, repeats, device, world):
@@ -56,6 +67,7 @@ def saved_storage_bytes():
             seen.add(storage.data_ptr())
             box["bytes"] += storage.nbytes()
         return t
+
     return box, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
@@ -75,6 +87,7 @@ def measure_cell(ctx, kind, inputs: dict, options: dict, do, repeats, device):
         o = forward()
         torch.autograd.backward(o, do)
         return o
+
     times, o = timed_repeats(step, live, repeats, device, ctx.world_size)
     comm.COUNTER.reset()
     if device.type == "cuda":
@@ -143,7 +156,9 @@ def write_outputs(rows, out: str, name: str, plot, columns=COLUMNS) -> None:
 def plot_axes(n_cols: int):
     """A 2 x n_cols figure with the Agg backend (no display needed)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, n_cols, figsize=(5 * n_cols, 8), squeeze=False)
     return fig, axes

@@ -1,4 +1,5 @@
 """Plain-PyTorch models: never imports torch.distributed."""
+
 from models.config import ModelConfig, RopeConfig
 from models.llama import Transformer
 

@@ -1,4 +1,5 @@
 """Model configuration (a plain dataclass; Hydra's structured config reuses it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,23 +14,23 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 2
-    head_dim: int | None = None          # default dim // n_heads
-    ffn_dim: int | None = None           # default 8/3 * dim rounded up to multiple_of
+    head_dim: int | None = None  # default dim // n_heads
+    ffn_dim: int | None = None  # default 8/3 * dim rounded up to multiple_of
     multiple_of: int = 32
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    attention_bias: bool = False         # Qwen2 uses q/k/v biases
+    attention_bias: bool = False  # Qwen2 uses q/k/v biases
     mixer_pattern: list[str] = field(default_factory=lambda: ["softmax"])  # cycled over layers
-    sliding_window: int | None = None    # softmax layers; None = full causal
+    sliding_window: int | None = None  # softmax layers; None = full causal
     rope: RopeConfig = field(default_factory=RopeConfig)
     init_std: float = 0.02
     # linear-attention mixers (models/linear_attention.py); None = the mixer's own default
-    linear_feature_map: str | None = None    # identity | relu | elu1 | silu | learnable | hedgehog
+    linear_feature_map: str | None = None  # identity | relu | elu1 | silu | learnable | hedgehog
     linear_output_norm: bool | None = None
     linear_output_gate: bool | None = None
     linear_rope: bool | None = None
     linear_chunk_size: int = 64
-    linear_impl: str = "auto"                # auto | chunk | naive
+    linear_impl: str = "auto"  # auto | chunk | naive
     linear_gate_normalizer: float = 16.0
     linear_gate_low_rank: int = 16
 
@@ -53,6 +54,7 @@ class ModelConfig:
     def kind_of(self, layer: int) -> str:
         """The mixer kind (``softmax``, ``linear``, ...) of layer ``layer``."""
         from models.mixers import mixer_class
+
         return mixer_class(self.mixer_of(layer)).kind
 
     def kinds(self) -> list[str]:
@@ -61,27 +63,29 @@ class ModelConfig:
 
     def validate(self) -> None:
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
-                             f"{self.n_kv_heads}: choose n_kv_heads among the divisors of n_heads")
+            raise ValueError(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
+                f"{self.n_kv_heads}: choose n_kv_heads among the divisors of n_heads"
+            )
         if self.head_dim is None and self.dim % self.n_heads:
-            raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
-                             "change one, or set model.head_dim explicitly")
+            raise ValueError(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
+                "change one, or set model.head_dim explicitly"
+            )
         if not self.mixer_pattern:
             raise ValueError("model.mixer_pattern is empty: give at least one mixer, e.g. [softmax]")
         from models.mixers import MIXERS
+
         for m in self.mixer_pattern:
             if m not in MIXERS:
-                raise ValueError(f"model.mixer_pattern has unknown mixer {m!r}: choose from "
-                                 f"{sorted(MIXERS)}")
+                raise ValueError(f"model.mixer_pattern has unknown mixer {m!r}: choose from {sorted(MIXERS)}")
         if self.rope.type not in ROPE_TYPES:
-            raise ValueError(f"model.rope.type={self.rope.type!r} is unknown: choose none, linear, "
-                             "ntk, yarn or llama3")
+            raise ValueError(f"model.rope.type={self.rope.type!r} is unknown: choose none, linear, ntk, yarn or llama3")
         if self.linear_impl not in ("auto", "chunk", "naive"):
             raise ValueError(f"model.linear_impl={self.linear_impl!r} is unknown: choose auto, chunk or naive")
         maps = ("identity", "relu", "elu1", "silu", "learnable", "hedgehog")
         if self.linear_feature_map is not None and self.linear_feature_map not in maps:
-            raise ValueError(f"model.linear_feature_map={self.linear_feature_map!r} is unknown: "
-                             f"choose one of {maps}")
+            raise ValueError(f"model.linear_feature_map={self.linear_feature_map!r} is unknown: choose one of {maps}")
         if self.linear_chunk_size < 1:
             raise ValueError(f"model.linear_chunk_size={self.linear_chunk_size} must be >= 1")
         if self.sliding_window is not None and self.sliding_window < 1:

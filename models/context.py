@@ -12,6 +12,7 @@ Kinds and their options:
 The single-device context lives here; context-parallel ones are built in ``parallel/`` and
 follow the same protocol (they hold the same ``docs`` for their local tokens).
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,6 @@ class SingleDeviceContext(AttentionContext):
     """All tokens on one device. ``cu_seqlens`` holds the document start offsets of the
     flattened batch ([B * T] tokens, ending with B * T); None means one document per row."""
 
-    def __init__(self, batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None = None,
-                 block: int = 256):
+    def __init__(self, batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None = None, block: int = 256):
         self.block = block
         self.docs = Documents.of(cu_seqlens, batch_size, seq_len)

@@ -21,6 +21,7 @@ Name mapping (ours <- Hugging Face):
 
 Our RoPE uses the Hugging Face rotate-half convention, so q/k weights are copied as is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,8 +39,7 @@ from safetensors.torch import save_file
 from models.config import ModelConfig, RopeConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "mistral": "MistralForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 _CONFIG = "config.json"
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -59,13 +59,17 @@ _LAYER_MAP = {
     "ffn.up_proj.weight": "mlp.up_proj.weight",
     "ffn.down_proj.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_MAP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-               "lm_head.weight": "lm_head.weight"}
+_GLOBAL_MAP = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 # tensors some checkpoints carry that hold no learned state (recomputed from the config)
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 
 # --------------------------------------------------------------------------- config
+
 
 def _rope_from_hf(hf: dict) -> RopeConfig:
     """RoPE settings from either the transformers 5 ``rope_parameters`` dict or the older
@@ -75,8 +79,10 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     if not isinstance(params, dict):
         raise ValueError(f"config.json rope settings {params!r} are not a dict")
     if params and all(isinstance(v, dict) for v in params.values()):
-        raise ValueError("config.json has per-layer-type rope_parameters "
-                         f"({sorted(params)}): only one RoPE for all layers is supported")
+        raise ValueError(
+            "config.json has per-layer-type rope_parameters "
+            f"({sorted(params)}): only one RoPE for all layers is supported"
+        )
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
@@ -84,25 +90,28 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
     max_pos = hf.get("max_position_embeddings")
     # like transformers: a top-level original_max_position_embeddings wins, then the rope dict,
     # then max_position_embeddings
-    orig = hf.get("original_max_position_embeddings",
-                  params.get("original_max_position_embeddings", max_pos))
+    orig = hf.get("original_max_position_embeddings", params.get("original_max_position_embeddings", max_pos))
     rope = RopeConfig(theta=float(theta))
     if orig is not None:
         rope.original_max_position = int(orig)
     if kind == "default":
         return rope
     if kind == "dynamic":
-        raise ValueError("config.json uses rope_type='dynamic' (dynamic NTK scaling), which is not "
-                         "supported: its frequencies change with the sequence length. Use the static "
-                         "variant instead: remove rope_scaling / rope_parameters from config.json and "
-                         "set model.rope.type=ntk with model.rope.factor="
-                         f"{params.get('factor', '<factor>')}")
+        raise ValueError(
+            "config.json uses rope_type='dynamic' (dynamic NTK scaling), which is not "
+            "supported: its frequencies change with the sequence length. Use the static "
+            "variant instead: remove rope_scaling / rope_parameters from config.json and "
+            "set model.rope.type=ntk with model.rope.factor="
+            f"{params.get('factor', '<factor>')}"
+        )
     if kind not in ("linear", "yarn", "llama3"):
-        raise ValueError(f"config.json uses rope_type={kind!r}, which is not supported: supported "
-                         "types are default, linear, yarn and llama3")
+        raise ValueError(
+            f"config.json uses rope_type={kind!r}, which is not supported: supported "
+            "types are default, linear, yarn and llama3"
+        )
     factor = params.get("factor")
     if kind == "yarn" and factor is None and max_pos and orig:
-        factor = max_pos / orig                        # transformers' fallback
+        factor = max_pos / orig  # transformers' fallback
     if factor is None:
         raise ValueError(f"config.json rope_type={kind!r} has no 'factor'")
     rope.type, rope.factor = kind, float(factor)
@@ -114,15 +123,19 @@ def _rope_from_hf(hf: dict) -> RopeConfig:
         rope.high_freq_factor = float(params["high_freq_factor"])
     elif kind == "yarn":
         if params.get("truncate", True) is False:
-            raise ValueError("config.json rope_type='yarn' sets truncate=false, which is not supported "
-                             "(models/rope.py always rounds the correction range like the YaRN paper)")
+            raise ValueError(
+                "config.json rope_type='yarn' sets truncate=false, which is not supported "
+                "(models/rope.py always rounds the correction range like the YaRN paper)"
+            )
         rope.beta_fast = float(params.get("beta_fast") or 32.0)
         rope.beta_slow = float(params.get("beta_slow") or 1.0)
         attn = params.get("attention_factor")
         mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
-        if attn is None and mscale and mscale_all:     # DeepSeek-style, as transformers computes it
+        if attn is None and mscale and mscale_all:  # DeepSeek-style, as transformers computes it
+
             def get_mscale(scale, m=1.0):
                 return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
             attn = get_mscale(rope.factor, mscale) / get_mscale(rope.factor, mscale_all)
         rope.attention_factor = None if attn is None else float(attn)
     return rope
@@ -139,15 +152,17 @@ def _sliding_window_from_hf(hf: dict, model_type: str) -> int | None:
         return None
     n = hf["num_hidden_layers"]
     types = hf.get("layer_types") or [
-        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-        for i in range(n)]
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention" for i in range(n)
+    ]
     sliding = [t == "sliding_attention" for t in types]
     if all(sliding):
         return int(window)
     if not any(sliding):
         return None
-    raise ValueError(f"config.json (qwen2) mixes sliding-window and full-attention layers "
-                     f"(layer_types={types}): one sliding_window for all layers is supported")
+    raise ValueError(
+        f"config.json (qwen2) mixes sliding-window and full-attention layers "
+        f"(layer_types={types}): one sliding_window for all layers is supported"
+    )
 
 
 def config_from_hf(hf_config: dict) -> ModelConfig:
@@ -155,8 +170,10 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
     hf = hf_config
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"config.json has model_type={model_type!r}, which is not supported: "
-                         f"supported model types are {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(
+            f"config.json has model_type={model_type!r}, which is not supported: "
+            f"supported model types are {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json has hidden_act={act!r}: only silu (SwiGLU) is supported")
@@ -165,9 +182,13 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
     try:
         heads = hf["num_attention_heads"]
         kwargs = dict(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim"), ffn_dim=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim"),
+            ffn_dim=hf["intermediate_size"],
         )
     except KeyError as e:
         raise ValueError(f"config.json is missing {e.args[0]!r}") from None
@@ -185,38 +206,56 @@ def _rope_to_hf(rope: RopeConfig, head_dim: int) -> dict:
     """transformers 5 ``rope_parameters`` dict for our RopeConfig (ntk -> changed plain theta)."""
     if rope.type in ("none", "ntk"):
         theta = rope.theta
-        if rope.type == "ntk":                     # same expression as models/rope.py
+        if rope.type == "ntk":  # same expression as models/rope.py
             theta = theta * rope.factor ** (head_dim / (head_dim - 2))
         return {"rope_type": "default", "rope_theta": theta}
     out = {"rope_type": rope.type, "rope_theta": rope.theta, "factor": rope.factor}
     if rope.type == "llama3":
-        out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
-                   original_max_position_embeddings=rope.original_max_position)
+        out.update(
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            original_max_position_embeddings=rope.original_max_position,
+        )
     elif rope.type == "yarn":
-        out.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow,
-                   original_max_position_embeddings=rope.original_max_position)
+        out.update(
+            beta_fast=rope.beta_fast,
+            beta_slow=rope.beta_slow,
+            original_max_position_embeddings=rope.original_max_position,
+        )
         if rope.attention_factor is not None:
             out["attention_factor"] = float(rope.attention_factor)
     return out
 
 
-def config_to_hf(cfg: ModelConfig, model_type: str = "llama", dtype: torch.dtype = torch.float32,
-                 max_position_embeddings: int | None = None) -> dict:
+def config_to_hf(
+    cfg: ModelConfig,
+    model_type: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    max_position_embeddings: int | None = None,
+) -> dict:
     """A ``config.json`` dict that transformers' AutoConfig / AutoModelForCausalLM can load."""
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type={model_type!r} is not supported for export: choose one of "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(
+            f"model_type={model_type!r} is not supported for export: choose one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     from models.mixers import mixer_class
+
     other = [m for m in cfg.mixer_pattern if not mixer_class(m).hf_attention]
     if other:
-        raise ValueError(f"model.mixer_pattern={cfg.mixer_pattern} has mixers {other}, which have "
-                         "no Hugging Face equivalent: export needs mixer_pattern=[softmax]")
+        raise ValueError(
+            f"model.mixer_pattern={cfg.mixer_pattern} has mixers {other}, which have "
+            "no Hugging Face equivalent: export needs mixer_pattern=[softmax]"
+        )
     if cfg.sliding_window is not None and model_type == "llama":
-        raise ValueError(f"model.sliding_window={cfg.sliding_window} cannot be exported as llama (no "
-                         "sliding window there): use model_type='mistral' or 'qwen2'")
+        raise ValueError(
+            f"model.sliding_window={cfg.sliding_window} cannot be exported as llama (no "
+            "sliding window there): use model_type='mistral' or 'qwen2'"
+        )
     if cfg.attention_bias and model_type == "mistral":
-        raise ValueError("model.attention_bias=true cannot be exported as mistral (no q/k/v biases "
-                         "there): use model_type='qwen2' or 'llama'")
+        raise ValueError(
+            "model.attention_bias=true cannot be exported as mistral (no q/k/v biases "
+            "there): use model_type='qwen2' or 'llama'"
+        )
     rope = _rope_to_hf(cfg.rope, cfg.hd)
     if max_position_embeddings is None:
         scaled = cfg.rope.type in ("linear", "yarn", "llama3")
@@ -238,7 +277,8 @@ def config_to_hf(cfg: ModelConfig, model_type: str = "llama", dtype: torch.dtype
         "rope_parameters": rope,
         # the pre-transformers-5 spelling of the same settings, for older readers
         "rope_theta": rope["rope_theta"],
-        "rope_scaling": None if rope["rope_type"] == "default"
+        "rope_scaling": None
+        if rope["rope_type"] == "default"
         else {k: v for k, v in rope.items() if k != "rope_theta"},
         "initializer_range": cfg.init_std,
         "attention_dropout": 0.0,
@@ -251,17 +291,23 @@ def config_to_hf(cfg: ModelConfig, model_type: str = "llama", dtype: torch.dtype
         hf["sliding_window"] = cfg.sliding_window
     else:  # qwen2: q/k/v biases always present; the window applies to every layer or none
         sliding = cfg.sliding_window is not None
-        hf.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window,
-                  max_window_layers=0 if sliding else cfg.n_layers,
-                  layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.n_layers)
+        hf.update(
+            use_sliding_window=sliding,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=0 if sliding else cfg.n_layers,
+            layer_types=[("sliding_attention" if sliding else "full_attention")] * cfg.n_layers,
+        )
     return hf
 
 
 # --------------------------------------------------------------------------- import
 
+
 def _missing(path: str, what: str) -> ValueError:
-    return ValueError(f"Hugging Face checkpoint {path!r}: {what}. It must be a local directory "
-                      f"holding {_CONFIG} and {_WEIGHTS} (or a sharded {_INDEX}): fix the path")
+    return ValueError(
+        f"Hugging Face checkpoint {path!r}: {what}. It must be a local directory "
+        f"holding {_CONFIG} and {_WEIGHTS} (or a sharded {_INDEX}): fix the path"
+    )
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -279,8 +325,14 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
                 raise _missing(path, f"shard {os.path.basename(file)} listed in {_INDEX} is missing")
     else:
         other = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth"))]
-        hint = (f" (found {', '.join(sorted(other))}: only safetensors is read; convert with "
-                "transformers' save_pretrained(..., safe_serialization=True))") if other else ""
+        hint = (
+            (
+                f" (found {', '.join(sorted(other))}: only safetensors is read; convert with "
+                "transformers' save_pretrained(..., safe_serialization=True))"
+            )
+            if other
+            else ""
+        )
         raise _missing(path, f"neither {_WEIGHTS} nor {_INDEX} exists{hint}")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
@@ -318,8 +370,7 @@ def load_hf_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise _missing(path, "the directory does not exist" if not os.path.exists(path)
-                       else "it is not a directory")
+        raise _missing(path, "the directory does not exist" if not os.path.exists(path) else "it is not a directory")
     config_file = os.path.join(path, _CONFIG)
     if not os.path.isfile(config_file):
         raise _missing(path, f"{_CONFIG} is missing")
@@ -329,10 +380,12 @@ def load_hf_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     tensors = _read_tensors(path)
     tensors = {k: v for k, v in tensors.items() if not _IGNORED.match(k)}
 
-    if cfg.tie_embeddings and "lm_head.weight" in tensors:   # some exporters write the tied copy
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:  # some exporters write the tied copy
         if not torch.equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")):
-            raise ValueError(f"{path!r}: tie_word_embeddings=true but lm_head.weight differs from "
-                             "model.embed_tokens.weight; set tie_word_embeddings=false in config.json")
+            raise ValueError(
+                f"{path!r}: tie_word_embeddings=true but lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings=false in config.json"
+            )
         del tensors["lm_head.weight"]
     if hf.get("model_type") == "llama" and cfg.attention_bias:
         # Llama's attention_bias also adds an o_proj bias, which our attention lacks: accept it
@@ -340,17 +393,20 @@ def load_hf_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]
         for i in range(cfg.n_layers):
             b = tensors.pop(f"model.layers.{i}.self_attn.o_proj.bias", None)
             if b is not None and torch.count_nonzero(b):
-                raise ValueError(f"{path!r}: model.layers.{i}.self_attn.o_proj.bias is non-zero; "
-                                 "o_proj biases are not supported")
+                raise ValueError(
+                    f"{path!r}: model.layers.{i}.self_attn.o_proj.bias is non-zero; o_proj biases are not supported"
+                )
 
     names = _hf_names(cfg)
     missing = sorted(theirs for theirs in names.values() if theirs not in tensors)
     unexpected = sorted(set(tensors) - set(names.values()))
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path!r} does not match its config.json "
-                         f"(model_type={hf.get('model_type')}): missing tensors {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise ValueError(
+            f"checkpoint {path!r} does not match its config.json "
+            f"(model_type={hf.get('model_type')}): missing tensors {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected tensors {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}"
+        )
     state = {ours: tensors[theirs] for ours, theirs in names.items()}
     return cfg, state
 
@@ -369,15 +425,13 @@ def load_hf_model(path: str, **overrides) -> torch.nn.Module:
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"load_hf_model got unknown ModelConfig fields {unknown}: "
-                             f"choose among {sorted(fields)}")
+            raise ValueError(f"load_hf_model got unknown ModelConfig fields {unknown}: choose among {sorted(fields)}")
         rope = overrides.get("rope")
         if isinstance(rope, dict):
             rope_fields = {f.name for f in dataclasses.fields(RopeConfig)}
             bad = sorted(set(rope) - rope_fields)
             if bad:
-                raise ValueError(f"load_hf_model got unknown rope fields {bad}: choose among "
-                                 f"{sorted(rope_fields)}")
+                raise ValueError(f"load_hf_model got unknown rope fields {bad}: choose among {sorted(rope_fields)}")
             overrides = {**overrides, "rope": dataclasses.replace(cfg.rope, **rope)}
         cfg = dataclasses.replace(cfg, **overrides)
     model = Transformer(cfg)
@@ -386,6 +440,7 @@ def load_hf_model(path: str, **overrides) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- export
+
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
@@ -405,9 +460,13 @@ def _write_file(directory: str, name: str, write) -> None:
         raise
 
 
-def save_hf_checkpoint(model, path: str, model_type: str = "llama",
-                       max_position_embeddings: int | None = None,
-                       state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_hf_checkpoint(
+    model,
+    path: str,
+    model_type: str = "llama",
+    max_position_embeddings: int | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write ``model`` (our Transformer) as a Hugging Face checkpoint directory.
 
     ``state_dict``: whole tensors by our parameter names (default: the model's parameters). A
@@ -417,7 +476,7 @@ def save_hf_checkpoint(model, path: str, model_type: str = "llama",
     beside ``path`` and renamed into place; an existing directory gets each file through a
     temporary file and ``os.replace`` (weights first, config last).
     """
-    model = getattr(model, "module", model)              # DDP wrapper
+    model = getattr(model, "module", model)  # DDP wrapper
     cfg: ModelConfig = model.cfg
     params = dict(model.named_parameters()) if state_dict is None else state_dict
     dtype = params["embed.weight"].dtype
@@ -426,12 +485,12 @@ def save_hf_checkpoint(model, path: str, model_type: str = "llama",
     tensors = {}
     for ours, theirs in _hf_names(cfg).items():
         tensors[theirs] = _plain(params[ours])
-    if model_type == "qwen2" and not cfg.attention_bias:   # Qwen2 always has q/k/v biases
+    if model_type == "qwen2" and not cfg.attention_bias:  # Qwen2 always has q/k/v biases
         for i in range(cfg.n_layers):
             for p in ("q", "k", "v"):
                 w = tensors[f"model.layers.{i}.self_attn.{p}_proj.weight"]
                 tensors[f"model.layers.{i}.self_attn.{p}_proj.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
-    if model_type == "llama" and cfg.attention_bias:       # Llama's attention_bias also biases o_proj
+    if model_type == "llama" and cfg.attention_bias:  # Llama's attention_bias also biases o_proj
         for i in range(cfg.n_layers):
             tensors[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.dim, dtype=dtype)
 
@@ -448,8 +507,10 @@ def save_hf_checkpoint(model, path: str, model_type: str = "llama",
         if not os.path.isdir(path):
             raise ValueError(f"save_hf_checkpoint: {path!r} exists and is not a directory")
         if os.path.exists(os.path.join(path, _INDEX)):
-            raise ValueError(f"save_hf_checkpoint: {path!r} already holds a sharded checkpoint "
-                             f"({_INDEX}); choose an empty or new directory")
+            raise ValueError(
+                f"save_hf_checkpoint: {path!r} already holds a sharded checkpoint "
+                f"({_INDEX}); choose an empty or new directory"
+            )
         _write_file(path, _WEIGHTS, write_weights)
         _write_file(path, _CONFIG, write_config)
         return

@@ -1,4 +1,5 @@
 """RMSNorm and the SwiGLU feed-forward block. Shapes: x [B, T, dim]."""
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ Options are read with getattr(cfg, name, None) (None -> the mixer's default):
     linear_gate_normalizer  float (16), simple_gla / gla: g = logsigmoid(W x) / normalizer
     linear_gate_low_rank    int (16), gla: rank of the decay projection
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,7 @@ from models.rope import apply_rotary
 def local_linear_attention(q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
     """Linear attention over the tokens ``ctx`` holds, the state restarting at every document.
     q, k [B,T,H,Dk], v [B,T,H,Dv], g [B,T,H], gk [B,T,H,Dk] -> o [B,T,H,Dv]."""
-    return linear_attention(q, k, v, g, gk, scale, cu_seqlens=ctx.docs.cu_seqlens,
-                            chunk_size=chunk_size, impl=impl)
+    return linear_attention(q, k, v, g, gk, scale, cu_seqlens=ctx.docs.cu_seqlens, chunk_size=chunk_size, impl=impl)
 
 
 def _option(cfg, name: str, default):
@@ -46,11 +46,10 @@ class FeatureMap(nn.Module):
     def __init__(self, kind: str, n_heads: int, head_dim: int):
         super().__init__()
         if kind not in ("identity", "relu", "elu1", "silu", "learnable", "hedgehog"):
-            raise ValueError(f"linear_feature_map={kind!r}: choose identity, relu, elu1, silu, "
-                             "learnable or hedgehog")
+            raise ValueError(f"linear_feature_map={kind!r}: choose identity, relu, elu1, silu, learnable or hedgehog")
         self.kind = kind
         self.out_dim = 2 * head_dim if kind == "hedgehog" else head_dim
-        if kind in ("learnable", "hedgehog"):     # per-head linear map (LoLCATs / Hedgehog)
+        if kind in ("learnable", "hedgehog"):  # per-head linear map (LoLCATs / Hedgehog)
             self.weight = nn.Parameter(torch.eye(head_dim).repeat(n_heads, 1, 1))
 
     def forward(self, x):
@@ -88,7 +87,7 @@ class LinearAttentionBase(nn.Module):
     """Shared projections, feature map, output norm and gate; subclasses define the decay."""
 
     kind = "linear"
-    hf_attention = False         # no Hugging Face equivalent
+    hf_attention = False  # no Hugging Face equivalent
     feature_map = "identity"
     output_norm = True
     output_gate = True
@@ -108,11 +107,17 @@ class LinearAttentionBase(nn.Module):
         self.q_map = FeatureMap(kind, self.h, self.d)
         self.k_map = FeatureMap(kind, self.h, self.d)
         self.dk = self.q_map.out_dim
-        self.scale = self.dk ** -0.5
-        self.o_norm = (HeadNorm(self.d, cfg.norm_eps, self.centred_norm)
-                       if _option(cfg, "linear_output_norm", self.output_norm) else None)
-        self.g_proj = (nn.Linear(cfg.dim, self.h * self.d, bias=False)
-                       if _option(cfg, "linear_output_gate", self.output_gate) else None)
+        self.scale = self.dk**-0.5
+        self.o_norm = (
+            HeadNorm(self.d, cfg.norm_eps, self.centred_norm)
+            if _option(cfg, "linear_output_norm", self.output_norm)
+            else None
+        )
+        self.g_proj = (
+            nn.Linear(cfg.dim, self.h * self.d, bias=False)
+            if _option(cfg, "linear_output_gate", self.output_gate)
+            else None
+        )
         self.o_proj = nn.Linear(self.h * self.d, cfg.dim, bias=False)
 
     @staticmethod
@@ -163,7 +168,7 @@ class _ConstantDecay(LinearAttentionBase):
         raise NotImplementedError
 
     def decay(self, x):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32   # keep fp32 decays
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # keep fp32 decays
         return self.log_decay.to(acc).expand(*x.shape[:2], self.h), None
 
 

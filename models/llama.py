@@ -5,6 +5,7 @@ attention context ``ctx`` (models.context / parallel.context). T is the local le
 under context parallelism each rank holds its shard of the row and ``ctx`` knows where
 those tokens sit in the global sequence. Output: logits [B, T, vocab].
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,7 +48,7 @@ class Transformer(nn.Module):
         g = None if seed is None else torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith(("q_map.weight", "k_map.weight")):
-                continue    # learnable feature maps keep their own (identity) initialisation
+                continue  # learnable feature maps keep their own (identity) initialisation
             if p.dim() == 1:
                 nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
             else:
@@ -57,8 +58,7 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                ctx=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None) -> torch.Tensor:
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)

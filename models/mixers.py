@@ -5,6 +5,7 @@ declares its ``kind`` and reaches its cross-token computation only through the a
 context: ``ctx.run(self.kind, q, k, v, **options)``. Importing this module registers every
 mixer (and the single-device op of every kind) in ``models.registry``.
 """
+
 from __future__ import annotations
 
 from models import linear_attention, softmax_attention  # noqa: F401  (registration)

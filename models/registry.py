@@ -13,12 +13,13 @@ replaces it, and a CP world of one falls back to this op.
     class GatedLinearAttention(nn.Module):
         kind = "linear"
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 
-MIXERS: dict[str, type] = {}            # mixer name -> module class (with a ``kind`` attribute)
-KINDS: dict[str, Callable] = {}         # mixer kind -> single-device op
+MIXERS: dict[str, type] = {}  # mixer name -> module class (with a ``kind`` attribute)
+KINDS: dict[str, Callable] = {}  # mixer kind -> single-device op
 
 
 def register_mixer(name: str):
@@ -27,6 +28,7 @@ def register_mixer(name: str):
             raise TypeError(f"mixer {name!r} ({cls.__name__}) must declare its kind, e.g. kind = 'softmax'")
         MIXERS[name] = cls
         return cls
+
     return wrap
 
 
@@ -34,6 +36,7 @@ def register_kind(kind: str):
     def wrap(fn):
         KINDS[kind] = fn
         return fn
+
     return wrap
 
 

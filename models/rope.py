@@ -4,6 +4,7 @@ Positions come in with the batch (``positions [B, T]``, restarting at every docu
 so RoPE is unaffected by how context parallelism permutes tokens.
 Frequencies follow the Hugging Face definitions, so imported checkpoints match.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,14 +22,15 @@ class RopeConfig:
     type: none | linear (position interpolation) | ntk (base-theta change by ``factor``)
           | yarn | llama3
     """
+
     theta: float = 10000.0
     type: str = "none"
     factor: float = 1.0
     original_max_position: int = 2048
-    low_freq_factor: float = 1.0     # llama3
-    high_freq_factor: float = 4.0    # llama3
-    beta_fast: float = 32.0          # yarn
-    beta_slow: float = 1.0           # yarn
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
     attention_factor: float | None = None  # yarn: None -> 0.1 * ln(factor) + 1
 
 

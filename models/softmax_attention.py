@@ -2,6 +2,7 @@
 
 x [B, T, dim] -> q [B, T, H, D], k, v [B, T, Hkv, D] -> ctx.run("softmax") -> [B, T, dim].
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -23,7 +24,7 @@ def local_softmax_attention(q, k, v, ctx, *, causal=True, window=None, scale=Non
 @register_mixer("softmax")
 class SoftmaxAttention(nn.Module):
     kind = "softmax"
-    hf_attention = True          # same projections as Hugging Face Llama attention (import/export)
+    hf_attention = True  # same projections as Hugging Face Llama attention (import/export)
 
     @staticmethod
     def core_flops_per_token(cfg, seq_len: int) -> float:

@@ -5,6 +5,7 @@ Counts are what this rank *sends* and *receives* (payload only, no protocol over
 all_gather of a local tensor of s bytes receives (P-1)*s and sends (P-1)*s (ring
 algorithm view), reduce_scatter of a full tensor of P*s bytes receives (P-1)*s, etc.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -89,36 +90,44 @@ def all_gather_async(x: torch.Tensor, group) -> PendingGather:
 def all_to_all(outputs: list[torch.Tensor], inputs: list[torch.Tensor], group) -> None:
     rank = dist.get_rank(group)
     dist.all_to_all(outputs, [t.contiguous() for t in inputs], group=group)
-    COUNTER.add("all_to_all", sum(_nbytes(t) for i, t in enumerate(inputs) if i != rank),
-                sum(_nbytes(t) for i, t in enumerate(outputs) if i != rank))
+    COUNTER.add(
+        "all_to_all",
+        sum(_nbytes(t) for i, t in enumerate(inputs) if i != rank),
+        sum(_nbytes(t) for i, t in enumerate(outputs) if i != rank),
+    )
 
 
 def send_recv(send: torch.Tensor, recv: torch.Tensor, dst: int, src: int, group) -> list:
     """Post an async send to group rank ``dst`` and receive from ``src``; returns the works."""
-    ops = [dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, dst), group),
-           dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group)]
+    ops = [
+        dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, dst), group),
+        dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, src), group),
+    ]
     COUNTER.add("send_recv", _nbytes(send), _nbytes(recv))
     return dist.batch_isend_irecv(ops)
 
 
-def exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group,
-             op: str = "exchange") -> None:
+def exchange(sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], group, op: str = "exchange") -> None:
     """Point-to-point exchange within ``group``: send ``sends[dst]`` to each dst and fill
     ``recvs[src]`` from each src (group ranks), all posted at once, then wait."""
-    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, dst), group)
-           for dst, t in sorted(sends.items())]
-    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src), group)
-            for src, t in sorted(recvs.items())]
+    ops = [
+        dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, dst), group)
+        for dst, t in sorted(sends.items())
+    ]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, src), group) for src, t in sorted(recvs.items())]
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-    COUNTER.add(op, sum(_nbytes(t) for t in sends.values()),
-                sum(_nbytes(t) for t in recvs.values()))
+    COUNTER.add(op, sum(_nbytes(t) for t in sends.values()), sum(_nbytes(t) for t in recvs.values()))
 
 
-def p2p(group, send: torch.Tensor | None = None, dst: int | None = None,
-                   recv: torch.Tensor | None = None, src: int | None = None) -> None:
+def p2p(
+    group,
+    send: torch.Tensor | None = None,
+    dst: int | None = None,
+    recv: torch.Tensor | None = None,
+    src: int | None = None,
+) -> None:
     """Blocking point-to-point: send ``send`` to group rank ``dst`` and/or fill ``recv`` from
     group rank ``src`` (a chain hop, e.g. LASP-1's state pass)."""
-    exchange({} if send is None else {dst: send}, {} if recv is None else {src: recv}, group,
-             op="send_recv")
+    exchange({} if send is None else {dst: send}, {} if recv is None else {src: recv}, group, op="send_recv")

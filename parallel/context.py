@@ -9,6 +9,7 @@ tokens sit in the global row. Mixers call ``ctx.run(kind, ...)`` exactly as on o
 Per batch, once: ``docs`` (models.ops.documents.Documents of the local tokens: row positions
 ``local_index`` [C], document ids ``local_doc`` [B, C], document starts at global positions).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,25 +23,25 @@ from parallel.sharding import local_index as layout_index
 
 @dataclass
 class CPContext(AttentionContext):
-    strategies: dict                 # mixer kind -> parallel.strategies.base.Strategy
-    group: object | None             # torch.distributed ProcessGroup (None for a world of 1)
+    strategies: dict  # mixer kind -> parallel.strategies.base.Strategy
+    group: object | None  # torch.distributed ProcessGroup (None for a world of 1)
     rank: int
     world_size: int
     layout: str
-    seq_len: int                     # N, the global row length
-    batch_size: int                  # B
-    cu_seqlens: torch.Tensor         # [n_docs + 1] document starts over the flattened batch
+    seq_len: int  # N, the global row length
+    batch_size: int  # B
+    cu_seqlens: torch.Tensor  # [n_docs + 1] document starts over the flattened batch
     block: int = 256
-    subgroups: dict = field(default_factory=dict)   # sub-meshes built at start-up (parallel.mesh)
+    subgroups: dict = field(default_factory=dict)  # sub-meshes built at start-up (parallel.mesh)
     docs: Documents = field(init=False)
 
     def __post_init__(self):
         from parallel.strategies.base import Strategy
-        if isinstance(self.strategies, Strategy):        # one strategy: it serves its own kind
+
+        if isinstance(self.strategies, Strategy):  # one strategy: it serves its own kind
             self.strategies = self.strategies.serves()
         self.cu_seqlens = self.cu_seqlens.detach().to("cpu", torch.int64)
-        self.docs = Documents.of(self.cu_seqlens, self.batch_size, self.seq_len,
-                                 self.index_of(self.rank))
+        self.docs = Documents.of(self.cu_seqlens, self.batch_size, self.seq_len, self.index_of(self.rank))
 
     @property
     def local_index(self) -> torch.Tensor:
@@ -66,14 +67,34 @@ class CPContext(AttentionContext):
             return super().run(kind, q, k, v, **options)
         strategy = self.strategies.get(kind)
         if strategy is None:
-            raise ValueError(f"no context-parallel strategy serves mixer kind {kind!r}: set "
-                             f"parallel.cp.strategies.{kind} (this context has "
-                             f"{ {k: s.name for k, s in self.strategies.items()} })")
+            raise ValueError(
+                f"no context-parallel strategy serves mixer kind {kind!r}: set "
+                f"parallel.cp.strategies.{kind} (this context has "
+                f"{ {k: s.name for k, s in self.strategies.items()} })"
+            )
         return strategy(q, k, v, self, **options)
 
 
-def build_context(strategies: dict, group, rank: int, world_size: int, layout: str, batch: dict,
-                  block: int = 256, subgroups: dict | None = None) -> CPContext:
+def build_context(
+    strategies: dict,
+    group,
+    rank: int,
+    world_size: int,
+    layout: str,
+    batch: dict,
+    block: int = 256,
+    subgroups: dict | None = None,
+) -> CPContext:
     """Context for one (already sharded) batch; see parallel.sharding.shard_batch."""
-    return CPContext(strategies, group, rank, world_size, layout, int(batch["seq_len"]),
-                     batch["input_ids"].shape[0], batch["cu_seqlens"], block, subgroups or {})
+    return CPContext(
+        strategies,
+        group,
+        rank,
+        world_size,
+        layout,
+        int(batch["seq_len"]),
+        batch["input_ids"].shape[0],
+        batch["cu_seqlens"],
+        block,
+        subgroups or {},
+    )

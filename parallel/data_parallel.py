@@ -5,6 +5,7 @@ gradients are reduced over *all* ranks. Both wrappers average; the trainer scale
 rank's loss by ``world_size / global_token_count`` so the average is the exact gradient
 of the global mean loss.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,9 +21,11 @@ def wrap_data_parallel(model: nn.Module, mode: str, mesh) -> nn.Module:
         return model
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         ids = [mesh.device.index] if mesh.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
+
     flat = mesh.device_mesh._flatten("dp_cp") if hasattr(mesh.device_mesh, "_flatten") else mesh.device_mesh
     for block in model.layers.values():
         fully_shard(block, mesh=flat)
@@ -35,7 +38,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     call it on every rank."""
     out = {}
     for name, p in unwrap(model).named_parameters():
-        if hasattr(p, "full_tensor"):          # a DTensor shard
+        if hasattr(p, "full_tensor"):  # a DTensor shard
             p = p.full_tensor()
         out[name] = p.detach()
     return out
@@ -48,6 +51,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def no_sync(model: nn.Module, active: bool):
     """Context manager skipping gradient sync for all but the last micro-step (DDP)."""
     import contextlib
+
     if active and hasattr(model, "no_sync"):
         return model.no_sync()
     if active and hasattr(model, "set_requires_gradient_sync"):
@@ -65,5 +69,3 @@ class _restore_sync:
 
     def __exit__(self, *exc):
         self.model.set_requires_gradient_sync(True)
-
-

@@ -4,6 +4,7 @@ Launchers (torchrun, deepspeed, accelerate) set RANK / LOCAL_RANK / WORLD_SIZE; 
 plain ``srun`` we fall back to SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS. CP is the
 inner mesh dimension, so the ranks of one CP group are neighbours (same node).
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,10 @@ def env_ranks() -> tuple[int, int, int]:
 
 def check_world(world_size: int, cp: int) -> None:
     if cp < 1 or world_size % cp:
-        raise ValueError(f"parallel.cp.size={cp} does not divide the world size {world_size}: "
-                         f"launch a multiple of {cp} processes or change parallel.cp.size")
+        raise ValueError(
+            f"parallel.cp.size={cp} does not divide the world size {world_size}: "
+            f"launch a multiple of {cp} processes or change parallel.cp.size"
+        )
 
 
 @dataclass
@@ -38,8 +41,8 @@ class Mesh:
     dp: int
     cp: int
     device: torch.device
-    device_mesh: object = None     # torch DeviceMesh with dims ("dp", "cp"), None for a world of 1
-    subgroups: dict = field(default_factory=dict)   # size -> SubMesh of the CP group (build_subgroups)
+    device_mesh: object = None  # torch DeviceMesh with dims ("dp", "cp"), None for a world of 1
+    subgroups: dict = field(default_factory=dict)  # size -> SubMesh of the CP group (build_subgroups)
 
     @property
     def dp_rank(self) -> int:
@@ -80,6 +83,7 @@ def init_mesh(cp: int, device: str = "auto", subgroup_sizes=()) -> Mesh:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
+
     mesh = init_device_mesh(dev.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
     out = Mesh(rank, local_rank, world, world // cp, cp, dev, mesh)
     if cp > 1:
@@ -99,9 +103,9 @@ class SubMesh:
     rank order (``new_group`` sorts by global rank)."""
 
     ulysses_group: object | None
-    ulysses_members: list[int]          # my U_g
+    ulysses_members: list[int]  # my U_g
     ring_group: object | None
-    ring_members: list[list[int]]       # for each member of my R_j: the members of its U_g
+    ring_members: list[list[int]]  # for each member of my R_j: the members of its U_g
     ring_rank: int
 
 
@@ -124,7 +128,8 @@ def build_submesh(group, cp: int, u: int) -> SubMesh:
     r = cp // u
     result = None
     for granks in _all_cp_groups(mine):
-        def members(cps, granks=granks):    # CP ranks in their sub-group's rank order
+
+        def members(cps, granks=granks):  # CP ranks in their sub-group's rank order
             cps = list(cps)
             return cps if len(cps) == cp else sorted(cps, key=granks.__getitem__)
 
@@ -138,7 +143,7 @@ def build_submesh(group, cp: int, u: int) -> SubMesh:
         uly_groups, ring_groups = [make(m) for m in uly], [make(m) for m in rings]
         if granks == mine:
             j = next(i for i, m in enumerate(rings) if me in m)
-            result = SubMesh(uly_groups[me // u], uly[me // u], ring_groups[j],
-                             [uly[c // u] for c in rings[j]], rings[j].index(me))
+            result = SubMesh(
+                uly_groups[me // u], uly[me // u], ring_groups[j], [uly[c // u] for c in rings[j]], rings[j].index(me)
+            )
     return result
-

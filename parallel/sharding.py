@@ -7,6 +7,7 @@ Layouts (P = CP world size, N = global row length):
 Inputs, labels and positions are permuted by the same index, so RoPE and the loss see
 every token exactly where it was.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,10 @@ def check_divisible(seq_len: int, cp: int, layout: str) -> None:
     need = 2 * cp if layout == "zigzag" else cp
     if seq_len % need:
         what = f"2*cp={need}" if layout == "zigzag" else f"cp={need}"
-        raise ValueError(f"sequence length {seq_len} is not divisible by {what} for {layout} "
-                         f"sharding: set data.seq_len to a multiple of {need}")
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by {what} for {layout} "
+            f"sharding: set data.seq_len to a multiple of {need}"
+        )
 
 
 def local_index(seq_len: int, rank: int, cp: int, layout: str) -> torch.Tensor:
@@ -42,15 +45,18 @@ def shard_batch(batch: dict, rank: int, cp: int, layout: str) -> dict:
     over the flattened batch) is kept whole. Adds ``local_index`` [C] and ``seq_len`` N."""
     n = batch["input_ids"].shape[1]
     idx = local_index(n, rank, cp, layout)
-    out = {k: (v[:, idx.to(v.device)] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == n else v)
-           for k, v in batch.items()}
+    out = {
+        k: (v[:, idx.to(v.device)] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == n else v)
+        for k, v in batch.items()
+    }
     out["local_index"] = idx
     out["seq_len"] = n
     return out
 
 
-def unshard(local: torch.Tensor, gathered: list[torch.Tensor], seq_len: int, cp: int,
-            layout: str, dim: int = 1) -> torch.Tensor:
+def unshard(
+    local: torch.Tensor, gathered: list[torch.Tensor], seq_len: int, cp: int, layout: str, dim: int = 1
+) -> torch.Tensor:
     """Reassemble the global tensor from every rank's shard (list ordered by rank)."""
     shape = list(local.shape)
     shape[dim] = seq_len

@@ -8,6 +8,7 @@ Used by the multi-rank tests and by the benchmarks (bench/).
 ``init_process_group("gloo")`` and its return value (picklable) comes back in rank order.
 An exception on any rank fails the call with that rank's traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ def _free_port() -> int:
 def _worker(rank, world_size, port, fn, args, queue):
     import torch
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -47,19 +50,22 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results, errors = {}, []
     try:
         import queue as _q
+
         for _ in range(world_size):
             try:
                 rank, ok, out = queue.get(timeout=timeout)
             except _q.Empty:
-                raise TimeoutError(f"distributed test timed out after {timeout}s "
-                                   f"({len(results)}/{world_size} ranks finished)") from None
+                raise TimeoutError(
+                    f"distributed test timed out after {timeout}s ({len(results)}/{world_size} ranks finished)"
+                ) from None
             if ok:
                 results[rank] = pickle.loads(out)
             else:

@@ -7,6 +7,7 @@ common case matrix (packed documents crossing ranks, GQA, windows, lengths that 
 multiple of the kernel block); ``run_cp`` spawns real gloo processes (a world of one runs
 in this process).
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,10 +69,10 @@ def check_strategy(rank, world, strategy, layout, cases, block=16, options=None)
 
 
 def cases_for(world, h=4):
-    n = 2 * world * 7   # 14 tokens per rank: not a multiple of the kernel block
+    n = 2 * world * 7  # 14 tokens per rank: not a multiple of the kernel block
     base = dict(b=2, n=n, d=8, h=h)
     return [
-        dict(base, seed=1, hkv=h, doc_lens=[n], causal=True, window=None),           # spans all ranks
+        dict(base, seed=1, hkv=h, doc_lens=[n], causal=True, window=None),  # spans all ranks
         dict(base, seed=2, hkv=h // 2, doc_lens=[1, 5, 2 * n // 3, 1, 9], causal=True, window=None),
         dict(base, seed=3, hkv=h // 4, doc_lens=[3, n // 2 + 5], causal=True, window=5),
         dict(base, seed=4, hkv=h // 4, doc_lens=[7, 1, n], causal=True, window=n // world + 3),
@@ -88,5 +89,4 @@ def run_cp(fn, world, *args):
 
 def check_layouts(rank, world, strategy, cases):
     """Both layouts in one spawn (each spawn costs seconds)."""
-    return [e for layout in ("contiguous", "zigzag")
-            for e in check_strategy(rank, world, strategy, layout, cases)]
+    return [e for layout in ("contiguous", "zigzag") for e in check_strategy(rank, world, strategy, layout, cases)]

@@ -46,13 +46,13 @@ def test_kernel_matches_reference(causal, window, h, hkv):
 
 def test_offset_chunks_and_empty_rows():
     """A Q chunk meeting a K chunk from elsewhere; queries before all keys see nothing."""
-    q_pos = torch.cat([torch.arange(10, 20), torch.arange(50, 60)])   # zigzag-like pair of chunks
+    q_pos = torch.cat([torch.arange(10, 20), torch.arange(50, 60)])  # zigzag-like pair of chunks
     k_pos = torch.arange(15, 35)
     cu = torch.tensor([0, 25, 64])
     q, k, v, mask = _case(1, 20, 20, 2, 1, 4, q_pos, k_pos, cu, True, None)
     _compare(q, k, v, mask, block=4)
     o, lse = attention(q, k, v, mask, None, 4)
-    assert torch.isinf(lse[0, :, :5]).all() and (o[0, :5] == 0).all()   # positions 10..14
+    assert torch.isinf(lse[0, :, :5]).all() and (o[0, :5] == 0).all()  # positions 10..14
 
 
 def test_empty_blocks_are_skipped():
@@ -62,7 +62,7 @@ def test_empty_blocks_are_skipped():
     _, _, _, mask = _case(1, n, n, 1, 1, 4, pos, pos, cu, True, None)
     plan = active_blocks(mask, block, block)
     computed = sum(len(kidx) // block for kidx in plan[0])
-    assert computed == 4 * 3   # 4 docs of 2 blocks: 3 causal blocks each, out of 64
+    assert computed == 4 * 3  # 4 docs of 2 blocks: 3 causal blocks each, out of 64
     causal_only = active_blocks(MaskSpec(pos, pos, mask.q_doc * 0, mask.k_doc * 0, True, None), block, block)
     assert sum(len(kidx) // block for kidx in causal_only[0]) == 8 * 9 // 2
 

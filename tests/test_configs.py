@@ -1,4 +1,5 @@
 """Every file in conf/ composes and validates; bad values stop with a clear message."""
+
 import glob
 import os
 
@@ -36,22 +37,29 @@ def test_every_group_option_composes(group):
         validate(cfg, world_size=cfg.parallel.cp.size)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.mixer_pattern=[softmax,mamba]"], "model.mixer_pattern has unknown mixer 'mamba'"),
-    (["model.n_heads=4", "model.n_kv_heads=3"], "not divisible by model.n_kv_heads=3"),
-    (["parallel=cp2", "data.seq_len=1001"], "not divisible by 2\\*cp=4 for zigzag"),
-    (["parallel.cp.strategies.softmax=warp"], "parallel.cp.strategies.softmax=.warp. is unknown"),
-    (["parallel.cp.strategies.softmax=lasp2"], "serves linear layers, not softmax ones"),
-    (["model.mixer_pattern=[gla,softmax]", "parallel.cp.strategies.linear=ring"],
-     "serves softmax layers, not linear ones"),
-    (["+parallel.cp.options.ulysses_size=2"], "options are per mixer kind now"),
-    (["data.tokenizer=hf", "data.tokenizer_path=/nonexistent/tok"],
-     "data.tokenizer_path='/nonexistent/tok' does not exist"),
-    (["init_from=/nonexistent/ckpt"], "init_from='/nonexistent/ckpt' is not a directory"),
-    (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.mixer_pattern=[softmax,mamba]"], "model.mixer_pattern has unknown mixer 'mamba'"),
+        (["model.n_heads=4", "model.n_kv_heads=3"], "not divisible by model.n_kv_heads=3"),
+        (["parallel=cp2", "data.seq_len=1001"], "not divisible by 2\\*cp=4 for zigzag"),
+        (["parallel.cp.strategies.softmax=warp"], "parallel.cp.strategies.softmax=.warp. is unknown"),
+        (["parallel.cp.strategies.softmax=lasp2"], "serves linear layers, not softmax ones"),
+        (
+            ["model.mixer_pattern=[gla,softmax]", "parallel.cp.strategies.linear=ring"],
+            "serves softmax layers, not linear ones",
+        ),
+        (["+parallel.cp.options.ulysses_size=2"], "options are per mixer kind now"),
+        (
+            ["data.tokenizer=hf", "data.tokenizer_path=/nonexistent/tok"],
+            "data.tokenizer_path='/nonexistent/tok' does not exist",
+        ),
+        (["init_from=/nonexistent/ckpt"], "init_from='/nonexistent/ckpt' is not a directory"),
+        (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
+    ],
+)
 def test_bad_values_have_clear_errors(overrides, message):
-    with pytest.raises(ValueError, match=message):   # raised while composing or validating
+    with pytest.raises(ValueError, match=message):  # raised while composing or validating
         cfg = _compose(overrides)
         validate(cfg, world_size=cfg.parallel.cp.size)
 
@@ -77,7 +85,8 @@ def test_deprecated_strategy_keys_still_select_strategies():
 
 def test_strategies_follow_the_model_kinds():
     from trainer.config import cp_strategies
+
     cfg = _compose(["experiment=quickstart", "parallel.cp.strategies.softmax=ring"])
     assert {k: s.name for k, s in cp_strategies(cfg).items()} == {"linear": "lasp2", "softmax": "ring"}
     cfg = _compose(["model.mixer_pattern=[softmax]", "parallel.cp.strategies.linear=nonsense"])
-    assert list(cp_strategies(cfg)) == ["softmax"]     # only kinds the model uses are built
+    assert list(cp_strategies(cfg)) == ["softmax"]  # only kinds the model uses are built

@@ -1,5 +1,6 @@
 """All-gather KV context parallelism vs the single-device reference (fp64, 1e-10), in both
 exchange modes, and its bytes against the formula."""
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,11 +11,11 @@ from parallel.spawn import run_distributed
 from parallel.strategies import LayerShape, build_strategy
 from tests.cp_check import check_strategy, make_case
 
-pytestmark = pytest.mark.gloo   # spawns multi-process gloo groups
+pytestmark = pytest.mark.gloo  # spawns multi-process gloo groups
 
 
 def cases_for(world):
-    n = 2 * world * 7   # 14 tokens per rank: not a multiple of the kernel block
+    n = 2 * world * 7  # 14 tokens per rank: not a multiple of the kernel block
     base = dict(b=2, n=n, d=8)
     return [
         dict(base, seed=1, h=4, hkv=4, doc_lens=[n], causal=True, window=None),
@@ -32,8 +33,7 @@ def cases_for(world):
 def test_allgather_exact(world, layout, gather):
     if world == 1 and gather == "all":
         pytest.skip("same code path as gather=needed at world 1")
-    errs = run_distributed(check_strategy, world, "allgather", layout, cases_for(world), 16,
-                           {"gather": gather})
+    errs = run_distributed(check_strategy, world, "allgather", layout, cases_for(world), 16, {"gather": gather})
     worst = max(max(e) for e in errs)
     assert worst < 1e-10, errs
 
@@ -50,9 +50,10 @@ def _forward_bytes(rank, world, layout, gather, window, doc_lens):
 
 
 def test_bytes_match_formula():
-    world, chunk = 4, 2 * 1 * 16 * 1 * 4 * 4            # K and V of one rank: 2*B*C*Hkv*D*4 bytes
-    formula = build_strategy("allgather").forward_bytes(LayerShape(batch=1, seq_len=64, cp=4, n_heads=2,
-                                                                   n_kv_heads=1, head_dim=4, elem_bytes=4))
+    world, chunk = 4, 2 * 1 * 16 * 1 * 4 * 4  # K and V of one rank: 2*B*C*Hkv*D*4 bytes
+    formula = build_strategy("allgather").forward_bytes(
+        LayerShape(batch=1, seq_len=64, cp=4, n_heads=2, n_kv_heads=1, head_dim=4, elem_bytes=4)
+    )
     assert formula == 3 * chunk
     full = run_distributed(_forward_bytes, world, "zigzag", "all", None, [64])
     assert full == [formula] * world

@@ -1,4 +1,5 @@
 """Ring attention context parallelism vs the single-device reference (fp64, 1e-10)."""
+
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def test_may_attend_is_conservative_and_skips():
             assert may_attend(m, 8)
     pos0, pos1 = torch.arange(0, 14), torch.arange(14, 28)
     one = torch.zeros(1, 14, dtype=torch.int64)
-    assert not may_attend(MaskSpec(pos0, pos1, one, one, True, None), 16)           # future keys
+    assert not may_attend(MaskSpec(pos0, pos1, one, one, True, None), 16)  # future keys
     assert may_attend(MaskSpec(pos0, pos1, one, one, False, None), 16)
-    assert not may_attend(MaskSpec(pos1, pos0, one, one + 1, True, None), 16)       # other document
-    assert not may_attend(MaskSpec(pos1 + 14, pos0, one, one, True, 10), 16)        # out of window
+    assert not may_attend(MaskSpec(pos1, pos0, one, one + 1, True, None), 16)  # other document
+    assert not may_attend(MaskSpec(pos1 + 14, pos0, one, one, True, 10), 16)  # out of window

@@ -1,18 +1,26 @@
 """USP (ulysses x ring) context parallelism vs the single-device reference (fp64, 1e-10),
 and, for ring, ulysses and usp, the bytes one forward receives against ``forward_bytes``."""
+
 import pytest
 import torch
 
 from parallel.spawn import run_distributed
 from tests.cp_check import cases_for, check_strategy, make_case, reference
 
-pytestmark = pytest.mark.gloo   # spawns multi-process gloo groups
+pytestmark = pytest.mark.gloo  # spawns multi-process gloo groups
 
 # (strategy, ulysses degree or None, n_heads, n_kv_heads) per world size
 BYTE_CASES = {
     2: [("ring", None, 4, 2), ("ulysses", None, 6, 1), ("usp", 1, 4, 2), ("usp", 2, 4, 1)],
-    4: [("ring", None, 4, 2), ("ulysses", None, 4, 1), ("ulysses", None, 8, 4),
-        ("usp", 2, 4, 1), ("usp", 2, 8, 8), ("usp", 1, 4, 2), ("usp", None, 4, 4)],
+    4: [
+        ("ring", None, 4, 2),
+        ("ulysses", None, 4, 1),
+        ("ulysses", None, 8, 4),
+        ("usp", 2, 4, 1),
+        ("usp", 2, 8, 8),
+        ("usp", 1, 4, 2),
+        ("usp", None, 4, 4),
+    ],
 }
 
 
@@ -24,6 +32,7 @@ def measure_bytes(rank, world, layout):
     from parallel.context import CPContext
     from parallel.mesh import build_subgroups
     from parallel.strategies import LayerShape, build_strategy
+
     out = []
     b, n, d = 2, 8 * world, 4
     for name, u, h, hkv in BYTE_CASES[world]:
@@ -34,8 +43,9 @@ def measure_bytes(rank, world, layout):
         idx = ctx.local_index
         comm.COUNTER.reset()
         strat.attention(q[:, idx], k[:, idx], v[:, idx], ctx, causal=True)
-        want = strat.forward_bytes(LayerShape(batch=b, seq_len=n, cp=world, n_heads=h,
-                                              n_kv_heads=hkv, head_dim=d, elem_bytes=4))
+        want = strat.forward_bytes(
+            LayerShape(batch=b, seq_len=n, cp=world, n_heads=h, n_kv_heads=hkv, head_dim=d, elem_bytes=4)
+        )
         out.append((name, u, h, hkv, comm.COUNTER.total_received, want))
     return out
 
@@ -43,8 +53,12 @@ def measure_bytes(rank, world, layout):
 def check_usp(rank, world, degrees, cases):
     """Every ulysses degree u (cp = u x cp/u) and both layouts, then the byte counts, in
     one spawn (each spawn costs seconds)."""
-    errs = [e for u in degrees for layout in ("contiguous", "zigzag")
-            for e in check_strategy(rank, world, "usp", layout, cases, options={"ulysses_size": u})]
+    errs = [
+        e
+        for u in degrees
+        for layout in ("contiguous", "zigzag")
+        for e in check_strategy(rank, world, "usp", layout, cases, options={"ulysses_size": u})
+    ]
     return errs, measure_bytes(rank, world, "zigzag" if world == 4 else "contiguous")
 
 
@@ -65,6 +79,7 @@ def check_usp_dp2(rank, world):
     from parallel.context import CPContext
     from parallel.mesh import build_subgroups
     from parallel.strategies.usp import USP
+
     groups = [dist.new_group(list(range(i, i + 4))) for i in (0, 4)]
     group, cp_rank = groups[rank // 4], rank % 4
     c = cases_for(4)[1]
@@ -87,6 +102,7 @@ def test_usp_with_data_parallel_groups():
 
 def test_usp_config_errors():
     from parallel.strategies.usp import USP
+
     with pytest.raises(ValueError, match="parallel.cp.ulysses_size=3 does not divide parallel.cp.size=4"):
         USP(ulysses_size=3).check(n_heads=6, n_kv_heads=2, cp=4, seq_len=64, layout="zigzag")
     with pytest.raises(ValueError, match="model.n_heads=6 is not divisible by parallel.cp.ulysses_size=4"):

@@ -1,5 +1,6 @@
 """The data pipeline: tokenizers, sources, packing invariants, exact resume, dp sharding,
 synthetic probes, and clear errors for bad settings. CPU only, a few seconds."""
+
 import io
 import json
 import random
@@ -19,8 +20,7 @@ from trainer.data import (
 )
 
 TOK = ByteTokenizer()
-DOCS = ["short", "", "a medium length document, with commas.", "x" * 50, "héllo wörld ✓",
-        "line one\nline two\n", "z"]
+DOCS = ["short", "", "a medium length document, with commas.", "x" * 50, "héllo wörld ✓", "line one\nline two\n", "z"]
 
 
 @pytest.fixture
@@ -60,17 +60,17 @@ def test_byte_tokenizer_round_trip():
     assert all(0 <= i < 256 for i in ids) and TOK.decode(ids) == text
     assert (TOK.eos_id, TOK.vocab_size) == (256, 257)
     assert TOK.decode(ids + [TOK.eos_id]) == text
-    assert TOK.decode([0xff]) == "\ufffd"                       # errors='replace'
+    assert TOK.decode([0xFF]) == "\ufffd"  # errors='replace'
 
 
 def test_hf_tokenizer_from_local_dir(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {w: i for i, w in enumerate(["[UNK]", "</s>", "hello", "world", "."])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]",
-                            eos_token="</s>").save_pretrained(str(tmp_path))
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(str(tmp_path))
     tok = build_tokenizer("hf", str(tmp_path))
     assert (tok.eos_id, tok.vocab_size) == (1, 5)
     assert tok.encode("hello world .") == [2, 3, 4]
@@ -93,19 +93,22 @@ def test_stdlib_source():
     assert len(train) > 500 and len(val) > 0
     assert not set(train.paths) & set(val.paths)
     assert train.paths == sorted(train.paths) == StdlibSource(split="train").paths
-    assert not any(part in ("test", "tests", "site-packages", "idlelib", "lib2to3")
-                   for p in train.paths + val.paths for part in p.split("/"))
+    assert not any(
+        part in ("test", "tests", "site-packages", "idlelib", "lib2to3")
+        for p in train.paths + val.paths
+        for part in p.split("/")
+    )
     assert "import" in train[0] + train[1] + train[2]
 
 
 def test_text_files_source(corpus):
     (train, val), docs = _all_docs([corpus])
-    assert sorted(docs) == sorted(DOCS)                   # every document, exactly once
+    assert sorted(docs) == sorted(DOCS)  # every document, exactly once
     assert len(train) > 0 and len(val) > 0
     files = [corpus + "/more.jsonl", corpus + "/sub/doc0.txt"]
     sizes = [len(TextFilesSource(files, split=s, val_fraction=0.0)) for s in ("train", "val")]
-    assert sizes == [4, 1]                                 # val always gets a document
-    single = corpus + "/sub/doc2.txt"                      # a one-document corpus serves both
+    assert sizes == [4, 1]  # val always gets a document
+    single = corpus + "/sub/doc2.txt"  # a one-document corpus serves both
     assert TextFilesSource([single])[0] == TextFilesSource([single], split="val")[0] == DOCS[2]
 
 
@@ -118,7 +121,7 @@ def test_bad_paths_raise(tmp_path):
     with pytest.raises(ValueError, match="data.paths=.*holds no .txt or .jsonl"):
         TextFilesSource([str(tmp_path)])
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    with pytest.raises(ValueError, match="\"text\" field"):
+    with pytest.raises(ValueError, match='"text" field'):
         TextFilesSource([str(tmp_path / "bad.jsonl")])[0]
     with pytest.raises(ValueError, match="no documents for this split.*data.val_fraction"):
         PackedDataset([], TOK, 8)
@@ -130,7 +133,7 @@ def test_packing_invariants(corpus, seq_len):
     src = TextFilesSource([corpus], val_fraction=0.0)
     ds = PackedDataset(src, TOK, seq_len, seed=3)
     total = sum(len(TOK.encode(src[i])) + 1 for i in range(len(src)))
-    rows = [next(ds) for _ in range(3 * total // seq_len + 2)]          # about three epochs
+    rows = [next(ds) for _ in range(3 * total // seq_len + 2)]  # about three epochs
     for r, nxt in zip(rows, rows[1:]):
         x, y, pos, cu = r["input_ids"], r["labels"], r["positions"], r["cu_seqlens"]
         assert x.shape == y.shape == pos.shape == (seq_len,)
@@ -138,12 +141,12 @@ def test_packing_invariants(corpus, seq_len):
         assert cu[0] == 0 and cu[-1] == seq_len and bool((cu[1:] > cu[:-1]).all())
         is_eos = x == TOK.eos_id
         starts = [0] + [t + 1 for t in range(seq_len - 1) if is_eos[t]]
-        assert cu[:-1].tolist() == starts                  # boundaries right after each eos
+        assert cu[:-1].tolist() == starts  # boundaries right after each eos
         for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
             assert pos[a:b].tolist() == list(range(b - a))
-        assert torch.equal(y == -100, is_eos)              # -100 exactly at document ends
+        assert torch.equal(y == -100, is_eos)  # -100 exactly at document ends
         follow = torch.cat([x[1:], nxt["input_ids"][:1]])
-        assert torch.equal(y[~is_eos], follow[~is_eos])    # otherwise the next token
+        assert torch.equal(y[~is_eos], follow[~is_eos])  # otherwise the next token
     # the inputs, concatenated, are the documents in each epoch's seeded order, each + eos
     stream = torch.cat([r["input_ids"] for r in rows]).tolist()
     expect = []
@@ -151,7 +154,7 @@ def test_packing_invariants(corpus, seq_len):
         perm = torch.randperm(len(src), generator=torch.Generator().manual_seed(3 + epoch))
         for i in perm.tolist():
             expect += TOK.encode(src[i]) + [TOK.eos_id]
-    assert stream == expect[:len(stream)]
+    assert stream == expect[: len(stream)]
 
 
 def test_collated_batch_layout(corpus):
@@ -161,20 +164,20 @@ def test_collated_batch_layout(corpus):
     cu = b["cu_seqlens"]
     assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == 48
     assert bool((cu[1:] > cu[:-1]).all()) and {0, 16, 32} <= set(cu.tolist())
-    starts = set(cu[:-1].tolist())                         # positions restart exactly there
+    starts = set(cu[:-1].tolist())  # positions restart exactly there
     assert {i for i, p in enumerate(b["positions"].flatten().tolist()) if p == 0} == starts
 
 
-@pytest.mark.parametrize("dp_rank,dp_size,micro_batch,k", [(0, 1, 2, 0), (0, 1, 2, 3),
-                                                            (0, 1, 1, 11), (1, 2, 2, 5)])
+@pytest.mark.parametrize("dp_rank,dp_size,micro_batch,k", [(0, 1, 2, 0), (0, 1, 2, 3), (0, 1, 1, 11), (1, 2, 2, 5)])
 def test_resume_is_exact(corpus, dp_rank, dp_size, micro_batch, k):
     def loader():
         src = TextFilesSource([corpus], val_fraction=0.0)
         return DataLoaderShard(PackedDataset(src, TOK, 8, seed=5), dp_rank, dp_size, micro_batch)
+
     m = 25
     full = loader()
     expect = _rows(full, k + m)
-    assert full.dataset.cursor[0] >= 2                     # crossed epoch boundaries
+    assert full.dataset.cursor[0] >= 2  # crossed epoch boundaries
     first = loader()
     _rows(first, k)
     buf = io.BytesIO()
@@ -196,6 +199,7 @@ def test_resume_with_other_data_raises(corpus):
 def test_dp_sharding_deals_rows_round_robin(micro_batch):
     def loader(rank, size):
         return DataLoaderShard(PackedDataset(StdlibSource(), TOK, 32, seed=1), rank, size, micro_batch)
+
     n = 6
     one = torch.cat([b["input_ids"] for b in _rows(loader(0, 1), 2 * n)])
     ranks = [torch.cat([b["input_ids"] for b in _rows(loader(r, 2), n)]) for r in (0, 1)]

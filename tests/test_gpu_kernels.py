@@ -1,4 +1,5 @@
 """GPU-only paths (flash-attn). Skipped cleanly without CUDA or flash-attn."""
+
 import pytest
 import torch
 

@@ -3,6 +3,7 @@
 Tiny random-weight models are built locally from configs (no downloads); logits of our
 Transformer and of transformers' model on the same input must agree to 1e-5 (fp32).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,11 +44,20 @@ def _inputs(seed: int = 1):
 
 
 def _hf_config(model_type: str, **extra):
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "mistral": transformers.MistralConfig}[model_type]
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-              max_position_embeddings=128, tie_word_embeddings=False)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}[
+        model_type
+    ]
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     if model_type == "mistral":
         kw["sliding_window"] = None
     kw.update(extra)
@@ -57,8 +67,7 @@ def _hf_config(model_type: str, **extra):
 def _hf_model(config, seed: int = 0):
     torch.manual_seed(seed)
     config._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
-                                                         dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     _randomize(model, seed)
     return model.eval()
 
@@ -81,16 +90,46 @@ IMPORT_CASES = {
     "qwen2_window": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)),
     "mistral_window": ("mistral", dict(sliding_window=8)),
     "mistral_head_dim": ("mistral", dict(head_dim=32)),
-    "llama_linear": ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 4.0,
-                                                    "rope_theta": 500.0})),
-    "llama_yarn": ("llama", dict(max_position_embeddings=64, rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "rope_theta": 1000.0, "original_max_position_embeddings": 16})),
-    "llama_yarn_attn_factor": ("llama", dict(rope_parameters={
-        "rope_type": "yarn", "factor": 8.0, "rope_theta": 10000.0, "attention_factor": 1.3,
-        "beta_fast": 16.0, "beta_slow": 2.0, "original_max_position_embeddings": 16})),
-    "llama_llama3": ("llama", dict(rope_parameters={
-        "rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama_linear": ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0})),
+    "llama_yarn": (
+        "llama",
+        dict(
+            max_position_embeddings=64,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": 1000.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "llama_yarn_attn_factor": (
+        "llama",
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 8.0,
+                "rope_theta": 10000.0,
+                "attention_factor": 1.3,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+                "original_max_position_embeddings": 16,
+            }
+        ),
+    ),
+    "llama_llama3": (
+        "llama",
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "rope_theta": 10000.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        ),
+    ),
 }
 
 
@@ -126,8 +165,7 @@ def test_sharded_checkpoint(tmp_path):
 
 
 def _our_model(seed: int = 0, **kw) -> Transformer:
-    base = dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
-                norm_eps=1e-6)
+    base = dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, norm_eps=1e-6)
     base.update(kw)
     model = Transformer(ModelConfig(**base))
     _randomize(model, seed)
@@ -140,8 +178,7 @@ EXPORT_CASES = {
     "llama_ntk": ("llama", dict(rope=RopeConfig(type="ntk", factor=4.0))),
     "llama_yarn": ("llama", dict(rope=RopeConfig(type="yarn", factor=4.0, original_max_position=16))),
     "llama_llama3": ("llama", dict(rope=RopeConfig(type="llama3", factor=8.0, original_max_position=32))),
-    "llama_linear_bias": ("llama", dict(attention_bias=True,
-                                        rope=RopeConfig(type="linear", factor=2.0, theta=500.0))),
+    "llama_linear_bias": ("llama", dict(attention_bias=True, rope=RopeConfig(type="linear", factor=2.0, theta=500.0))),
     "qwen2_bias_window_tied": ("qwen2", dict(attention_bias=True, sliding_window=8, tie_embeddings=True)),
     "qwen2_no_bias": ("qwen2", {}),
     "mistral_window": ("mistral", dict(sliding_window=8, head_dim=32)),
@@ -154,10 +191,11 @@ def test_export_round_trip(case, tmp_path):
     ours = _our_model(**kw)
     out = tmp_path / "export"
     save_hf_checkpoint(ours, str(out), model_type=model_type)
-    assert sorted(os.listdir(tmp_path)) == ["export"]          # no temp dir left behind
+    assert sorted(os.listdir(tmp_path)) == ["export"]  # no temp dir left behind
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), attn_implementation="eager",
-                                                           dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), attn_implementation="eager", dtype=torch.float32
+    ).eval()
     assert type(hf).__name__ == json.loads((out / "config.json").read_text())["architectures"][0]
     ids, pos = _inputs(2)
     want = _our_logits(ours, ids, pos)
@@ -167,7 +205,7 @@ def test_export_round_trip(case, tmp_path):
     assert back.cfg.tie_embeddings == ours.cfg.tie_embeddings
     assert back.cfg.sliding_window == ours.cfg.sliding_window
     sd, sd_back = ours.state_dict(), back.state_dict()
-    extra = set(sd_back) - set(sd)     # qwen2 always has q/k/v biases: exported as zeros
+    extra = set(sd_back) - set(sd)  # qwen2 always has q/k/v biases: exported as zeros
     assert set(sd) <= set(sd_back) and all(k.endswith("_proj.bias") for k in extra)
     assert all(torch.count_nonzero(sd_back[k]) == 0 for k in extra)
     assert all(torch.equal(sd[k], sd_back[k]) for k in sd)
@@ -193,24 +231,52 @@ def test_export_rejects_unrepresentable(tmp_path):
 
 # ------------------------------------------------------------------ config parsing
 
+
 def _llama_dict(**kw):
-    d = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-             max_position_embeddings=8192)
+    d = dict(
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+    )
     d.update(kw)
     return d
 
 
 def test_old_and_new_rope_formats_agree():
-    old = config_from_hf(_llama_dict(rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}))
-    new = config_from_hf(_llama_dict(rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}))
+    old = config_from_hf(
+        _llama_dict(
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        )
+    )
+    new = config_from_hf(
+        _llama_dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
+        )
+    )
     assert old.rope == new.rope
-    assert old.rope == RopeConfig(theta=500000.0, type="llama3", factor=8.0, original_max_position=8192,
-                                  low_freq_factor=1.0, high_freq_factor=4.0)
+    assert old.rope == RopeConfig(
+        theta=500000.0, type="llama3", factor=8.0, original_max_position=8192, low_freq_factor=1.0, high_freq_factor=4.0
+    )
     # very old spelling: "type" instead of "rope_type"
     lin = config_from_hf(_llama_dict(rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2.0}))
     assert (lin.rope.type, lin.rope.factor) == ("linear", 2.0)
@@ -220,7 +286,7 @@ def test_old_and_new_rope_formats_agree():
 
 def test_sliding_window_rules():
     qwen = dict(_llama_dict(), model_type="qwen2", sliding_window=8)
-    assert config_from_hf(qwen).sliding_window is None                      # use_sliding_window off
+    assert config_from_hf(qwen).sliding_window is None  # use_sliding_window off
     assert config_from_hf(qwen).attention_bias is True
     assert config_from_hf(dict(qwen, use_sliding_window=True, max_window_layers=0)).sliding_window == 8
     assert config_from_hf(dict(qwen, use_sliding_window=True, max_window_layers=2)).sliding_window is None
@@ -230,6 +296,7 @@ def test_sliding_window_rules():
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_missing_directory(tmp_path):
     path = str(tmp_path / "nope")

@@ -1,5 +1,6 @@
 """The layering the design fixes: trainer -> parallel -> models, models never imports
 torch.distributed, and module-level imports inside models/ form no cycle."""
+
 import ast
 import glob
 import os
@@ -31,8 +32,11 @@ def _modules(package: str) -> dict[str, str]:
 
 def test_models_never_import_parallel_trainer_or_distributed():
     for name, path in _modules("models").items():
-        bad = {m for m in _imports(path, top_level_only=False)
-               if m.split(".")[0] in ("parallel", "trainer", "bench") or m.startswith("torch.distributed")}
+        bad = {
+            m
+            for m in _imports(path, top_level_only=False)
+            if m.split(".")[0] in ("parallel", "trainer", "bench") or m.startswith("torch.distributed")
+        }
         assert not bad, f"{name} imports {sorted(bad)}"
 
 
@@ -45,7 +49,7 @@ def test_parallel_never_imports_trainer():
 def test_no_import_cycle_in_models():
     mods = _modules("models")
     graph = {n: {m for m in _imports(p, top_level_only=True) if m in mods and m != n} for n, p in mods.items()}
-    for n in mods:       # a module's package __init__ is imported first: not an edge of its own
+    for n in mods:  # a module's package __init__ is imported first: not an edge of its own
         graph[n] -= {p for p in mods if n.startswith(p + ".")}
     state = {}
 

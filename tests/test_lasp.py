@@ -8,6 +8,7 @@ scalar / per-key / both, g = 0 and g = -30, documents crossing 1-3 boundaries, l
 chunk sizes 4 and 64 (not dividing the segments). The hybrid model (gla, simple_gla, lightning,
 softmax layers) compares CP=P (allgather + lasp2) with CP=1 in fp32 to 1e-5.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,25 +26,26 @@ from parallel.sharding import shard_batch, unshard
 from parallel.spawn import run_distributed
 from parallel.strategies import LayerShape, build_strategy
 
-pytestmark = pytest.mark.gloo   # spawns multi-process gloo groups
+pytestmark = pytest.mark.gloo  # spawns multi-process gloo groups
 
 WORLDS = [1, 2, 3, 4, 8]
 C, B, H, DK, DV, SCALE = 6, 2, 2, 4, 4, 0.5
 RUNS = [("lasp2", "contiguous"), ("lasp2", "zigzag"), ("lasp1", "contiguous")]
-KEEP = {"recompute": False}   # intermediates kept for backward instead of recomputed
-KEEP_RUNS = [("lasp2", "zigzag", KEEP), ("lasp1", "contiguous", KEEP)]   # worlds 2, 3 only (time)
+KEEP = {"recompute": False}  # intermediates kept for backward instead of recomputed
+KEEP_RUNS = [("lasp2", "zigzag", KEEP), ("lasp1", "contiguous", KEEP)]  # worlds 2, 3 only (time)
 
 
 def error_runs(world):
     return [(s, lay, {}) for s, lay in RUNS] + (KEEP_RUNS if world in (2, 3) else [])
 
+
 # document starts per row (clipped to the row): with C = 6, rank boundaries (contiguous) sit at
 # multiples of 6, zigzag chunk boundaries at multiples of 3
 ONE = [0]
-L1 = [0, 1, 2, 9, 20, 21, 27, 40]        # len-1 docs; [2,9) crosses 1, [9,20) 2, [27,40) 2
-L2 = [0, 3, 23, 24, 25, 43]              # [3,23) crosses 3; [24,25) starts on a boundary
-L3 = [0, 6, 7, 12, 18, 19, 30, 31, 36]   # starts on boundaries, len-1 docs right after them
-CASES = {   # name: (decay, row starts, chunk_size, constant g)
+L1 = [0, 1, 2, 9, 20, 21, 27, 40]  # len-1 docs; [2,9) crosses 1, [9,20) 2, [27,40) 2
+L2 = [0, 3, 23, 24, 25, 43]  # [3,23) crosses 3; [24,25) starts on a boundary
+L3 = [0, 6, 7, 12, 18, 19, 30, 31, 36]  # starts on boundaries, len-1 docs right after them
+CASES = {  # name: (decay, row starts, chunk_size, constant g)
     "none": ("none", (ONE, ONE), 64, None),
     "scalar": ("scalar", (L1, L2), 4, None),
     "key": ("key", (L2, L1), 4, None),
@@ -55,7 +57,7 @@ CASES = {   # name: (decay, row starts, chunk_size, constant g)
 
 def make_case(seed, n, decay, rows, g_value=None, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)   # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
     q, k, v, do = rnd(B, n, H, DK), rnd(B, n, H, DK), rnd(B, n, H, DV), rnd(B, n, H, DV)
     g = F.logsigmoid(rnd(B, n, H) + 2) if decay in ("scalar", "both") else None
     gk = F.logsigmoid(rnd(B, n, H, DK) + 2) if decay in ("key", "both") else None
@@ -68,8 +70,10 @@ def make_case(seed, n, decay, rows, g_value=None, dtype=torch.float64):
 
 def _inputs(case, idx=None):
     names = ("q", "k", "v", "g", "gk")
-    return [None if case[x] is None else
-            (case[x] if idx is None else case[x][:, idx]).clone().requires_grad_() for x in names]
+    return [
+        None if case[x] is None else (case[x] if idx is None else case[x][:, idx]).clone().requires_grad_()
+        for x in names
+    ]
 
 
 def _grads(o, do, inputs):
@@ -87,8 +91,7 @@ def reference(case):
 def _run(strategy, layout, rank, world, case, n, chunk=64, options=None):
     """This rank's (o, dq, dk, dv, dg, dgk) shard and its local index."""
     group = dist.group.WORLD if world > 1 else None
-    ctx = CPContext(build_strategy(strategy, **(options or {})), group, rank, world, layout, n, B,
-                    case["cu"])
+    ctx = CPContext(build_strategy(strategy, **(options or {})), group, rank, world, layout, n, B, case["cu"])
     idx = ctx.local_index
     inputs = _inputs(case, idx)
     q, k, v, g, gk = inputs
@@ -105,9 +108,10 @@ def _errors(rank, world):
             got, idx = _run(strategy, layout, rank, world, case, n, chunk, options)
             assert all(x is None or torch.isfinite(x).all() for x in got)
             strategy = strategy + ("" if options.get("recompute", True) else "/keep")
-            errs[(strategy, layout, name)] = max((a - r[:, idx]).abs().max().item()
-                                                 for a, r in zip(got, ref) if a is not None)
-            if g_value == -30.0:   # the prefix vanishes: each token sees (almost) only itself
+            errs[(strategy, layout, name)] = max(
+                (a - r[:, idx]).abs().max().item() for a, r in zip(got, ref) if a is not None
+            )
+            if g_value == -30.0:  # the prefix vanishes: each token sees (almost) only itself
                 q, k, v = (case[x][:, idx] for x in "qkv")
                 own = SCALE * (q * k).sum(-1, keepdim=True) * v
                 errs[(strategy, layout, "g=-30 self only")] = (got[0] - own).abs().max().item()
@@ -165,18 +169,17 @@ def _batch(n, b=2, vocab=257, seed=0):
 
 def _model_loss_and_grads(rank, world, layout):
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2,
-                      mixer_pattern=["gla", "simple_gla", "lightning", "softmax"])
+    cfg = ModelConfig(
+        dim=64, n_layers=4, n_heads=4, n_kv_heads=2, mixer_pattern=["gla", "simple_gla", "lightning", "softmax"]
+    )
     model = Transformer(cfg)
     batch = _batch(MODEL_N)
     local = shard_batch(batch, rank, world, layout)
     if world == 1:
-        ctx = CPContext(build_strategy("local"), None, 0, 1, layout, MODEL_N, 2,
-                        batch["cu_seqlens"], block=16)
+        ctx = CPContext(build_strategy("local"), None, 0, 1, layout, MODEL_N, 2, batch["cu_seqlens"], block=16)
     else:
         strategies = {"softmax": build_strategy("allgather"), "linear": build_strategy("lasp2")}
-        ctx = CPContext(strategies, dist.group.WORLD, rank, world, layout, MODEL_N, 2,
-                        batch["cu_seqlens"], block=16)
+        ctx = CPContext(strategies, dist.group.WORLD, rank, world, layout, MODEL_N, 2, batch["cu_seqlens"], block=16)
     logits = model(local["input_ids"], local["positions"], ctx)
     ce = F.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), reduction="sum")
     ce.backward()
@@ -230,7 +233,7 @@ def test_causality_probe(world):
     t = res[0]["probe"][0]
     for run in RUNS:
         diffs = [r["probe"][1][run][0] for r in res]
-        full = unshard(diffs[0], diffs, C * world, world, run[1])          # [B, N]
+        full = unshard(diffs[0], diffs, C * world, world, run[1])  # [B, N]
         assert (full[0, :t] == 0).all(), run
         assert (full[0, t:] > 0).all(), run
         assert (full[1] == 0).all(), run
@@ -243,9 +246,19 @@ def test_bytes_match_formula_and_are_flat(world):
         strat = build_strategy(strategy)
         per_n = []
         for n in (C * world, 10 * world):
-            formula = strat.forward_bytes(LayerShape(batch=B, seq_len=n, cp=world, n_heads=H,
-                                                     n_kv_heads=H, head_dim=DV, key_dim=DK,
-                                                     elem_bytes=4, layout=layout))
+            formula = strat.forward_bytes(
+                LayerShape(
+                    batch=B,
+                    seq_len=n,
+                    cp=world,
+                    n_heads=H,
+                    n_kv_heads=H,
+                    head_dim=DV,
+                    key_dim=DK,
+                    elem_bytes=4,
+                    layout=layout,
+                )
+            )
             got = [r["bytes"][(strategy, layout, n)] for r in res]
             if world == 1:
                 assert formula == 0 and all(f == {} and b == {} for f, b in got)
@@ -255,12 +268,12 @@ def test_bytes_match_formula_and_are_flat(world):
                 # one all-gather forward, one reduce-scatter backward, nothing else
                 assert all(f == {"all_gather": formula} for f, _ in got), got
                 assert all(b == {"reduce_scatter": formula} for _, b in got), got
-            else:   # lasp1: one state per hop; rank 0 receives nothing forward, P-1 nothing back
+            else:  # lasp1: one state per hop; rank 0 receives nothing forward, P-1 nothing back
                 assert formula == B * H * DK * DV * 4
                 assert [f.get("send_recv", 0) for f, _ in got] == [0] + [formula] * (world - 1)
                 assert [b.get("send_recv", 0) for _, b in got] == [formula] * (world - 1) + [0]
             per_n.append(got)
-        assert per_n[0] == per_n[1]                                         # flat in N
+        assert per_n[0] == per_n[1]  # flat in N
 
 
 @pytest.mark.parametrize("world", MODEL_WORLDS)

@@ -1,4 +1,5 @@
 """Linear-attention mixers inside tiny hybrid models: causality, documents, chunk == naive."""
+
 import copy
 
 import pytest
@@ -11,12 +12,13 @@ from models.rope import Rotary
 
 MIXERS = ["linear", "lightning", "retention", "simple_gla", "gla"]
 B, T = 2, 37
-CU = torch.tensor([0, 1, 12, 30, 37, 40, 41, 74])     # length-1 docs, a doc across chunk edges
+CU = torch.tensor([0, 1, 12, 30, 37, 40, 41, 74])  # length-1 docs, a doc across chunk edges
 
 
 def _cfg(name, **options):
-    cfg = ModelConfig(dim=32, n_layers=4, n_heads=2, n_kv_heads=1, vocab_size=61,
-                      mixer_pattern=[name, name, name, "softmax"])
+    cfg = ModelConfig(
+        dim=32, n_layers=4, n_heads=2, n_kv_heads=1, vocab_size=61, mixer_pattern=[name, name, name, "softmax"]
+    )
     cfg.linear_chunk_size = 8
     for key, value in options.items():
         setattr(cfg, "linear_" + key, value)
@@ -55,15 +57,24 @@ def test_hybrid_model_chunk_equals_naive_and_grads_finite(name):
     for (n, p), (_, pr) in zip(fast.named_parameters(), slow.named_parameters()):
         assert p.grad is not None and torch.isfinite(p.grad).all(), n
         assert (p.grad - pr.grad).abs().max() < 1e-10, n
-    mixer_grads = [p.grad.abs().max() for n, p in fast.named_parameters() if ".mixer." in n
-                   and n.startswith("layers.0.") and "o_norm" not in n]
+    mixer_grads = [
+        p.grad.abs().max()
+        for n, p in fast.named_parameters()
+        if ".mixer." in n and n.startswith("layers.0.") and "o_norm" not in n
+    ]
     assert all(gr > 0 for gr in mixer_grads)
 
 
-@pytest.mark.parametrize("options", [
-    dict(feature_map="identity"), dict(feature_map="relu"), dict(feature_map="learnable"),
-    dict(feature_map="hedgehog", output_gate=True), dict(output_norm=False, rope=True),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(feature_map="identity"),
+        dict(feature_map="relu"),
+        dict(feature_map="learnable"),
+        dict(feature_map="hedgehog", output_gate=True),
+        dict(output_norm=False, rope=True),
+    ],
+)
 def test_linear_options_chunk_equals_naive(options):
     cfg = _cfg("linear", **options)
     ids, ctx = _ids(1), SingleDeviceContext(B, T, CU)
@@ -77,7 +88,7 @@ def test_mixer_causality_and_document_probe(name):
     cfg = _cfg("linear", feature_map="hedgehog") if name == "hedgehog" else _cfg(name)
     torch.manual_seed(0)
     mixer = build_mixer(cfg.mixer_of(0), cfg, 0).double()
-    for p in mixer.parameters():       # non-trivial weights (the model's init zeroes biases)
+    for p in mixer.parameters():  # non-trivial weights (the model's init zeroes biases)
         torch.nn.init.normal_(p, std=0.3)
     cos, sin = Rotary(cfg.rope, cfg.hd).cos_sin(_positions(), torch.float64)
     ctx = SingleDeviceContext(B, T, CU)
@@ -86,7 +97,7 @@ def test_mixer_causality_and_document_probe(name):
     for b, t, doc_end in [(0, 0, 1), (0, 5, 12), (0, 12, 30), (0, 29, 30), (1, 3, 4), (1, 4, 37)]:
         x2 = x.clone()
         x2[b, t] += 1.0
-        diff = (mixer(x2, cos, sin, ctx) - base).abs().amax(-1)         # [B, T]
+        diff = (mixer(x2, cos, sin, ctx) - base).abs().amax(-1)  # [B, T]
         assert (diff[b, :t] < 1e-13).all(), f"token {t} leaks into the past"
         assert (diff[b, t:doc_end] > 1e-8).all(), f"token {t} does not reach its document"
         assert (diff[b, doc_end:] < 1e-13).all(), f"token {t} leaks into the next document"

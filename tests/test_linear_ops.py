@@ -1,4 +1,5 @@
 """Chunked linear attention (hand-written backward) against the token-by-token reference."""
+
 import importlib.util
 
 import pytest
@@ -20,7 +21,7 @@ F64 = torch.float64
 
 def _inputs(b, t, h, dk, dv, decay, dtype=F64, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)   # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
     q, k, v = rnd(b, t, h, dk), rnd(b, t, h, dk), rnd(b, t, h, dv)
     g = F.logsigmoid(rnd(b, t, h) + 2) if decay in ("scalar", "both") else None
     gk = F.logsigmoid(rnd(b, t, h, dk) + 2) if decay in ("key", "both") else None
@@ -68,7 +69,8 @@ def test_chunk_matches_reference(decay, chunk, t):
 def test_per_key_decay_in_several_slices(monkeypatch):
     """The per-key pairwise decay block is built a few chunks at a time under a memory budget."""
     from models.ops.linear_attention import chunk
-    monkeypatch.setattr(chunk, "PAIRWISE_BUDGET", 2 * 2 * 16 * 16 * 8 * 2)   # two chunks a slice
+
+    monkeypatch.setattr(chunk, "PAIRWISE_BUDGET", 2 * 2 * 16 * 16 * 8 * 2)  # two chunks a slice
     q, k, v, g, gk, s0 = _inputs(2, 100, 2, 8, 6, "both")
     cu = _cu(100)
     out = chunk_linear_attention(q, k, v, g, gk, 0.5, s0, cu, 16, output_final_state=True)
@@ -95,10 +97,10 @@ def test_decay_edge_cases(per_key):
         out = chunk_linear_attention(q, k, v, g, gk, 1.0, s0, cu, 16, output_final_state=True)
         ref = recurrent_linear_attention_ref(q, k, v, g, gk, 1.0, s0, cu)
         _check(out, ref, (q, k, v, dec, s0))
-        if value == 0.0:   # g = 0 is plain linear attention
+        if value == 0.0:  # g = 0 is plain linear attention
             plain = chunk_linear_attention(q, k, v, None, None, 1.0, s0, cu, 16, True)
             assert (out[0] - plain[0]).abs().max() < 1e-10
-        else:              # g = -30: the prefix vanishes, every token sees only itself
+        else:  # g = -30: the prefix vanishes, every token sees only itself
             own = torch.einsum("bthk,bthk,bthv->bthv", q, k, v)
             assert (out[0] - own).abs().max() < 1e-9
     # fp32, long chunk: cumulative log-decay -1920 inside a chunk stays finite
@@ -132,7 +134,7 @@ def test_causality_probe(decay):
             k2, v2 = k.clone(), v.clone()
             (k2 if name == "k" else v2)[:, t] += 1.0
             o = chunk_linear_attention(q, k2, v2, g, gk, 1.0, cu_seqlens=cu, chunk_size=16)[0]
-            diff = (o - base).abs().amax(dim=(0, 2, 3))          # [T]
+            diff = (o - base).abs().amax(dim=(0, 2, 3))  # [T]
             doc_end = 25 if t < 25 else 40
             assert (diff[:t] == 0).all(), f"{name}_{t} leaks into the past"
             assert diff[t] > 1e-6, f"token {t} does not see itself ({name})"
@@ -147,22 +149,30 @@ def test_lasp2_pieces_reassemble_the_sequence(decay):
     gradients (autograd through the scan) equal the one-piece reference."""
     t, bounds = 45, [0, 13, 30, 45]
     q, k, v, g, gk, _ = _inputs(2, t, 2, 4, 3, decay)
-    cu = torch.tensor([0, 5, 13, 14, 20, 29, 45, 60, 90])   # rank 1 of row 0 begins a document
+    cu = torch.tensor([0, 5, 13, 14, 20, 29, 45, 60, 90])  # rank 1 of row 0 begins a document
     starts = starts_from_cu_seqlens(cu, 2, t)
-    seg = lambda x, r: None if x is None else x[:, bounds[r]:bounds[r + 1]]   # noqa: E731
-    summaries = [segment_state(seg(k, r), seg(v, r), seg(g, r), seg(gk, r), seg(starts, r))
-                 for r in range(3)]
+    seg = lambda x, r: None if x is None else x[:, bounds[r] : bounds[r + 1]]  # noqa: E731
+    summaries = [segment_state(seg(k, r), seg(v, r), seg(g, r), seg(gk, r), seg(starts, r)) for r in range(3)]
     m, big_g, has = (torch.stack(x) for x in zip(*summaries))
     first = torch.stack([seg(starts, r)[:, 0] for r in range(3)])
     s_in = scan_segment_states(m, big_g, has, first)
     outs = []
     for r in range(3):
-        o, _ = chunk_linear_attention(seg(q, r), seg(k, r), seg(v, r), seg(g, r), seg(gk, r), 0.5,
-                                      s_in[r], cu_seqlens_from_starts(seg(starts, r)), 8)
-        extra = segment_output_from_state(seg(q, r), s_in[r], seg(g, r), seg(gk, r),
-                                          seg(starts, r), 0.5)
-        o0, _ = chunk_linear_attention(seg(q, r), seg(k, r), seg(v, r), seg(g, r), seg(gk, r), 0.5,
-                                       None, cu_seqlens_from_starts(seg(starts, r)), 8)
+        o, _ = chunk_linear_attention(
+            seg(q, r),
+            seg(k, r),
+            seg(v, r),
+            seg(g, r),
+            seg(gk, r),
+            0.5,
+            s_in[r],
+            cu_seqlens_from_starts(seg(starts, r)),
+            8,
+        )
+        extra = segment_output_from_state(seg(q, r), s_in[r], seg(g, r), seg(gk, r), seg(starts, r), 0.5)
+        o0, _ = chunk_linear_attention(
+            seg(q, r), seg(k, r), seg(v, r), seg(g, r), seg(gk, r), 0.5, None, cu_seqlens_from_starts(seg(starts, r)), 8
+        )
         assert (o - o0 - extra).abs().max() < 1e-10
         outs.append(o)
     o = torch.cat(outs, dim=1)
@@ -171,28 +181,31 @@ def test_lasp2_pieces_reassemble_the_sequence(decay):
     _check((o, zero), (ref[0], zero), (q, k, v, g, gk))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fla") is None,
-                    reason="flash-linear-attention (fla) is not installed: its naive references "
-                           "cannot be compared here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("fla") is None,
+    reason="flash-linear-attention (fla) is not installed: its naive references cannot be compared here",
+)
 def test_against_fla_naive_references():
     from fla.ops.gla.naive import naive_recurrent_gla
     from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+
     q, k, v, g, gk, s0 = (x.detach().float() for x in _inputs(2, 45, 2, 4, 4, "both"))
     o, s = chunk_linear_attention(q, k, v, g, None, 0.5, s0, None, 16, True)
     o_r, s_r = naive_recurrent_simple_gla(q, k, v, g, 0.5, s0, True)
     assert (o - o_r).abs().max() < 1e-4 and (s - s_r).abs().max() < 1e-4
-    o, s = chunk_linear_attention(q, k, v, None, gk, 4 ** -0.5, s0, None, 16, True)
+    o, s = chunk_linear_attention(q, k, v, None, gk, 4**-0.5, s0, None, 16, True)
     o_r, s_r = naive_recurrent_gla(q, k, v, gk, s0, True)
     assert (o - o_r).abs().max() < 1e-4 and (s - s_r).abs().max() < 1e-4
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(importlib.util.find_spec("fla") is None or not torch.cuda.is_available(),
-                    reason="the fla Triton dispatch needs fla and a CUDA device")
+@pytest.mark.skipif(
+    importlib.util.find_spec("fla") is None or not torch.cuda.is_available(),
+    reason="the fla Triton dispatch needs fla and a CUDA device",
+)
 @pytest.mark.parametrize("decay", ["none", "scalar", "key"])
 def test_fla_dispatch_matches_torch(decay):
-    q, k, v, g, gk, s0 = (None if x is None else x.detach().float().cuda()
-                          for x in _inputs(2, 100, 2, 16, 16, decay))
+    q, k, v, g, gk, s0 = (None if x is None else x.detach().float().cuda() for x in _inputs(2, 100, 2, 16, 16, decay))
     cu = _cu(100).cuda()
     o, s = chunk_linear_attention(q, k, v, g, gk, 0.25, s0, cu, 64, True, backend="fla")
     o_r, s_r = chunk_linear_attention(q, k, v, g, gk, 0.25, s0, cu, 64, True, backend="torch")

@@ -1,4 +1,5 @@
 """Whole tiny model under context parallelism: CP=P loss and gradients equal CP=1 (fp32)."""
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -6,10 +7,10 @@ import torch.distributed as dist
 from models import ModelConfig, Transformer
 from parallel.context import CPContext
 from parallel.sharding import shard_batch
-from parallel.strategies import build_strategy
 from parallel.spawn import run_distributed
+from parallel.strategies import build_strategy
 
-pytestmark = pytest.mark.gloo   # spawns multi-process gloo groups
+pytestmark = pytest.mark.gloo  # spawns multi-process gloo groups
 
 
 def _batch(n, b=2, vocab=257, seed=0):
@@ -32,8 +33,9 @@ def _loss_and_grads(rank, world, strategy, layout, window):
     batch = _batch(48)
     local = shard_batch(batch, rank, world, layout)
     strat = build_strategy(strategy if world > 1 else "local")
-    ctx = CPContext(strat, dist.group.WORLD if world > 1 else None, rank, world, layout, 48, 2,
-                    batch["cu_seqlens"], block=16)
+    ctx = CPContext(
+        strat, dist.group.WORLD if world > 1 else None, rank, world, layout, 48, 2, batch["cu_seqlens"], block=16
+    )
     logits = model(local["input_ids"], local["positions"], ctx)
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), reduction="sum")
     ce.backward()

@@ -1,5 +1,6 @@
 """The package installs without -e: pyproject lists every package and config group, a built
 wheel carries the Hydra configs, and the installed entry point finds them."""
+
 import glob
 import os
 import subprocess
@@ -37,23 +38,32 @@ def test_every_package_and_config_group_is_listed():
 
 @pytest.mark.slow
 def test_wheel_carries_the_configs(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path), ROOT], check=True, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+        check=True,
+        cwd=tmp_path,
+    )
     wheel = glob.glob(str(tmp_path / "longctx-*.whl"))[0]
     names = set(zipfile.ZipFile(wheel).namelist())
-    confs = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "conf", "**", "*.yaml"),
-                                                            recursive=True)}
+    confs = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "conf", "**", "*.yaml"), recursive=True)}
     assert {"trainer/" + c.replace(os.sep, "/") for c in confs} <= names
     assert "trainer/train.py" in names and "parallel/strategies/ring.py" in names
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     # unpacked wheel alone on the path: the installed entry point composes its own configs
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    code = ("from trainer.config import conf_dir; import os; d = conf_dir(); "
-            "assert d.startswith(os.environ['SITE']), d; "
-            "from hydra import compose, initialize_config_dir; from trainer.train import to_config; "
-            "initialize_config_dir(config_dir=d, version_base='1.3'); "
-            "print(to_config(compose(config_name='train', overrides=['experiment=quickstart'])).experiment)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(site), "SITE": str(site)})
+    code = (
+        "from trainer.config import conf_dir; import os; d = conf_dir(); "
+        "assert d.startswith(os.environ['SITE']), d; "
+        "from hydra import compose, initialize_config_dir; from trainer.train import to_config; "
+        "initialize_config_dir(config_dir=d, version_base='1.3'); "
+        "print(to_config(compose(config_name='train', overrides=['experiment=quickstart'])).experiment)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(site), "SITE": str(site)},
+    )
     assert out.returncode == 0 and out.stdout.strip() == "quickstart", out.stderr

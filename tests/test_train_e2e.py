@@ -1,5 +1,6 @@
 """End-to-end runs of the trainer on real gloo ranks: loss falls, resume is bit-exact,
 a preemption signal writes a checkpoint."""
+
 import json
 import os
 import signal
@@ -14,14 +15,26 @@ from parallel.spawn import run_distributed
 pytestmark = [pytest.mark.e2e, pytest.mark.gloo]
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-        "data.seq_len=64", "data.micro_batch=2", "trainer.log_every=1", "trainer.save_every=0",
-        "trainer.eval_batches=1", "trainer.progress_bar=false", "logger.wandb=false",
-        "parallel.cp.block=32", "trainer.device=cpu"]
+TINY = [
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "data.seq_len=64",
+    "data.micro_batch=2",
+    "trainer.log_every=1",
+    "trainer.save_every=0",
+    "trainer.eval_batches=1",
+    "trainer.progress_bar=false",
+    "logger.wandb=false",
+    "parallel.cp.block=32",
+    "trainer.device=cpu",
+]
 
 
 def _train(rank, world, overrides, signal_after=None):
     from trainer.train import to_config, train
+
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = to_config(compose(config_name="train", overrides=TINY + overrides))
     if signal_after is not None and rank == 0:
@@ -32,6 +45,7 @@ def _train(rank, world, overrides, signal_after=None):
 
 def _final_state(run_dir):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     root = os.path.join(run_dir, "checkpoints")
     step = int(open(os.path.join(root, "latest")).read())
     dst = os.path.join(run_dir, "final.pt")
@@ -41,14 +55,23 @@ def _final_state(run_dir):
 
 def test_loss_falls_with_cp2_and_metrics_written(tmp_path):
     run = str(tmp_path / "run")
-    out = run_distributed(_train, 2, ["parallel=cp2", "trainer.steps=30", "optim.warmup_steps=5",
-                                      f"trainer.run_dir={run}", "trainer.passkey_lengths=[128]",
-                                      "trainer.passkey_samples=2"])
+    out = run_distributed(
+        _train,
+        2,
+        [
+            "parallel=cp2",
+            "trainer.steps=30",
+            "optim.warmup_steps=5",
+            f"trainer.run_dir={run}",
+            "trainer.passkey_lengths=[128]",
+            "trainer.passkey_samples=2",
+        ],
+    )
     hist = out[0]["history"]
     assert out[0]["history"] == out[1]["history"]
     assert sum(hist[-5:]) / 5 < hist[0] - 1.0, hist
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    assert rows[0]["step"] == 0 and "val_loss" in rows[0]          # evaluation before training
+    assert rows[0]["step"] == 0 and "val_loss" in rows[0]  # evaluation before training
     assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[1])
     assert any("val_loss" in r and "passkey@128" in r for r in rows)
 
@@ -71,29 +94,41 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_signal_writes_checkpoint_and_stops(tmp_path):
     run = str(tmp_path / "sig")
-    out = run_distributed(_train, 2, ["parallel=cp2", "trainer.steps=100000", f"trainer.run_dir={run}"],
-                          3.0)
+    out = run_distributed(_train, 2, ["parallel=cp2", "trainer.steps=100000", f"trainer.run_dir={run}"], 3.0)
     step = out[0]["step"]
     assert 0 < step < 100000 and out[1]["step"] == step
     assert int(open(os.path.join(run, "checkpoints", "latest")).read()) == step
 
 
-@pytest.mark.parametrize("strategy,layout", [("allgather", "zigzag"), ("ring", "zigzag"),
-                                             ("ulysses", "contiguous"), ("usp", "zigzag")])
+@pytest.mark.parametrize(
+    "strategy,layout", [("allgather", "zigzag"), ("ring", "zigzag"), ("ulysses", "contiguous"), ("usp", "zigzag")]
+)
 def test_cp2_training_matches_single_rank(tmp_path, strategy, layout):
     """Same data, same init: 4 steps at CP=2 follow the CP=1 loss curve (fp32, 1e-5); every
     strategy is selected by one override."""
     common = ["trainer.steps=4", "optim.warmup_steps=2", f"parallel.cp.layout={layout}"]
     one = run_distributed(_train, 1, common + [f"trainer.run_dir={tmp_path / 'one'}"])[0]["history"]
-    two = run_distributed(_train, 2, common + ["parallel=cp2", f"parallel.cp.strategies.softmax={strategy}",
-                                               f"trainer.run_dir={tmp_path / 'two'}"])
+    two = run_distributed(
+        _train,
+        2,
+        common + ["parallel=cp2", f"parallel.cp.strategies.softmax={strategy}", f"trainer.run_dir={tmp_path / 'two'}"],
+    )
     assert len(one) == len(two[0]["history"]) == 4
     for a, b in zip(one, two[0]["history"]):
         assert abs(a - b) < 1e-5, (one, two[0]["history"])
 
 
 def test_fsdp_checkpointing_bf16_paths_run(tmp_path):
-    out = run_distributed(_train, 2, ["parallel=cp2", "parallel.dp_mode=fsdp", "trainer.steps=3",
-                                      "trainer.activation_checkpointing=true", "trainer.precision=bf16",
-                                      f"trainer.run_dir={tmp_path / 'f'}"])
+    out = run_distributed(
+        _train,
+        2,
+        [
+            "parallel=cp2",
+            "parallel.dp_mode=fsdp",
+            "trainer.steps=3",
+            "trainer.activation_checkpointing=true",
+            "trainer.precision=bf16",
+            f"trainer.run_dir={tmp_path / 'f'}",
+        ],
+    )
     assert out[0]["step"] == 3 and all(x == x and x < 10 for x in out[0]["history"])

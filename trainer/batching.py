@@ -1,4 +1,5 @@
 """From loader rows to what the model sees: device transfer, CP sharding, context, loss."""
+
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,7 @@ def build_loaders(cfg, mesh):
     """Train and validation loaders for this rank's data-parallel shard, and the tokenizer.
     Every CP rank of a dp group reads the same rows (it keeps its own shard of each)."""
     from trainer.data import DataLoaderShard, PackedDataset, StdlibSource, TextFilesSource, build_tokenizer
+
     d = cfg.data
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path)
 
@@ -21,10 +23,12 @@ def build_loaders(cfg, mesh):
             return StdlibSource(split=split, val_fraction=d.val_fraction)
         return TextFilesSource(list(d.paths), split=split, val_fraction=d.val_fraction)
 
-    train = DataLoaderShard(PackedDataset(source("train"), tokenizer, d.seq_len, d.seed),
-                            mesh.dp_rank, mesh.dp, d.micro_batch)
-    val = DataLoaderShard(PackedDataset(source("val"), tokenizer, d.seq_len, d.seed + 1),
-                          mesh.dp_rank, mesh.dp, d.micro_batch)
+    train = DataLoaderShard(
+        PackedDataset(source("train"), tokenizer, d.seq_len, d.seed), mesh.dp_rank, mesh.dp, d.micro_batch
+    )
+    val = DataLoaderShard(
+        PackedDataset(source("val"), tokenizer, d.seq_len, d.seed + 1), mesh.dp_rank, mesh.dp, d.micro_batch
+    )
     return train, val, tokenizer
 
 
@@ -35,8 +39,16 @@ def prepare_batch(batch: dict, cfg, mesh, strategies: dict):
     local = shard_batch(batch, mesh.cp_rank, mesh.cp, cp.layout)
     for key in ("input_ids", "labels", "positions"):
         local[key] = local[key].to(mesh.device, non_blocking=True)
-    ctx = build_context(strategies, mesh.cp_group if mesh.cp > 1 else None, mesh.cp_rank, mesh.cp,
-                        cp.layout, local, cp.block, mesh.subgroups)
+    ctx = build_context(
+        strategies,
+        mesh.cp_group if mesh.cp > 1 else None,
+        mesh.cp_rank,
+        mesh.cp,
+        cp.layout,
+        local,
+        cp.block,
+        mesh.subgroups,
+    )
     return local, ctx
 
 
@@ -44,8 +56,7 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor, mesh, group=None):
     """Cross-entropy over this rank's tokens, scaled so that DP averaging of gradients over
     all ranks yields the gradient of the global mean. Returns (loss to backprop,
     global CE sum, global token count) -- the last two as Python numbers."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                         reduction="sum")
+    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     stats = torch.stack([ce.detach(), (labels != -100).sum().to(ce.dtype)])
     dist.all_reduce(stats, group=group)
     ce_sum, count = stats.tolist()

@@ -8,6 +8,7 @@ A checkpoint is written into ``step_N.tmp`` and renamed once every rank has fini
 ``latest`` is replaced atomically, so a crash mid-save never leaves a half checkpoint
 that resume would pick up.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,10 @@ def latest_step(run_dir: str) -> int | None:
         return None
     step = int(open(path).read().strip())
     if not os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{step:06d}")):
-        raise ValueError(f"{path} names step {step} but its directory is missing: "
-                         "delete the 'latest' file to start fresh, or restore the checkpoint")
+        raise ValueError(
+            f"{path} names step {step} but its directory is missing: "
+            "delete the 'latest' file to start fresh, or restore the checkpoint"
+        )
     return step
 
 
@@ -62,8 +65,7 @@ def save(run_dir: str, step: int, model, optimizer, scheduler, loader, rank: int
     dist.barrier()
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.save(state, checkpoint_id=tmp)
-    extra = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
-             "rng": _rng_state()}
+    extra = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(), "rng": _rng_state()}
     path = os.path.join(tmp, f"rank_{rank:05d}.pt")
     torch.save(extra, path + ".part")
     os.replace(path + ".part", path)
@@ -92,8 +94,10 @@ def load(run_dir: str, step: int, model, optimizer, scheduler, loader, rank: int
     set_optimizer_state_dict(model, optimizer, state["optim"])
     path = os.path.join(ckpt, f"rank_{rank:05d}.pt")
     if not os.path.exists(path):
-        raise ValueError(f"{path} is missing: the checkpoint was written with a different world "
-                         "size; resume with the same number of ranks")
+        raise ValueError(
+            f"{path} is missing: the checkpoint was written with a different world "
+            "size; resume with the same number of ranks"
+        )
     extra = torch.load(path, weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
     loader.load_state_dict(extra["data"])

@@ -3,6 +3,7 @@
 ``validate(cfg)`` runs on every rank before any collective, so a bad value stops every
 rank with the same message instead of hanging a collective.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,24 +16,26 @@ from models.config import ModelConfig
 
 @dataclass
 class CPConfig:
-    size: int = 1                   # ranks per context-parallel group
+    size: int = 1  # ranks per context-parallel group
     # the CP strategy of each mixer kind (parallel/strategies); a kind not named here gets its
     # default. One CP group and one layout serve every kind (LASP-2H for hybrid models).
-    strategies: dict[str, str] = field(default_factory=lambda: {"softmax": "allgather",
-                                                                "linear": "lasp2"})
-    layout: str = "zigzag"          # contiguous | zigzag
-    block: int = 256                # attention kernel block size
+    strategies: dict[str, str] = field(default_factory=lambda: {"softmax": "allgather", "linear": "lasp2"})
+    layout: str = "zigzag"  # contiguous | zigzag
+    block: int = 256  # attention kernel block size
     # strategy options per mixer kind, e.g. {softmax: {ulysses_size: 2}, linear: {recompute: false}}
     options: dict[str, Any] = field(default_factory=lambda: {"softmax": {}, "linear": {}})
-    strategy: str | None = None         # deprecated alias of strategies.softmax
+    strategy: str | None = None  # deprecated alias of strategies.softmax
     linear_strategy: str | None = None  # deprecated alias of strategies.linear
 
     def __post_init__(self):
         for old, kind in (("strategy", "softmax"), ("linear_strategy", "linear")):
             value = getattr(self, old)
             if value is not None:
-                warnings.warn(f"parallel.cp.{old} is deprecated: use parallel.cp.strategies.{kind}="
-                              f"{value}", FutureWarning, stacklevel=2)
+                warnings.warn(
+                    f"parallel.cp.{old} is deprecated: use parallel.cp.strategies.{kind}={value}",
+                    FutureWarning,
+                    stacklevel=2,
+                )
                 self.strategies = {**self.strategies, kind: value}
                 setattr(self, old, None)
 
@@ -40,14 +43,14 @@ class CPConfig:
 @dataclass
 class ParallelConfig:
     cp: CPConfig = field(default_factory=CPConfig)
-    dp_mode: str = "ddp"            # ddp | fsdp
+    dp_mode: str = "ddp"  # ddp | fsdp
 
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"          # stdlib | files
+    source: str = "stdlib"  # stdlib | files
     paths: list[str] = field(default_factory=list)
-    tokenizer: str = "byte"         # byte | hf
+    tokenizer: str = "byte"  # byte | hf
     tokenizer_path: str | None = None
     seq_len: int = 512
     micro_batch: int = 1
@@ -60,7 +63,7 @@ class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
-    schedule: str = "cosine"        # cosine | constant
+    schedule: str = "cosine"  # cosine | constant
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -72,26 +75,26 @@ class OptimConfig:
 class TrainerConfig:
     steps: int = 100
     grad_accum: int = 1
-    precision: str = "fp32"         # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
     seed: int = 0
-    device: str = "auto"            # auto | cpu | cuda
-    run_dir: str | None = None      # None: the Hydra output dir. An existing run dir resumes.
+    device: str = "auto"  # auto | cpu | cuda
+    run_dir: str | None = None  # None: the Hydra output dir. An existing run dir resumes.
     log_every: int = 10
-    save_every: int = 100           # 0: only at the end and on signals
+    save_every: int = 100  # 0: only at the end and on signals
     keep_checkpoints: int = 2
-    eval_every: int = 0             # 0: only at the end
+    eval_every: int = 0  # 0: only at the end
     eval_batches: int = 4
     passkey_lengths: list[int] = field(default_factory=list)
     passkey_samples: int = 4
-    stop_after: int | None = None   # stop (with a checkpoint) after this many steps, for tests
+    stop_after: int | None = None  # stop (with a checkpoint) after this many steps, for tests
     progress_bar: bool = True
 
 
 @dataclass
 class LoggerConfig:
     wandb: bool = True
-    wandb_mode: str = "offline"     # offline | online | disabled
+    wandb_mode: str = "offline"  # offline | online | disabled
     project: str = "longctx"
     name: str | None = None
 
@@ -105,7 +108,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment: str = "default"
-    init_from: str | None = None    # local Hugging Face checkpoint directory to start from
+    init_from: str | None = None  # local Hugging Face checkpoint directory to start from
 
 
 SCHEMA_NAME = "train_schema"
@@ -116,6 +119,7 @@ def register_schema() -> None:
     then holds only overrides of these dataclass defaults, and Hydra checks keys and types of
     every override while composing."""
     from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
 
 
@@ -137,6 +141,7 @@ def _choice(name: str, value, options) -> None:
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Check everything that can be checked locally; raise ValueError naming the setting."""
     from parallel.mesh import check_world
+
     m, p, d, o, t = cfg.model, cfg.parallel, cfg.data, cfg.optim, cfg.trainer
     m.validate()
     check_world(world_size, p.cp.size)
@@ -145,19 +150,21 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     for length in [d.seq_len, *t.passkey_lengths]:
         for kind, strategy in strategies.items():
             try:
-                strategy.check(n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, cp=p.cp.size,
-                               seq_len=length, layout=p.cp.layout)
+                strategy.check(
+                    n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, cp=p.cp.size, seq_len=length, layout=p.cp.layout
+                )
             except ValueError as e:
                 msg = f"{e} (parallel.cp.strategies.{kind}={strategy.name!r} serves the {kind} layers)"
                 if length != d.seq_len:
-                    msg = f"trainer.passkey_lengths has {length}: " + msg.replace("data.seq_len",
-                                                                                  "each passkey length")
+                    msg = f"trainer.passkey_lengths has {length}: " + msg.replace("data.seq_len", "each passkey length")
                 raise ValueError(msg) from None
     _choice("data.source", d.source, ("stdlib", "files"))
     _choice("data.tokenizer", d.tokenizer, ("byte", "hf"))
     if d.tokenizer == "hf" and (not d.tokenizer_path or not os.path.isdir(d.tokenizer_path)):
-        raise ValueError(f"data.tokenizer_path={d.tokenizer_path!r} does not exist: point it at a "
-                         "local directory holding a Hugging Face tokenizer, or set data.tokenizer=byte")
+        raise ValueError(
+            f"data.tokenizer_path={d.tokenizer_path!r} does not exist: point it at a "
+            "local directory holding a Hugging Face tokenizer, or set data.tokenizer=byte"
+        )
     if d.source == "files":
         if not d.paths:
             raise ValueError("data.source=files needs data.paths: give a list of .txt/.jsonl files or dirs")
@@ -165,13 +172,19 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             if not os.path.exists(path):
                 raise ValueError(f"data.paths has {path!r}, which does not exist: fix the path")
     if cfg.init_from is not None and not os.path.isdir(cfg.init_from):
-        raise ValueError(f"init_from={cfg.init_from!r} is not a directory: give a local Hugging Face "
-                         "checkpoint directory (config.json + *.safetensors), or set init_from=null")
+        raise ValueError(
+            f"init_from={cfg.init_from!r} is not a directory: give a local Hugging Face "
+            "checkpoint directory (config.json + *.safetensors), or set init_from=null"
+        )
     _choice("optim.schedule", o.schedule, ("cosine", "constant"))
     _choice("trainer.precision", t.precision, ("fp32", "bf16"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    for name, val in (("data.seq_len", d.seq_len), ("data.micro_batch", d.micro_batch),
-                      ("trainer.steps", t.steps), ("trainer.grad_accum", t.grad_accum)):
+    for name, val in (
+        ("data.seq_len", d.seq_len),
+        ("data.micro_batch", d.micro_batch),
+        ("trainer.steps", t.steps),
+        ("trainer.grad_accum", t.grad_accum),
+    ):
         if val < 1:
             raise ValueError(f"{name}={val} must be >= 1")
 
@@ -181,16 +194,21 @@ def cp_strategies(cfg: TrainConfig) -> dict:
     ``parallel.cp.options``; ValueError naming the setting for an unknown kind or strategy."""
     from models.mixers import KINDS
     from parallel.strategies import build_strategies
+
     cp = cfg.parallel.cp
     for setting, keys in (("parallel.cp.strategies", cp.strategies), ("parallel.cp.options", cp.options)):
         for key in keys:
             if key not in KINDS:
-                hint = (f"; options are per mixer kind now: use parallel.cp.options.softmax.{key}"
-                        if setting.endswith("options") else "")
-                raise ValueError(f"{setting} has {key!r}, which is not a mixer kind: use one of "
-                                 f"{sorted(KINDS)}{hint}")
+                hint = (
+                    f"; options are per mixer kind now: use parallel.cp.options.softmax.{key}"
+                    if setting.endswith("options")
+                    else ""
+                )
+                raise ValueError(f"{setting} has {key!r}, which is not a mixer kind: use one of {sorted(KINDS)}{hint}")
     for kind, opts in cp.options.items():
         if opts is not None and not isinstance(opts, dict):
-            raise ValueError(f"parallel.cp.options.{kind}={opts!r} must be a mapping of strategy "
-                             f"options, e.g. parallel.cp.options.{kind}={{}}")
+            raise ValueError(
+                f"parallel.cp.options.{kind}={opts!r} must be a mapping of strategy "
+                f"options, e.g. parallel.cp.options.{kind}={{}}"
+            )
     return build_strategies(cp.strategies, cp.options, cfg.model.kinds())

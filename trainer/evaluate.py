@@ -1,4 +1,5 @@
 """Evaluation: held-out loss and passkey retrieval accuracy by context length."""
+
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ from trainer.batching import batch_loss, prepare_batch
 
 @torch.no_grad()
 def heldout_loss(model, loader, cfg, mesh, strategies) -> float:
-    start = copy.deepcopy(loader.state_dict())   # every evaluation sees the same rows
+    start = copy.deepcopy(loader.state_dict())  # every evaluation sees the same rows
     it = iter(loader)
     ce, count = 0.0, 0
     for _ in range(cfg.trainer.eval_batches):
@@ -28,6 +29,7 @@ def heldout_loss(model, loader, cfg, mesh, strategies) -> float:
 def passkey_accuracy(model, tokenizer, length: int, cfg, mesh, strategies) -> float:
     """Teacher-forced: an example is correct when every answer token is the argmax."""
     from trainer.data import passkey_example
+
     rng = random.Random(1234 + length)
     n, correct = cfg.trainer.passkey_samples, 0
     for i in range(n):
@@ -35,11 +37,15 @@ def passkey_accuracy(model, tokenizer, length: int, cfg, mesh, strategies) -> fl
         ids, answer = passkey_example(tokenizer, length - len_answer_tokens(tokenizer), depth, rng)
         full = ids + answer
         inputs, labels = torch.tensor(full[:-1]), torch.full((len(full) - 1,), -100)
-        labels[len(ids) - 1:] = torch.tensor(answer)
+        labels[len(ids) - 1 :] = torch.tensor(answer)
         inputs = torch.cat([inputs, torch.zeros(length - len(inputs), dtype=torch.long)])
         labels = torch.cat([labels, torch.full((length - len(labels),), -100)])
-        batch = {"input_ids": inputs[None], "labels": labels[None],
-                 "positions": torch.arange(length)[None], "cu_seqlens": torch.tensor([0, length])}
+        batch = {
+            "input_ids": inputs[None],
+            "labels": labels[None],
+            "positions": torch.arange(length)[None],
+            "cu_seqlens": torch.tensor([0, length]),
+        }
         batch, ctx = prepare_batch(batch, cfg, mesh, strategies)
         logits = model(batch["input_ids"], batch["positions"], ctx)
         mask = batch["labels"] != -100

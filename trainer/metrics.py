@@ -1,4 +1,5 @@
 """Logging on the first rank: console, ``metrics.jsonl`` in the run dir, and wandb."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
     """6 * params (matmuls, fwd+bwd) + each layer's token-mixing core (fwd+bwd), as its mixer
     counts it (``core_flops_per_token``)."""
     from models.mixers import mixer_class
-    core = sum(mixer_class(model_cfg.mixer_of(i)).core_flops_per_token(model_cfg, seq_len)
-               for i in range(model_cfg.n_layers))
+
+    core = sum(
+        mixer_class(model_cfg.mixer_of(i)).core_flops_per_token(model_cfg, seq_len) for i in range(model_cfg.n_layers)
+    )
     return 6 * n_params + core
 
 
@@ -32,13 +35,21 @@ def _start_wandb(run_dir: str, cfg_dict: dict, wandb_cfg):
     try:
         import wandb
     except ImportError:
-        print("[longctx] wandb is not installed (pip install 'longctx[wandb]'): logging to "
-              "metrics.jsonl only; set logger.wandb=false to silence this")
+        print(
+            "[longctx] wandb is not installed (pip install 'longctx[wandb]'): logging to "
+            "metrics.jsonl only; set logger.wandb=false to silence this"
+        )
         return None
     try:
-        return wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, dir=run_dir,
-                          mode=wandb_cfg.wandb_mode, config=cfg_dict, resume="allow",
-                          settings=wandb.Settings(silent=True))
+        return wandb.init(
+            project=wandb_cfg.project,
+            name=wandb_cfg.name,
+            dir=run_dir,
+            mode=wandb_cfg.wandb_mode,
+            config=cfg_dict,
+            resume="allow",
+            settings=wandb.Settings(silent=True),
+        )
     except Exception as e:
         print(f"[longctx] wandb disabled: {e}")
         return None

@@ -5,6 +5,7 @@ mesh, the model (optionally from a Hugging Face checkpoint), data parallelism, o
 data; resume from the run directory if it holds a checkpoint; train with gradient
 accumulation, clipping and autocast; log, evaluate, checkpoint (also on SIGTERM/SIGUSR1).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,9 @@ def _reject_unknown_keys(node, schema: type, prefix: str) -> None:
         if key == "hydra":
             continue
         if key not in fields:
-            raise ValueError(f"{prefix}{key} is not a setting: choose among "
-                             f"{', '.join(prefix + name for name in fields)}")
+            raise ValueError(
+                f"{prefix}{key} is not a setting: choose among {', '.join(prefix + name for name in fields)}"
+            )
         sub = typing.get_type_hints(schema).get(key)
         if dataclasses.is_dataclass(sub) and OmegaConf.is_dict(node[key]):
             _reject_unknown_keys(node[key], sub, f"{prefix}{key}.")
@@ -69,9 +71,10 @@ def _resolve_run_dir(cfg: TrainConfig, mesh: Mesh) -> str:
         run_dir = cfg.trainer.run_dir
     else:
         from hydra.core.hydra_config import HydraConfig
+
         run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "runs/default"
     box = [run_dir]
-    dist.broadcast_object_list(box, src=0)      # every rank agrees with rank 0's directory
+    dist.broadcast_object_list(box, src=0)  # every rank agrees with rank 0's directory
     os.makedirs(box[0], exist_ok=True)
     return box[0]
 
@@ -79,16 +82,18 @@ def _resolve_run_dir(cfg: TrainConfig, mesh: Mesh) -> str:
 def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     if cfg.init_from is not None:
         from models.hf_io import load_hf_checkpoint
+
         try:
             hf_cfg, state = load_hf_checkpoint(cfg.init_from)
         except ValueError as e:
-            raise ValueError(f"init_from={cfg.init_from!r}: {e}, or set init_from=null to train "
-                             "from scratch") from None
+            raise ValueError(f"init_from={cfg.init_from!r}: {e}, or set init_from=null to train from scratch") from None
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads"):
             if getattr(hf_cfg, name) != getattr(cfg.model, name):
-                raise ValueError(f"model.{name}={getattr(cfg.model, name)} differs from the checkpoint "
-                                 f"in init_from ({getattr(hf_cfg, name)}): set model.{name}="
-                                 f"{getattr(hf_cfg, name)} or use a matching model config")
+                raise ValueError(
+                    f"model.{name}={getattr(cfg.model, name)} differs from the checkpoint "
+                    f"in init_from ({getattr(hf_cfg, name)}): set model.{name}="
+                    f"{getattr(hf_cfg, name)} or use a matching model config"
+                )
         model = Transformer(cfg.model)
         model.load_state_dict(state, strict=True)
     else:
@@ -99,19 +104,20 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
 
 
 def train(cfg: TrainConfig) -> dict:
-    preempt = _Preemption()                                  # first: a signal must never kill us
+    preempt = _Preemption()  # first: a signal must never kill us
     rank, _, world = env_ranks()
-    validate(cfg, world)                                     # before any collective can hang
-    strategies = cp_strategies(cfg)                          # {mixer kind: strategy}
-    sizes = [u for s in strategies.values() for u in s.subgroup_sizes(cfg.parallel.cp.size,
-                                                                       cfg.model.n_heads)]
+    validate(cfg, world)  # before any collective can hang
+    strategies = cp_strategies(cfg)  # {mixer kind: strategy}
+    sizes = [u for s in strategies.values() for u in s.subgroup_sizes(cfg.parallel.cp.size, cfg.model.n_heads)]
     mesh = init_mesh(cfg.parallel.cp.size, cfg.trainer.device, sizes)
     run_dir = _resolve_run_dir(cfg, mesh)
     t = cfg.trainer
     train_loader, val_loader, tokenizer = build_loaders(cfg, mesh)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"vocabulary ({tokenizer.vocab_size}): set model.vocab_size={tokenizer.vocab_size}")
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size}): set model.vocab_size={tokenizer.vocab_size}"
+        )
     model = build_model(cfg, mesh.device)
     n_params = sum(p.numel() for p in model.parameters())
     dp_model = wrap_data_parallel(model, cfg.parallel.dp_mode, mesh)
@@ -126,11 +132,13 @@ def train(cfg: TrainConfig) -> dict:
     logger = MetricsLogger(run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), mesh.is_main, cfg.logger)
     if mesh.is_main:
         tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * t.grad_accum * mesh.dp
-        print(f"[longctx] run_dir={run_dir} world={world} dp={mesh.dp} cp={mesh.cp} "
-              f"strategies={','.join(f'{k}:{s.name}' for k, s in strategies.items())} "
-              f"layout={cfg.parallel.cp.layout} "
-              f"params={n_params / 1e6:.2f}M "
-              f"tokens/step={tokens_per_step}" + (f" resumed from step {step}" if resume else ""))
+        print(
+            f"[longctx] run_dir={run_dir} world={world} dp={mesh.dp} cp={mesh.cp} "
+            f"strategies={','.join(f'{k}:{s.name}' for k, s in strategies.items())} "
+            f"layout={cfg.parallel.cp.layout} "
+            f"params={n_params / 1e6:.2f}M "
+            f"tokens/step={tokens_per_step}" + (f" resumed from step {step}" if resume else "")
+        )
     peak = device_peak_flops(mesh.device)
     fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
@@ -138,7 +146,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = _progress(t, step, mesh)
     history, last, window = [], {}, []
     if resume is None:
-        ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)   # the starting point
+        ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)  # the starting point
         logger.log(0, ev, console=bar.write if bar is not None else print)
     t0, tokens_since = time.perf_counter(), 0
     end = t.steps if t.stop_after is None else min(t.steps, step + t.stop_after)
@@ -168,8 +176,12 @@ def train(cfg: TrainConfig) -> dict:
         if step % t.log_every == 0 or step == end:
             dt = time.perf_counter() - t0
             tok_s = tokens_since * mesh.world_size / mesh.cp / max(dt, 1e-9)  # tokens of all dp ranks
-            last = {"loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm), "tokens_per_s": tok_s}   # loss: mean since last log
+            last = {
+                "loss": sum(window) / len(window),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tok_s,
+            }  # loss: mean since last log
             window = []
             if peak:
                 last["mfu"] = tok_s * fpt / (peak * mesh.world_size)
@@ -183,8 +195,9 @@ def train(cfg: TrainConfig) -> dict:
             last.update(ev)
         stop = _any_rank(preempt.flag, mesh)
         if (t.save_every and step % t.save_every == 0) or step == end or stop:
-            checkpoint.save(run_dir, step, unwrap(dp_model), optimizer, scheduler, train_loader, rank,
-                            t.keep_checkpoints)
+            checkpoint.save(
+                run_dir, step, unwrap(dp_model), optimizer, scheduler, train_loader, rank, t.keep_checkpoints
+            )
         if stop:
             if mesh.is_main:
                 print(f"[longctx] preempted: checkpoint written at step {step}")
@@ -205,6 +218,7 @@ def _progress(t, step, mesh):
     if not (mesh.is_main and t.progress_bar):
         return None
     from tqdm.auto import tqdm
+
     return tqdm(total=t.steps, initial=step, desc="train", dynamic_ncols=True)
 
 
@@ -215,7 +229,7 @@ register_schema()
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(to_config(cfg))
-    except ValueError as e:          # configuration errors: one clear line (HYDRA_FULL_ERROR=1: trace)
+    except ValueError as e:  # configuration errors: one clear line (HYDRA_FULL_ERROR=1: trace)
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"[longctx] error: {e}", file=sys.stderr, flush=True)

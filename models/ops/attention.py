@@ -23,6 +23,7 @@ Backward recomputes probabilities from the saved lse (flash-attention style), so
 strategy can call :func:`attention_backward` with the *merged* output and lse of several
 blocks and get exact per-block gradients.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,10 +74,10 @@ def _block_bounds(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
 def block_candidates(mask: MaskSpec, block_q: int, block_k: int) -> torch.Tensor:
     """[B, nq, nk] bool: may query block i and key block j of row b hold an allowed pair?
     A conservative test on per-block position and document bounds (never a false 'no')."""
-    qlo, qhi = _block_bounds(mask.q_pos, block_q)            # [nq]
-    klo, khi = _block_bounds(mask.k_pos, block_k)            # [nk]
-    qdlo, qdhi = _block_bounds(mask.q_doc, block_q)          # [B, nq]
-    kdlo, kdhi = _block_bounds(mask.k_doc, block_k)          # [B, nk]
+    qlo, qhi = _block_bounds(mask.q_pos, block_q)  # [nq]
+    klo, khi = _block_bounds(mask.k_pos, block_k)  # [nk]
+    qdlo, qdhi = _block_bounds(mask.q_doc, block_q)  # [B, nq]
+    kdlo, kdhi = _block_bounds(mask.k_doc, block_k)  # [B, nk]
     ok = torch.ones(qlo.shape[0], klo.shape[0], dtype=torch.bool)
     if mask.causal:
         ok &= klo[None, :] <= qhi[:, None]
@@ -128,16 +129,19 @@ def _fold_kv_grad(g: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _no_autocast(fn):
     """Kernels choose their own precision (fp32 accumulation) whatever autocast says."""
+
     def wrapped(*args, **kwargs):
         with torch.autocast(args[0].device.type, enabled=False):
             return fn(*args, **kwargs)
+
     wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
     return wrapped
 
 
 @_no_autocast
-def attention_forward(q, k, v, mask: MaskSpec, scale: float | None = None,
-                      block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(
+    q, k, v, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (o [B, Tq, H, D] in q.dtype, lse [B, H, Tq] in fp32 or fp64)."""
     bsz, tq, h, d = q.shape
     groups = h // k.shape[2]
@@ -151,13 +155,13 @@ def attention_forward(q, k, v, mask: MaskSpec, scale: float | None = None,
             if kidx.numel() == 0:
                 continue
             qs = slice(iq * block, min(tq, (iq + 1) * block))
-            allowed = mask.allowed(qs, kidx, b)                      # [tq, tk]
-            qb = q[b, qs].transpose(0, 1).to(acc)                    # [H, tq, D]
-            kb = _expand_kv(k[b, kidx].to(acc), groups)              # [H, tk, D]
+            allowed = mask.allowed(qs, kidx, b)  # [tq, tk]
+            qb = q[b, qs].transpose(0, 1).to(acc)  # [H, tq, D]
+            kb = _expand_kv(k[b, kidx].to(acc), groups)  # [H, tk, D]
             vb = _expand_kv(v[b, kidx].to(acc), groups)
-            s = torch.matmul(qb, kb.transpose(1, 2)) * scale         # [H, tq, tk]
+            s = torch.matmul(qb, kb.transpose(1, 2)) * scale  # [H, tq, tk]
             s = s.masked_fill(~allowed, -math.inf)
-            m = torch.logsumexp(s, dim=-1)                           # [H, tq]
+            m = torch.logsumexp(s, dim=-1)  # [H, tq]
             p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
             o[b, qs] = torch.matmul(p, vb).transpose(0, 1)
             lse[b, :, qs] = m
@@ -165,8 +169,7 @@ def attention_forward(q, k, v, mask: MaskSpec, scale: float | None = None,
 
 
 @_no_autocast
-def attention_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = None,
-                       block: int = DEFAULT_BLOCK):
+def attention_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK):
     """Gradients (dq, dk, dv) of ``o`` for one (Q, K) block pair, recomputed from ``lse``.
 
     ``o`` and ``lse`` may be the merged output / lse over several key chunks (ring
@@ -179,7 +182,7 @@ def attention_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None 
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    delta = (do.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)          # [B, H, Tq]
+    delta = (do.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Tq]
     plan = active_blocks(mask, block, block)
     for b in range(bsz):
         for iq, kidx in enumerate(plan[b]):
@@ -187,15 +190,15 @@ def attention_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None 
                 continue
             qs = slice(iq * block, min(tq, (iq + 1) * block))
             allowed = mask.allowed(qs, kidx, b)
-            qb = q[b, qs].transpose(0, 1).to(acc)                    # [H, tq, D]
-            kb = _expand_kv(k[b, kidx].to(acc), groups)              # [H, tk, D]
+            qb = q[b, qs].transpose(0, 1).to(acc)  # [H, tq, D]
+            kb = _expand_kv(k[b, kidx].to(acc), groups)  # [H, tk, D]
             vb = _expand_kv(v[b, kidx].to(acc), groups)
-            dob = do[b, qs].transpose(0, 1).to(acc)                  # [H, tq, D]
+            dob = do[b, qs].transpose(0, 1).to(acc)  # [H, tq, D]
             m = lse[b, :, qs]
             s = torch.matmul(qb, kb.transpose(1, 2)) * scale
             p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
             p = p.masked_fill(~allowed, 0.0)
-            dp = torch.matmul(dob, vb.transpose(1, 2))               # [H, tq, tk]
+            dp = torch.matmul(dob, vb.transpose(1, 2))  # [H, tq, tk]
             ds = p * (dp - delta[b, :, qs][..., None])
             dq[b, qs] += torch.matmul(ds, kb).transpose(0, 1) * scale
             dk[b].index_add_(0, kidx, _fold_kv_grad(torch.matmul(ds.transpose(1, 2), qb) * scale, groups))
@@ -219,12 +222,14 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def attention(q, k, v, mask: MaskSpec, scale: float | None = None,
-              block: int = DEFAULT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+def attention(
+    q, k, v, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable block-sparse attention. Returns (o, lse); lse carries no gradient.
     On CUDA in half precision with flash-attn installed, same-run pairs use flash-attn."""
     if q.is_cuda:
         from models.ops import flash
+
         if flash.available() and flash.applicable(q, mask):
             return flash.flash_attention(q, k, v, mask, scale)
     return _Attention.apply(q, k, v, mask, scale, block)

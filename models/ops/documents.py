@@ -12,6 +12,7 @@ here, once per batch, by the attention context (``Documents``):
                                      start that is not a row start (column 0 is False, so an
                                      ``initial_state`` reaches each row's first document)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,15 +25,13 @@ def doc_ids(cu_seqlens: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens.to(torch.int64), flat_index, right=True) - 1
 
 
-def row_doc_ids(cu_seqlens: torch.Tensor, batch: int, seq_len: int,
-                index: torch.Tensor) -> torch.Tensor:
+def row_doc_ids(cu_seqlens: torch.Tensor, batch: int, seq_len: int, index: torch.Tensor) -> torch.Tensor:
     """Document ids [B, T] of row positions ``index`` [T] in every row of a [B, seq_len] batch."""
     flat = torch.arange(batch)[:, None] * seq_len + index[None, :]
     return doc_ids(cu_seqlens, flat)
 
 
-def starts_from_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int,
-                           device=None) -> torch.Tensor:
+def starts_from_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, device=None) -> torch.Tensor:
     """[B, T] bool document-start flags; None means one document per row."""
     starts = torch.zeros(batch * seq_len, dtype=torch.bool, device=device)
     if cu_seqlens is None:
@@ -42,12 +41,11 @@ def starts_from_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, seq_len:
     if int(cu[-1]) != batch * seq_len:
         raise ValueError(f"cu_seqlens must end at B * T = {batch * seq_len}, got {int(cu[-1])}")
     starts[cu[:-1]] = True
-    starts[::seq_len] = True     # every row start is a boundary
+    starts[::seq_len] = True  # every row start is a boundary
     return starts.view(batch, seq_len)
 
 
-def resets_from_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int,
-                           device=None) -> torch.Tensor:
+def resets_from_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, device=None) -> torch.Tensor:
     """[B, T] bool: zero the state before this token (document starts inside a row)."""
     resets = starts_from_cu_seqlens(cu_seqlens, batch, seq_len, device).clone()
     resets[:, 0] = False
@@ -96,8 +94,7 @@ class Documents:
         self.cu_seqlens = cu_seqlens_from_starts(self.starts | starts_from_doc_ids(self.doc))
 
     @classmethod
-    def of(cls, cu_seqlens: torch.Tensor, batch: int, seq_len: int,
-           index: torch.Tensor | None = None) -> Documents:
+    def of(cls, cu_seqlens: torch.Tensor, batch: int, seq_len: int, index: torch.Tensor | None = None) -> Documents:
         """Documents of row positions ``index`` [T] (default: the whole row) of a [B, seq_len]
         batch whose global document starts are ``cu_seqlens`` (None: one document per row)."""
         if cu_seqlens is None:

@@ -9,6 +9,7 @@ K from elsewhere in the row) falls back to the PyTorch path.
 
 Shapes: q [B, T, H, D], k, v [B, T, Hkv, D]; flash-attn takes [B*T, H, D] with cu_seqlens.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,6 +37,7 @@ def applicable(q: torch.Tensor, mask) -> bool:
 def flash_attention(q, k, v, mask, scale):
     """(o [B, T, H, D], lse [B, H, T] fp32); differentiable in q, k, v via flash-attn."""
     from flash_attn import flash_attn_varlen_func
+
     b, t, h, d = q.shape
     cu = cu_seqlens_from_doc_ids(mask.q_doc.to(q.device)).to(torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
@@ -44,7 +46,17 @@ def flash_attention(q, k, v, mask, scale):
     else:
         window = (mask.window - 1, 0 if mask.causal else mask.window - 1)
     out, lse, _ = flash_attn_varlen_func(
-        q.reshape(b * t, h, d), k.reshape(b * t, -1, d), v.reshape(b * t, -1, d), cu, cu,
-        max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=mask.causal,
-        window_size=window, return_attn_probs=True)
+        q.reshape(b * t, h, d),
+        k.reshape(b * t, -1, d),
+        v.reshape(b * t, -1, d),
+        cu,
+        cu,
+        max_len,
+        max_len,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=mask.causal,
+        window_size=window,
+        return_attn_probs=True,
+    )
     return out.view(b, t, h, d), lse.view(h, b, t).transpose(0, 1).float()

@@ -3,19 +3,30 @@
 A new strategy is a new file that subclasses its kind's base (``SoftmaxStrategy``,
 ``LinearStrategy``) and decorates itself with ``@register("name")``, plus its import below.
 """
+
 from parallel.strategies import allgather, lasp1, lasp2, local, ring, ulysses, usp  # noqa: F401  (softmax)  # noqa: F401  (linear attention)
 from parallel.strategies.base import (
-                                      DEFAULTS,
-                                      STRATEGIES,
-                                      LayerShape,
-                                      LinearStrategy,
-                                      SoftmaxStrategy,
-                                      Strategy,
-                                      build_strategies,
-                                      build_strategy,
-                                      register,
-                                      strategy_names,
+    DEFAULTS,
+    STRATEGIES,
+    LayerShape,
+    LinearStrategy,
+    SoftmaxStrategy,
+    Strategy,
+    build_strategies,
+    build_strategy,
+    register,
+    strategy_names,
 )
 
-__all__ = ["DEFAULTS", "STRATEGIES", "LayerShape", "LinearStrategy", "SoftmaxStrategy", "Strategy",
-           "build_strategies", "build_strategy", "register", "strategy_names"]
+__all__ = [
+    "DEFAULTS",
+    "STRATEGIES",
+    "LayerShape",
+    "LinearStrategy",
+    "SoftmaxStrategy",
+    "Strategy",
+    "build_strategies",
+    "build_strategy",
+    "register",
+    "strategy_names",
+]

@@ -13,6 +13,7 @@ Two exchanges, same result:
     (Under zigzag + causal every rank's first half lies in every causal prefix, so only
     windows and documents save bytes there.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -76,7 +77,7 @@ def need_matrix(ctx, causal: bool, window: int | None) -> list[list[bool]]:
     p = ctx.world_size
     runs = [_runs(ctx.index_of(r)) for r in range(p)]
     bounds = torch.tensor([[lo, hi] for r in range(p) for lo, hi in runs[r]])
-    docs = ctx.doc_of(bounds.flatten()).view(ctx.batch_size, -1, 2)      # [B, n_runs, 2]
+    docs = ctx.doc_of(bounds.flatten()).view(ctx.batch_size, -1, 2)  # [B, n_runs, 2]
     owner = [r for r in range(p) for _ in runs[r]]
     need = [[r == j for j in range(p)] for r in range(p)]
     for a, (qlo, qhi) in enumerate(bounds.tolist()):
@@ -99,11 +100,11 @@ class AllGatherKV(SoftmaxStrategy):
         self.gather = gather
 
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
-        kv = torch.stack([k, v])                                       # [2, B, C, Hkv, D]
+        kv = torch.stack([k, v])  # [2, B, C, Hkv, D]
         p, me = ctx.world_size, ctx.rank
         if self.gather == "all":
             sources = list(range(p))
-            kv = GatherSequence.apply(kv, ctx.group, 2)                 # [2, B, P*C, Hkv, D]
+            kv = GatherSequence.apply(kv, ctx.group, 2)  # [2, B, P*C, Hkv, D]
         else:
             need = need_matrix(ctx, causal, window)
             sources = [j for j in range(p) if need[me][j]]

@@ -11,6 +11,7 @@ does not name one. Every strategy states the bytes one rank receives in one laye
 by its formula, ``forward_bytes(LayerShape)``, which the tests and benchmarks check against
 the bytes ``parallel.comm`` counts.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 
 from parallel.sharding import check_divisible
 
-STRATEGIES: dict[str, type] = {}        # name -> class (its ``kind`` says what it serves)
-DEFAULTS: dict[str, str] = {}           # mixer kind -> default strategy name
+STRATEGIES: dict[str, type] = {}  # name -> class (its ``kind`` says what it serves)
+DEFAULTS: dict[str, str] = {}  # mixer kind -> default strategy name
 
 
 def register(name: str, default: bool = False):
@@ -29,6 +30,7 @@ def register(name: str, default: bool = False):
         if default:
             DEFAULTS[cls.kind] = name
         return cls
+
     return wrap
 
 
@@ -64,8 +66,10 @@ class Strategy:
     def check(self, *, n_heads: int, n_kv_heads: int, cp: int, seq_len: int, layout: str) -> None:
         """Raise ValueError (naming the setting and the fix) before any collective runs."""
         if layout not in self.layouts:
-            raise ValueError(f"parallel.cp.layout={layout!r} is not supported by strategy "
-                             f"{self.name!r}: choose one of {self.layouts}")
+            raise ValueError(
+                f"parallel.cp.layout={layout!r} is not supported by strategy "
+                f"{self.name!r}: choose one of {self.layouts}"
+            )
         check_divisible(seq_len, cp, layout)
 
     def subgroup_sizes(self, cp: int, n_heads: int) -> list[int]:
@@ -107,11 +111,9 @@ class LinearStrategy(Strategy):
     kind = "linear"
 
     def __call__(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
-        return self.linear_attention(q, k, v, ctx, g=g, gk=gk, scale=scale,
-                                     chunk_size=chunk_size, impl=impl)
+        return self.linear_attention(q, k, v, ctx, g=g, gk=gk, scale=scale, chunk_size=chunk_size, impl=impl)
 
-    def linear_attention(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64,
-                         impl="auto"):
+    def linear_attention(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
         raise NotImplementedError
 
 
@@ -132,9 +134,11 @@ def build_strategy(name: str, kind: str | None = None, **options) -> Strategy:
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
     unknown = set(options) - accepted
     if unknown:
-        raise ValueError(f"parallel.cp.options.{kind or '<kind>'} has {sorted(unknown)}, which "
-                         f"strategy {name!r} does not take: its options are "
-                         f"{sorted(accepted) or 'none'}")
+        raise ValueError(
+            f"parallel.cp.options.{kind or '<kind>'} has {sorted(unknown)}, which "
+            f"strategy {name!r} does not take: its options are "
+            f"{sorted(accepted) or 'none'}"
+        )
     return cls(**options)
 
 
@@ -145,7 +149,9 @@ def build_strategies(names: dict, options: dict, kinds) -> dict:
     for kind in kinds:
         name = names.get(kind) or DEFAULTS.get(kind)
         if name is None:
-            raise ValueError(f"mixer kind {kind!r} has no context-parallel strategy: set "
-                             f"parallel.cp.strategies.{kind} (registered: {sorted(STRATEGIES)})")
+            raise ValueError(
+                f"mixer kind {kind!r} has no context-parallel strategy: set "
+                f"parallel.cp.strategies.{kind} (registered: {sorted(STRATEGIES)})"
+            )
         out[kind] = build_strategy(name, kind, **dict(options.get(kind) or {}))
     return out

@@ -15,6 +15,7 @@ dL/dS_in(r) (its own term plus the carried part) to r-1.
 Bytes received per rank per layer in forward: B*H*Dk*Dv*s on ranks 1..P-1, 0 on rank 0
 (s = 4, 8 for fp64 inputs); the chain's latency, not its volume, grows with P.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,7 +49,7 @@ class RingStatePass(torch.autograd.Function):
             comm.p2p(ctx.group, recv=ds_out, src=ctx.rank + 1)
         if ctx.rank > 0:
             comm.p2p(ctx.group, send=ds_in * keep + carry * ds_out, dst=ctx.rank - 1)
-        d_g = (carry * s_recv * ds_out).sum(-1)                             # [B, H, Dk]
+        d_g = (carry * s_recv * ds_out).sum(-1)  # [B, H, Dk]
         return ds_out, d_g, None, None, None, None, None
 
 
@@ -62,18 +63,18 @@ class LASP1(LinearStrategy):
     def __init__(self, recompute: bool = True):
         self.recompute = bool(recompute)
 
-    def linear_attention(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64,
-                         impl="auto"):
+    def linear_attention(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
         """q, k [B, C, H, Dk], v [B, C, H, Dv], g [B, C, H], gk [B, C, H, Dk] -> o [B, C, H, Dv]."""
         if ctx.layout not in self.layouts:
-            raise ValueError(f"parallel.cp.layout={ctx.layout!r} is not supported by strategy "
-                             f"'lasp1' (the state chain follows contiguous segments): set "
-                             f"parallel.cp.layout=contiguous or use lasp2")
-        starts = ctx.docs.starts.to(q.device)                               # [B, C]
+            raise ValueError(
+                f"parallel.cp.layout={ctx.layout!r} is not supported by strategy "
+                f"'lasp1' (the state chain follows contiguous segments): set "
+                f"parallel.cp.layout=contiguous or use lasp2"
+            )
+        starts = ctx.docs.starts.to(q.device)  # [B, C]
         m, big_g, has = summarize(k, v, g, gk, starts, self.recompute)
         o = intra_linear_attention(q, k, v, g, gk, scale, starts, chunk_size, impl)
-        s_in = RingStatePass.apply(m, big_g, has, starts[:, 0], ctx.group, ctx.rank,
-                                   ctx.world_size)
+        s_in = RingStatePass.apply(m, big_g, has, starts[:, 0], ctx.group, ctx.rank, ctx.world_size)
         inter = state_term(q, s_in, g, gk, starts, scale, self.recompute)
         return (o.to(inter.dtype) + inter).to(o.dtype)
 

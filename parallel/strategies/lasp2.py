@@ -37,6 +37,7 @@ Bytes one rank receives per layer in forward (and again in backward's reduce-sca
     (P - 1) * S * (B*H*Dk*Dv + B*H*Dk + 2*B) * s,   S = 1 contiguous / 2 zigzag,
     s = 4 (8 for fp64 inputs) -- independent of the sequence length.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,16 +59,14 @@ from parallel.strategies.lasp_common import (
 # ----------------------------------------------------------------------------- the collective
 def _pack(m, big_g, has_start, first_is_start) -> torch.Tensor:
     """-> [n] = M [B,H,Dk,Dv], G [B,H,Dk], has_start [B], first_is_start [B] flattened."""
-    return torch.cat([m.flatten(), big_g.flatten(), has_start.to(m.dtype),
-                      first_is_start.to(m.dtype)])
+    return torch.cat([m.flatten(), big_g.flatten(), has_start.to(m.dtype), first_is_start.to(m.dtype)])
 
 
 def _unpack(x, b, h, dk, dv):
     """x [..., n] -> (M [..., B,H,Dk,Dv], G [..., B,H,Dk], has_start [..., B], first [..., B])."""
     lead = x.shape[:-1]
     m, big_g, has, first = x.split([b * h * dk * dv, b * h * dk, b, b], dim=-1)
-    return (m.reshape(*lead, b, h, dk, dv), big_g.reshape(*lead, b, h, dk), has > 0.5,
-            first > 0.5)
+    return (m.reshape(*lead, b, h, dk, dv), big_g.reshape(*lead, b, h, dk), has > 0.5, first > 0.5)
 
 
 class GatherSummaries(torch.autograd.Function):
@@ -99,22 +98,20 @@ class LASP2(LinearStrategy):
     def __init__(self, recompute: bool = True):
         self.recompute = bool(recompute)
 
-    def linear_attention(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64,
-                         impl="auto"):
+    def linear_attention(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
         """q, k [B, C, H, Dk], v [B, C, H, Dv], g [B, C, H], gk [B, C, H, Dk] -> o [B, C, H, Dv],
         exact against the single-device op on the whole row."""
         b, _, h, dk = q.shape
         dv = v.shape[-1]
-        starts = ctx.docs.starts.to(q.device)                               # [B, C]
+        starts = ctx.docs.starts.to(q.device)  # [B, C]
         segs = local_segments(ctx)
 
         # 1. segment summaries -> all-gather in flight
         packed = []
         for _, sl in segs:
-            m, big_g, has = summarize(k[:, sl], v[:, sl], cut(g, sl), cut(gk, sl),
-                                      starts[:, sl], self.recompute)
+            m, big_g, has = summarize(k[:, sl], v[:, sl], cut(g, sl), cut(gk, sl), starts[:, sl], self.recompute)
             packed.append(_pack(m, big_g, has, starts[:, sl.start]))
-        packed = torch.stack(packed)                                        # [S, n]
+        packed = torch.stack(packed)  # [S, n]
         pending = comm.all_gather_async(packed.detach(), ctx.group)
 
         # 2. intra-segment part, overlapped with the gather
@@ -124,17 +121,16 @@ class LASP2(LinearStrategy):
         o = intra_linear_attention(q, k, v, g, gk, scale, resets, chunk_size, impl)
 
         # 3. exclusive scan over all segments in global order
-        gathered = GatherSummaries.apply(packed, pending, ctx.group)        # [P, S, n]
+        gathered = GatherSummaries.apply(packed, pending, ctx.group)  # [P, S, n]
         n_seg = len(segs) * ctx.world_size
         rows = [segment_owner(j, ctx.world_size, ctx.layout) for j in range(n_seg)]
-        ordered = torch.stack([gathered[r, s] for r, s in rows])            # [P*S, n]
-        s_in = scan_segment_states(*_unpack(ordered, b, h, dk, dv))         # [P*S, B,H,Dk,Dv]
+        ordered = torch.stack([gathered[r, s] for r, s in rows])  # [P*S, n]
+        s_in = scan_segment_states(*_unpack(ordered, b, h, dk, dv))  # [P*S, B,H,Dk,Dv]
 
         # 4. incoming-state term of each local segment
         out = []
         for j, sl in segs:
-            inter = state_term(q[:, sl], s_in[j], cut(g, sl), cut(gk, sl), starts[:, sl],
-                               scale, self.recompute)
+            inter = state_term(q[:, sl], s_in[j], cut(g, sl), cut(gk, sl), starts[:, sl], scale, self.recompute)
             out.append((o[:, sl].to(inter.dtype) + inter).to(o.dtype))
         return torch.cat(out, dim=1)
 

@@ -5,6 +5,7 @@ Shapes (local shards; C = tokens per rank): q, k [B, C, H, Dk], v [B, C, H, Dv],
 gk [B, C, H, Dk]; starts [B, C] bool (document starts judged at global positions, from the
 context's ``docs.starts``); states M, S [B, H, Dk, Dv] fp32 (fp64 for fp64 inputs).
 """
+
 from __future__ import annotations
 
 from torch.utils.checkpoint import checkpoint
@@ -47,8 +48,7 @@ def intra_linear_attention(q, k, v, g, gk, scale, resets, chunk_size, impl):
     if impl == "naive":
         return recurrent_linear_attention_ref(q, k, v, g, gk, scale, cu_seqlens=cu)[0]
     backend = "auto" if impl == "auto" else "torch"
-    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size,
-                                  backend=backend)[0]
+    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size, backend=backend)[0]
 
 
 def summarize(k, v, g, gk, starts, recompute: bool):
@@ -56,16 +56,16 @@ def summarize(k, v, g, gk, starts, recompute: bool):
     for backward (recomputed from the inputs, which the intra op keeps anyway)."""
     if not recompute:
         return segment_state(k, v, g, gk, starts)
-    return checkpoint(segment_state, k, v, g, gk, starts, use_reentrant=False,
-                      preserve_rng_state=False)
+    return checkpoint(segment_state, k, v, g, gk, starts, use_reentrant=False, preserve_rng_state=False)
 
 
 def state_term(q, s_in, g, gk, starts, scale, recompute: bool):
     """``segment_output_from_state`` [B, T, H, Dv] fp32/fp64, optionally recomputed."""
     if not recompute:
         return segment_output_from_state(q, s_in, g, gk, starts, scale)
-    return checkpoint(segment_output_from_state, q, s_in, g, gk, starts, scale,
-                      use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(
+        segment_output_from_state, q, s_in, g, gk, starts, scale, use_reentrant=False, preserve_rng_state=False
+    )
 
 
 def state_bytes(elem_bytes: int) -> int:

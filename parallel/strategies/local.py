@@ -3,6 +3,7 @@
 Serves any mixer kind; ``CPContext`` runs the kind's op directly whenever the world is one
 rank, so this class only exists to be named (``parallel.cp.strategies.softmax=local``) and to
 refuse a larger CP size."""
+
 from __future__ import annotations
 
 from parallel.strategies.base import LayerShape, Strategy, register
@@ -10,13 +11,15 @@ from parallel.strategies.base import LayerShape, Strategy, register
 
 @register("local")
 class Local(Strategy):
-    kind = None      # any
+    kind = None  # any
 
     def check(self, *, cp, **kw):
         super().check(cp=cp, **kw)
         if cp != 1:
-            raise ValueError(f"strategy 'local' needs parallel.cp.size=1 (got {cp}): "
-                             "pick a context-parallel strategy such as allgather")
+            raise ValueError(
+                f"strategy 'local' needs parallel.cp.size=1 (got {cp}): "
+                "pick a context-parallel strategy such as allgather"
+            )
 
     def __call__(self, q, k, v, ctx, **options):
         raise ValueError("strategy 'local' cannot run on a CP world of more than one rank")

@@ -25,6 +25,7 @@ step s), so the two streams in flight on one link are matched in order.
 
 Receives (P-1) * 2 * B * C * Hkv * D * e bytes per rank per layer in forward.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ class RingSpec:
     block: int = 256
 
     def mask(self, src: int) -> MaskSpec:
-        return MaskSpec(self.index[self.rank], self.index[src], self.doc[self.rank], self.doc[src],
-                        self.causal, self.window)
+        return MaskSpec(
+            self.index[self.rank], self.index[src], self.doc[self.rank], self.doc[src], self.causal, self.window
+        )
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -63,9 +65,9 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _merge(o, lse, o_i, lse_i):
     """Log-sum-exp merge of two partial results; rows that saw nothing stay 0, lse -inf."""
-    new = torch.logaddexp(lse, lse_i)                                     # [B, H, T]
+    new = torch.logaddexp(lse, lse_i)  # [B, H, T]
     safe = torch.where(torch.isinf(new), 0.0, new)
-    w, w_i = torch.exp(lse - safe), torch.exp(lse_i - safe)               # 0 where lse = -inf
+    w, w_i = torch.exp(lse - safe), torch.exp(lse_i - safe)  # 0 where lse = -inf
     o = o * w.transpose(1, 2)[..., None] + o_i * w_i.transpose(1, 2)[..., None]
     return o, new
 
@@ -77,16 +79,16 @@ def _neighbours(spec: RingSpec) -> tuple[int, int]:
 def ring_forward(q, k, v, spec: RingSpec):
     """-> (o [B, T, H, D] in q.dtype, lse [B, H, T] fp32/fp64)."""
     acc = _acc_dtype(q)
-    qa = q.to(acc)                  # the kernel then returns each block's o in fp32/fp64
+    qa = q.to(acc)  # the kernel then returns each block's o in fp32/fp64
     bsz, t, h, d = q.shape
     o = torch.zeros(bsz, t, h, d, dtype=acc, device=q.device)
     lse = torch.full((bsz, h, t), -math.inf, dtype=acc, device=q.device)
     dst, src_nb = _neighbours(spec)
-    kv = torch.stack([k, v])                                              # [2, B, T, Hkv, D]
+    kv = torch.stack([k, v])  # [2, B, T, Hkv, D]
     nxt = torch.empty_like(kv)
     for step in range(spec.size):
         works = []
-        if step < spec.size - 1:    # post the next hop before computing this block
+        if step < spec.size - 1:  # post the next hop before computing this block
             works = comm.send_recv(kv, nxt, dst, src_nb, spec.group)
         mask = spec.mask((spec.rank - step) % spec.size)
         if may_attend(mask, spec.block):
@@ -106,8 +108,8 @@ def ring_backward(do, q, k, v, o, lse, spec: RingSpec):
     dst, src_nb = _neighbours(spec)
     kv = torch.stack([k, v])
     nxt = torch.empty_like(kv)
-    dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)   # accumulator in hand
-    dkv_in = torch.empty_like(dkv)                             # the one arriving
+    dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # accumulator in hand
+    dkv_in = torch.empty_like(dkv)  # the one arriving
     dkv_works: list = []
     for step in range(spec.size):
         kv_works = []
@@ -116,18 +118,19 @@ def ring_backward(do, q, k, v, o, lse, spec: RingSpec):
         mask = spec.mask((spec.rank - step) % spec.size)
         share = None
         if may_attend(mask, spec.block):
-            dq_i, dk_i, dv_i = attention_backward(doa, qa, kv[0].to(acc), kv[1].to(acc), o, lse,
-                                                  mask, spec.scale, spec.block)
+            dq_i, dk_i, dv_i = attention_backward(
+                doa, qa, kv[0].to(acc), kv[1].to(acc), o, lse, mask, spec.scale, spec.block
+            )
             dq += dq_i
             share = (dk_i, dv_i)
-        if step > 0:                # the accumulator of the visiting chunk has arrived
+        if step > 0:  # the accumulator of the visiting chunk has arrived
             for w in dkv_works:
                 w.wait()
             dkv, dkv_in = dkv_in, dkv
         if share is not None:
             dkv[0] += share[0]
             dkv[1] += share[1]
-        if spec.size > 1:           # pass it on (the last hop returns it to its owner)
+        if spec.size > 1:  # pass it on (the last hop returns it to its owner)
             dkv_works = comm.send_recv(dkv, dkv_in, dst, src_nb, spec.group)
         for w in kv_works:
             w.wait()
@@ -162,8 +165,9 @@ def ring_attention(q, k, v, spec: RingSpec) -> torch.Tensor:
 class Ring(SoftmaxStrategy):
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         index = [ctx.index_of(r) for r in range(ctx.world_size)]
-        spec = RingSpec(ctx.group, ctx.rank, ctx.world_size, index, [ctx.doc_of(i) for i in index],
-                        causal, window, scale, ctx.block)
+        spec = RingSpec(
+            ctx.group, ctx.rank, ctx.world_size, index, [ctx.doc_of(i) for i in index], causal, window, scale, ctx.block
+        )
         return ring_attention(q, k, v, spec)
 
     def forward_bytes(self, shape: LayerShape) -> int:

@@ -16,6 +16,7 @@ original (j' // rep), and autograd sums the replicas' gradients back.
 Receives, per rank and layer in forward: q (P-1)/P * B*C*H*D*e, k and v (P-1)/P * B*C*Hkv'*D*e
 each, o (P-1)/P * B*C*H*D*e; in all (P-1)/P * B*C*D*e * 2 * (H + Hkv').
 """
+
 from __future__ import annotations
 
 import math
@@ -104,17 +105,20 @@ def scatter_heads(q, k, v, group, size: int, order: torch.Tensor | None):
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     b, c, _, d = q.shape
     hq, hk = h // size, k.shape[2] // size
-    packed = torch.cat([q.reshape(b, c, size, hq, d), k.reshape(b, c, size, hk, d),
-                        v.reshape(b, c, size, hk, d)], dim=3).reshape(b, c, size * (hq + 2 * hk), d)
-    full = SeqToHead.apply(packed, group, size, order)                  # [B, size*C, hq+2hk, D]
+    packed = torch.cat(
+        [q.reshape(b, c, size, hq, d), k.reshape(b, c, size, hk, d), v.reshape(b, c, size, hk, d)], dim=3
+    ).reshape(b, c, size * (hq + 2 * hk), d)
+    full = SeqToHead.apply(packed, group, size, order)  # [B, size*C, hq+2hk, D]
     return full.split([hq, hk, hk], dim=2)
 
 
 def check_heads(name: str, n_heads: int, n_kv_heads: int, size: int, setting: str) -> None:
     if n_heads % size:
-        raise ValueError(f"model.n_heads={n_heads} is not divisible by {setting}={size} for {name}: "
-                         f"every rank must hold whole query heads; choose a {setting} that divides "
-                         f"{n_heads}, or use the ring or allgather strategy")
+        raise ValueError(
+            f"model.n_heads={n_heads} is not divisible by {setting}={size} for {name}: "
+            f"every rank must hold whole query heads; choose a {setting} that divides "
+            f"{n_heads}, or use the ring or allgather strategy"
+        )
     if n_heads % n_kv_heads:
         raise ValueError(f"model.n_heads={n_heads} is not a multiple of model.n_kv_heads={n_kv_heads}")
 
@@ -132,7 +136,7 @@ class Ulysses(SoftmaxStrategy):
         doc = ctx.doc_of(pos)
         mask = MaskSpec(pos, pos, doc, doc, causal, window)
         qh, kh, vh = scatter_heads(q, k, v, ctx.group, p, order)
-        o = attention(qh, kh, vh, mask, scale, ctx.block)[0]               # [B, N, H/P, D]
+        o = attention(qh, kh, vh, mask, scale, ctx.block)[0]  # [B, N, H/P, D]
         return HeadToSeq.apply(o, ctx.group, p, order)
 
     def work_queries(self, ctx, n_heads: int):

@@ -19,6 +19,7 @@ count allows (fewest bytes; the ring takes the rest).
 Receives per rank and layer in forward: (u-1)/u * B*C*D*e * 2 * (H + Hkv') for the two
 all-to-alls plus (r-1) * 2 * B*C*Hkv'*D*e for the ring.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,10 @@ class USP(SoftmaxStrategy):
         super().check(n_heads=n_heads, n_kv_heads=n_kv_heads, cp=cp, **kw)
         u = self.degree(cp, n_heads)
         if u < 1 or cp % u:
-            raise ValueError(f"parallel.cp.ulysses_size={u} does not divide parallel.cp.size={cp} "
-                             f"for usp: choose a divisor of {cp} (the ring degree is cp / ulysses_size)")
+            raise ValueError(
+                f"parallel.cp.ulysses_size={u} does not divide parallel.cp.size={cp} "
+                f"for usp: choose a divisor of {cp} (the ring degree is cp / ulysses_size)"
+            )
         check_heads("usp", n_heads, n_kv_heads, u, "parallel.cp.ulysses_size")
 
     def subgroup_sizes(self, cp: int, n_heads: int) -> list[int]:
@@ -60,19 +63,31 @@ class USP(SoftmaxStrategy):
         u = self.degree(p, q.shape[2])
         mesh = ctx.subgroups.get(u)
         if mesh is None:
-            raise ValueError(f"usp needs the Ulysses/ring sub-groups of degree {u}, which were not "
-                             "built at start-up: build them with parallel.mesh.build_subgroups "
-                             "(init_mesh does it for the configured strategies)")
+            raise ValueError(
+                f"usp needs the Ulysses/ring sub-groups of degree {u}, which were not "
+                "built at start-up: build them with parallel.mesh.build_subgroups "
+                "(init_mesh does it for the configured strategies)"
+            )
 
-        def tokens(members):            # (order, row positions) of one U_g's gathered tokens
+        def tokens(members):  # (order, row positions) of one U_g's gathered tokens
             return row_order([ctx.index_of(c) for c in members])
+
         order, _ = tokens(mesh.ulysses_members)
         if u > 1:
             q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, u, order)
         index = [tokens(m)[1] for m in mesh.ring_members]
-        spec = RingSpec(mesh.ring_group, mesh.ring_rank, p // u, index, [ctx.doc_of(i) for i in index],
-                        causal, window, scale, ctx.block)
-        o = ring_attention(q, k, v, spec)                                  # [B, u*C, H/u, D]
+        spec = RingSpec(
+            mesh.ring_group,
+            mesh.ring_rank,
+            p // u,
+            index,
+            [ctx.doc_of(i) for i in index],
+            causal,
+            window,
+            scale,
+            ctx.block,
+        )
+        o = ring_attention(q, k, v, spec)  # [B, u*C, H/u, D]
         return HeadToSeq.apply(o, mesh.ulysses_group, u, order) if u > 1 else o
 
     def work_queries(self, ctx, n_heads: int):

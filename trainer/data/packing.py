@@ -23,6 +23,7 @@ row's attention anyway, and positions then depend on the previous row), or resta
 at the row start. We restart, so every row is self-contained: attention (bounded by
 cu_seqlens) and positions agree, and a row can be rebuilt from its tokens alone.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -40,13 +41,15 @@ class PackedDataset:
 
     def __init__(self, source, tokenizer, seq_len: int, seed: int = 0):
         if len(source) == 0:
-            raise ValueError("the data source has no documents for this split: add documents "
-                             "(data.paths) or change data.val_fraction")
+            raise ValueError(
+                "the data source has no documents for this split: add documents "
+                "(data.paths) or change data.val_fraction"
+            )
         if seq_len < 1:
             raise ValueError(f"data.seq_len={seq_len} must be >= 1")
         self.source, self.tokenizer, self.seq_len, self.seed = source, tokenizer, seq_len, seed
-        self.cursor = (0, 0, 0)      # (epoch, index into the epoch's permutation, token offset)
-        self.rows = 0                # rows produced (or skipped) so far: the global row index
+        self.cursor = (0, 0, 0)  # (epoch, index into the epoch's permutation, token offset)
+        self.rows = 0  # rows produced (or skipped) so far: the global row index
         self._perms: dict[int, list[int]] = {}
         self._cache: OrderedDict = OrderedDict()
 
@@ -74,7 +77,7 @@ class PackedDataset:
         out, ends = [], []
         while len(out) < k:
             toks = self._tokens(e, j)
-            piece = toks[off:off + k - len(out)]
+            piece = toks[off : off + k - len(out)]
             out += piece
             off += len(piece)
             if off == len(toks):
@@ -94,8 +97,7 @@ class PackedDataset:
         cu = torch.tensor([0] + [t + 1 for t in ends if t + 1 < n] + [n], dtype=torch.int32)
         lengths = torch.diff(cu).long()
         positions = torch.arange(n) - torch.repeat_interleave(cu[:-1].long(), lengths)
-        return {"input_ids": window[:-1], "labels": labels, "positions": positions,
-                "cu_seqlens": cu}
+        return {"input_ids": window[:-1], "labels": labels, "positions": positions, "cu_seqlens": cu}
 
     def skip_row(self) -> None:
         """Advance past one row without building it (rows dealt to other dp ranks)."""
@@ -111,16 +113,25 @@ class PackedDataset:
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         e, j, off = self.cursor
-        return {"epoch": e, "doc": j, "offset": off, "rows": self.rows, "seed": self.seed,
-                "seq_len": self.seq_len, "num_docs": len(self.source)}
+        return {
+            "epoch": e,
+            "doc": j,
+            "offset": off,
+            "rows": self.rows,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "num_docs": len(self.source),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         now = {"seed": self.seed, "seq_len": self.seq_len, "num_docs": len(self.source)}
         saved = {k: sd[k] for k in now}
         if saved != now:
-            raise ValueError(f"the data loader state was saved with {saved} but the data is now "
-                             f"{now}: resume with the same data settings (data.seq_len, "
-                             "data.seed, data.paths / data.source, data.val_fraction)")
+            raise ValueError(
+                f"the data loader state was saved with {saved} but the data is now "
+                f"{now}: resume with the same data settings (data.seq_len, "
+                "data.seed, data.paths / data.source, data.val_fraction)"
+            )
         self.cursor = (int(sd["epoch"]), int(sd["doc"]), int(sd["offset"]))
         self.rows = int(sd["rows"])
 
@@ -140,14 +151,13 @@ class DataLoaderShard:
     batch is ``micro_batch`` of this rank's rows, collated (see ``collate``). Endless;
     ``iter()`` continues where the last batch stopped."""
 
-    def __init__(self, dataset: PackedDataset, dp_rank: int = 0, dp_size: int = 1,
-                 micro_batch: int = 1):
+    def __init__(self, dataset: PackedDataset, dp_rank: int = 0, dp_size: int = 1, micro_batch: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={dp_size})")
         if micro_batch < 1:
             raise ValueError(f"data.micro_batch={micro_batch} must be >= 1")
         self.dataset, self.dp_rank, self.dp_size, self.micro_batch = dataset, dp_rank, dp_size, micro_batch
-        self.rows = 0                # rows this rank has consumed
+        self.rows = 0  # rows this rank has consumed
 
     def __iter__(self):
         return self
@@ -162,8 +172,13 @@ class DataLoaderShard:
         return collate(rows)
 
     def state_dict(self) -> dict:
-        return {"dataset": self.dataset.state_dict(), "rows": self.rows, "dp_rank": self.dp_rank,
-                "dp_size": self.dp_size, "micro_batch": self.micro_batch}
+        return {
+            "dataset": self.dataset.state_dict(),
+            "rows": self.rows,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "micro_batch": self.micro_batch,
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         self.dataset.load_state_dict(sd["dataset"])

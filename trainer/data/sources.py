@@ -6,6 +6,7 @@ disjoint and do not depend on where the corpus lives. If the hash puts no docume
 val, the document with the smallest hash goes there instead (the trainer always builds a
 val loader); a one-document corpus serves both splits.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,13 +14,12 @@ import json
 import os
 
 SPLITS = ("train", "val")
-STDLIB_EXCLUDE = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib",
-                            "lib2to3", "__pycache__"})
+STDLIB_EXCLUDE = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
 
 
 def _hash_fraction(key: str) -> float:
     """A platform-independent hash of ``key`` in [0, 1)."""
-    return int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "little") / 2.0 ** 64
+    return int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "little") / 2.0**64
 
 
 def _select(keys: list[str], split: str, val_fraction: float) -> list[int]:
@@ -53,7 +53,7 @@ class StdlibSource:
                 if name.endswith(".py") and os.path.getsize(path) >= min_chars:
                     rels.append(os.path.relpath(path, self.root).replace(os.sep, "/"))
         rels.sort()
-        self.paths = [rels[i] for i in _select(rels, split, val_fraction)]   # relative paths
+        self.paths = [rels[i] for i in _select(rels, split, val_fraction)]  # relative paths
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -71,7 +71,7 @@ class TextFilesSource:
             paths = [paths]
         if not paths:
             raise ValueError("data.paths is empty: give a list of .txt/.jsonl files or dirs")
-        entries, keys = [], []              # entry: (file, byte offset of the jsonl line or -1)
+        entries, keys = [], []  # entry: (file, byte offset of the jsonl line or -1)
         for given in paths:
             for path, rel in self._files(given):
                 if path.endswith(".txt"):
@@ -86,8 +86,7 @@ class TextFilesSource:
                             keys.append(f"{rel}:{lineno}")
                         offset += len(line)
         if not entries:
-            raise ValueError(f"data.paths={list(paths)!r} holds no .txt or .jsonl documents: "
-                             "fix the paths")
+            raise ValueError(f"data.paths={list(paths)!r} holds no .txt or .jsonl documents: fix the paths")
         self.entries = [entries[i] for i in _select(keys, split, val_fraction)]
 
     @staticmethod
@@ -121,8 +120,9 @@ class TextFilesSource:
         try:
             text = json.loads(line)["text"]
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} at byte {offset}: each jsonl line must be an object with "
-                             "a string \"text\" field") from None
+            raise ValueError(
+                f'{path} at byte {offset}: each jsonl line must be an object with a string "text" field'
+            ) from None
         if not isinstance(text, str):
-            raise ValueError(f"{path} at byte {offset}: \"text\" must be a string")
+            raise ValueError(f'{path} at byte {offset}: "text" must be a string')
         return text

@@ -1,4 +1,5 @@
 """Synthetic long-context probes: passkey retrieval and multi-query associative recall."""
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,10 @@ def passkey_example(tokenizer, context_len: int, depth: float, rng: random.Rando
     question = tokenizer.encode(QUESTION)
     budget = context_len - len(needle) - len(question)
     if budget < 0:
-        raise ValueError(f"passkey context length {context_len} is too short: the needle and "
-                         f"question alone take {len(needle) + len(question)} tokens")
+        raise ValueError(
+            f"passkey context length {context_len} is too short: the needle and "
+            f"question alone take {len(needle) + len(question)} tokens"
+        )
     reps = budget // max(len(tokenizer.encode(FILLER)), 1) + 2
     filler = tokenizer.encode(FILLER * reps)
     while len(filler) < budget:

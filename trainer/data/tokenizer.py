@@ -3,6 +3,7 @@
 Both expose ``encode(str) -> list[int]``, ``decode(list[int]) -> str``, ``eos_id`` and
 ``vocab_size``; neither adds BOS/EOS on its own (packing appends ``eos_id`` itself).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,14 +29,17 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         from transformers import AutoTokenizer
+
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.tok.model_max_length = 1 << 62          # documents are long; packing cuts them
+        self.tok.model_max_length = 1 << 62  # documents are long; packing cuts them
         eos = self.tok.eos_token_id
         if eos is None:
             eos = self.tok.sep_token_id
         if eos is None:
-            raise ValueError(f"data.tokenizer_path={path!r} holds a tokenizer without an eos "
-                             "(or sep) token: packing needs one to end documents")
+            raise ValueError(
+                f"data.tokenizer_path={path!r} holds a tokenizer without an eos "
+                "(or sep) token: packing needs one to end documents"
+            )
         self.eos_id = int(eos)
         self.vocab_size = len(self.tok)
 
@@ -52,7 +56,9 @@ def build_tokenizer(kind: str, path: str | None = None):
         return ByteTokenizer()
     if kind == "hf":
         if not path or not os.path.isdir(path):
-            raise ValueError(f"data.tokenizer_path={path!r} does not exist: point it at a local "
-                             "directory holding a Hugging Face tokenizer, or set data.tokenizer=byte")
+            raise ValueError(
+                f"data.tokenizer_path={path!r} does not exist: point it at a local "
+                "directory holding a Hugging Face tokenizer, or set data.tokenizer=byte"
+            )
         return HFTokenizer(path)
     raise ValueError(f"data.tokenizer={kind!r} is unknown: choose one of {KINDS}")

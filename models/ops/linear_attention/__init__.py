@@ -16,20 +16,29 @@ LASP-2 on rank r (contiguous segment, global doc starts ``starts`` [B, C] incl. 
 Backward: autograd through the op gives dL/dS_in; the scan's (reverse) backward turns the
 gathered dS_in into dL/dM_j, dL/dG_j (a reduce-scatter of those grads in a hand-written version).
 """
+
 from models.ops.linear_attention.chunk import (
-                                               ChunkLinearAttentionFunction,
-                                               chunk_linear_attention,
-                                               linear_attention_bwd,
-                                               linear_attention_fwd,
-                                               scan_segment_states,
-                                               segment_output_from_state,
-                                               segment_state,
+    ChunkLinearAttentionFunction,
+    chunk_linear_attention,
+    linear_attention_bwd,
+    linear_attention_fwd,
+    scan_segment_states,
+    segment_output_from_state,
+    segment_state,
 )
 from models.ops.linear_attention.interface import IMPLS, check_impl, linear_attention
 from models.ops.linear_attention.naive import recurrent_linear_attention_ref
 
 __all__ = [
-    "IMPLS", "ChunkLinearAttentionFunction", "check_impl", "chunk_linear_attention",
-    "linear_attention", "linear_attention_fwd", "linear_attention_bwd", "segment_state",
-    "scan_segment_states", "segment_output_from_state", "recurrent_linear_attention_ref",
+    "IMPLS",
+    "ChunkLinearAttentionFunction",
+    "check_impl",
+    "chunk_linear_attention",
+    "linear_attention",
+    "linear_attention_fwd",
+    "linear_attention_bwd",
+    "segment_state",
+    "scan_segment_states",
+    "segment_output_from_state",
+    "recurrent_linear_attention_ref",
 ]

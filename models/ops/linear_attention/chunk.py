@@ -30,6 +30,7 @@ LASP-2 pieces (sequence parallelism over CP ranks, each holding one contiguous s
 exclusive scan giving each rank's S_in), and ``chunk_linear_attention(..., initial_state=S_in)``
 whose backward returns dL/dS_in; ``segment_output_from_state`` is the S_in term on its own.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,7 @@ import torch
 from models.ops.documents import resets_from_cu_seqlens
 from models.ops.linear_attention.naive import acc_dtype
 
-PAIRWISE_BUDGET = 1 << 24   # elements of one per-key decay block [B, H, n, C, C, Dk]
+PAIRWISE_BUDGET = 1 << 24  # elements of one per-key decay block [B, H, n, C, C, Dk]
 NEG_INF = float("-inf")
 
 
@@ -64,10 +65,10 @@ class _Docs:
 
     def __init__(self, resets: torch.Tensor):
         c = resets.shape[-1]
-        seg = resets.long().cumsum(-1)                                  # doc index inside chunk
-        self.first = (seg == 0)[:, None, ..., None]                     # [B,1,NC,C,1] sees S_in
-        self.last = (seg == seg[..., -1:])[:, None, ..., None]          # [B,1,NC,C,1] feeds S_out
-        self.carry = (~resets.any(-1))[:, None, :, None]                # [B,1,NC,1] S_in passes
+        seg = resets.long().cumsum(-1)  # doc index inside chunk
+        self.first = (seg == 0)[:, None, ..., None]  # [B,1,NC,C,1] sees S_in
+        self.last = (seg == seg[..., -1:])[:, None, ..., None]  # [B,1,NC,C,1] feeds S_out
+        self.carry = (~resets.any(-1))[:, None, :, None]  # [B,1,NC,1] S_in passes
         causal = torch.ones(c, c, dtype=torch.bool, device=resets.device).tril()
         self.pair = ((seg[..., :, None] == seg[..., None, :]) & causal)[:, None]  # [B,1,NC,C,C]
 
@@ -152,12 +153,11 @@ def _prepare(q, k, v, g, gk, initial_state, resets, scale, chunk_size):
     else:
         a = q.new_zeros(q.shape[:3], dtype=acc)
     c = chunk_size
-    b = _chunked(a, c).cumsum(3)                              # [B,H,NC,C(,Dk)]
+    b = _chunked(a, c).cumsum(3)  # [B,H,NC,C(,Dk)]
     if not per_key:
         b = b[..., None]
-    r = _chunked(resets[..., None], c)[:, 0]                  # [B,NC,C] (padding: no reset)
-    s0 = (q.new_zeros(bsz, h, dk, v.shape[-1], dtype=acc) if initial_state is None
-          else initial_state.to(acc))
+    r = _chunked(resets[..., None], c)[:, 0]  # [B,NC,C] (padding: no reset)
+    s0 = q.new_zeros(bsz, h, dk, v.shape[-1], dtype=acc) if initial_state is None else initial_state.to(acc)
     qc = _chunked(q.to(acc) * scale, c)
     return qc, _chunked(k.to(acc), c), _chunked(v.to(acc), c), b, _Docs(r), s0, per_key
 
@@ -165,8 +165,7 @@ def _prepare(q, k, v, g, gk, initial_state, resets, scale, chunk_size):
 def linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size):
     """Forward without autograd. resets [B, T] bool (see segments.py).
     Returns (o [B,T,H,Dv] in q's dtype, final_state [B,H,Dk,Dv] fp32/fp64)."""
-    qc, kc, vc, b, docs, s0, per_key = _prepare(q, k, v, g, gk, initial_state, resets, scale,
-                                                chunk_size)
+    qc, kc, vc, b, docs, s0, per_key = _prepare(q, k, v, g, gk, initial_state, resets, scale, chunk_size)
     w, m, gam = _chunk_summaries(kc, vc, b, docs)
     s_in, s_final = _scan_states(m, gam, s0)
     q_dec = qc * torch.exp(b) * docs.first
@@ -174,13 +173,11 @@ def linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_siz
     return _unchunked(o, q.shape[1]).to(q.dtype), s_final
 
 
-def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, do,
-                         d_final=None):
+def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, do, d_final=None):
     """Backward of ``linear_attention_fwd`` given dO [B,T,H,Dv] and dL/dfinal_state (or None).
     Returns (dq, dk, dv, dg or None, dgk or None, d_initial_state [B,H,Dk,Dv] or None)."""
     t = q.shape[1]
-    qc, kc, vc, b, docs, s0, per_key = _prepare(q, k, v, g, gk, initial_state, resets, scale,
-                                                chunk_size)
+    qc, kc, vc, b, docs, s0, per_key = _prepare(q, k, v, g, gk, initial_state, resets, scale, chunk_size)
     doc_ = _chunked(do.to(qc.dtype), chunk_size)
     w, m, gam = _chunk_summaries(kc, vc, b, docs)
     s_in, s_final = _scan_states(m, gam, s0)
@@ -194,12 +191,12 @@ def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_siz
     dq = dq + (doc_ @ s_in.transpose(-1, -2)) * dec_q
     dk = dk + (vc @ ds_out.transpose(-1, -2)) * w
 
-    db = qc * dq - kc * dk                                    # [B,H,NC,C,Dk]
+    db = qc * dq - kc * dk  # [B,H,NC,C,Dk]
     s_out = torch.cat([s_in[:, :, 1:], s_final[:, :, None]], dim=2)
     db[..., -1, :] += (s_out * ds_out).sum(-1)
     if not per_key:
         db = db.sum(-1)
-    da = _unchunked(db.flip(3).cumsum(3).flip(3), t)          # [B,T,H(,Dk)]
+    da = _unchunked(db.flip(3).cumsum(3).flip(3), t)  # [B,T,H(,Dk)]
 
     dg = dgk = None
     if gk is not None:
@@ -209,8 +206,14 @@ def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_siz
     elif g is not None:
         dg = da.to(g.dtype)
     d_init = None if initial_state is None else ds0.to(initial_state.dtype)
-    return (_unchunked(dq * scale, t).to(q.dtype), _unchunked(dk, t).to(k.dtype),
-            _unchunked(dv, t).to(v.dtype), dg, dgk, d_init)
+    return (
+        _unchunked(dq * scale, t).to(q.dtype),
+        _unchunked(dk, t).to(k.dtype),
+        _unchunked(dv, t).to(v.dtype),
+        dg,
+        dgk,
+        d_init,
+    )
 
 
 class ChunkLinearAttentionFunction(torch.autograd.Function):
@@ -225,14 +228,23 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, d_final):
         q, k, v, g, gk, initial_state, resets = ctx.saved_tensors
-        grads = linear_attention_bwd(q, k, v, g, gk, ctx.scale, initial_state, resets,
-                                     ctx.chunk_size, do, d_final)
+        grads = linear_attention_bwd(q, k, v, g, gk, ctx.scale, initial_state, resets, ctx.chunk_size, do, d_final)
         return (*grads, None, None, None)
 
 
-def chunk_linear_attention(q, k, v, g=None, gk=None, scale: float = 1.0, initial_state=None,
-                           cu_seqlens=None, chunk_size: int = 64, output_final_state: bool = False,
-                           backend: str = "auto"):
+def chunk_linear_attention(
+    q,
+    k,
+    v,
+    g=None,
+    gk=None,
+    scale: float = 1.0,
+    initial_state=None,
+    cu_seqlens=None,
+    chunk_size: int = 64,
+    output_final_state: bool = False,
+    backend: str = "auto",
+):
     """Chunked (gated) linear attention; shapes in the module docstring.
 
     ``initial_state`` enters the first document of each row only (document starts inside a row
@@ -244,13 +256,14 @@ def chunk_linear_attention(q, k, v, g=None, gk=None, scale: float = 1.0, initial
         raise ValueError(f"backend={backend!r}: choose auto, torch or fla")
     if backend == "fla" or (backend == "auto" and q.is_cuda):
         from models.ops.linear_attention import fla_backend
+
         if backend == "fla" or fla_backend.available():
-            return fla_backend.fla_linear_attention(q, k, v, g, gk, scale, initial_state,
-                                                    cu_seqlens, output_final_state)
+            return fla_backend.fla_linear_attention(
+                q, k, v, g, gk, scale, initial_state, cu_seqlens, output_final_state
+            )
     bsz, t = q.shape[:2]
     resets = resets_from_cu_seqlens(cu_seqlens, bsz, t, q.device)
-    o, final = ChunkLinearAttentionFunction.apply(q, k, v, g, gk, initial_state, resets,
-                                                  float(scale), int(chunk_size))
+    o, final = ChunkLinearAttentionFunction.apply(q, k, v, g, gk, initial_state, resets, float(scale), int(chunk_size))
     return o, (final if output_final_state else None)
 
 
@@ -277,8 +290,8 @@ def segment_state(k, v, g=None, gk=None, starts=None):
     so that S_end = (0 if has_start else exp(G) * S_in) + M. Differentiable (autograd).
     """
     bsz, t, h, dk = k.shape
-    a = _log_decay(g, gk, k)                                  # [B,T,H,Dk|1]
-    suffix = a.flip(1).cumsum(1).flip(1)                      # sum_{u >= t} a_u
+    a = _log_decay(g, gk, k)  # [B,T,H,Dk|1]
+    suffix = a.flip(1).cumsum(1).flip(1)  # sum_{u >= t} a_u
     after = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], dim=1)  # sum_{u > t}
     if starts is None:
         starts = torch.zeros(bsz, t, dtype=torch.bool, device=k.device)

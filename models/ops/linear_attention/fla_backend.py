@@ -12,6 +12,7 @@ Argument mapping (fla >= 0.2, layout [B, T, H, D], ``head_first`` removed):
     final_state          -> fla returns one per document; row b's is that of token (b+1)*T - 1
 fla's chunk size is its own (64); both kernels include the diagonal (token t sees itself).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,20 +35,18 @@ def fla_linear_attention(q, k, v, g, gk, scale, initial_state, cu_seqlens, outpu
     if gk is not None:
         fn, decay = chunk_gla, (gk if g is None else gk + g[..., None])
     if cu_seqlens is None:
-        o, ht = fn(q, k, v, g=decay, scale=scale, initial_state=initial_state,
-                   output_final_state=output_final_state)
+        o, ht = fn(q, k, v, g=decay, scale=scale, initial_state=initial_state, output_final_state=output_final_state)
         return o, ht
     cu = cu_seqlens.to(q.device, torch.int64)
     row_first = torch.searchsorted(cu, torch.arange(bsz, device=q.device) * t, right=True) - 1
-    row_last = torch.searchsorted(cu, torch.arange(1, bsz + 1, device=q.device) * t - 1,
-                                  right=True) - 1
+    row_last = torch.searchsorted(cu, torch.arange(1, bsz + 1, device=q.device) * t - 1, right=True) - 1
     h0 = None
     if initial_state is not None:
         h0 = initial_state.new_zeros(len(cu) - 1, *initial_state.shape[1:])
         h0 = h0.index_copy(0, row_first, initial_state)
-    flat = [x.reshape(1, bsz * t, *x.shape[2:]) if x is not None else None
-            for x in (q, k, v, decay)]
-    o, ht = fn(*flat[:3], g=flat[3], scale=scale, initial_state=h0,
-               output_final_state=output_final_state, cu_seqlens=cu)
+    flat = [x.reshape(1, bsz * t, *x.shape[2:]) if x is not None else None for x in (q, k, v, decay)]
+    o, ht = fn(
+        *flat[:3], g=flat[3], scale=scale, initial_state=h0, output_final_state=output_final_state, cu_seqlens=cu
+    )
     o = o.reshape(bsz, t, *o.shape[2:])
     return o, (ht[row_last] if output_final_state else None)

@@ -6,6 +6,7 @@
 impl: "auto" (fla's Triton kernels for CUDA tensors when fla is importable, else the chunked
 torch op), "chunk" (always the torch op), "naive" (token-by-token reference, for tests).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,14 +22,22 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"model.linear_impl={impl!r} is unknown: choose one of {IMPLS}")
 
 
-def linear_attention(q, k, v, g=None, gk=None, scale: float = 1.0, *,
-                     cu_seqlens: torch.Tensor | None = None, chunk_size: int = 64,
-                     impl: str = "auto") -> torch.Tensor:
+def linear_attention(
+    q,
+    k,
+    v,
+    g=None,
+    gk=None,
+    scale: float = 1.0,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    impl: str = "auto",
+) -> torch.Tensor:
     """The state restarts at every document start of ``cu_seqlens`` and at every row start."""
     check_impl(impl)
     cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
     if impl == "naive":
         return recurrent_linear_attention_ref(q, k, v, g, gk, scale, cu_seqlens=cu)[0]
     backend = "auto" if impl == "auto" else "torch"
-    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size,
-                                  backend=backend)[0]
+    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size, backend=backend)[0]

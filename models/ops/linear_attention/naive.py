@@ -14,6 +14,7 @@ Recurrence (per row and head), with the state zeroed at every document start ins
     S_t = diag(exp(g_t + gk_t)) S_{t-1} + k_t^T v_t,    o_t = scale * q_t S_t
 The diagonal is included: token t sees itself.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,20 +27,18 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def recurrent_linear_attention_ref(q, k, v, g=None, gk=None, scale: float = 1.0,
-                                   initial_state=None, cu_seqlens=None):
+def recurrent_linear_attention_ref(q, k, v, g=None, gk=None, scale: float = 1.0, initial_state=None, cu_seqlens=None):
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     acc = acc_dtype(q)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-    a = None                                                    # log-decay [B, T, H, Dk or 1]
+    a = None  # log-decay [B, T, H, Dk or 1]
     if g is not None:
         a = g.to(acc)[..., None]
     if gk is not None:
         a = gk.to(acc) if a is None else a + gk.to(acc)
     resets = resets_from_cu_seqlens(cu_seqlens, b, t, q.device)
-    state = (q.new_zeros(b, h, dk, dv, dtype=acc) if initial_state is None
-             else initial_state.to(acc))
+    state = q.new_zeros(b, h, dk, dv, dtype=acc) if initial_state is None else initial_state.to(acc)
     out = []
     for i in range(t):
         state = torch.where(resets[:, i, None, None, None], torch.zeros_like(state), state)
