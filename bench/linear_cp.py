@@ -111,7 +111,7 @@ def bench_rank(rank, world, args):
                     strat.check(n_heads=args.heads, n_kv_heads=args.heads, cp=world, seq_len=n, layout=layout)
                 except ValueError:
                     continue
-                kind = STRATEGIES[name].kind
+                kind = STRATEGIES[name].kinds[0]
                 if kind not in refs:
                     path = os.path.join(args.out, f"linref_{kind}_{n}_{mask}_{args.decay}.pt")
                     if kind == "linear":

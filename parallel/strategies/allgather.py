@@ -92,7 +92,7 @@ def need_matrix(ctx, causal: bool, window: int | None) -> list[list[bool]]:
     return need
 
 
-@register("allgather", default=True)
+@register("allgather", default="softmax")
 class AllGatherKV(SoftmaxStrategy):
     def __init__(self, gather: str = "needed"):
         if gather not in ("needed", "all"):

@@ -1,15 +1,18 @@
 """The interface every context-parallel strategy implements, one base per mixer kind.
 
-A strategy serves one mixer kind (``softmax``, ``linear``, ...) across the ranks of a CP
-group; ``CPContext.run(kind, ...)`` calls ``strategy(q, k, v, ctx, **options)`` with the
-local shards and the kind's options (models/context.py lists them). A CP world of one never
-reaches a strategy: the context runs the kind's single-device op (models/registry.py).
+A strategy serves one or more mixer kinds (``kinds``: ``softmax``, ``linear``, ...) across
+the ranks of a CP group; ``CPContext.run(kind, ...)`` calls ``strategy(q, k, v, ctx,
+**options)`` with the local shards and the kind's options (models/context.py lists them). A CP
+world of one never reaches a strategy: the context runs the kind's single-device op
+(models/registry.py).
 
 Registering: ``@register("name")`` on a subclass of the kind's base (``SoftmaxStrategy``,
-``LinearStrategy``); ``default=True`` makes it the kind's default when ``parallel.cp.strategies``
-does not name one. Every strategy states the bytes one rank receives in one layer's forward
-by its formula, ``forward_bytes(LayerShape)``, which the tests and benchmarks check against
-the bytes ``parallel.comm`` counts.
+``LinearStrategy``); ``default="softmax"`` makes it that kind's default when
+``parallel.cp.strategies`` does not name one. A strategy that also serves another kind (e.g. a
+softmax strategy that accepts a sparse pattern) lists it in ``kinds``. Every strategy states
+the bytes one rank receives in one layer's forward by its formula,
+``forward_bytes(LayerShape)``, which the tests and benchmarks check against the bytes
+``parallel.comm`` counts.
 """
 
 from __future__ import annotations
@@ -19,16 +22,21 @@ from dataclasses import dataclass
 
 from parallel.sharding import check_divisible
 
-STRATEGIES: dict[str, type] = {}  # name -> class (its ``kind`` says what it serves)
+STRATEGIES: dict[str, type] = {}  # name -> class (its ``kinds`` say what it serves)
 DEFAULTS: dict[str, str] = {}  # mixer kind -> default strategy name
 
 
-def register(name: str, default: bool = False):
+def register(name: str, default: str | None = None):
+    """Register a strategy class under ``name``; ``default``: the mixer kind it is the
+    default strategy of (one of ``cls.kinds``)."""
+
     def wrap(cls):
         cls.name = name
         STRATEGIES[name] = cls
-        if default:
-            DEFAULTS[cls.kind] = name
+        if default is not None:
+            if default not in cls.kinds:
+                raise TypeError(f"strategy {name!r} is the default of {default!r} but serves {cls.kinds}")
+            DEFAULTS[default] = name
         return cls
 
     return wrap
@@ -52,16 +60,21 @@ class LayerShape:
 
 
 class Strategy:
-    """Base of all strategies. Subclasses set ``kind`` (via their kind's base) and implement
-    ``__call__`` and ``forward_bytes``."""
+    """Base of all strategies. Subclasses set ``kinds`` (via their kind's base; an empty tuple
+    means any kind on one rank) and implement ``__call__`` and ``forward_bytes``."""
 
     name = "base"
-    kind: str | None = None
+    kinds: tuple[str, ...] = ()
     layouts = ("contiguous", "zigzag")
+
+    @property
+    def kind(self) -> str | None:
+        """The primary kind served (the first of ``kinds``)."""
+        return self.kinds[0] if self.kinds else None
 
     def serves(self) -> dict:
         """{kind: self}: what a context built from this strategy alone routes to it."""
-        return {} if self.kind is None else {self.kind: self}
+        return {kind: self for kind in self.kinds}
 
     def check(self, *, n_heads: int, n_kv_heads: int, cp: int, seq_len: int, layout: str) -> None:
         """Raise ValueError (naming the setting and the fix) before any collective runs."""
@@ -95,7 +108,7 @@ class SoftmaxStrategy(Strategy):
     """Softmax attention: q [B, C, H, D], k, v [B, C, Hkv, D] (local shards) -> o [B, C, H, D],
     exact in forward and backward against single-device attention on the unsharded row."""
 
-    kind = "softmax"
+    kinds = ("softmax",)
 
     def __call__(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale)
@@ -108,7 +121,7 @@ class LinearStrategy(Strategy):
     """Linear attention: q, k [B, C, H, Dk], v [B, C, H, Dv], g [B, C, H], gk [B, C, H, Dk]
     (local shards) -> o [B, C, H, Dv], exact against the single-device op on the whole row."""
 
-    kind = "linear"
+    kinds = ("linear",)
 
     def __call__(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
         return self.linear_attention(q, k, v, ctx, g=g, gk=gk, scale=scale, chunk_size=chunk_size, impl=impl)
@@ -119,7 +132,7 @@ class LinearStrategy(Strategy):
 
 def strategy_names(kind: str) -> list[str]:
     """Registered strategies serving mixer kind ``kind`` (plus ``local``), sorted."""
-    return sorted(n for n, cls in STRATEGIES.items() if cls.kind in (kind, None))
+    return sorted(n for n, cls in STRATEGIES.items() if kind in cls.kinds or not cls.kinds)
 
 
 def build_strategy(name: str, kind: str | None = None, **options) -> Strategy:
@@ -127,9 +140,10 @@ def build_strategy(name: str, kind: str | None = None, **options) -> Strategy:
     (``parallel.cp.strategies.<kind>``), checked, for error messages naming the setting."""
     setting = f"parallel.cp.strategies.{kind}" if kind else "strategy"
     cls = STRATEGIES.get(name)
-    if cls is None or (kind is not None and cls.kind not in (kind, None)):
+    if cls is None or (kind is not None and cls.kinds and kind not in cls.kinds):
         choices = strategy_names(kind) if kind else sorted(STRATEGIES)
-        what = "is unknown" if cls is None else f"serves {cls.kind} layers, not {kind} ones"
+        served = " and ".join(cls.kinds) if cls is not None else ""
+        what = "is unknown" if cls is None else f"serves {served} layers, not {kind} ones"
         raise ValueError(f"{setting}={name!r} {what}: choose one of {choices}")
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
     unknown = set(options) - accepted

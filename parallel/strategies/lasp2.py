@@ -84,7 +84,7 @@ class GatherSummaries(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- strategy
-@register("lasp2", default=True)
+@register("lasp2", default="linear")
 class LASP2(LinearStrategy):
     """Linear attention under CP with one all-gather of segment states per layer (LASP-2);
     any layout. Softmax attention is not provided (pair it with allgather: LASP-2H).

@@ -11,7 +11,7 @@ from parallel.strategies.base import LayerShape, Strategy, register
 
 @register("local")
 class Local(Strategy):
-    kind = None  # any
+    kinds = ()  # any kind, on one rank
 
     def check(self, *, cp, **kw):
         super().check(cp=cp, **kw)
