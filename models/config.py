@@ -62,6 +62,9 @@ class ModelConfig:
         return list(dict.fromkeys(self.kind_of(i) for i in range(self.n_layers)))
 
     def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1: set a positive value")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.ops.attention import MaskSpec, attention
+from models.ops.attention import MaskSpec, attention, check_inputs
 from models.registry import register_kind, register_mixer
 from models.rope import apply_rotary
 
@@ -16,6 +16,7 @@ from models.rope import apply_rotary
 def local_softmax_attention(q, k, v, ctx, *, causal=True, window=None, scale=None):
     """Block-sparse attention over the tokens ``ctx`` holds, under their document mask.
     q [B, T, H, D], k, v [B, T, Hkv, D] -> o [B, T, H, D]."""
+    check_inputs(q, k, window)
     d = ctx.docs
     mask = MaskSpec(d.index, d.index, d.doc, d.doc, causal, window)
     return attention(q, k, v, mask, scale, ctx.block)[0]

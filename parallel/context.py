@@ -63,6 +63,7 @@ class CPContext(AttentionContext):
 
     def run(self, kind: str, q, k, v, **options) -> torch.Tensor:
         """The core op of mixer kind ``kind`` on the local shards (see models/context.py)."""
+        self._check_shapes(q, k, v)
         if self.world_size == 1:
             return super().run(kind, q, k, v, **options)
         strategy = self.strategies.get(kind)
@@ -73,6 +74,17 @@ class CPContext(AttentionContext):
                 f"{ {k: s.name for k, s in self.strategies.items()} })"
             )
         return strategy(q, k, v, self, **options)
+
+    def _check_shapes(self, q, k, v) -> None:
+        """Local shards must hold exactly this rank's C tokens of each of the B rows."""
+        want = (self.batch_size, len(self.local_index))
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dim() != 4 or tuple(x.shape[:2]) != want:
+                raise ValueError(
+                    f"{name} has shape {tuple(x.shape)} but the context holds [B={want[0]}, "
+                    f"C={want[1]}, heads, dim] per rank (seq_len={self.seq_len} over "
+                    f"{self.world_size} ranks): shard the batch with the same layout and size"
+                )
 
 
 def build_context(

@@ -56,6 +56,14 @@ def test_every_group_option_composes(group):
         ),
         (["init_from=/nonexistent/ckpt"], "init_from='/nonexistent/ckpt' is not a directory"),
         (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
+        (["optim.grad_clip=-1"], "optim.grad_clip=-1.0 must be >= 0: give the max gradient norm, or 0"),
+        (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
+        (["optim.lr=-1e-3"], "optim.lr=-0.001 must be > 0"),
+        (["model.n_heads=0"], "model.n_heads=0 must be >= 1"),
+        (["model.n_kv_heads=0"], "model.n_kv_heads=0 must be >= 1"),
+        (["+trainer.nonexistent=1"], "trainer.nonexistent is not a setting: remove it or fix its spelling"),
+        (["trainer.nonfinite=ignore"], "trainer.nonfinite='ignore' is unknown"),
+        (["trainer.max_skips=0"], "trainer.max_skips=0 must be >= 1"),
     ],
 )
 def test_bad_values_have_clear_errors(overrides, message):
@@ -73,7 +81,7 @@ def test_cp_size_must_divide_world():
 def test_unknown_key_is_rejected():
     with pytest.raises(Exception, match="lrr"):
         _compose(["optim.lrr=1"])
-    with pytest.raises(ValueError, match="optim.lrr is not a setting"):
+    with pytest.raises(ValueError, match="optim.lrr is not a setting.*optim has: lr, min_lr_ratio"):
         _compose(["+optim.lrr=1"])
 
 
@@ -90,3 +98,20 @@ def test_strategies_follow_the_model_kinds():
     assert {k: s.name for k, s in cp_strategies(cfg).items()} == {"linear": "lasp2", "softmax": "ring"}
     cfg = _compose(["model.mixer_pattern=[softmax]", "parallel.cp.strategies.linear=nonsense"])
     assert list(cp_strategies(cfg)) == ["softmax"]  # only kinds the model uses are built
+
+
+def test_grad_clip_zero_means_off():
+    cfg = _compose(["optim.grad_clip=0"])
+    validate(cfg, world_size=1)
+
+
+def test_empty_tokenizer_dir_names_the_setting(tmp_path):
+    cfg = _compose(["data.tokenizer=hf", f"data.tokenizer_path={tmp_path}"])
+    with pytest.raises(ValueError, match="data.tokenizer_path=.* holds no tokenizer .*set data.tokenizer=byte"):
+        validate(cfg, world_size=1)
+
+
+def test_wrong_type_is_rejected_while_composing():
+    """The typed schema is the base of conf/train.yaml, so Hydra names the override."""
+    with pytest.raises(Exception, match="Error merging override optim.lr=fast"):
+        _compose(["optim.lr=fast"])

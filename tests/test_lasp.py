@@ -45,22 +45,28 @@ ONE = [0]
 L1 = [0, 1, 2, 9, 20, 21, 27, 40]  # len-1 docs; [2,9) crosses 1, [9,20) 2, [27,40) 2
 L2 = [0, 3, 23, 24, 25, 43]  # [3,23) crosses 3; [24,25) starts on a boundary
 L3 = [0, 6, 7, 12, 18, 19, 30, 31, 36]  # starts on boundaries, len-1 docs right after them
-CASES = {  # name: (decay, row starts, chunk_size, constant g)
-    "none": ("none", (ONE, ONE), 64, None),
-    "scalar": ("scalar", (L1, L2), 4, None),
-    "key": ("key", (L2, L1), 4, None),
-    "both": ("both", (L3, L1), 64, None),
-    "g=0": ("scalar", (L1, ONE), 4, 0.0),
-    "g=-30": ("scalar", (ONE, L2), 4, -30.0),
+L4 = [0, 3, 15, 45]  # [3, 15) holds the whole of rank 1 (and chunks 1-4)
+CASES = {  # name: (decay, row starts, chunk_size, constant g, log-decay scale)
+    "none": ("none", (ONE, ONE), 64, None, 1.0),
+    "scalar": ("scalar", (L1, L2), 4, None, 1.0),
+    "key": ("key", (L2, L1), 4, None, 1.0),
+    "both": ("both", (L3, L1), 64, None, 1.0),
+    "g=0": ("scalar", (L1, ONE), 4, 0.0, 1.0),
+    "g=-30": ("scalar", (ONE, L2), 4, -30.0, 1.0),
+    # weak decay (|g| ~ 0.03): a state carried across whole ranks stays O(1), so a bug in the
+    # inter-rank carry (its value or the gradient of a rank's total decay) shows
+    "weak scalar": ("scalar", (L4, ONE), 4, None, 0.2),
+    "weak both": ("both", (ONE, L4), 64, None, 0.2),
 }
 
 
-def make_case(seed, n, decay, rows, g_value=None, dtype=torch.float64):
+def make_case(seed, n, decay, rows, g_value=None, weight=1.0, dtype=torch.float64):
+    """weight scales the log-decays (logsigmoid(x + 2), about -0.15 on average)."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
     q, k, v, do = rnd(B, n, H, DK), rnd(B, n, H, DK), rnd(B, n, H, DV), rnd(B, n, H, DV)
-    g = F.logsigmoid(rnd(B, n, H) + 2) if decay in ("scalar", "both") else None
-    gk = F.logsigmoid(rnd(B, n, H, DK) + 2) if decay in ("key", "both") else None
+    g = weight * F.logsigmoid(rnd(B, n, H) + 2) if decay in ("scalar", "both") else None
+    gk = weight * F.logsigmoid(rnd(B, n, H, DK) + 2) if decay in ("key", "both") else None
     if g_value is not None:
         g = torch.full((B, n, H), g_value, dtype=dtype)
     starts = {r * n + s for r, row in enumerate(rows) for s in row if s < n} | {r * n for r in range(B)}
@@ -101,8 +107,8 @@ def _run(strategy, layout, rank, world, case, n, chunk=64, options=None):
 
 def _errors(rank, world):
     n, errs = C * world, {}
-    for seed, (name, (decay, rows, chunk, g_value)) in enumerate(CASES.items()):
-        case = make_case(seed, n, decay, rows, g_value)
+    for seed, (name, (decay, rows, chunk, g_value, weight)) in enumerate(CASES.items()):
+        case = make_case(seed, n, decay, rows, g_value, weight)
         ref = reference(case)
         for strategy, layout, options in error_runs(world):
             got, idx = _run(strategy, layout, rank, world, case, n, chunk, options)

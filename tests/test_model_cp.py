@@ -65,3 +65,30 @@ def test_causality_probe():
     ids2[0, 12] = (ids2[0, 12] + 1) % 257
     diff = (model(ids2) - base).abs().amax(-1)[0]
     assert (diff[:12] == 0).all() and (diff[12:] > 0).all()
+
+
+@pytest.mark.parametrize(
+    "cu,message",
+    [
+        ([0, 10, 5, 32], "cu_seqlens is not sorted"),
+        ([2, 10, 32], "cu_seqlens runs from 2 to 32: it must start at 0"),
+        ([0, 10, 30], "cu_seqlens runs from 0 to 30: .* = 2 \\* 16 = 32"),
+    ],
+)
+def test_context_rejects_bad_cu_seqlens(cu, message):
+    with pytest.raises(ValueError, match=message):
+        CPContext(build_strategy("local"), None, 0, 1, "contiguous", 16, 2, torch.tensor(cu))
+
+
+def test_context_attention_checks_its_inputs():
+    for name in ("local", "ring", "allgather"):
+        ctx = CPContext(build_strategy(name), None, 0, 1, "contiguous", 16, 2, torch.tensor([0, 16, 32]))
+        q, kv = torch.zeros(2, 16, 4, 8), torch.zeros(2, 16, 3, 8)
+        with pytest.raises(ValueError, match="window=0 must be >= 1 or None"):
+            ctx.attention(q, q, q, window=0)
+        with pytest.raises(ValueError, match="q has 4 heads, not a multiple of the 3 k/v heads"):
+            ctx.attention(q, kv, kv)
+        with pytest.raises(ValueError, match=r"q has shape \(2, 12, 4, 8\) but the context holds \[B=2, C=16"):
+            ctx.attention(q[:, :12], q, q)
+        with pytest.raises(ValueError, match=r"k has shape \(2, 8, 4, 8\)"):
+            ctx.linear_attention(q, q[:, :8], q)

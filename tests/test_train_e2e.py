@@ -132,3 +132,31 @@ def test_fsdp_checkpointing_bf16_paths_run(tmp_path):
         ],
     )
     assert out[0]["step"] == 3 and all(x == x and x < 10 for x in out[0]["history"])
+
+
+def test_grad_clip_zero_means_no_clipping(tmp_path):
+    common = ["trainer.steps=3", "optim.warmup_steps=1"]
+    off = run_distributed(_train, 1, common + ["optim.grad_clip=0", f"trainer.run_dir={tmp_path / 'a'}"])
+    huge = run_distributed(_train, 1, common + ["optim.grad_clip=1e9", f"trainer.run_dir={tmp_path / 'b'}"])
+    assert off[0]["history"] == huge[0]["history"] and off[0]["history"][-1] < off[0]["history"][0]
+
+
+def _fail(rank, world):
+    from trainer.train import _lowest_failing_rank
+
+    return _lowest_failing_rank()
+
+
+def test_error_is_printed_by_the_lowest_failing_rank_only():
+    assert run_distributed(_fail, 2) == [True, False]
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from trainer.train import _progress
+
+    t, mesh = SimpleNamespace(progress_bar=True, steps=10), SimpleNamespace(is_main=True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert _progress(t, 0, mesh) is None

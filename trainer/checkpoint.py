@@ -1,22 +1,30 @@
-"""Atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+"""Atomic, verified, resumable checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of a run directory:
-    run_dir/checkpoints/step_000100/      DCP shards of model + optimizer
-                        step_000100/rank_00003.pt   per-rank state: data loader, RNG
-                        latest                      text file naming the newest complete step
-A checkpoint is written into ``step_N.tmp`` and renamed once every rank has finished, and
-``latest`` is replaced atomically, so a crash mid-save never leaves a half checkpoint
-that resume would pick up.
+    run_dir/checkpoints/step_000100/      DCP shards of model + optimizer (.distcp, .metadata)
+                        step_000100/rank_00003.pt   per-rank state: data loader, RNG, scheduler
+                        step_000100/manifest.json   written last: world size, size + CRC-32 of
+                                                    every other file
+                        latest                      the newest step written (a convenience only)
+A checkpoint is written into ``step_N.tmp`` and renamed once every rank has finished and the
+manifest is in place. It is *complete* only when its manifest matches the files on disk; resume
+takes the newest complete one and says which newer ones it skipped and why. ``latest`` is never
+trusted. A failed save (e.g. disk full) removes its ``.tmp`` directory on every rank's word and
+leaves older checkpoints untouched.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import zlib
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -24,27 +32,47 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be written or no complete one can be resumed (one-line message)."""
+
+
+def _write_file(path: str, write) -> None:
+    """Write via ``path.part`` + fsync + rename, so a reader never sees a partial file."""
+    with open(path + ".part", "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(path + ".part", path)
 
 
-def latest_step(run_dir: str) -> int | None:
-    path = os.path.join(run_dir, "checkpoints", "latest")
-    if not os.path.exists(path):
-        return None
-    step = int(open(path).read().strip())
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{step:06d}")):
-        raise ValueError(
-            f"{path} names step {step} but its directory is missing: "
-            "delete the 'latest' file to start fresh, or restore the checkpoint"
-        )
-    return step
+def _crc32(path: str) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _describe(paths: list[str], root: str) -> dict:
+    return {os.path.relpath(p, root): {"size": os.path.getsize(p), "crc32": _crc32(p)} for p in paths}
+
+
+def _all_gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _why(e: BaseException, rank: int) -> str:
+    """One line per failing rank; DCP wraps the real exceptions of all ranks in its own."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(_why(exc, r) for r, (exc, _) in sorted(e.failures.items()))
+    text = str(e).strip().splitlines()
+    return f"rank {rank}: {text[0] if text else type(e).__name__}"
 
 
 def _rng_state() -> dict:
@@ -55,7 +83,8 @@ def _rng_state() -> dict:
 
 
 def save(run_dir: str, step: int, model, optimizer, scheduler, loader, rank: int, keep: int = 2) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. On any rank's
+    failure every rank raises CheckpointError and no trace of this step is left."""
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -63,42 +92,127 @@ def save(run_dir: str, step: int, model, optimizer, scheduler, loader, rank: int
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     dist.barrier()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=tmp)
-    extra = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(), "rng": _rng_state()}
-    path = os.path.join(tmp, f"rank_{rank:05d}.pt")
-    torch.save(extra, path + ".part")
-    os.replace(path + ".part", path)
-    dist.barrier()
+    error = None
+    try:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.save(state, checkpoint_id=tmp)  # collective; a failed write raises on every rank
+        extra = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(), "rng": _rng_state()}
+        _write_file(os.path.join(tmp, f"rank_{rank:05d}.pt"), lambda f: torch.save(extra, f))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 -- every rank must hear about it
+        error = _why(e, rank)
+    errors = list(dict.fromkeys(e for e in _all_gather(error) if e))  # DCP reports on every rank
+    if not errors:  # each rank checksums a share of the files
+        files = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if not f.endswith(".part"))
+        shares = _all_gather(_describe(files[rank :: dist.get_world_size()], tmp))
+        if rank == 0:
+            try:
+                manifest = {
+                    "step": step,
+                    "world_size": dist.get_world_size(),
+                    "files": {k: v for share in shares for k, v in share.items()},
+                }
+                _write_file(os.path.join(tmp, MANIFEST), lambda f: f.write(json.dumps(manifest).encode()))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            except OSError as e:
+                errors = [f"rank 0: {e}"]
+        errors = _all_gather(errors)[0]
+    if errors:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} ({'; '.join(errors)}): "
+            "older checkpoints are intact; free disk space or fix the run dir, "
+            "then resume"
+        )
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write_text(os.path.join(root, "latest"), str(step))
+        try:
+            _write_file(os.path.join(root, "latest"), lambda f: f.write(str(step).encode()))
+        except OSError:
+            pass  # `latest` is only a convenience
         _prune(root, keep)
     dist.barrier()
     return final
 
 
+def _step_dirs(root: str) -> list[tuple[int, str]]:
+    """(step, dir) of every ``step_N`` directory, newest first (``.tmp`` ones are never candidates)."""
+    if not os.path.isdir(root):
+        return []
+    found = [
+        (int(m.group(1)), os.path.join(root, d))
+        for d in os.listdir(root)
+        if (m := _STEP_DIR.match(d)) and os.path.isdir(os.path.join(root, d))
+    ]
+    return sorted(found, reverse=True)
+
+
+def newest_saved(run_dir: str) -> str | None:
+    """Name of the newest checkpoint directory (for messages; find_resume verifies)."""
+    found = _step_dirs(os.path.join(run_dir, "checkpoints"))
+    return os.path.basename(found[0][1]) if found else None
+
+
 def _prune(root: str, keep: int) -> None:
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-    for d in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    for _, d in _step_dirs(root)[keep:] if keep > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _problems(ckpt: str, rank: int, world: int) -> tuple[str | None, int | None]:
+    """(first problem this rank finds in its share of ``ckpt``'s files or None, the world size
+    the checkpoint was written with)."""
+    try:
+        with open(os.path.join(ckpt, MANIFEST)) as f:
+            manifest = json.load(f)
+        files, saved_world = manifest["files"], int(manifest["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is missing or unreadable ({type(e).__name__}): the save did not finish", None
+    for name in sorted(files)[rank::world]:
+        path = os.path.join(ckpt, name)
+        if not os.path.exists(path):
+            return f"{name} is missing", saved_world
+        if os.path.getsize(path) != files[name]["size"]:
+            return f"{name} has {os.path.getsize(path)} bytes, the manifest says {files[name]['size']}", saved_world
+        if _crc32(path) != files[name]["crc32"]:
+            return f"{name} fails its checksum", saved_world
+    return None, saved_world
+
+
+def find_resume(run_dir: str, rank: int, world: int) -> tuple[int | None, list[str]]:
+    """Collective: the newest complete checkpoint's step (None when there is none at all) and a
+    line for each newer one skipped. Every rank verifies a share of the files, so all ranks
+    agree. Raises CheckpointError when checkpoints exist but none is usable (never a silent
+    fresh start)."""
+    skipped = []
+    for step, ckpt in _step_dirs(os.path.join(run_dir, "checkpoints")):
+        found = _all_gather(_problems(ckpt, rank, world))
+        problem = next((p for p, _ in found if p), None)
+        saved_world = found[0][1]
+        if problem is None and saved_world != world:
+            raise CheckpointError(
+                f"{ckpt} was written by {saved_world} ranks, this run has {world}: "
+                f"resume with {saved_world} ranks, or choose a new trainer.run_dir"
+            )
+        if problem is None:
+            return step, skipped
+        skipped.append(f"skipped {os.path.basename(ckpt)}: {problem}")
+    if skipped:
+        raise CheckpointError(
+            f"no complete checkpoint in {run_dir}/checkpoints ({'; '.join(skipped)}): "
+            "restore one, or move the directory away to start from scratch"
+        )
+    return None, skipped
 
 
 def load(run_dir: str, step: int, model, optimizer, scheduler, loader, rank: int) -> int:
-    """Collective: restore everything saved at ``step``; returns the step."""
+    """Collective: restore everything saved at ``step`` (verified by find_resume); returns the step."""
     ckpt = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=ckpt)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    path = os.path.join(ckpt, f"rank_{rank:05d}.pt")
-    if not os.path.exists(path):
-        raise ValueError(
-            f"{path} is missing: the checkpoint was written with a different world "
-            "size; resume with the same number of ranks"
-        )
-    extra = torch.load(path, weights_only=False)
+    extra = torch.load(os.path.join(ckpt, f"rank_{rank:05d}.pt"), weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     loader.load_state_dict(extra["data"])
     torch.set_rng_state(extra["rng"]["torch"])

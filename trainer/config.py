@@ -68,7 +68,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global grad norm; 0: no clipping (negative: rejected)
 
 
 @dataclass
@@ -88,7 +88,10 @@ class TrainerConfig:
     passkey_lengths: list[int] = field(default_factory=list)
     passkey_samples: int = 4
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps, for tests
-    progress_bar: bool = True
+    progress_bar: bool = True  # drawn only on a terminal; plain log lines otherwise
+    nonfinite: str = "stop"  # non-finite loss or grad norm: stop (keep the last good
+    # checkpoint) | skip (drop the update, count it)
+    max_skips: int = 10  # with nonfinite=skip: the most steps skipped; one more stops
 
 
 @dataclass
@@ -131,6 +134,9 @@ def conf_dir() -> str:
         if os.path.isfile(os.path.join(candidate, "train.yaml")):
             return candidate
     raise FileNotFoundError(f"no Hydra config directory (train.yaml) next to {here}: reinstall longctx")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _choice(name: str, value, options) -> None:
@@ -176,7 +182,20 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"init_from={cfg.init_from!r} is not a directory: give a local Hugging Face "
             "checkpoint directory (config.json + *.safetensors), or set init_from=null"
         )
+    elif d.tokenizer == "hf" and not any(os.path.exists(os.path.join(d.tokenizer_path, f)) for f in _TOKENIZER_FILES):
+        raise ValueError(
+            f"data.tokenizer_path={d.tokenizer_path!r} holds no tokenizer (none of "
+            f"{', '.join(_TOKENIZER_FILES)}): point it at a Hugging Face tokenizer "
+            "directory, or set data.tokenizer=byte"
+        )
     _choice("optim.schedule", o.schedule, ("cosine", "constant"))
+    if not o.lr > 0:
+        raise ValueError(f"optim.lr={o.lr} must be > 0: set a positive learning rate, e.g. optim.lr=3e-4")
+    if not o.grad_clip >= 0:
+        raise ValueError(
+            f"optim.grad_clip={o.grad_clip} must be >= 0: give the max gradient norm, or 0 to turn clipping off"
+        )
+    _choice("trainer.nonfinite", t.nonfinite, ("stop", "skip"))
     _choice("trainer.precision", t.precision, ("fp32", "bf16"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     for name, val in (
@@ -184,6 +203,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         ("data.micro_batch", d.micro_batch),
         ("trainer.steps", t.steps),
         ("trainer.grad_accum", t.grad_accum),
+        ("trainer.log_every", t.log_every),
+        ("trainer.max_skips", t.max_skips),
     ):
         if val < 1:
             raise ValueError(f"{name}={val} must be >= 1")

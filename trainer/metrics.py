@@ -56,9 +56,15 @@ def _start_wandb(run_dir: str, cfg_dict: dict, wandb_cfg):
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, cfg_dict: dict, is_main: bool, wandb_cfg):
+    """One JSON row per log call in ``metrics.jsonl``. On resume from step S (``resumed_from``)
+    the rows after S, written by the run that crashed, move to ``metrics.superseded.jsonl`` and a
+    ``{"step": S, "resumed_from": S}`` row marks the restart, so the file holds one curve."""
+
+    def __init__(self, run_dir: str, cfg_dict: dict, is_main: bool, wandb_cfg, resumed_from: int | None = None):
         self.is_main = is_main
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        if is_main and resumed_from is not None:
+            self._supersede(resumed_from)
         self.wandb = None
         if is_main and wandb_cfg.wandb and wandb_cfg.wandb_mode != "disabled":
             self.wandb = _start_wandb(run_dir, cfg_dict, wandb_cfg)
@@ -73,6 +79,22 @@ class MetricsLogger:
         console(text)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+
+    def _supersede(self, step: int) -> None:
+        rows = open(self.path).read().splitlines() if os.path.exists(self.path) else []
+        keep, old = [], []
+        for line in rows:
+            try:
+                (keep if json.loads(line).get("step", 0) <= step else old).append(line)
+            except ValueError:  # a row cut short by the crash
+                old.append(line)
+        keep.append(json.dumps({"step": step, "resumed_from": step, "superseded_rows": len(old)}))
+        if old:
+            with open(os.path.join(os.path.dirname(self.path), "metrics.superseded.jsonl"), "a") as f:
+                f.write("\n".join(old) + "\n")
+        with open(self.path + ".part", "w") as f:
+            f.write("\n".join(keep) + "\n")
+        os.replace(self.path + ".part", self.path)
 
     def close(self) -> None:
         if self.wandb is not None:

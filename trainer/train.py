@@ -9,6 +9,7 @@ accumulation, clipping and autocast; log, evaluate, checkpoint (also on SIGTERM/
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
 from models import Transformer
 from parallel.data_parallel import no_sync, unwrap, wrap_data_parallel
@@ -32,10 +34,14 @@ from trainer.optim import build_optimizer, build_scheduler
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:
-    """Merge onto the typed schema (unknown keys and wrong types fail here) and instantiate."""
+    """Merge onto the typed schema and instantiate; an unknown key or a wrong type raises a
+    one-line ValueError naming the setting."""
     _reject_unknown_keys(cfg, TrainConfig, "")
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-    return OmegaConf.to_object(merged)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+        return OmegaConf.to_object(merged)
+    except ValidationError as e:
+        raise ValueError(f"{e.full_key}: {str(e.msg).splitlines()[0]}: fix the value") from None
 
 
 def _reject_unknown_keys(node, schema: type, prefix: str) -> None:
@@ -47,7 +53,8 @@ def _reject_unknown_keys(node, schema: type, prefix: str) -> None:
             continue
         if key not in fields:
             raise ValueError(
-                f"{prefix}{key} is not a setting: choose among {', '.join(prefix + name for name in fields)}"
+                f"{prefix}{key} is not a setting: remove it or fix its spelling "
+                f"({prefix[:-1] or 'the root'} has: {', '.join(fields)})"
             )
         sub = typing.get_type_hints(schema).get(key)
         if dataclasses.is_dataclass(sub) and OmegaConf.is_dict(node[key]):
@@ -124,12 +131,21 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = build_optimizer(dp_model, cfg.optim)
     scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
     step = 0
-    resume = checkpoint.latest_step(run_dir)
+    resume, skipped = checkpoint.find_resume(run_dir, rank, world)  # newest *complete* checkpoint
+    if mesh.is_main:
+        for line in skipped:
+            print(f"[longctx] {line}", flush=True)
     if resume is not None:
         step = checkpoint.load(run_dir, resume, unwrap(dp_model), optimizer, scheduler, train_loader, rank)
     else:
         torch.manual_seed(t.seed + rank)
-    logger = MetricsLogger(run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), mesh.is_main, cfg.logger)
+    logger = MetricsLogger(
+        run_dir,
+        OmegaConf.to_container(OmegaConf.structured(cfg)),
+        mesh.is_main,
+        cfg.logger,
+        resumed_from=step if resume is not None else None,
+    )
     if mesh.is_main:
         tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * t.grad_accum * mesh.dp
         print(
@@ -144,7 +160,7 @@ def train(cfg: TrainConfig) -> dict:
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     train_iter = iter(train_loader)
     bar = _progress(t, step, mesh)
-    history, last, window = [], {}, []
+    history, last, window, skips = [], {}, [], 0
     if resume is None:
         ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)  # the starting point
         logger.log(0, ev, console=bar.write if bar is not None else print)
@@ -162,14 +178,24 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum += ce_sum
             count_sum += count
             tokens_since += batch["input_ids"].numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(dp_model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")  # 0: off
+        grad_norm = torch.nn.utils.clip_grad_norm_(dp_model.parameters(), max_norm)
+        train_loss = loss_sum / max(count_sum, 1)
+        # one all-reduce per step: a non-finite loss or grad norm on any rank, a preemption signal
+        bad, stop = _any_rank(
+            (not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)), preempt.flag), mesh
+        )
+        if bad:
+            skips += 1
+            _check_nonfinite(t, step + 1, skips, train_loss, float(grad_norm), run_dir)
+        else:  # skip: drop the update, keep the data order
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        train_loss = loss_sum / max(count_sum, 1)
         history.append(train_loss)
-        window.append(train_loss)
+        if not bad:
+            window.append(train_loss)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}")
@@ -177,11 +203,13 @@ def train(cfg: TrainConfig) -> dict:
             dt = time.perf_counter() - t0
             tok_s = tokens_since * mesh.world_size / mesh.cp / max(dt, 1e-9)  # tokens of all dp ranks
             last = {
-                "loss": sum(window) / len(window),
+                "loss": sum(window) / len(window) if window else float("nan"),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tok_s,
             }  # loss: mean since last log
+            if skips:
+                last["skipped_steps"] = skips
             window = []
             if peak:
                 last["mfu"] = tok_s * fpt / (peak * mesh.world_size)
@@ -193,7 +221,6 @@ def train(cfg: TrainConfig) -> dict:
             ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)
             logger.log(step, ev, console=bar.write if bar is not None else print)
             last.update(ev)
-        stop = _any_rank(preempt.flag, mesh)
         if (t.save_every and step % t.save_every == 0) or step == end or stop:
             checkpoint.save(
                 run_dir, step, unwrap(dp_model), optimizer, scheduler, train_loader, rank, t.keep_checkpoints
@@ -208,14 +235,34 @@ def train(cfg: TrainConfig) -> dict:
     return {"step": step, "history": history, "run_dir": run_dir, **last}
 
 
-def _any_rank(flag: bool, mesh: Mesh) -> bool:
-    x = torch.tensor([int(flag)], device=mesh.device)
+def _any_rank(flags: tuple, mesh: Mesh) -> list[bool]:
+    """Each flag OR-ed over all ranks, in one all-reduce."""
+    x = torch.tensor([int(f) for f in flags], device=mesh.device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
-    return bool(x.item())
+    return [bool(v) for v in x.tolist()]
+
+
+def _check_nonfinite(t, step: int, skips: int, loss: float, grad_norm: float, run_dir: str) -> None:
+    """Raise (on every rank alike) unless trainer.nonfinite=skip has skips left."""
+    if t.nonfinite == "skip" and skips <= t.max_skips:
+        return
+    done = checkpoint.newest_saved(run_dir)
+    keep = f"the last good checkpoint is {done}" if done else "no checkpoint was written yet"
+    why = (
+        f"more than trainer.max_skips={t.max_skips} non-finite steps"
+        if t.nonfinite == "skip"
+        else "trainer.nonfinite=stop"
+    )
+    raise ValueError(
+        f"non-finite loss ({loss:.4g}) or grad norm ({grad_norm:.4g}) at step {step}; "
+        f"stopped ({why}) without updating, {keep}: lower optim.lr or check the data, "
+        "or set trainer.nonfinite=skip"
+    )
 
 
 def _progress(t, step, mesh):
-    if not (mesh.is_main and t.progress_bar):
+    # a bar only on a terminal: in a log file (SLURM, CI) it would be thousands of \r updates
+    if not (mesh.is_main and t.progress_bar and sys.stderr.isatty()):
         return None
     from tqdm.auto import tqdm
 
@@ -229,17 +276,40 @@ register_schema()
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train(to_config(cfg))
-    except ValueError as e:  # configuration errors: one clear line (HYDRA_FULL_ERROR=1: trace)
+    except ValueError as e:  # configuration / checkpoint / divergence errors: one clear line
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"[longctx] error: {e}", file=sys.stderr, flush=True)
+        if _lowest_failing_rank():
+            print(f"[longctx] error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _lowest_failing_rank() -> bool:
+    """True on the lowest rank that failed (ranks failing together wait a moment to be seen).
+    Before the process group exists every rank fails alike (validation), so rank 0 speaks."""
+    rank = env_ranks()[0]
+    if not dist.is_initialized():
+        return rank == 0
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"longctx/failed/{rank}", "1")
+        time.sleep(1.0)
+        return not any(store.check([f"longctx/failed/{r}"]) for r in range(rank))
+    except Exception:  # noqa: BLE001 -- the store is gone: speak rather than stay silent
+        return True
+
+
 def main() -> None:
+    if env_ranks()[0] != 0:  # one run dir, chosen by rank 0: the others create no Hydra dir
+        sys.argv += [
+            "hydra.run.dir=.",
+            "hydra.output_subdir=null",
+            "hydra/job_logging=disabled",
+            "hydra/hydra_logging=disabled",
+        ]
     _hydra_main()
 
 

@@ -58,6 +58,18 @@ class MaskSpec:
         return m
 
 
+def check_inputs(q: torch.Tensor, k: torch.Tensor, window: int | None) -> None:
+    """Cheap checks at the boundary of softmax attention (once per call, before any
+    collective): GQA head counts and the sliding window."""
+    if window is not None and window < 1:
+        raise ValueError(f"attention window={window} must be >= 1 or None (model.sliding_window)")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"q has {q.shape[2]} heads, not a multiple of the {k.shape[2]} k/v heads: "
+            "model.n_heads must be divisible by model.n_kv_heads"
+        )
+
+
 def _block_bounds(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block min and max of a 1-D (or [B, T]) tensor along its last dim."""
     t = x.shape[-1]

@@ -73,6 +73,26 @@ def cu_seqlens_from_doc_ids(doc: torch.Tensor) -> torch.Tensor:
     return cu_seqlens_from_starts(starts_from_doc_ids(doc))
 
 
+def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
+    """Document starts over the flattened [batch * seq_len] tokens: 1-D, from 0 to batch * seq_len,
+    non-decreasing. Anything else silently gives tokens document id -1 or merges documents."""
+    total = batch * seq_len
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least 2 entries [0, ..., {total}], got shape {tuple(cu_seqlens.shape)}"
+        )
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != total:
+        raise ValueError(
+            f"cu_seqlens runs from {first} to {last}: it must start at 0 and end at "
+            f"batch * seq_len = {batch} * {seq_len} = {total}"
+        )
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(
+            f"cu_seqlens is not sorted: {cu_seqlens.tolist()[:16]}...: document starts must be non-decreasing"
+        )
+
+
 @dataclass
 class Documents:
     """Where a run of T tokens of a packed [B, N] batch sits, computed once per batch.
@@ -100,6 +120,7 @@ class Documents:
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, batch * seq_len + 1, seq_len)
         cu = cu_seqlens.detach().to("cpu", torch.int64)
+        check_cu_seqlens(cu, batch, seq_len)
         index = torch.arange(seq_len) if index is None else index
         doc = row_doc_ids(cu, batch, seq_len, index)
         prev = row_doc_ids(cu, batch, seq_len, (index - 1).clamp(min=0))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 
+from models.ops.attention import check_inputs
 from parallel.sharding import check_divisible
 
 STRATEGIES: dict[str, type] = {}  # name -> class (its ``kinds`` say what it serves)
@@ -111,6 +112,7 @@ class SoftmaxStrategy(Strategy):
     kinds = ("softmax",)
 
     def __call__(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+        check_inputs(q, k, window)
         return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale)
 
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
