@@ -1,0 +1,303 @@
+"""Core attention disaggregation (CAD): core attention runs where the planner puts it.
+
+Shapes (P ranks, C = N / P local tokens, per nano-batch on rank d):
+    q, o         [B, C, H, D]     local shards (layout order)
+    k, v         [B, C, Hkv, D]
+    Q_d          [1, Tq, H, D]    the queries rank d computes: whole shards of documents,
+                                  from any rank, flattened over the batch in flat order
+    K_d, V_d     [1, Tk, Hkv, D]  every key its shards need (each key once per nano-batch)
+    lse_d        [1, H, Tq]
+
+The plan (parallel/cad_plan.py, identical on every rank, cached per batch) says which query
+rows and which key rows each rank computes with. Forward: one uneven all-to-all sends Q, K and V
+rows to the ranks that compute with them, the kernel runs there on (Q_d, K_d, V_d) under the
+global mask (explicit positions and document ids), one all-to-all returns O to the owners.
+Every query sees all of its keys on one rank, so no LSE merge is needed. Backward: one
+all-to-all sends dO, the kernel's backward runs with the saved (o, lse), one all-to-all returns
+dQ and dK/dV; a key row used on several ranks gets the sum of their dK/dV at its owner.
+
+Ping-pong (``ping_pong=True``): the plan splits each rank's shards into two nano-batches; both
+dispatches are posted at once, so the second's all-to-all runs while the first computes, and
+the first's return runs while the second computes (same in backward).
+
+Bytes: plan-dependent; :meth:`CAD.plan_bytes` gives the exact count of a batch, which
+``parallel.comm`` measures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.ops.attention import MaskSpec, attention_backward, attention_forward
+from parallel import comm
+from parallel.cad_plan import CADPlan, plan_cad
+from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
+
+
+@dataclass
+class Route:
+    """One nano-batch on one rank. ``q_send[d]`` / ``kv_send[d]``: local flat rows (into
+    [B * C]) sent to rank d (empty for self); ``q_slots[s]`` / ``kv_slots[s]``: where rows
+    from rank s land in Q_d / K_d (self included, read locally from ``q_send_self`` /
+    ``kv_send_self``); ``mask``: the kernel's mask of (Q_d, K_d)."""
+
+    q_send: list[torch.Tensor]
+    kv_send: list[torch.Tensor]
+    q_slots: list[torch.Tensor]
+    kv_slots: list[torch.Tensor]
+    q_self: torch.Tensor
+    kv_self: torch.Tensor
+    tq: int
+    tk: int
+    mask: MaskSpec
+
+
+def build_routes(plan: CADPlan, rank: int, nanos: int) -> list[Route]:
+    own, loc = plan.owner()
+    n, c, p = plan.seq_len, plan.seq_len // plan.world, plan.world
+
+    def local_rows(flat):  # flat indices -> (owner [T], local flat rows [T])
+        return own[flat % n], (flat // n) * c + loc[flat % n]
+
+    routes = []
+    for nano in range(nanos):
+        q_send, kv_send = [], []
+        for d in range(p):
+            rows = []
+            for flat in plan.rows(d, nano):
+                src, lrow = local_rows(flat)
+                rows.append(lrow[src == rank] if d != rank else lrow[:0])
+            q_send.append(rows[0])
+            kv_send.append(rows[1])
+        q, kv = plan.rows(rank, nano)
+        (q_src, q_rows), (kv_src, kv_rows) = local_rows(q), local_rows(kv)
+        q_slots = [(q_src == s).nonzero().flatten() for s in range(p)]
+        kv_slots = [(kv_src == s).nonzero().flatten() for s in range(p)]
+        mask = MaskSpec(q % n, kv % n, plan.doc_of(q)[None], plan.doc_of(kv)[None], plan.causal, plan.window)
+        q_self, kv_self = q_rows[q_src == rank], kv_rows[kv_src == rank]
+        routes.append(Route(q_send, kv_send, q_slots, kv_slots, q_self, kv_self, len(q), len(kv), mask))
+    return routes
+
+
+class _Pending:
+    """An uneven all-to-all in flight: ``wait()`` -> its 1-D receive buffer cut per source."""
+
+    def __init__(self, send: list[torch.Tensor], recv_sizes: list[int], like: torch.Tensor, group, timing):
+        self.recv = like.new_empty(sum(recv_sizes))
+        self.sizes, self.timing = recv_sizes, timing
+        buf = torch.cat([t.reshape(-1) for t in send]) if send else like.new_empty(0)
+        self.work = comm.all_to_all_uneven(self.recv, buf, recv_sizes, [t.numel() for t in send], group)
+
+    def wait(self) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        self.work.wait()
+        self.timing["wait_s"] += time.perf_counter() - t0
+        return list(self.recv.split(self.sizes))
+
+
+def _unpack(parts, splits, feats):
+    """Cut each source's 1-D part into len(feats) row blocks [rows, f]."""
+    out = []
+    for part, rows in zip(parts, splits):
+        blocks = part.split([r * f for r, f in zip(rows, feats)])
+        out.append([b.view(r, f) for b, r, f in zip(blocks, rows, feats)])
+    return out
+
+
+def _fill(buf, slots, rows):
+    """buf[slots[s]] = rows[s] for every source s."""
+    for sl, r in zip(slots, rows):
+        if sl.numel():
+            buf.index_copy_(0, sl, r.to(buf.dtype))
+
+
+def cad_forward(q, k, v, routes: list[Route], group, rank, scale, block, timing):
+    """-> (o [B, C, H, D], saved per nano: (Q_d, K_d, V_d, o_d, lse_d))."""
+    bsz, c, h, d = q.shape
+    hk = k.shape[2]
+    qf, kvf = q.reshape(bsz * c, h * d), torch.cat([k, v], dim=2).reshape(bsz * c, 2 * hk * d)
+    pend = []
+    for r in routes:  # post every dispatch first: nano 1's overlaps nano 0's compute
+        send = [torch.cat([qf[a].reshape(-1), kvf[b].reshape(-1)]) for a, b in zip(r.q_send, r.kv_send)]
+        sizes = [len(a) * h * d + len(b) * 2 * hk * d for a, b in zip(r.q_slots, r.kv_slots)]
+        sizes[rank] = 0
+        pend.append(_Pending(send, sizes, qf, group, timing))
+    o = torch.zeros_like(qf)
+    saved, back = [], []
+    for r, pd in zip(routes, pend):
+        counts = [(len(a), len(b)) if s != rank else (0, 0) for s, (a, b) in enumerate(zip(r.q_slots, r.kv_slots))]
+        parts = _unpack(pd.wait(), counts, (h * d, 2 * hk * d))
+        parts[rank] = [qf[r.q_self], kvf[r.kv_self]]
+        qd, kvd = qf.new_empty(r.tq, h * d), kvf.new_empty(r.tk, 2 * hk * d)
+        _fill(qd, r.q_slots, [x[0] for x in parts])
+        _fill(kvd, r.kv_slots, [x[1] for x in parts])
+        qd, kvd = qd.view(1, r.tq, h, d), kvd.view(1, r.tk, 2 * hk, d)
+        t0 = time.perf_counter()
+        if r.tq:
+            od, lse = attention_forward(qd, kvd[:, :, :hk], kvd[:, :, hk:], r.mask, scale, block)
+        else:
+            od, lse = qd.clone(), qd.new_zeros(1, h, 0)
+        timing["compute_s"] += time.perf_counter() - t0
+        saved.append((qd, kvd, od, lse))
+        of = od.view(r.tq, h * d)
+        send = [of[sl] if s != rank else of[:0] for s, sl in enumerate(r.q_slots)]
+        back.append(_Pending(send, [len(x) * h * d for x in r.q_send], qf, group, timing))
+        if r.q_self.numel():
+            o.index_copy_(0, r.q_self, of[r.q_slots[rank]])
+    for r, pd in zip(routes, back):
+        for rows, part in zip(r.q_send, pd.wait()):
+            if rows.numel():
+                o.index_copy_(0, rows, part.view(len(rows), h * d))
+    return o.view(bsz, c, h, d), saved
+
+
+def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing):
+    """-> (dq [B, C, H, D], dk, dv [B, C, Hkv, D])."""
+    bsz, c, h, d = do.shape
+    hk = shape_kv[2]
+    dof = do.reshape(bsz * c, h * d)
+    acc = torch.float64 if do.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(bsz * c, h * d, dtype=acc)
+    dkv = torch.zeros(bsz * c, 2 * hk * d, dtype=acc)
+    pend = []
+    for r in routes:
+        send = [dof[a] for a in r.q_send]
+        sizes = [len(a) * h * d if s != rank else 0 for s, a in enumerate(r.q_slots)]
+        pend.append(_Pending(send, sizes, dof, group, timing))
+    back = []
+    for r, pd, (qd, kvd, od, lse) in zip(routes, pend, saved):
+        parts = pd.wait()
+        parts[rank] = dof[r.q_self]
+        dod = dof.new_empty(r.tq, h * d)
+        _fill(dod, r.q_slots, [x.reshape(-1, h * d) for x in parts])
+        t0 = time.perf_counter()
+        if r.tq:
+            dqd, dkd, dvd = attention_backward(
+                dod.view(1, r.tq, h, d), qd, kvd[:, :, :hk], kvd[:, :, hk:], od, lse, r.mask, scale, block
+            )
+        else:
+            dqd, dkd, dvd = qd, kvd[:, :, :hk], kvd[:, :, hk:]
+        timing["compute_s"] += time.perf_counter() - t0
+        dqf, dkvf = dqd.reshape(r.tq, h * d), torch.cat([dkd, dvd], dim=2).reshape(r.tk, 2 * hk * d)
+        send = [
+            torch.cat([dqf[a].reshape(-1), dkvf[b].reshape(-1)]) if s != rank else dqf[:0].reshape(-1)
+            for s, (a, b) in enumerate(zip(r.q_slots, r.kv_slots))
+        ]
+        sizes = [len(a) * h * d + len(b) * 2 * hk * d for a, b in zip(r.q_send, r.kv_send)]
+        back.append(_Pending(send, sizes, dof, group, timing))
+        dq.index_add_(0, r.q_self, dqf[r.q_slots[rank]].to(acc))
+        dkv.index_add_(0, r.kv_self, dkvf[r.kv_slots[rank]].to(acc))
+    for r, pd in zip(routes, back):
+        parts = _unpack(pd.wait(), [(len(a), len(b)) for a, b in zip(r.q_send, r.kv_send)], (h * d, 2 * hk * d))
+        for a, b, (gq, gkv) in zip(r.q_send, r.kv_send, parts):
+            dq.index_add_(0, a, gq.to(acc))
+            dkv.index_add_(0, b, gkv.to(acc))  # a key used on several ranks: summed here
+    dkv = dkv.view(bsz, c, 2 * hk, d)
+    return dq.view(bsz, c, h, d).to(do.dtype), dkv[:, :, :hk].to(do.dtype), dkv[:, :, hk:].to(do.dtype)
+
+
+class CADAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, q, k, v, routes, group, rank, scale, block, timing):
+        o, saved = cad_forward(q, k, v, routes, group, rank, scale, block, timing)
+        fctx.saved = saved  # received Q / K / V and the kernel's o, lse (not graph leaves)
+        fctx.args = (k.shape, routes, group, rank, scale, block, timing)
+        return o
+
+    @staticmethod
+    def backward(fctx, do):
+        kv_shape, routes, group, rank, scale, block, timing = fctx.args
+        dq, dk, dv = cad_backward(do.contiguous(), kv_shape, routes, fctx.saved, group, rank, scale, block, timing)
+        fctx.saved = None
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+@register("cad")
+class CAD(SoftmaxStrategy):
+    """Options: ``min_shard`` (tokens, smallest piece the planner cuts), ``tolerance`` (target
+    max / mean attention load), ``ping_pong`` (two nano-batches, communication overlapped)."""
+
+    def __init__(self, min_shard: int = 128, tolerance: float = 1.1, ping_pong: bool = False):
+        if not isinstance(min_shard, int) or min_shard < 1:
+            raise ValueError(f"parallel.cp.options.softmax.min_shard={min_shard!r} must be an int >= 1, e.g. 128")
+        if not tolerance >= 1.0:
+            raise ValueError(f"parallel.cp.options.softmax.tolerance={tolerance!r} must be >= 1.0, e.g. 1.1")
+        if not isinstance(ping_pong, bool):
+            raise ValueError(f"parallel.cp.options.softmax.ping_pong={ping_pong!r} must be true or false")
+        self.min_shard, self.tolerance, self.ping_pong = min_shard, tolerance, ping_pong
+        self._cache: dict = {}  # (batch key) -> (plan, routes); the newest few
+        self.last_plan: CADPlan | None = None
+        self.timing = {"wait_s": 0.0, "compute_s": 0.0}  # accumulated, for the overlap measure
+
+    def plan(self, ctx, causal=True, window=None, qrow_bytes=2, kvrow_bytes=1) -> CADPlan:
+        """The plan of ``ctx``'s batch (cached; the same on every rank)."""
+        return self._planned(ctx, causal, window, qrow_bytes, kvrow_bytes)[0]
+
+    def _planned(self, ctx, causal, window, qrow_bytes, kvrow_bytes):
+        key = (
+            tuple(ctx.cu_seqlens.tolist()),
+            ctx.batch_size,
+            ctx.seq_len,
+            ctx.world_size,
+            ctx.layout,
+            causal,
+            window,
+            qrow_bytes,
+            kvrow_bytes,
+        )
+        if key not in self._cache:
+            plan = plan_cad(
+                ctx.cu_seqlens,
+                ctx.batch_size,
+                ctx.seq_len,
+                ctx.world_size,
+                ctx.layout,
+                causal=causal,
+                window=window,
+                min_shard=self.min_shard,
+                tolerance=self.tolerance,
+                nanos=2 if self.ping_pong else 1,
+                qrow_bytes=qrow_bytes,
+                kvrow_bytes=kvrow_bytes,
+            )
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = (plan, build_routes(plan, ctx.rank, 2 if self.ping_pong else 1))
+        self.last_plan = self._cache[key][0]
+        return self._cache[key]
+
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+        plan, routes = self._planned(ctx, causal, window, q.shape[2], 2 * k.shape[2])
+        return CADAttention.apply(q, k, v, routes, ctx.group, ctx.rank, scale, ctx.block, self.timing)
+
+    def work_queries(self, ctx, n_heads: int):
+        """Flat positions (b * N + p) of the queries this rank computes under the last plan
+        (for B = 1, row positions); all heads."""
+        plan = self.last_plan if self.last_plan is not None else self.plan(ctx)
+        return plan.rows(ctx.rank)[0], 1.0
+
+    def plan_bytes(self, ctx, n_heads, n_kv_heads, head_dim, elem_bytes, causal=True, window=None) -> int:
+        """Exact bytes this rank receives in one layer's forward for ``ctx``'s batch."""
+        plan = self.plan(ctx, causal, window, n_heads, 2 * n_kv_heads)
+        return plan.bytes_received(ctx.rank, n_heads, n_kv_heads, head_dim, elem_bytes)
+
+    def forward_bytes(self, shape: LayerShape) -> int:
+        """Plan-dependent: the most any rank receives for one causal document per row
+        (``LayerShape`` carries no ``cu_seqlens``); :meth:`plan_bytes` is a batch's exact count."""
+        s = shape
+        plan = plan_cad(
+            torch.arange(0, s.batch * s.seq_len + 1, s.seq_len),
+            s.batch,
+            s.seq_len,
+            s.cp,
+            s.layout,
+            min_shard=self.min_shard,
+            tolerance=self.tolerance,
+            nanos=2 if self.ping_pong else 1,
+            qrow_bytes=s.n_heads,
+            kvrow_bytes=2 * s.n_kv_heads,
+        )
+        return max(plan.bytes_received(r, s.n_heads, s.n_kv_heads, s.head_dim, s.elem_bytes) for r in range(s.cp))
