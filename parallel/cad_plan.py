@@ -132,7 +132,7 @@ class CADPlan:
             q, kv = self.rows(rank, nano)
             q_in += int((own[q % n] != rank).sum())
             kv_in += int((own[kv % n] != rank).sum())
-        o_in = sum(s.hi - s.lo - _owned(s.lo, s.hi, rank, self) for s in self.shards if s.rank != rank)
+        o_in = sum(_owned(s.lo, s.hi, rank, self) for s in self.shards if s.rank != rank)
         return q_in, kv_in, o_in
 
     def bytes_received(self, rank: int, n_heads: int, n_kv_heads: int, head_dim: int, elem_bytes: int) -> int:
