@@ -139,3 +139,19 @@ def test_bad_options_are_clear_errors():
         build_strategy("cad", ping_pong="yes")
     with pytest.raises(ValueError, match="which strategy 'cad' does not take"):
         build_strategy("cad", ulysses_size=2)
+
+
+def test_trainer_selects_cad_with_options():
+    from tests.test_configs import _compose
+    from trainer.config import cp_strategies
+
+    cfg = _compose(
+        [
+            "model.mixer_pattern=[softmax]",
+            "parallel.cp.strategies.softmax=cad",
+            "+parallel.cp.options.softmax.ping_pong=true",
+            "+parallel.cp.options.softmax.min_shard=64",
+        ]
+    )
+    strat = cp_strategies(cfg)["softmax"]
+    assert (strat.name, strat.ping_pong, strat.min_shard, strat.tolerance) == ("cad", True, 64, 1.1)
