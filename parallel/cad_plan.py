@@ -114,26 +114,51 @@ class CADPlan:
     def rows(self, rank: int, nano: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(query flat indices [Tq], key flat indices [Tk]) computed / held on ``rank`` for
         attention (in nano-batch ``nano``; None: both), each sorted and unique."""
-        mine = [s for s in self.shards if s.rank == rank and (nano is None or s.nano == nano)]
-        q = _ranges([(s.row * self.seq_len + s.lo, s.row * self.seq_len + s.hi) for s in mine])
-        kv = _ranges([(s.row * self.seq_len + s.klo, s.row * self.seq_len + s.khi) for s in mine])
+        q, kv = self.spans(rank, nano)
+        return _indices(q), _indices(kv)
+
+    def spans(self, rank: int, nano: int | None = None) -> tuple[list, list]:
+        """The same as merged flat ranges [(a, b)]: (queries, keys)."""
+        n = self.seq_len
+        mine = [s for s in self._by_rank()[rank] if nano is None or s.nano == nano]
+        q = _merge([(s.row * n + s.lo, s.row * n + s.hi) for s in mine])
+        kv = _merge([(s.row * n + s.klo, s.row * n + s.khi) for s in mine])
         return q, kv
+
+    def _by_rank(self) -> list[list[Shard]]:
+        if getattr(self, "_shards_by_rank", None) is None:
+            self._shards_by_rank = [[] for _ in range(self.world)]
+            for s in self.shards:
+                self._shards_by_rank[s.rank].append(s)
+        return self._shards_by_rank
 
     def doc_of(self, flat: torch.Tensor) -> torch.Tensor:
         """Segment id of flat indices (documents cut at row boundaries)."""
         return torch.searchsorted(self.seg_starts, flat, right=True) - 1
 
     def received_rows(self, rank: int) -> tuple[int, int, int]:
-        """(query rows, key/value rows, output rows) ``rank`` receives in one forward."""
-        own, _ = self.owner()
-        n = self.seq_len
-        q_in = kv_in = 0
-        for nano in (0, 1):
-            q, kv = self.rows(rank, nano)
-            q_in += int((own[q % n] != rank).sum())
-            kv_in += int((own[kv % n] != rank).sum())
-        o_in = sum(_owned(s.lo, s.hi, rank, self) for s in self.shards if s.rank != rank)
-        return q_in, kv_in, o_in
+        """(query rows, key/value rows, output rows) ``rank`` receives in one forward (each
+        nano-batch receives its own keys)."""
+        if getattr(self, "_received", None) is None:
+            self._received = self._count_received()
+        return self._received[rank]
+
+    def _count_received(self) -> list[tuple[int, int, int]]:
+        grid = _Grid(self.seq_len, self.world, self.layout)
+        n, out = self.seq_len, []
+        o_in = [0] * self.world
+        for s in self.shards:  # O of a shard goes back to the owners of its queries
+            for r, cnt in grid.owners(s.lo, s.hi).items():
+                if r != s.rank:
+                    o_in[r] += cnt
+        for r in range(self.world):
+            q_in = kv_in = 0
+            for nano in (0, 1):
+                q, kv = self.spans(r, nano)
+                q_in += sum(b - a - grid.owners(a, b).get(r, 0) for a, b in _in_rows(q, n))
+                kv_in += sum(b - a - grid.owners(a, b).get(r, 0) for a, b in _in_rows(kv, n))
+            out.append((q_in, kv_in, o_in[r]))
+        return out
 
     def bytes_received(self, rank: int, n_heads: int, n_kv_heads: int, head_dim: int, elem_bytes: int) -> int:
         """Bytes ``rank`` receives in one layer's forward: Q and K/V dispatched to it, O of its
@@ -144,8 +169,9 @@ class CADPlan:
     def memory(self, rank: int, n_heads: int, n_kv_heads: int, head_dim: int, elem_bytes: int) -> int:
         """Bytes held for attention on ``rank``: Q and O of the queries it computes, the K/V
         it attends to (the tensors the kernel keeps for backward)."""
-        q, kv = self.rows(rank)
-        return (2 * q.numel() * n_heads + kv.numel() * 2 * n_kv_heads) * head_dim * elem_bytes
+        q, kv = self.spans(rank)
+        tq, tk = sum(b - a for a, b in q), sum(b - a for a, b in kv)
+        return (2 * tq * n_heads + tk * 2 * n_kv_heads) * head_dim * elem_bytes
 
     def summary(self, n_heads: int = 1, n_kv_heads: int = 1, head_dim: int = 1, elem_bytes: int = 1) -> dict:
         """Balance before / after, moved shards, bytes received per rank (max) and memory
@@ -168,25 +194,51 @@ def _ratio(xs) -> float:
     return max(xs) / mean if mean > 0 else 1.0
 
 
-def _ranges(spans: list[tuple[int, int]]) -> torch.Tensor:
-    """Sorted unique indices covered by half-open ``spans``."""
-    spans = sorted(s for s in spans if s[1] > s[0])
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged half-open ranges covering ``spans``."""
     merged: list[list[int]] = []
-    for a, b in spans:
+    for a, b in sorted(x for x in spans if x[1] > x[0]):
         if merged and a <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], b)
         else:
             merged.append([a, b])
-    if not merged:
+    return [(a, b) for a, b in merged]
+
+
+def _indices(spans: list[tuple[int, int]]) -> torch.Tensor:
+    if not spans:
         return torch.zeros(0, dtype=torch.int64)
-    return torch.cat([torch.arange(a, b) for a, b in merged])
+    return torch.cat([torch.arange(a, b) for a, b in spans])
 
 
-def _owned(lo: int, hi: int, rank: int, plan_or_runs) -> int:
-    runs = plan_or_runs if isinstance(plan_or_runs, list) else None
-    if runs is None:
-        p = plan_or_runs
-        runs = owner_runs(p.seq_len, p.world, p.layout)[rank]
+class _Grid:
+    """Owners of row positions in chunks of equal size (the layouts cut the row in P or 2P)."""
+
+    def __init__(self, seq_len: int, world: int, layout: str):
+        runs = owner_runs(seq_len, world, layout)
+        chunks = sorted((a, b, r) for r, rr in enumerate(runs) for a, b in rr)
+        self.size, self.owner = chunks[0][1] - chunks[0][0], [r for _, _, r in chunks]
+
+    def owners(self, lo: int, hi: int) -> dict[int, int]:
+        """{rank: tokens of row positions [lo, hi) it holds}."""
+        out: dict[int, int] = {}
+        for ch in range(lo // self.size, (hi - 1) // self.size + 1) if hi > lo else ():
+            a, b = max(lo, ch * self.size), min(hi, (ch + 1) * self.size)
+            out[self.owner[ch]] = out.get(self.owner[ch], 0) + b - a
+        return out
+
+
+def _in_rows(spans: list[tuple[int, int]], n: int):
+    """Flat ranges -> row-position ranges, cut at row boundaries."""
+    for a, b in spans:
+        while a < b:
+            end = min(b, (a // n + 1) * n)
+            yield a % n, (end - 1) % n + 1
+            a = end
+
+
+def _owned(lo: int, hi: int, runs: list[tuple[int, int]]) -> int:
+    """Tokens of [lo, hi) inside the ranges ``runs``."""
     return sum(max(0, min(hi, b) - max(lo, a)) for a, b in runs)
 
 
@@ -211,8 +263,8 @@ class _Mover:
 
     def bytes_to(self, s: Shard, d: int) -> int:
         runs = self.runs[d]
-        q_away = s.hi - s.lo - _owned(s.lo, s.hi, d, runs)
-        kv_away = s.khi - s.klo - _owned(s.klo, s.khi, d, runs)
+        q_away = s.hi - s.lo - _owned(s.lo, s.hi, runs)
+        kv_away = s.khi - s.klo - _owned(s.klo, s.khi, runs)
         return 2 * q_away * self.qrow + kv_away * self.kvrow  # Q out and O back, K/V out
 
     def candidates(self, s: Shard, seg, d: int, room: int, gain: int):

@@ -285,15 +285,22 @@ class CAD(SoftmaxStrategy):
         return plan.bytes_received(ctx.rank, n_heads, n_kv_heads, head_dim, elem_bytes)
 
     def forward_bytes(self, shape: LayerShape) -> int:
-        """Plan-dependent: the most any rank receives for one causal document per row
-        (``LayerShape`` carries no ``cu_seqlens``); :meth:`plan_bytes` is a batch's exact count."""
+        """Plan-dependent: what :meth:`forward_bytes_of` gives for one causal document per row
+        (``LayerShape`` carries no ``cu_seqlens``)."""
+        return self.forward_bytes_of(shape, torch.arange(0, shape.batch * shape.seq_len + 1, shape.seq_len))
+
+    def forward_bytes_of(self, shape: LayerShape, cu_seqlens, causal=True, window=None) -> int:
+        """The most bytes any rank receives in one layer's forward under the plan of the batch
+        with document starts ``cu_seqlens`` (exact: what ``parallel.comm`` counts)."""
         s = shape
         plan = plan_cad(
-            torch.arange(0, s.batch * s.seq_len + 1, s.seq_len),
+            cu_seqlens,
             s.batch,
             s.seq_len,
             s.cp,
             s.layout,
+            causal=causal,
+            window=window,
             min_shard=self.min_shard,
             tolerance=self.tolerance,
             nanos=2 if self.ping_pong else 1,
