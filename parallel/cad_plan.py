@@ -92,6 +92,8 @@ class CADPlan:
     home_load: list[int]
     load: list[int]
     seg_starts: torch.Tensor = field(repr=False)  # [n_seg] flat starts of the segments
+    _by_rank_cache: list | None = field(default=None, init=False, repr=False, compare=False)
+    _received: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def balance(self) -> float:
         """max / mean attention load (pairs) over ranks after planning; 1.0 when idle."""
@@ -126,11 +128,11 @@ class CADPlan:
         return q, kv
 
     def _by_rank(self) -> list[list[Shard]]:
-        if getattr(self, "_shards_by_rank", None) is None:
-            self._shards_by_rank = [[] for _ in range(self.world)]
+        if self._by_rank_cache is None:
+            self._by_rank_cache = [[] for _ in range(self.world)]
             for s in self.shards:
-                self._shards_by_rank[s.rank].append(s)
-        return self._shards_by_rank
+                self._by_rank_cache[s.rank].append(s)
+        return self._by_rank_cache
 
     def doc_of(self, flat: torch.Tensor) -> torch.Tensor:
         """Segment id of flat indices (documents cut at row boundaries)."""
@@ -139,7 +141,7 @@ class CADPlan:
     def received_rows(self, rank: int) -> tuple[int, int, int]:
         """(query rows, key/value rows, output rows) ``rank`` receives in one forward (each
         nano-batch receives its own keys)."""
-        if getattr(self, "_received", None) is None:
+        if self._received is None:
             self._received = self._count_received()
         return self._received[rank]
 

@@ -21,11 +21,13 @@ dispatches are posted at once, so the second's all-to-all runs while the first c
 the first's return runs while the second computes (same in backward).
 
 Bytes: plan-dependent; :meth:`CAD.plan_bytes` gives the exact count of a batch, which
-``parallel.comm`` measures.
+``parallel.comm`` measures. ``CAD.plan(ctx).summary(H, Hkv, D, e)`` reports a plan's balance
+before / after, bytes per rank and memory balance before it runs (logged at INFO on rank 0).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -35,6 +37,8 @@ from models.ops.attention import MaskSpec, attention_backward, attention_forward
 from parallel import comm
 from parallel.cad_plan import CADPlan, plan_cad
 from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +57,11 @@ class Route:
     tq: int
     tk: int
     mask: MaskSpec
+
+    def to(self, device) -> Route:
+        """The same route with its index tensors on ``device`` (the mask stays where it is)."""
+        mv = [[t.to(device) for t in ts] for ts in (self.q_send, self.kv_send, self.q_slots, self.kv_slots)]
+        return Route(*mv, self.q_self.to(device), self.kv_self.to(device), self.tq, self.tk, self.mask)
 
 
 def build_routes(plan: CADPlan, rank: int, nanos: int) -> list[Route]:
@@ -115,7 +124,7 @@ def _fill(buf, slots, rows):
 
 
 def cad_forward(q, k, v, routes: list[Route], group, rank, scale, block, timing):
-    """-> (o [B, C, H, D], saved per nano: (Q_d, K_d, V_d, o_d, lse_d))."""
+    """-> (o [B, C, H, D], saved per nano: (Q_d [1, Tq, H, D], KV_d [1, Tk, 2 Hkv, D], o_d, lse_d))."""
     bsz, c, h, d = q.shape
     hk = k.shape[2]
     qf, kvf = q.reshape(bsz * c, h * d), torch.cat([k, v], dim=2).reshape(bsz * c, 2 * hk * d)
@@ -160,8 +169,8 @@ def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing)
     hk = shape_kv[2]
     dof = do.reshape(bsz * c, h * d)
     acc = torch.float64 if do.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(bsz * c, h * d, dtype=acc)
-    dkv = torch.zeros(bsz * c, 2 * hk * d, dtype=acc)
+    dq = torch.zeros(bsz * c, h * d, dtype=acc, device=do.device)
+    dkv = torch.zeros(bsz * c, 2 * hk * d, dtype=acc, device=do.device)
     pend = []
     for r in routes:
         send = [dof[a] for a in r.q_send]
@@ -263,6 +272,9 @@ class CAD(SoftmaxStrategy):
                 qrow_bytes=qrow_bytes,
                 kvrow_bytes=kvrow_bytes,
             )
+            if ctx.rank == 0 and log.isEnabledFor(logging.INFO):  # the plan, before it runs
+                report = plan.summary(qrow_bytes, kvrow_bytes // 2, 1, 1)  # bytes in units of D * e
+                log.info("cad plan (bytes x head_dim x elem_bytes): %s", report)
             if len(self._cache) >= 4:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = (plan, build_routes(plan, ctx.rank, 2 if self.ping_pong else 1))
@@ -271,6 +283,8 @@ class CAD(SoftmaxStrategy):
 
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         plan, routes = self._planned(ctx, causal, window, q.shape[2], 2 * k.shape[2])
+        if q.device.type != "cpu":
+            routes = [r.to(q.device) for r in routes]
         return CADAttention.apply(q, k, v, routes, ctx.group, ctx.rank, scale, ctx.block, self.timing)
 
     def work_queries(self, ctx, n_heads: int):
