@@ -212,15 +212,16 @@ class CADAttention(torch.autograd.Function):
     @staticmethod
     def forward(fctx, q, k, v, routes, group, rank, scale, block, timing):
         o, saved = cad_forward(q, k, v, routes, group, rank, scale, block, timing)
-        fctx.saved = saved  # received Q / K / V and the kernel's o, lse (not graph leaves)
+        fctx.save_for_backward(*[t for nano in saved for t in nano])  # received Q, K/V; o, lse
         fctx.args = (k.shape, routes, group, rank, scale, block, timing)
         return o
 
     @staticmethod
     def backward(fctx, do):
         kv_shape, routes, group, rank, scale, block, timing = fctx.args
-        dq, dk, dv = cad_backward(do.contiguous(), kv_shape, routes, fctx.saved, group, rank, scale, block, timing)
-        fctx.saved = None
+        flat = fctx.saved_tensors
+        saved = [flat[i : i + 4] for i in range(0, len(flat), 4)]
+        dq, dk, dv = cad_backward(do.contiguous(), kv_shape, routes, saved, group, rank, scale, block, timing)
         return dq, dk, dv, None, None, None, None, None, None
 
 
