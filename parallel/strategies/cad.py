@@ -46,7 +46,8 @@ class Route:
     """One nano-batch on one rank. ``q_send[d]`` / ``kv_send[d]``: local flat rows (into
     [B * C]) sent to rank d (empty for self); ``q_slots[s]`` / ``kv_slots[s]``: where rows
     from rank s land in Q_d / K_d (self included, read locally from ``q_send_self`` /
-    ``kv_send_self``); ``mask``: the kernel's mask of (Q_d, K_d)."""
+    ``kv_send_self``); ``groups``: the kernel calls, (qa, qb, ka, kb, mask) for query rows
+    [qa, qb) of Q_d against key rows [ka, kb) of K_d (see :func:`kernel_groups`)."""
 
     q_send: list[torch.Tensor]
     kv_send: list[torch.Tensor]
@@ -56,12 +57,12 @@ class Route:
     kv_self: torch.Tensor
     tq: int
     tk: int
-    mask: MaskSpec
+    groups: list[tuple[int, int, int, int, MaskSpec]]
 
     def to(self, device) -> Route:
         """The same route with its index tensors on ``device`` (the mask stays where it is)."""
         mv = [[t.to(device) for t in ts] for ts in (self.q_send, self.kv_send, self.q_slots, self.kv_slots)]
-        return Route(*mv, self.q_self.to(device), self.kv_self.to(device), self.tq, self.tk, self.mask)
+        return Route(*mv, self.q_self.to(device), self.kv_self.to(device), self.tq, self.tk, self.groups)
 
 
 def build_routes(plan: CADPlan, rank: int, nanos: int) -> list[Route]:
@@ -85,10 +86,37 @@ def build_routes(plan: CADPlan, rank: int, nanos: int) -> list[Route]:
         (q_src, q_rows), (kv_src, kv_rows) = local_rows(q), local_rows(kv)
         q_slots = [(q_src == s).nonzero().flatten() for s in range(p)]
         kv_slots = [(kv_src == s).nonzero().flatten() for s in range(p)]
-        mask = MaskSpec(q % n, kv % n, plan.doc_of(q)[None], plan.doc_of(kv)[None], plan.causal, plan.window)
+        groups = kernel_groups(q, kv, plan.doc_of(q), plan.doc_of(kv), n, plan.causal, plan.window)
         q_self, kv_self = q_rows[q_src == rank], kv_rows[kv_src == rank]
-        routes.append(Route(q_send, kv_send, q_slots, kv_slots, q_self, kv_self, len(q), len(kv), mask))
+        routes.append(Route(q_send, kv_send, q_slots, kv_slots, q_self, kv_self, len(q), len(kv), groups))
     return routes
+
+
+def kernel_groups(q, kv, q_doc, k_doc, n, causal, window, min_rows=16):
+    """Cut the kernel's work on (Q_d [Tq], K_d [Tk]) flat indices into calls, one per run of
+    consecutive query positions of one document (runs under ``min_rows`` rows join the next),
+    each against only the key rows its documents and causal / window bounds allow. Without
+    this, one kernel block mixing shards of different documents computes the keys of all of
+    them. -> [(qa, qb, ka, kb, MaskSpec)]."""
+    cut = ((q[1:] != q[:-1] + 1) | (q_doc[1:] != q_doc[:-1])).nonzero().flatten() + 1
+    starts = [0]
+    for c in cut.tolist():
+        if c - starts[-1] >= min_rows:
+            starts.append(c)
+    groups = []
+    for qa, qb in zip(starts, starts[1:] + [len(q)]):
+        if qb <= qa:
+            continue
+        ka = int(torch.searchsorted(k_doc, q_doc[qa]))
+        kb = int(torch.searchsorted(k_doc, q_doc[qb - 1], right=True))
+        if causal:
+            kb = min(kb, int(torch.searchsorted(kv, q[qb - 1], right=True)))
+        if window is not None:
+            ka = max(ka, int(torch.searchsorted(kv, q[qa] - window + 1)))
+        qi, ki = q[qa:qb], kv[ka:kb]
+        mask = MaskSpec(qi % n, ki % n, q_doc[None, qa:qb], k_doc[None, ka:kb], causal, window)
+        groups.append((qa, qb, ka, kb, mask))
+    return groups
 
 
 class _Pending:
@@ -145,10 +173,13 @@ def cad_forward(q, k, v, routes: list[Route], group, rank, scale, block, timing)
         _fill(kvd, r.kv_slots, [x[1] for x in parts])
         qd, kvd = qd.view(1, r.tq, h, d), kvd.view(1, r.tk, 2 * hk, d)
         t0 = time.perf_counter()
-        if r.tq:
-            od, lse = attention_forward(qd, kvd[:, :, :hk], kvd[:, :, hk:], r.mask, scale, block)
-        else:
-            od, lse = qd.clone(), qd.new_zeros(1, h, 0)
+        od, lse = qd.clone(), qd.new_zeros(1, h, 0)
+        if r.groups:
+            outs = [
+                attention_forward(qd[:, qa:qb], kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
+                for qa, qb, ka, kb, mask in r.groups
+            ]
+            od, lse = torch.cat([x[0] for x in outs], dim=1), torch.cat([x[1] for x in outs], dim=2)
         timing["compute_s"] += time.perf_counter() - t0
         saved.append((qd, kvd, od, lse))
         of = od.view(r.tq, h * d)
@@ -183,14 +214,26 @@ def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing)
         dod = dof.new_empty(r.tq, h * d)
         _fill(dod, r.q_slots, [x.reshape(-1, h * d) for x in parts])
         t0 = time.perf_counter()
-        if r.tq:
-            dqd, dkd, dvd = attention_backward(
-                dod.view(1, r.tq, h, d), qd, kvd[:, :, :hk], kvd[:, :, hk:], od, lse, r.mask, scale, block
+        dod = dod.view(1, r.tq, h, d)
+        dqd = torch.zeros(qd.shape, dtype=acc, device=qd.device)
+        dkvd = torch.zeros(kvd.shape, dtype=acc, device=qd.device)
+        for qa, qb, ka, kb, mask in r.groups:  # key ranges of one document's runs overlap: add
+            dq_g, dk_g, dv_g = attention_backward(
+                dod[:, qa:qb],
+                qd[:, qa:qb],
+                kvd[:, ka:kb, :hk],
+                kvd[:, ka:kb, hk:],
+                od[:, qa:qb],
+                lse[:, :, qa:qb],
+                mask,
+                scale,
+                block,
             )
-        else:
-            dqd, dkd, dvd = qd, kvd[:, :, :hk], kvd[:, :, hk:]
+            dqd[:, qa:qb] = dq_g
+            dkvd[:, ka:kb, :hk] += dk_g
+            dkvd[:, ka:kb, hk:] += dv_g
         timing["compute_s"] += time.perf_counter() - t0
-        dqf, dkvf = dqd.reshape(r.tq, h * d), torch.cat([dkd, dvd], dim=2).reshape(r.tk, 2 * hk * d)
+        dqf, dkvf = dqd.reshape(r.tq, h * d).to(do.dtype), dkvd.reshape(r.tk, 2 * hk * d).to(do.dtype)
         send = [
             torch.cat([dqf[a].reshape(-1), dkvf[b].reshape(-1)]) if s != rank else dqf[:0].reshape(-1)
             for s, (a, b) in enumerate(zip(r.q_slots, r.kv_slots))
