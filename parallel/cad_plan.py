@@ -321,13 +321,11 @@ def plan_cad(
     runs = owner_runs(seq_len, world, layout)
     mover = _Mover(runs, qrow_bytes, kvrow_bytes, min_shard, causal, window)
     per_rank: list[list[Shard]] = [[] for _ in range(world)]
-    for i, (row, start, end) in enumerate(segs):
-        for r in range(world):
-            for a, b in runs[r]:
-                lo, hi = max(a, start), min(b, end)
-                if hi > lo:
-                    base = Shard(i, row, lo, hi, 0, 0, 0, r)
-                    per_rank[r].append(mover.piece(base, lo, hi, segs[i], r))
+    grid = _Grid(seq_len, world, layout)
+    for i, (row, start, end) in enumerate(segs):  # the layout's placement: one shard per chunk
+        for ch in range(start // grid.size, (end - 1) // grid.size + 1):
+            lo, hi, r = max(start, ch * grid.size), min(end, (ch + 1) * grid.size), grid.owner[ch]
+            per_rank[r].append(mover.piece(Shard(i, row, lo, hi, 0, 0, 0, r), lo, hi, segs[i], r))
     load = [sum(s.cost for s in shards) for shards in per_rank]
     home = list(load)
     mean = sum(load) / world
