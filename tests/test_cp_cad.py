@@ -35,11 +35,21 @@ def _bytes_and_plan(rank, world, ping_pong):
     return measured, strat.plan_bytes(ctx, h, hkv, d, 4), strat.last_plan.shards
 
 
+def _long_cases(world):
+    """Rows long enough that a shard's keys span several kernel key chunks (4 * block = 64)."""
+    n = 2 * world * 20
+    base = dict(b=1, n=n, h=4, hkv=2, d=8)
+    return [
+        dict(base, seed=8, doc_lens=[n // 2 + 7, 3, n], causal=True, window=None),
+        dict(base, seed=9, doc_lens=[n], causal=False, window=70),
+    ]
+
+
 def _run(rank, world):
     errs = []
     for layout, ping_pong in COMBOS[world]:
         opts = {"min_shard": 4, "ping_pong": ping_pong}
-        errs += check_strategy(rank, world, "cad", layout, cases_for(world), 16, opts)
+        errs += check_strategy(rank, world, "cad", layout, cases_for(world) + _long_cases(world), 16, opts)
     return errs, (_bytes_and_plan(rank, world, True) if world > 1 else None)
 
 

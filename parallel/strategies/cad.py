@@ -37,6 +37,7 @@ from models.ops.attention import MaskSpec, attention_backward, attention_forward
 from parallel import comm
 from parallel.cad_plan import CADPlan, plan_cad
 from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
+from parallel.strategies.ring import _merge as merge_partial
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ class Route:
     """One nano-batch on one rank. ``q_send[d]`` / ``kv_send[d]``: local flat rows (into
     [B * C]) sent to rank d (empty for self); ``q_slots[s]`` / ``kv_slots[s]``: where rows
     from rank s land in Q_d / K_d (self included, read locally from ``q_send_self`` /
-    ``kv_send_self``); ``groups``: the kernel calls, (qa, qb, ka, kb, mask) for query rows
-    [qa, qb) of Q_d against key rows [ka, kb) of K_d (see :func:`kernel_groups`)."""
+    ``kv_send_self``); ``groups``: the kernel calls, (qa, qb, [(ka, kb, mask), ...]) for
+    query rows [qa, qb) of Q_d against key rows [ka, kb) of K_d, chunk by chunk, merged by
+    log-sum-exp (see :func:`kernel_groups`)."""
 
     q_send: list[torch.Tensor]
     kv_send: list[torch.Tensor]
@@ -57,7 +59,7 @@ class Route:
     kv_self: torch.Tensor
     tq: int
     tk: int
-    groups: list[tuple[int, int, int, int, MaskSpec]]
+    groups: list[tuple[int, int, list[tuple[int, int, MaskSpec]]]]
 
     def to(self, device) -> Route:
         """The same route with its index tensors on ``device`` (the mask stays where it is)."""
@@ -65,7 +67,7 @@ class Route:
         return Route(*mv, self.q_self.to(device), self.kv_self.to(device), self.tq, self.tk, self.groups)
 
 
-def build_routes(plan: CADPlan, rank: int, nanos: int) -> list[Route]:
+def build_routes(plan: CADPlan, rank: int, nanos: int, kv_chunk: int = 2048) -> list[Route]:
     own, loc = plan.owner()
     n, c, p = plan.seq_len, plan.seq_len // plan.world, plan.world
 
@@ -86,18 +88,19 @@ def build_routes(plan: CADPlan, rank: int, nanos: int) -> list[Route]:
         (q_src, q_rows), (kv_src, kv_rows) = local_rows(q), local_rows(kv)
         q_slots = [(q_src == s).nonzero().flatten() for s in range(p)]
         kv_slots = [(kv_src == s).nonzero().flatten() for s in range(p)]
-        groups = kernel_groups(q, kv, plan.doc_of(q), plan.doc_of(kv), n, plan.causal, plan.window)
+        groups = kernel_groups(q, kv, plan.doc_of(q), plan.doc_of(kv), n, plan.causal, plan.window, kv_chunk)
         q_self, kv_self = q_rows[q_src == rank], kv_rows[kv_src == rank]
         routes.append(Route(q_send, kv_send, q_slots, kv_slots, q_self, kv_self, len(q), len(kv), groups))
     return routes
 
 
-def kernel_groups(q, kv, q_doc, k_doc, n, causal, window, min_rows=16):
+def kernel_groups(q, kv, q_doc, k_doc, n, causal, window, kv_chunk=2048, min_rows=16):
     """Cut the kernel's work on (Q_d [Tq], K_d [Tk]) flat indices into calls, one per run of
     consecutive query positions of one document (runs under ``min_rows`` rows join the next),
-    each against only the key rows its documents and causal / window bounds allow. Without
-    this, one kernel block mixing shards of different documents computes the keys of all of
-    them. -> [(qa, qb, ka, kb, MaskSpec)]."""
+    each against only the key rows its documents and causal / window bounds allow, in chunks
+    of at most ``kv_chunk`` keys (as ring attention sees them: the kernel's temporaries stay
+    small). Without this, one kernel block mixing shards of different documents computes the
+    keys of all of them. -> [(qa, qb, [(ka, kb, MaskSpec), ...])]."""
     cut = ((q[1:] != q[:-1] + 1) | (q_doc[1:] != q_doc[:-1])).nonzero().flatten() + 1
     starts = [0]
     for c in cut.tolist():
@@ -113,9 +116,13 @@ def kernel_groups(q, kv, q_doc, k_doc, n, causal, window, min_rows=16):
             kb = min(kb, int(torch.searchsorted(kv, q[qb - 1], right=True)))
         if window is not None:
             ka = max(ka, int(torch.searchsorted(kv, q[qa] - window + 1)))
-        qi, ki = q[qa:qb], kv[ka:kb]
-        mask = MaskSpec(qi % n, ki % n, q_doc[None, qa:qb], k_doc[None, ka:kb], causal, window)
-        groups.append((qa, qb, ka, kb, mask))
+        chunks = []
+        for a in range(ka, kb, kv_chunk):
+            b = min(kb, a + kv_chunk)
+            chunks.append(
+                (a, b, MaskSpec(q[qa:qb] % n, kv[a:b] % n, q_doc[None, qa:qb], k_doc[None, a:b], causal, window))
+            )
+        groups.append((qa, qb, chunks))
     return groups
 
 
@@ -151,6 +158,20 @@ def _fill(buf, slots, rows):
             buf.index_copy_(0, sl, r.to(buf.dtype))
 
 
+def _group_forward(qg, kvd, hk, chunks, scale, block):
+    """Queries qg [1, t, H, D] against their key chunks of kvd [1, Tk, 2 Hkv, D], merged by
+    log-sum-exp in fp32 / fp64. -> (o [1, t, H, D] in qg.dtype, lse [1, H, t])."""
+    if len(chunks) == 1:
+        ka, kb, mask = chunks[0]
+        return attention_forward(qg, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
+    qa = qg.to(torch.float64 if qg.dtype == torch.float64 else torch.float32)
+    o = lse = None
+    for ka, kb, mask in chunks:
+        o_i, lse_i = attention_forward(qa, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
+        o, lse = (o_i, lse_i) if o is None else merge_partial(o, lse, o_i, lse_i)
+    return o.to(qg.dtype), lse
+
+
 def cad_forward(q, k, v, routes: list[Route], group, rank, scale, block, timing):
     """-> (o [B, C, H, D], saved per nano: (Q_d [1, Tq, H, D], KV_d [1, Tk, 2 Hkv, D], o_d, lse_d))."""
     bsz, c, h, d = q.shape
@@ -175,10 +196,7 @@ def cad_forward(q, k, v, routes: list[Route], group, rank, scale, block, timing)
         t0 = time.perf_counter()
         od, lse = qd.clone(), qd.new_zeros(1, h, 0)
         if r.groups:
-            outs = [
-                attention_forward(qd[:, qa:qb], kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
-                for qa, qb, ka, kb, mask in r.groups
-            ]
+            outs = [_group_forward(qd[:, qa:qb], kvd, hk, chunks, scale, block) for qa, qb, chunks in r.groups]
             od, lse = torch.cat([x[0] for x in outs], dim=1), torch.cat([x[1] for x in outs], dim=2)
         timing["compute_s"] += time.perf_counter() - t0
         saved.append((qd, kvd, od, lse))
@@ -217,21 +235,14 @@ def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing)
         dod = dod.view(1, r.tq, h, d)
         dqd = torch.zeros(qd.shape, dtype=acc, device=qd.device)
         dkvd = torch.zeros(kvd.shape, dtype=acc, device=qd.device)
-        for qa, qb, ka, kb, mask in r.groups:  # key ranges of one document's runs overlap: add
-            dq_g, dk_g, dv_g = attention_backward(
-                dod[:, qa:qb],
-                qd[:, qa:qb],
-                kvd[:, ka:kb, :hk],
-                kvd[:, ka:kb, hk:],
-                od[:, qa:qb],
-                lse[:, :, qa:qb],
-                mask,
-                scale,
-                block,
-            )
-            dqd[:, qa:qb] = dq_g
-            dkvd[:, ka:kb, :hk] += dk_g
-            dkvd[:, ka:kb, hk:] += dv_g
+        for qa, qb, chunks in r.groups:  # key ranges of one document's runs overlap: add
+            qg, dog, og, lg = qd[:, qa:qb].to(acc), dod[:, qa:qb].to(acc), od[:, qa:qb].to(acc), lse[:, :, qa:qb]
+            for ka, kb, mask in chunks:  # with the merged (o, lse), each chunk's exact share
+                kc, vc = kvd[:, ka:kb, :hk].to(acc), kvd[:, ka:kb, hk:].to(acc)
+                dq_g, dk_g, dv_g = attention_backward(dog, qg, kc, vc, og, lg, mask, scale, block)
+                dqd[:, qa:qb] += dq_g
+                dkvd[:, ka:kb, :hk] += dk_g
+                dkvd[:, ka:kb, hk:] += dv_g
         timing["compute_s"] += time.perf_counter() - t0
         dqf, dkvf = dqd.reshape(r.tq, h * d).to(do.dtype), dkvd.reshape(r.tk, 2 * hk * d).to(do.dtype)
         send = [
@@ -321,7 +332,7 @@ class CAD(SoftmaxStrategy):
                 log.info("cad plan (bytes x head_dim x elem_bytes): %s", report)
             if len(self._cache) >= 4:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = (plan, build_routes(plan, ctx.rank, 2 if self.ping_pong else 1))
+            self._cache[key] = (plan, build_routes(plan, ctx.rank, 2 if self.ping_pong else 1, 4 * ctx.block))
         self.last_plan = self._cache[key][0]
         return self._cache[key]
 
