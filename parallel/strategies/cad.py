@@ -12,7 +12,9 @@ The plan (parallel/cad_plan.py, identical on every rank, cached per batch) says 
 rows and which key rows each rank computes with. Forward: one uneven all-to-all sends Q, K and V
 rows to the ranks that compute with them, the kernel runs there on (Q_d, K_d, V_d) under the
 global mask (explicit positions and document ids), one all-to-all returns O to the owners.
-Every query sees all of its keys on one rank, so no LSE merge is needed. Backward: one
+Every query sees all of its keys on one rank, so no LSE merge across ranks is needed (on the
+rank, the kernel runs per run of one document's queries against at most 4 x block keys at a
+time, merged by log-sum-exp as ring attention does, to keep its temporaries small). Backward: one
 all-to-all sends dO, the kernel's backward runs with the saved (o, lse), one all-to-all returns
 dQ and dK/dV; a key row used on several ranks gets the sum of their dK/dV at its owner.
 
