@@ -140,18 +140,19 @@ def bench_rank(rank, world, args):
                 )
                 err = max((g.float().cpu() - r[:, idx]).abs().max().item() for g, r in zip(got, ref))
                 s = gather_stats(torch.tensor([t, recv, peak, err, work], dtype=torch.float64), world)
-                formula = strat.forward_bytes(
-                    LayerShape(
-                        batch=1,
-                        seq_len=n,
-                        cp=world,
-                        n_heads=args.heads,
-                        n_kv_heads=args.kv_heads,
-                        head_dim=args.head_dim,
-                        elem_bytes=q.element_size(),
-                        layout=args.layout,
-                    )
+                shape = LayerShape(
+                    batch=1,
+                    seq_len=n,
+                    cp=world,
+                    n_heads=args.heads,
+                    n_kv_heads=args.kv_heads,
+                    head_dim=args.head_dim,
+                    elem_bytes=q.element_size(),
+                    layout=args.layout,
                 )
+                # plan-dependent strategies (cad) give the exact count of this batch's plan
+                plan_bytes = getattr(strat, "forward_bytes_of", None)
+                formula = plan_bytes(shape, cu, window=window) if plan_bytes else strat.forward_bytes(shape)
                 rows.append(
                     dict(
                         strategy=name,

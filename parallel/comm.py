@@ -131,3 +131,14 @@ def p2p(
     """Blocking point-to-point: send ``send`` to group rank ``dst`` and/or fill ``recv`` from
     group rank ``src`` (a chain hop, e.g. LASP-1's state pass)."""
     exchange({} if send is None else {dst: send}, {} if recv is None else {src: recv}, group, op="send_recv")
+
+
+def all_to_all_uneven(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+    """Start an all-to-all of uneven sizes: 1-D ``inp`` cut in ``in_splits`` (elements per
+    destination group rank) goes out, ``out`` is filled in ``out_splits`` (per source).
+    Returns the work (``wait()`` before reading ``out``). Counted when issued, self excluded."""
+    rank = dist.get_rank(group)
+    work = dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group, async_op=True)
+    e = inp.element_size()
+    COUNTER.add("all_to_all", (sum(in_splits) - in_splits[rank]) * e, (sum(out_splits) - out_splits[rank]) * e)
+    return work

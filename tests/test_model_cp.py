@@ -46,10 +46,18 @@ def _loss_and_grads(rank, world, strategy, layout, window):
     return stats.item() / batch["labels"].numel(), grads
 
 
-@pytest.mark.parametrize("world,layout,window", [(2, "zigzag", None), (3, "contiguous", 7), (4, "zigzag", 5)])
-def test_model_cp_matches_single(world, layout, window):
+@pytest.mark.parametrize(
+    "world,layout,window,strategy",
+    [
+        (2, "zigzag", None, "allgather"),
+        (3, "contiguous", 7, "allgather"),
+        (4, "zigzag", 5, "allgather"),
+        (3, "zigzag", None, "cad"),
+    ],
+)
+def test_model_cp_matches_single(world, layout, window, strategy):
     ref_loss, ref_grads = run_distributed(_loss_and_grads, 1, "local", "contiguous", window)[0]
-    out = run_distributed(_loss_and_grads, world, "allgather", layout, window)
+    out = run_distributed(_loss_and_grads, world, strategy, layout, window)
     for loss, grads in out:
         assert abs(loss - ref_loss) < 1e-5
         assert (grads - ref_grads).abs().max() < 1e-5

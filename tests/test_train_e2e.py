@@ -101,7 +101,8 @@ def test_signal_writes_checkpoint_and_stops(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "strategy,layout", [("allgather", "zigzag"), ("ring", "zigzag"), ("ulysses", "contiguous"), ("usp", "zigzag")]
+    "strategy,layout",
+    [("allgather", "zigzag"), ("ring", "zigzag"), ("ulysses", "contiguous"), ("usp", "zigzag"), ("cad", "contiguous")],
 )
 def test_cp2_training_matches_single_rank(tmp_path, strategy, layout):
     """Same data, same init: 4 steps at CP=2 follow the CP=1 loss curve (fp32, 1e-5); every

@@ -1,0 +1,381 @@
+"""Core attention disaggregation (CAD): core attention runs where the planner puts it.
+
+Shapes (P ranks, C = N / P local tokens, per nano-batch on rank d):
+    q, o         [B, C, H, D]     local shards (layout order)
+    k, v         [B, C, Hkv, D]
+    Q_d          [1, Tq, H, D]    the queries rank d computes: whole shards of documents,
+                                  from any rank, flattened over the batch in flat order
+    K_d, V_d     [1, Tk, Hkv, D]  every key its shards need (each key once per nano-batch)
+    lse_d        [1, H, Tq]
+
+The plan (parallel/cad_plan.py, identical on every rank, cached per batch) says which query
+rows and which key rows each rank computes with. Forward: one uneven all-to-all sends Q, K and V
+rows to the ranks that compute with them, the kernel runs there on (Q_d, K_d, V_d) under the
+global mask (explicit positions and document ids), one all-to-all returns O to the owners.
+Every query sees all of its keys on one rank, so no LSE merge across ranks is needed (on the
+rank, the kernel runs per run of one document's queries against at most 4 x block keys at a
+time, merged by log-sum-exp as ring attention does, to keep its temporaries small). Backward: one
+all-to-all sends dO, the kernel's backward runs with the saved (o, lse), one all-to-all returns
+dQ and dK/dV; a key row used on several ranks gets the sum of their dK/dV at its owner.
+
+Ping-pong (``ping_pong=True``): the plan splits each rank's shards into two nano-batches; both
+dispatches are posted at once, so the second's all-to-all runs while the first computes, and
+the first's return runs while the second computes (same in backward).
+
+Bytes: plan-dependent; :meth:`CAD.plan_bytes` gives the exact count of a batch, which
+``parallel.comm`` measures. ``CAD.plan(ctx).summary(H, Hkv, D, e)`` reports a plan's balance
+before / after, bytes per rank and memory balance before it runs (logged at INFO on rank 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.ops.attention import MaskSpec, attention_backward, attention_forward
+from parallel import comm
+from parallel.cad_plan import CADPlan, plan_cad
+from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
+from parallel.strategies.ring import _merge as merge_partial
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Route:
+    """One nano-batch on one rank. ``q_send[d]`` / ``kv_send[d]``: local flat rows (into
+    [B * C]) sent to rank d (empty for self); ``q_slots[s]`` / ``kv_slots[s]``: where rows
+    from rank s land in Q_d / K_d (self included, read locally from ``q_send_self`` /
+    ``kv_send_self``); ``groups``: the kernel calls, (qa, qb, [(ka, kb, mask), ...]) for
+    query rows [qa, qb) of Q_d against key rows [ka, kb) of K_d, chunk by chunk, merged by
+    log-sum-exp (see :func:`kernel_groups`)."""
+
+    q_send: list[torch.Tensor]
+    kv_send: list[torch.Tensor]
+    q_slots: list[torch.Tensor]
+    kv_slots: list[torch.Tensor]
+    q_self: torch.Tensor
+    kv_self: torch.Tensor
+    tq: int
+    tk: int
+    groups: list[tuple[int, int, list[tuple[int, int, MaskSpec]]]]
+
+    def to(self, device) -> Route:
+        """The same route with its index tensors on ``device`` (the mask stays where it is)."""
+        mv = [[t.to(device) for t in ts] for ts in (self.q_send, self.kv_send, self.q_slots, self.kv_slots)]
+        return Route(*mv, self.q_self.to(device), self.kv_self.to(device), self.tq, self.tk, self.groups)
+
+
+def build_routes(plan: CADPlan, rank: int, nanos: int, kv_chunk: int = 2048) -> list[Route]:
+    own, loc = plan.owner()
+    n, c, p = plan.seq_len, plan.seq_len // plan.world, plan.world
+
+    def local_rows(flat):  # flat indices -> (owner [T], local flat rows [T])
+        return own[flat % n], (flat // n) * c + loc[flat % n]
+
+    routes = []
+    for nano in range(nanos):
+        q_send, kv_send = [], []
+        for d in range(p):
+            rows = []
+            for flat in plan.rows(d, nano):
+                src, lrow = local_rows(flat)
+                rows.append(lrow[src == rank] if d != rank else lrow[:0])
+            q_send.append(rows[0])
+            kv_send.append(rows[1])
+        q, kv = plan.rows(rank, nano)
+        (q_src, q_rows), (kv_src, kv_rows) = local_rows(q), local_rows(kv)
+        q_slots = [(q_src == s).nonzero().flatten() for s in range(p)]
+        kv_slots = [(kv_src == s).nonzero().flatten() for s in range(p)]
+        groups = kernel_groups(q, kv, plan.doc_of(q), plan.doc_of(kv), n, plan.causal, plan.window, kv_chunk)
+        q_self, kv_self = q_rows[q_src == rank], kv_rows[kv_src == rank]
+        routes.append(Route(q_send, kv_send, q_slots, kv_slots, q_self, kv_self, len(q), len(kv), groups))
+    return routes
+
+
+def kernel_groups(q, kv, q_doc, k_doc, n, causal, window, kv_chunk=2048, min_rows=16):
+    """Cut the kernel's work on (Q_d [Tq], K_d [Tk]) flat indices into calls, one per run of
+    consecutive query positions of one document (runs under ``min_rows`` rows join the next),
+    each against only the key rows its documents and causal / window bounds allow, in chunks
+    of at most ``kv_chunk`` keys (as ring attention sees them: the kernel's temporaries stay
+    small). Without this, one kernel block mixing shards of different documents computes the
+    keys of all of them. -> [(qa, qb, [(ka, kb, MaskSpec), ...])]."""
+    cut = ((q[1:] != q[:-1] + 1) | (q_doc[1:] != q_doc[:-1])).nonzero().flatten() + 1
+    starts = [0]
+    for c in cut.tolist():
+        if c - starts[-1] >= min_rows:
+            starts.append(c)
+    groups = []
+    for qa, qb in zip(starts, starts[1:] + [len(q)]):
+        if qb <= qa:
+            continue
+        ka = int(torch.searchsorted(k_doc, q_doc[qa]))
+        kb = int(torch.searchsorted(k_doc, q_doc[qb - 1], right=True))
+        if causal:
+            kb = min(kb, int(torch.searchsorted(kv, q[qb - 1], right=True)))
+        if window is not None:
+            ka = max(ka, int(torch.searchsorted(kv, q[qa] - window + 1)))
+        chunks = []
+        for a in range(ka, kb, kv_chunk):
+            b = min(kb, a + kv_chunk)
+            chunks.append(
+                (a, b, MaskSpec(q[qa:qb] % n, kv[a:b] % n, q_doc[None, qa:qb], k_doc[None, a:b], causal, window))
+            )
+        groups.append((qa, qb, chunks))
+    return groups
+
+
+class _Pending:
+    """An uneven all-to-all in flight: ``wait()`` -> its 1-D receive buffer cut per source."""
+
+    def __init__(self, send: list[torch.Tensor], recv_sizes: list[int], like: torch.Tensor, group, timing):
+        self.recv = like.new_empty(sum(recv_sizes))
+        self.sizes, self.timing = recv_sizes, timing
+        buf = torch.cat([t.reshape(-1) for t in send]) if send else like.new_empty(0)
+        self.work = comm.all_to_all_uneven(self.recv, buf, recv_sizes, [t.numel() for t in send], group)
+
+    def wait(self) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        self.work.wait()
+        self.timing["wait_s"] += time.perf_counter() - t0
+        return list(self.recv.split(self.sizes))
+
+
+def _unpack(parts, splits, feats):
+    """Cut each source's 1-D part into len(feats) row blocks [rows, f]."""
+    out = []
+    for part, rows in zip(parts, splits):
+        blocks = part.split([r * f for r, f in zip(rows, feats)])
+        out.append([b.view(r, f) for b, r, f in zip(blocks, rows, feats)])
+    return out
+
+
+def _fill(buf, slots, rows):
+    """buf[slots[s]] = rows[s] for every source s."""
+    for sl, r in zip(slots, rows):
+        if sl.numel():
+            buf.index_copy_(0, sl, r.to(buf.dtype))
+
+
+def _group_forward(qg, kvd, hk, chunks, scale, block):
+    """Queries qg [1, t, H, D] against their key chunks of kvd [1, Tk, 2 Hkv, D], merged by
+    log-sum-exp in fp32 / fp64. -> (o [1, t, H, D] in qg.dtype, lse [1, H, t])."""
+    if len(chunks) == 1:
+        ka, kb, mask = chunks[0]
+        return attention_forward(qg, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
+    qa = qg.to(torch.float64 if qg.dtype == torch.float64 else torch.float32)
+    o = lse = None
+    for ka, kb, mask in chunks:
+        o_i, lse_i = attention_forward(qa, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
+        o, lse = (o_i, lse_i) if o is None else merge_partial(o, lse, o_i, lse_i)
+    return o.to(qg.dtype), lse
+
+
+def cad_forward(q, k, v, routes: list[Route], group, rank, scale, block, timing):
+    """-> (o [B, C, H, D], saved per nano: (Q_d [1, Tq, H, D], KV_d [1, Tk, 2 Hkv, D], o_d, lse_d))."""
+    bsz, c, h, d = q.shape
+    hk = k.shape[2]
+    qf, kvf = q.reshape(bsz * c, h * d), torch.cat([k, v], dim=2).reshape(bsz * c, 2 * hk * d)
+    pend = []
+    for r in routes:  # post every dispatch first: nano 1's overlaps nano 0's compute
+        send = [torch.cat([qf[a].reshape(-1), kvf[b].reshape(-1)]) for a, b in zip(r.q_send, r.kv_send)]
+        sizes = [len(a) * h * d + len(b) * 2 * hk * d for a, b in zip(r.q_slots, r.kv_slots)]
+        sizes[rank] = 0
+        pend.append(_Pending(send, sizes, qf, group, timing))
+    o = torch.zeros_like(qf)
+    saved, back = [], []
+    for r, pd in zip(routes, pend):
+        counts = [(len(a), len(b)) if s != rank else (0, 0) for s, (a, b) in enumerate(zip(r.q_slots, r.kv_slots))]
+        parts = _unpack(pd.wait(), counts, (h * d, 2 * hk * d))
+        parts[rank] = [qf[r.q_self], kvf[r.kv_self]]
+        qd, kvd = qf.new_empty(r.tq, h * d), kvf.new_empty(r.tk, 2 * hk * d)
+        _fill(qd, r.q_slots, [x[0] for x in parts])
+        _fill(kvd, r.kv_slots, [x[1] for x in parts])
+        qd, kvd = qd.view(1, r.tq, h, d), kvd.view(1, r.tk, 2 * hk, d)
+        t0 = time.perf_counter()
+        od, lse = qd.clone(), qd.new_zeros(1, h, 0)
+        if r.groups:
+            outs = [_group_forward(qd[:, qa:qb], kvd, hk, chunks, scale, block) for qa, qb, chunks in r.groups]
+            od, lse = torch.cat([x[0] for x in outs], dim=1), torch.cat([x[1] for x in outs], dim=2)
+        timing["compute_s"] += time.perf_counter() - t0
+        saved.append((qd, kvd, od, lse))
+        of = od.view(r.tq, h * d)
+        send = [of[sl] if s != rank else of[:0] for s, sl in enumerate(r.q_slots)]
+        back.append(_Pending(send, [len(x) * h * d for x in r.q_send], qf, group, timing))
+        if r.q_self.numel():
+            o.index_copy_(0, r.q_self, of[r.q_slots[rank]])
+    for r, pd in zip(routes, back):
+        for rows, part in zip(r.q_send, pd.wait()):
+            if rows.numel():
+                o.index_copy_(0, rows, part.view(len(rows), h * d))
+    return o.view(bsz, c, h, d), saved
+
+
+def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing):
+    """-> (dq [B, C, H, D], dk, dv [B, C, Hkv, D])."""
+    bsz, c, h, d = do.shape
+    hk = shape_kv[2]
+    dof = do.reshape(bsz * c, h * d)
+    acc = torch.float64 if do.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(bsz * c, h * d, dtype=acc, device=do.device)
+    dkv = torch.zeros(bsz * c, 2 * hk * d, dtype=acc, device=do.device)
+    pend = []
+    for r in routes:
+        send = [dof[a] for a in r.q_send]
+        sizes = [len(a) * h * d if s != rank else 0 for s, a in enumerate(r.q_slots)]
+        pend.append(_Pending(send, sizes, dof, group, timing))
+    back = []
+    for r, pd, (qd, kvd, od, lse) in zip(routes, pend, saved):
+        parts = pd.wait()
+        parts[rank] = dof[r.q_self]
+        dod = dof.new_empty(r.tq, h * d)
+        _fill(dod, r.q_slots, [x.reshape(-1, h * d) for x in parts])
+        t0 = time.perf_counter()
+        dod = dod.view(1, r.tq, h, d)
+        dqd = torch.zeros(qd.shape, dtype=acc, device=qd.device)
+        dkvd = torch.zeros(kvd.shape, dtype=acc, device=qd.device)
+        for qa, qb, chunks in r.groups:  # key ranges of one document's runs overlap: add
+            qg, dog, og, lg = qd[:, qa:qb].to(acc), dod[:, qa:qb].to(acc), od[:, qa:qb].to(acc), lse[:, :, qa:qb]
+            for ka, kb, mask in chunks:  # with the merged (o, lse), each chunk's exact share
+                kc, vc = kvd[:, ka:kb, :hk].to(acc), kvd[:, ka:kb, hk:].to(acc)
+                dq_g, dk_g, dv_g = attention_backward(dog, qg, kc, vc, og, lg, mask, scale, block)
+                dqd[:, qa:qb] += dq_g
+                dkvd[:, ka:kb, :hk] += dk_g
+                dkvd[:, ka:kb, hk:] += dv_g
+        timing["compute_s"] += time.perf_counter() - t0
+        dqf, dkvf = dqd.reshape(r.tq, h * d).to(do.dtype), dkvd.reshape(r.tk, 2 * hk * d).to(do.dtype)
+        send = [
+            torch.cat([dqf[a].reshape(-1), dkvf[b].reshape(-1)]) if s != rank else dqf[:0].reshape(-1)
+            for s, (a, b) in enumerate(zip(r.q_slots, r.kv_slots))
+        ]
+        sizes = [len(a) * h * d + len(b) * 2 * hk * d for a, b in zip(r.q_send, r.kv_send)]
+        back.append(_Pending(send, sizes, dof, group, timing))
+        dq.index_add_(0, r.q_self, dqf[r.q_slots[rank]].to(acc))
+        dkv.index_add_(0, r.kv_self, dkvf[r.kv_slots[rank]].to(acc))
+    for r, pd in zip(routes, back):
+        parts = _unpack(pd.wait(), [(len(a), len(b)) for a, b in zip(r.q_send, r.kv_send)], (h * d, 2 * hk * d))
+        for a, b, (gq, gkv) in zip(r.q_send, r.kv_send, parts):
+            dq.index_add_(0, a, gq.to(acc))
+            dkv.index_add_(0, b, gkv.to(acc))  # a key used on several ranks: summed here
+    dkv = dkv.view(bsz, c, 2 * hk, d)
+    return dq.view(bsz, c, h, d).to(do.dtype), dkv[:, :, :hk].to(do.dtype), dkv[:, :, hk:].to(do.dtype)
+
+
+class CADAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(fctx, q, k, v, routes, group, rank, scale, block, timing):
+        o, saved = cad_forward(q, k, v, routes, group, rank, scale, block, timing)
+        fctx.save_for_backward(*[t for nano in saved for t in nano])  # received Q, K/V; o, lse
+        fctx.args = (k.shape, routes, group, rank, scale, block, timing)
+        return o
+
+    @staticmethod
+    def backward(fctx, do):
+        kv_shape, routes, group, rank, scale, block, timing = fctx.args
+        flat = fctx.saved_tensors
+        saved = [flat[i : i + 4] for i in range(0, len(flat), 4)]
+        dq, dk, dv = cad_backward(do.contiguous(), kv_shape, routes, saved, group, rank, scale, block, timing)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+@register("cad")
+class CAD(SoftmaxStrategy):
+    """Options: ``min_shard`` (tokens, smallest piece the planner cuts), ``tolerance`` (target
+    max / mean attention load), ``ping_pong`` (two nano-batches, communication overlapped)."""
+
+    def __init__(self, min_shard: int = 128, tolerance: float = 1.1, ping_pong: bool = False):
+        if not isinstance(min_shard, int) or min_shard < 1:
+            raise ValueError(f"parallel.cp.options.softmax.min_shard={min_shard!r} must be an int >= 1, e.g. 128")
+        if not tolerance >= 1.0:
+            raise ValueError(f"parallel.cp.options.softmax.tolerance={tolerance!r} must be >= 1.0, e.g. 1.1")
+        if not isinstance(ping_pong, bool):
+            raise ValueError(f"parallel.cp.options.softmax.ping_pong={ping_pong!r} must be true or false")
+        self.min_shard, self.tolerance, self.ping_pong = min_shard, tolerance, ping_pong
+        self._cache: dict = {}  # (batch key) -> (plan, routes); the newest few
+        self.last_plan: CADPlan | None = None
+        self.timing = {"wait_s": 0.0, "compute_s": 0.0}  # accumulated, for the overlap measure
+
+    def plan(self, ctx, causal=True, window=None, qrow_bytes=2, kvrow_bytes=1) -> CADPlan:
+        """The plan of ``ctx``'s batch (cached; the same on every rank)."""
+        return self._planned(ctx, causal, window, qrow_bytes, kvrow_bytes)[0]
+
+    def _planned(self, ctx, causal, window, qrow_bytes, kvrow_bytes):
+        key = (
+            tuple(ctx.cu_seqlens.tolist()),
+            ctx.batch_size,
+            ctx.seq_len,
+            ctx.world_size,
+            ctx.layout,
+            causal,
+            window,
+            qrow_bytes,
+            kvrow_bytes,
+        )
+        if key not in self._cache:
+            plan = plan_cad(
+                ctx.cu_seqlens,
+                ctx.batch_size,
+                ctx.seq_len,
+                ctx.world_size,
+                ctx.layout,
+                causal=causal,
+                window=window,
+                min_shard=self.min_shard,
+                tolerance=self.tolerance,
+                nanos=2 if self.ping_pong else 1,
+                qrow_bytes=qrow_bytes,
+                kvrow_bytes=kvrow_bytes,
+            )
+            if ctx.rank == 0 and log.isEnabledFor(logging.INFO):  # the plan, before it runs
+                report = plan.summary(qrow_bytes, kvrow_bytes // 2, 1, 1)  # bytes in units of D * e
+                log.info("cad plan (bytes x head_dim x elem_bytes): %s", report)
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = (plan, build_routes(plan, ctx.rank, 2 if self.ping_pong else 1, 4 * ctx.block))
+        self.last_plan = self._cache[key][0]
+        return self._cache[key]
+
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+        plan, routes = self._planned(ctx, causal, window, q.shape[2], 2 * k.shape[2])
+        if q.device.type != "cpu":
+            routes = [r.to(q.device) for r in routes]
+        return CADAttention.apply(q, k, v, routes, ctx.group, ctx.rank, scale, ctx.block, self.timing)
+
+    def work_queries(self, ctx, n_heads: int):
+        """Flat positions (b * N + p) of the queries this rank computes under the last plan
+        (for B = 1, row positions); all heads."""
+        plan = self.last_plan if self.last_plan is not None else self.plan(ctx)
+        return plan.rows(ctx.rank)[0], 1.0
+
+    def plan_bytes(self, ctx, n_heads, n_kv_heads, head_dim, elem_bytes, causal=True, window=None) -> int:
+        """Exact bytes this rank receives in one layer's forward for ``ctx``'s batch."""
+        plan = self.plan(ctx, causal, window, n_heads, 2 * n_kv_heads)
+        return plan.bytes_received(ctx.rank, n_heads, n_kv_heads, head_dim, elem_bytes)
+
+    def forward_bytes(self, shape: LayerShape) -> int:
+        """Plan-dependent: what :meth:`forward_bytes_of` gives for one causal document per row
+        (``LayerShape`` carries no ``cu_seqlens``)."""
+        return self.forward_bytes_of(shape, torch.arange(0, shape.batch * shape.seq_len + 1, shape.seq_len))
+
+    def forward_bytes_of(self, shape: LayerShape, cu_seqlens, causal=True, window=None) -> int:
+        """The most bytes any rank receives in one layer's forward under the plan of the batch
+        with document starts ``cu_seqlens`` (exact: what ``parallel.comm`` counts)."""
+        s = shape
+        plan = plan_cad(
+            cu_seqlens,
+            s.batch,
+            s.seq_len,
+            s.cp,
+            s.layout,
+            causal=causal,
+            window=window,
+            min_shard=self.min_shard,
+            tolerance=self.tolerance,
+            nanos=2 if self.ping_pong else 1,
+            qrow_bytes=s.n_heads,
+            kvrow_bytes=2 * s.n_kv_heads,
+        )
+        return max(plan.bytes_received(r, s.n_heads, s.n_kv_heads, s.head_dim, s.elem_bytes) for r in range(s.cp))
