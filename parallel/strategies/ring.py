@@ -91,7 +91,7 @@ def ring_forward(q, k, v, spec: RingSpec):
         if step < spec.size - 1:  # post the next hop before computing this block
             works = comm.send_recv(kv, nxt, dst, src_nb, spec.group)
         mask = spec.mask((spec.rank - step) % spec.size)
-        if may_attend(mask, spec.block):
+        if may_attend(mask, spec.block, k.shape[2]):
             o_i, lse_i = attention_forward(qa, kv[0], kv[1], mask, spec.scale, spec.block)
             o, lse = _merge(o, lse, o_i, lse_i)
         for w in works:
@@ -117,7 +117,7 @@ def ring_backward(do, q, k, v, o, lse, spec: RingSpec):
             kv_works = comm.send_recv(kv, nxt, dst, src_nb, spec.group)
         mask = spec.mask((spec.rank - step) % spec.size)
         share = None
-        if may_attend(mask, spec.block):
+        if may_attend(mask, spec.block, k.shape[2]):
             dq_i, dk_i, dv_i = attention_backward(
                 doa, qa, kv[0].to(acc), kv[1].to(acc), o, lse, mask, spec.scale, spec.block
             )
