@@ -4,7 +4,7 @@ A new strategy is a new file that subclasses its kind's base (``SoftmaxStrategy`
 ``LinearStrategy``) and decorates itself with ``@register("name")``, plus its import below.
 """
 
-from parallel.strategies import allgather, lasp1, lasp2, local, ring, ulysses, usp  # noqa: F401  (softmax)  # noqa: F401  (linear attention)
+from parallel.strategies import allgather, lasp1, lasp2, local, ring, s2, ulysses, usp  # noqa: F401  (registration)
 from parallel.strategies.base import (
     DEFAULTS,
     STRATEGIES,

@@ -52,10 +52,19 @@ class RingSpec:
     window: int | None = None
     scale: float | None = None
     block: int = 256
+    pattern: object | None = None  # per-KV-head block pattern (S2), or None
+    kv_heads: tuple[int, ...] | None = None  # global KV head of each local one (None: all, in order)
 
     def mask(self, src: int) -> MaskSpec:
         return MaskSpec(
-            self.index[self.rank], self.index[src], self.doc[self.rank], self.doc[src], self.causal, self.window
+            self.index[self.rank],
+            self.index[src],
+            self.doc[self.rank],
+            self.doc[src],
+            self.causal,
+            self.window,
+            self.pattern,
+            self.kv_heads,
         )
 
 
@@ -163,11 +172,12 @@ def ring_attention(q, k, v, spec: RingSpec) -> torch.Tensor:
 
 @register("ring")
 class Ring(SoftmaxStrategy):
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+    kinds = ("softmax", "sparse")  # S2 layers: dense K/V travel, the masks apply the pattern
+
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
         index = [ctx.index_of(r) for r in range(ctx.world_size)]
-        spec = RingSpec(
-            ctx.group, ctx.rank, ctx.world_size, index, [ctx.doc_of(i) for i in index], causal, window, scale, ctx.block
-        )
+        docs = [ctx.doc_of(i) for i in index]
+        spec = RingSpec(ctx.group, ctx.rank, ctx.world_size, index, docs, causal, window, scale, ctx.block, pattern)
         return ring_attention(q, k, v, spec)
 
     def forward_bytes(self, shape: LayerShape) -> int:
