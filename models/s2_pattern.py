@@ -53,17 +53,13 @@ class S2Pattern:
     def n_kv_heads(self) -> int:
         return len(self.offsets)
 
+    def __post_init__(self):  # the per-head tables as tensors, once
+        object.__setattr__(self, "_offsets", torch.tensor(self.offsets, dtype=torch.int64))
+        object.__setattr__(self, "_dense", torch.tensor(self.dense, dtype=torch.bool))
+
     def active(self, i, j, hk) -> torch.Tensor:
         """bool, broadcast of block indices i, j and global KV heads hk."""
-        return s2_active(
-            i,
-            j,
-            hk,
-            stride=self.stride,
-            local=self.local,
-            offsets=torch.tensor(self.offsets, dtype=torch.int64),
-            dense=torch.tensor(self.dense, dtype=torch.bool),
-        )
+        return s2_active(i, j, hk, stride=self.stride, local=self.local, offsets=self._offsets, dense=self._dense)
 
     def group_key(self, hk: int):
         """Heads with the same key have the same layout (computed together)."""
