@@ -47,7 +47,7 @@ def test_every_group_option_composes(group):
         (["parallel.cp.strategies.softmax=lasp2"], "serves linear layers, not softmax ones"),
         (
             ["model.mixer_pattern=[gla,softmax]", "parallel.cp.strategies.linear=ring"],
-            "serves softmax layers, not linear ones",
+            "serves softmax and sparse layers, not linear ones",
         ),
         (["+parallel.cp.options.ulysses_size=2"], "options are per mixer kind now"),
         (

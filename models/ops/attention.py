@@ -340,12 +340,15 @@ def attention(
     q, k, v, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable block-sparse attention. Returns (o, lse); lse carries no gradient.
-    On CUDA in half precision with flash-attn installed, same-run pairs use flash-attn."""
+    On CUDA in half precision with flash-attn installed, same-run pairs use flash-attn; masks
+    with an S2 pattern use FlexAttention (models/ops/flex.py)."""
     if q.is_cuda:
-        from models.ops import flash
+        from models.ops import flash, flex
 
         if flash.available() and flash.applicable(q, mask):
             return flash.flash_attention(q, k, v, mask, scale)
+        if flex.available() and flex.applicable(q, mask):  # S2 patterns: FlexAttention BlockMask
+            return flex.flex_attention(q, k, v, mask, scale)
     return _Attention.apply(q, k, v, mask, scale, block)
 
 
