@@ -39,13 +39,14 @@ def test_stride_one_is_the_dense_model():
     assert not torch.allclose(sparse_s4(ids, None, ctx), dense(ids, None, ctx))  # the pattern bites
 
 
-def test_hf_import_into_s2_and_export_round_trip(tmp_path):
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_hf_import_into_s2_and_export_round_trip(model_type, tmp_path):
     dense = _dense()
-    save_hf_checkpoint(dense, str(tmp_path / "dense"), model_type="qwen2")  # any llama/qwen2/mistral
+    save_hf_checkpoint(dense, str(tmp_path / "dense"), model_type=model_type)
     s2 = load_hf_model(str(tmp_path / "dense"), mixer_pattern=["s2", "softmax"], s2_dense_heads=[1], **S2).double()
     ids = torch.randint(0, 257, (1, 64))
     out = s2(ids)
-    save_hf_checkpoint(s2, str(tmp_path / "s2"), model_type="qwen2")
+    save_hf_checkpoint(s2, str(tmp_path / "s2"), model_type=model_type)
     hf = json.load(open(os.path.join(tmp_path, "s2", "config.json")))
     assert hf["longctx_s2"]["mixer_pattern"] == ["s2", "softmax"] and hf["longctx_s2"]["dense_heads"] == [1]
     back = load_hf_model(str(tmp_path / "s2")).double()
