@@ -165,11 +165,17 @@ def tile_candidates(mask: MaskSpec, block: int, n_kv: int):
 
 
 def tile_plan(mask: MaskSpec, block: int, n_kv: int):
-    """(groups, tile, plan): ``plan[b][g][iq]`` = key indices (1-D int64, possibly empty) the
-    kernel gathers for query tile ``iq`` of row b and head group g; ``tile`` the query tile size."""
+    """(groups, tile, plan): ``plan[b][g][iq]`` = (key indices (1-D int64, possibly empty) the
+    kernel gathers for query tile ``iq`` of row b and head group g, whether the block pattern
+    must be applied token by token: only when the query tile or one of its key tiles spans
+    more than one pattern block; a single-block tile pair that is a candidate is wholly
+    active); ``tile`` the query tile size."""
     groups, ok = tile_candidates(mask, block, n_kv)
     tile = mask.pattern.block if mask.pattern is not None else block
     tk = mask.k_pos.shape[0]
+    if mask.pattern is not None:
+        q_multi = (_tile_blocks(mask.q_pos, tile, tile)[:, 1:] >= 0).any(-1).tolist()
+        k_multi = (_tile_blocks(mask.k_pos, tile, tile)[:, 1:] >= 0).any(-1)
     plan = []
     for okb in ok:
         per_group = []
@@ -178,7 +184,8 @@ def tile_plan(mask: MaskSpec, block: int, n_kv: int):
             for iq in range(okg.shape[0]):
                 ks = okg[iq].nonzero().flatten()
                 idx = (ks[:, None] * tile + torch.arange(tile)[None, :]).flatten()
-                rows.append(idx[idx < tk])
+                masked = mask.pattern is not None and (q_multi[iq] or bool(k_multi[ks].any()))
+                rows.append((idx[idx < tk], masked))
             per_group.append(rows)
         plan.append(per_group)
     return groups, tile, plan
@@ -193,7 +200,7 @@ def planned_pairs(mask: MaskSpec, block: int, n_heads: int, n_kv: int) -> int:
     total = 0
     for rows in plan:
         for (hs, _), tiles in zip(groups, rows):
-            for iq, kidx in enumerate(tiles):
+            for iq, (kidx, _) in enumerate(tiles):
                 total += (min(tq, (iq + 1) * tile) - iq * tile) * kidx.numel() * (hs.stop - hs.start) * per_kv
     return total
 
@@ -263,11 +270,11 @@ def attention_forward(
     for b in range(bsz):
         for (hs, head), tiles in zip(runs, plan[b]):
             qh = slice(hs.start * groups, hs.stop * groups)  # the query heads of these kv heads
-            for iq, kidx in enumerate(tiles):
+            for iq, (kidx, masked) in enumerate(tiles):
                 if kidx.numel() == 0:
                     continue
                 qs = slice(iq * tile, min(tq, (iq + 1) * tile))
-                allowed = _tile_mask(mask, qs, kidx, b, head)  # [tq, tk]
+                allowed = _tile_mask(mask, qs, kidx, b, head if masked else None)  # [tq, tk]
                 qb = q[b, qs, qh].transpose(0, 1).to(acc)  # [h, tq, D]
                 kb = _expand_kv(k[b, kidx, hs].to(acc), groups)  # [h, tk, D]
                 vb = _expand_kv(v[b, kidx, hs].to(acc), groups)
@@ -299,11 +306,11 @@ def attention_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None 
     for b in range(bsz):
         for (hs, head), tiles in zip(runs, plan[b]):
             qh = slice(hs.start * groups, hs.stop * groups)
-            for iq, kidx in enumerate(tiles):
+            for iq, (kidx, masked) in enumerate(tiles):
                 if kidx.numel() == 0:
                     continue
                 qs = slice(iq * tile, min(tq, (iq + 1) * tile))
-                allowed = _tile_mask(mask, qs, kidx, b, head)
+                allowed = _tile_mask(mask, qs, kidx, b, head if masked else None)
                 qb = q[b, qs, qh].transpose(0, 1).to(acc)  # [h, tq, D]
                 kb = _expand_kv(k[b, kidx, hs].to(acc), groups)  # [h, tk, D]
                 vb = _expand_kv(v[b, kidx, hs].to(acc), groups)
