@@ -176,7 +176,11 @@ class S2Gather(Strategy):
 
     def __call__(self, q, k, v, ctx, *, pattern=None, causal=True, window=None, scale=None):
         check_sparse_options(pattern, causal)
-        groups, recv, send = exchange_plan(ctx, pattern, k.shape[2], causal, window)
+        plans = ctx.__dict__.setdefault("_s2_plans", {})  # per batch context: layers share plans
+        key = (pattern, k.shape[2], causal, window)
+        if key not in plans:
+            plans[key] = exchange_plan(ctx, pattern, k.shape[2], causal, window)
+        groups, recv, send = plans[key]
         kvs = GatherBlocks.apply(torch.stack([k, v]), ctx.group, ctx.rank, ctx.world_size, groups, recv, send)
         rep = q.shape[2] // k.shape[2]
         outs = []
