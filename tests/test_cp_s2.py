@@ -36,7 +36,8 @@ def s2_cases(world):
 
 
 def measure_s2_bytes(rank, world, layout):
-    """(bytes received by s2 in one forward, rank_forward_bytes, allgather's formula)."""
+    """(bytes received by s2 in one forward, rank_forward_bytes, allgather's formula); ring,
+    ulysses and allgather (gather=all) on the same S2 layer receive their dense formulas."""
     import torch.distributed as dist
 
     from parallel import comm
@@ -52,11 +53,21 @@ def measure_s2_bytes(rank, world, layout):
     idx = ctx.local_index
     comm.COUNTER.reset()
     ctx.run("sparse", q[:, idx], k[:, idx], v[:, idx], causal=True, pattern=pattern)
+    got = comm.COUNTER.total_received
     shape = LayerShape(
         batch=b, seq_len=n, cp=world, n_heads=h, n_kv_heads=hkv, head_dim=d, layout=layout, pattern=pattern
     )
     dense = build_strategy("allgather").forward_bytes(shape)
-    return comm.COUNTER.total_received, rank_forward_bytes(shape, rank), dense
+    # the strategies that move dense K/V for S2 layers receive exactly their dense formulas
+    dense_kv = [("ring", {}), ("allgather", {"gather": "all"})] + ([("ulysses", {})] if h % world == 0 else [])
+    for name, options in dense_kv:
+        other = build_strategy(name, **options)
+        comm.COUNTER.reset()
+        CPContext(other, dist.group.WORLD, rank, world, layout, n, b, cu, 16).run(
+            "sparse", q[:, idx], k[:, idx], v[:, idx], causal=True, pattern=pattern
+        )
+        assert comm.COUNTER.total_received == other.forward_bytes(shape), name
+    return got, rank_forward_bytes(shape, rank), dense
 
 
 def check_all(rank, world):
