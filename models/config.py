@@ -33,6 +33,15 @@ class ModelConfig:
     linear_impl: str = "auto"  # auto | chunk | naive
     linear_gate_normalizer: float = 16.0
     linear_gate_low_rank: int = 16
+    # S2 sparse attention (mixer s2, models/s2_pattern.py): per KV head a strided subset of
+    # key blocks plus `s2_local` local blocks; the layer offset is the layer index by default
+    s2_block: int = 64  # tokens per block (>= 16)
+    s2_stride: int = 8  # each head sees every s2_stride-th key block (1: dense)
+    s2_local: int = 1  # local blocks every head sees (the diagonal block included)
+    s2_dense_heads: list[int] = field(default_factory=list)  # KV heads that stay dense
+    s2_offsets: list[int] | None = None  # explicit per-KV-head offsets (default h * max(1, stride // Hkv))
+    s2_homogeneous: bool = False  # every head the same offset
+    s2_layer_offset: int | None = None  # None: the layer index
 
     def __post_init__(self):
         self.validate()
@@ -93,3 +102,9 @@ class ModelConfig:
             raise ValueError(f"model.linear_chunk_size={self.linear_chunk_size} must be >= 1")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 1 or null")
+        if self.s2_local < 1:
+            raise ValueError(f"model.s2_local={self.s2_local} must be >= 1 (every token sees its own block)")
+        if "s2" in self.mixer_pattern:  # builds (and checks) the pattern; warns if heads leave blocks unseen
+            from models.s2_attention import layer_pattern
+
+            layer_pattern(self, 0)

@@ -165,6 +165,32 @@ def _sliding_window_from_hf(hf: dict, model_type: str) -> int | None:
     )
 
 
+S2_KEY = "longctx_s2"  # config.json entry of an S2 model: its mixer pattern and s2_* settings
+_S2_FIELDS = ("block", "stride", "local", "dense_heads", "offsets", "homogeneous", "layer_offset")
+
+
+def _s2_to_hf(cfg: ModelConfig) -> dict:
+    """The S2 settings for config.json (transformers ignores the key: there the model loads as
+    its dense self; longctx reloads the pattern)."""
+    out = {"mixer_pattern": list(cfg.mixer_pattern)}
+    out.update({f: getattr(cfg, f"s2_{f}") for f in _S2_FIELDS})
+    out["dense_heads"] = list(out["dense_heads"])
+    return out
+
+
+def _s2_from_hf(hf: dict) -> dict:
+    s2 = hf.get(S2_KEY)
+    if not s2:
+        return {}
+    unknown = sorted(set(s2) - {"mixer_pattern", *_S2_FIELDS})
+    if unknown:
+        raise ValueError(f"config.json {S2_KEY} has unknown keys {unknown}: expected mixer_pattern and {_S2_FIELDS}")
+    out = {f"s2_{f}": s2[f] for f in _S2_FIELDS if f in s2}
+    if "mixer_pattern" in s2:
+        out["mixer_pattern"] = list(s2["mixer_pattern"])
+    return out
+
+
 def config_from_hf(hf_config: dict) -> ModelConfig:
     """Our ModelConfig from a Hugging Face ``config.json`` dict (llama, qwen2, mistral)."""
     hf = hf_config
@@ -194,6 +220,7 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         raise ValueError(f"config.json is missing {e.args[0]!r}") from None
     return ModelConfig(
         **kwargs,
+        **_s2_from_hf(hf),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
@@ -244,7 +271,7 @@ def config_to_hf(
     if other:
         raise ValueError(
             f"model.mixer_pattern={cfg.mixer_pattern} has mixers {other}, which have "
-            "no Hugging Face equivalent: export needs mixer_pattern=[softmax]"
+            "no Hugging Face equivalent: export needs mixers with Hugging Face attention weights (softmax, s2)"
         )
     if cfg.sliding_window is not None and model_type == "llama":
         raise ValueError(
@@ -285,6 +312,8 @@ def config_to_hf(
         "use_cache": True,
         "dtype": str(dtype).removeprefix("torch."),
     }
+    if "s2" in cfg.mixer_pattern:
+        hf[S2_KEY] = _s2_to_hf(cfg)
     if model_type == "llama":
         hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
     elif model_type == "mistral":

@@ -8,7 +8,7 @@ mixer (and the single-device op of every kind) in ``models.registry``.
 
 from __future__ import annotations
 
-from models import linear_attention, softmax_attention  # noqa: F401  (registration)
+from models import linear_attention, s2_attention, softmax_attention  # noqa: F401  (registration)
 from models.registry import KINDS, MIXERS
 
 

@@ -41,11 +41,15 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
 
+    def core_options(self) -> dict:
+        """The options of this mixer's ``ctx.run`` call (subclasses add theirs, e.g. S2's pattern)."""
+        return dict(causal=True, window=self.window)
+
     def forward(self, x, cos, sin, ctx):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.hd)
         k = self.k_proj(x).view(b, t, self.n_kv, self.hd)
         v = self.v_proj(x).view(b, t, self.n_kv, self.hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = ctx.run(self.kind, q, k, v, causal=True, window=self.window)
+        o = ctx.run(self.kind, q, k, v, **self.core_options())
         return self.o_proj(o.reshape(b, t, self.n_heads * self.hd))

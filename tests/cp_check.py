@@ -37,31 +37,36 @@ def make_case(seed, b, n, h, hkv, d, doc_lens, dtype=torch.float64):
     return q, k, v, do, cu
 
 
-def reference(q, k, v, do, cu, causal, window):
+def reference(q, k, v, do, cu, causal, window, pattern=None):
     b, n = q.shape[:2]
     pos = torch.arange(n)
     doc = doc_ids(cu, torch.arange(b)[:, None] * n + pos[None, :])
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    o, lse = attention_ref(q, k, v, MaskSpec(pos, pos, doc, doc, causal, window))
+    o, lse = attention_ref(q, k, v, MaskSpec(pos, pos, doc, doc, causal, window, pattern))
     (o * do).sum().backward()
     return o.detach(), q.grad, k.grad, v.grad
 
 
 def check_strategy(rank, world, strategy, layout, cases, block=16, options=None):
-    """cases: list of dicts(seed, b, n, h, hkv, d, doc_lens, causal, window)."""
+    """cases: list of dicts(seed, b, n, h, hkv, d, doc_lens, causal, window, and optionally
+    pattern: an S2 pattern, run as the sparse kind)."""
     group = dist.group.WORLD if world > 1 else None
     strat = build_strategy(strategy, **(options or {}))
     errs = []
     for c in cases:
         q, k, v, do, cu = make_case(c["seed"], c["b"], c["n"], c["h"], c["hkv"], c["d"], c["doc_lens"])
-        ref = reference(q, k, v, do, cu, c["causal"], c["window"])
+        pattern = c.get("pattern")
+        ref = reference(q, k, v, do, cu, c["causal"], c["window"], pattern)
         strat.check(n_heads=c["h"], n_kv_heads=c["hkv"], cp=world, seq_len=c["n"], layout=layout)
         sizes = strat.subgroup_sizes(world, c["h"]) if world > 1 else []
         subgroups = build_subgroups(group, world, sizes) if sizes else {}
         ctx = CPContext(strat, group, rank, world, layout, c["n"], c["b"], cu, block, subgroups)
         idx = ctx.local_index
         ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
-        o = ctx.attention(ql, kl, vl, causal=c["causal"], window=c["window"])
+        if pattern is None:
+            o = ctx.attention(ql, kl, vl, causal=c["causal"], window=c["window"])
+        else:
+            o = ctx.run("sparse", ql, kl, vl, causal=c["causal"], window=c["window"], pattern=pattern)
         (o * do[:, idx]).sum().backward()
         got = (o.detach(), ql.grad, kl.grad, vl.grad)
         errs.append(max((g - r[:, idx]).abs().max().item() for g, r in zip(got, ref)))

@@ -47,9 +47,12 @@ def test_every_group_option_composes(group):
         (["parallel.cp.strategies.softmax=lasp2"], "serves linear layers, not softmax ones"),
         (
             ["model.mixer_pattern=[gla,softmax]", "parallel.cp.strategies.linear=ring"],
-            "serves softmax layers, not linear ones",
+            "serves softmax and sparse layers, not linear ones",
         ),
         (["+parallel.cp.options.ulysses_size=2"], "options are per mixer kind now"),
+        (["experiment=s2_quickstart", "model.s2_offsets=[3,2]"], "model.s2_offsets has 2 entries"),
+        (["experiment=s2_quickstart", "parallel.cp.strategies.sparse=lasp2"], "serves linear layers, not sparse"),
+        (["model.mixer_pattern=[s2]", "model.s2_local=0"], "model.s2_local=0 must be >= 1"),
         (
             ["data.tokenizer=hf", "data.tokenizer_path=/nonexistent/tok"],
             "data.tokenizer_path='/nonexistent/tok' does not exist",

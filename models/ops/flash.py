@@ -26,7 +26,7 @@ def available() -> bool:
 
 
 def applicable(q: torch.Tensor, mask) -> bool:
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)) or mask.pattern is not None:
         return False
     pos = mask.q_pos
     if pos.numel() != mask.k_pos.numel() or not torch.equal(pos, mask.k_pos):

@@ -94,12 +94,14 @@ def need_matrix(ctx, causal: bool, window: int | None) -> list[list[bool]]:
 
 @register("allgather", default="softmax")
 class AllGatherKV(SoftmaxStrategy):
+    kinds = ("softmax", "sparse")  # S2 layers too: it gathers dense K/V, the mask applies the pattern
+
     def __init__(self, gather: str = "needed"):
         if gather not in ("needed", "all"):
             raise ValueError(f"parallel.cp.allgather_mode={gather!r} is unknown: choose needed or all")
         self.gather = gather
 
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
         kv = torch.stack([k, v])  # [2, B, C, Hkv, D]
         p, me = ctx.world_size, ctx.rank
         if self.gather == "all":
@@ -111,7 +113,7 @@ class AllGatherKV(SoftmaxStrategy):
             targets = [r for r in range(p) if r != me and need[r][me]]
             kv = GatherNeeded.apply(kv, ctx.group, me, sources, targets)
         kv_index = torch.cat([ctx.index_of(j) for j in sources])
-        mask = MaskSpec(ctx.local_index, kv_index, ctx.local_doc, ctx.doc_of(kv_index), causal, window)
+        mask = MaskSpec(ctx.local_index, kv_index, ctx.local_doc, ctx.doc_of(kv_index), causal, window, pattern)
         return attention(q, kv[0], kv[1], mask, scale, ctx.block)[0]
 
     def forward_bytes(self, shape: LayerShape) -> int:

@@ -58,6 +58,7 @@ class LayerShape:
     elem_bytes: int = 4
     layout: str = "zigzag"
     key_dim: int | None = None
+    pattern: object | None = None  # the layer's block pattern (sparse kind), for S2 byte formulas
 
 
 class Strategy:
@@ -107,13 +108,22 @@ class Strategy:
 
 class SoftmaxStrategy(Strategy):
     """Softmax attention: q [B, C, H, D], k, v [B, C, Hkv, D] (local shards) -> o [B, C, H, D],
-    exact in forward and backward against single-device attention on the unsharded row."""
+    exact in forward and backward against single-device attention on the unsharded row.
+
+    A softmax strategy that also lists ``sparse`` in its ``kinds`` serves S2 layers: its
+    ``attention`` then takes ``pattern`` (a per-KV-head block pattern, models/s2_pattern.py)
+    and puts it into its masks (``MaskSpec.pattern``, with the global KV heads it holds)."""
 
     kinds = ("softmax",)
 
-    def __call__(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+    def __call__(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
         check_inputs(q, k, window)
-        return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale)
+        if pattern is None:
+            return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale)
+        from models.s2_attention import check_sparse_options
+
+        check_sparse_options(pattern, causal)
+        return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale, pattern=pattern)
 
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         raise NotImplementedError

@@ -52,10 +52,19 @@ class RingSpec:
     window: int | None = None
     scale: float | None = None
     block: int = 256
+    pattern: object | None = None  # per-KV-head block pattern (S2), or None
+    kv_heads: tuple[int, ...] | None = None  # global KV head of each local one (None: all, in order)
 
     def mask(self, src: int) -> MaskSpec:
         return MaskSpec(
-            self.index[self.rank], self.index[src], self.doc[self.rank], self.doc[src], self.causal, self.window
+            self.index[self.rank],
+            self.index[src],
+            self.doc[self.rank],
+            self.doc[src],
+            self.causal,
+            self.window,
+            self.pattern,
+            self.kv_heads,
         )
 
 
@@ -91,7 +100,7 @@ def ring_forward(q, k, v, spec: RingSpec):
         if step < spec.size - 1:  # post the next hop before computing this block
             works = comm.send_recv(kv, nxt, dst, src_nb, spec.group)
         mask = spec.mask((spec.rank - step) % spec.size)
-        if may_attend(mask, spec.block):
+        if may_attend(mask, spec.block, k.shape[2]):
             o_i, lse_i = attention_forward(qa, kv[0], kv[1], mask, spec.scale, spec.block)
             o, lse = _merge(o, lse, o_i, lse_i)
         for w in works:
@@ -117,7 +126,7 @@ def ring_backward(do, q, k, v, o, lse, spec: RingSpec):
             kv_works = comm.send_recv(kv, nxt, dst, src_nb, spec.group)
         mask = spec.mask((spec.rank - step) % spec.size)
         share = None
-        if may_attend(mask, spec.block):
+        if may_attend(mask, spec.block, k.shape[2]):
             dq_i, dk_i, dv_i = attention_backward(
                 doa, qa, kv[0].to(acc), kv[1].to(acc), o, lse, mask, spec.scale, spec.block
             )
@@ -163,11 +172,12 @@ def ring_attention(q, k, v, spec: RingSpec) -> torch.Tensor:
 
 @register("ring")
 class Ring(SoftmaxStrategy):
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+    kinds = ("softmax", "sparse")  # S2 layers: dense K/V travel, the masks apply the pattern
+
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
         index = [ctx.index_of(r) for r in range(ctx.world_size)]
-        spec = RingSpec(
-            ctx.group, ctx.rank, ctx.world_size, index, [ctx.doc_of(i) for i in index], causal, window, scale, ctx.block
-        )
+        docs = [ctx.doc_of(i) for i in index]
+        spec = RingSpec(ctx.group, ctx.rank, ctx.world_size, index, docs, causal, window, scale, ctx.block, pattern)
         return ring_attention(q, k, v, spec)
 
     def forward_bytes(self, shape: LayerShape) -> int:

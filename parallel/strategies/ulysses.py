@@ -112,6 +112,14 @@ def scatter_heads(q, k, v, group, size: int, order: torch.Tensor | None):
     return full.split([hq, hk, hk], dim=2)
 
 
+def held_kv_heads(n_heads: int, n_kv_heads: int, size: int, rank: int) -> tuple[int, ...]:
+    """The global KV heads (before replication) of the local KV heads of head-shard ``rank``
+    after :func:`scatter_heads`: what a per-head block pattern must be evaluated for."""
+    hkv = kv_heads_for(n_heads, n_kv_heads, size)
+    rep, hk = hkv // n_kv_heads, hkv // size
+    return tuple((rank * hk + j) // rep for j in range(hk))
+
+
 def check_heads(name: str, n_heads: int, n_kv_heads: int, size: int, setting: str) -> None:
     if n_heads % size:
         raise ValueError(
@@ -125,16 +133,19 @@ def check_heads(name: str, n_heads: int, n_kv_heads: int, size: int, setting: st
 
 @register("ulysses")
 class Ulysses(SoftmaxStrategy):
+    kinds = ("softmax", "sparse")  # S2 layers: the mask knows the global KV heads of this rank
+
     def check(self, *, n_heads, n_kv_heads, cp, **kw):
         super().check(n_heads=n_heads, n_kv_heads=n_kv_heads, cp=cp, **kw)
         check_heads("ulysses", n_heads, n_kv_heads, cp, "parallel.cp.size")
 
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
         p = ctx.world_size
         check_heads("ulysses", q.shape[2], k.shape[2], p, "parallel.cp.size")
         order, pos = row_order([ctx.index_of(r) for r in range(p)])
         doc = ctx.doc_of(pos)
-        mask = MaskSpec(pos, pos, doc, doc, causal, window)
+        heads = held_kv_heads(q.shape[2], k.shape[2], p, ctx.rank) if pattern is not None else None
+        mask = MaskSpec(pos, pos, doc, doc, causal, window, pattern, heads)
         qh, kh, vh = scatter_heads(q, k, v, ctx.group, p, order)
         o = attention(qh, kh, vh, mask, scale, ctx.block)[0]  # [B, N, H/P, D]
         return HeadToSeq.apply(o, ctx.group, p, order)

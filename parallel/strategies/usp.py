@@ -28,11 +28,12 @@ import torch
 
 from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
 from parallel.strategies.ring import RingSpec, ring_attention
-from parallel.strategies.ulysses import HeadToSeq, check_heads, kv_heads_for, row_order, scatter_heads
+from parallel.strategies.ulysses import HeadToSeq, check_heads, held_kv_heads, kv_heads_for, row_order, scatter_heads
 
 
 @register("usp")
 class USP(SoftmaxStrategy):
+    kinds = ("softmax", "sparse")  # S2 layers: the ring masks know the global KV heads held
     ulysses_size: int | None = None
 
     def __init__(self, ulysses_size: int | None = None):
@@ -57,7 +58,7 @@ class USP(SoftmaxStrategy):
         (cp / u)-rank ring groups at start-up."""
         return [self.degree(cp, n_heads)]
 
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
         p = ctx.world_size
         self.check(n_heads=q.shape[2], n_kv_heads=k.shape[2], cp=p, seq_len=ctx.seq_len, layout=ctx.layout)
         u = self.degree(p, q.shape[2])
@@ -73,6 +74,9 @@ class USP(SoftmaxStrategy):
             return row_order([ctx.index_of(c) for c in members])
 
         order, _ = tokens(mesh.ulysses_members)
+        heads = None
+        if pattern is not None:
+            heads = held_kv_heads(q.shape[2], k.shape[2], u, mesh.ulysses_members.index(ctx.rank))
         if u > 1:
             q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, u, order)
         index = [tokens(m)[1] for m in mesh.ring_members]
@@ -86,6 +90,8 @@ class USP(SoftmaxStrategy):
             window,
             scale,
             ctx.block,
+            pattern,
+            heads,
         )
         o = ring_attention(q, k, v, spec)  # [B, u*C, H/u, D]
         return HeadToSeq.apply(o, mesh.ulysses_group, u, order) if u > 1 else o

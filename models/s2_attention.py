@@ -1,0 +1,68 @@
+"""S2 sparse attention mixer (mixer ``s2``, kind ``sparse``): softmax attention whose core
+attention sees, per KV head, only the key blocks of that head's S2 pattern
+(models/s2_pattern.py). Same projections, GQA and RoPE as ``softmax``, so a dense (or
+Hugging Face) checkpoint loads into it unchanged; with ``model.s2_stride=1`` it *is* the
+dense model.
+
+x [B, T, dim] -> q [B, T, H, D], k, v [B, T, Hkv, D] -> ctx.run("sparse", ..., pattern) -> [B, T, dim].
+"""
+
+from __future__ import annotations
+
+from models.ops.attention import MaskSpec, attention
+from models.registry import register_kind, register_mixer
+from models.s2_pattern import s2_pattern
+from models.softmax_attention import SoftmaxAttention
+
+
+def check_sparse_options(pattern, causal: bool) -> None:
+    """The sparse kind's options, checked before any kernel or collective runs."""
+    if pattern is None:
+        raise ValueError("mixer kind 'sparse' needs a block pattern: call ctx.run('sparse', ..., pattern=...)")
+    if not causal:
+        raise ValueError("mixer kind 'sparse' (S2) is causal only: call it with causal=True")
+
+
+@register_kind("sparse")
+def local_sparse_attention(q, k, v, ctx, *, pattern=None, causal=True, window=None, scale=None):
+    """Block-sparse attention under the per-KV-head ``pattern`` and the document mask of the
+    tokens ``ctx`` holds. q [B, T, H, D], k, v [B, T, Hkv, D] -> o [B, T, H, D]."""
+    check_sparse_options(pattern, causal)
+    d = ctx.docs
+    mask = MaskSpec(d.index, d.index, d.doc, d.doc, causal, window, pattern)
+    return attention(q, k, v, mask, scale, ctx.block)[0]
+
+
+def layer_pattern(cfg, layer: int, check_coverage: bool = True):
+    """The S2 pattern of layer ``layer`` from the model.s2_* settings (layer offset: the layer
+    index unless model.s2_layer_offset fixes it)."""
+    off = layer if cfg.s2_layer_offset is None else cfg.s2_layer_offset
+    return s2_pattern(
+        block=cfg.s2_block,
+        stride=cfg.s2_stride,
+        local=cfg.s2_local,
+        n_kv_heads=cfg.n_kv_heads,
+        layer_offset=off,
+        offsets=cfg.s2_offsets,
+        dense_heads=tuple(cfg.s2_dense_heads),
+        homogeneous=cfg.s2_homogeneous,
+        check_coverage=check_coverage,
+    )
+
+
+@register_mixer("s2")
+class S2Attention(SoftmaxAttention):
+    kind = "sparse"
+    hf_attention = True  # Hugging Face attention weights; the pattern goes into config.json
+
+    @staticmethod
+    def core_flops_per_token(cfg, seq_len: int) -> float:
+        """The dense count scaled by the pattern's block density (layer 0's)."""
+        return SoftmaxAttention.core_flops_per_token(cfg, seq_len) * layer_pattern(cfg, 0, False).density(seq_len)
+
+    def __init__(self, cfg, layer: int):
+        super().__init__(cfg, layer)
+        self.pattern = layer_pattern(cfg, layer, check_coverage=False)  # ModelConfig.validate warns once
+
+    def core_options(self) -> dict:
+        return dict(causal=True, window=self.window, pattern=self.pattern)
