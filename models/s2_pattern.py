@@ -61,6 +61,12 @@ class S2Pattern:
         """bool, broadcast of block indices i, j and global KV heads hk."""
         return s2_active(i, j, hk, stride=self.stride, local=self.local, offsets=self._offsets, dense=self._dense)
 
+    @property
+    def all_dense(self) -> bool:
+        """Every head dense (stride 1, or all heads dense): plain causal attention, which the
+        kernel then runs on its dense path (bit for bit the dense model)."""
+        return self.stride == 1 or all(self.dense)
+
     def group_key(self, hk: int):
         """Heads with the same key have the same layout (computed together)."""
         return "dense" if self.dense[hk] or self.stride == 1 else self.offsets[hk] % self.stride

@@ -74,3 +74,127 @@ def test_fp32_close_to_fp64():
     o64, _ = attention(q, k, v, mask, None, 8)
     o32, _ = attention(q.float(), k.float(), v.float(), mask, None, 8)
     assert o32.dtype == torch.float32 and (o32.double() - o64).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- dispatch paths
+from models.ops import attention as attn_mod  # noqa: E402
+from models.ops.attention import attention_backward, attention_forward, planned_pairs, span_plan  # noqa: E402
+
+
+def _kinds(mask, b=0):
+    return [p.kind for p in span_plan(mask, b)]
+
+
+@pytest.mark.parametrize("hkv", [4, 2])
+@pytest.mark.parametrize("n", [45, 100])
+def test_dense_causal_is_one_fused_piece(n, hkv):
+    pos = torch.arange(n)
+    q, k, v, mask = _case(1, n, n, 4, hkv, 8, pos, pos, torch.tensor([0, n]), True, None)
+    assert _kinds(mask) == ["causal"]
+    _compare(q, k, v, mask, block=16)  # n not a multiple of the block
+
+
+@pytest.mark.parametrize("hkv", [4, 1])
+def test_packed_documents_one_piece_per_document(hkv):
+    n = 100
+    pos = torch.arange(n)
+    cu = torch.tensor([0, 7, 23, 24, 61, 100, 117, 150, 200])  # crosses every 16-block edge
+    q, k, v, mask = _case(2, n, n, 4, hkv, 8, pos, pos, cu, True, None)
+    assert _kinds(mask, 0) == ["causal"] * 5 and _kinds(mask, 1) == ["causal"] * 3
+    docs = torch.diff(cu).tolist()
+    assert planned_pairs(mask) == sum(t * (t + 1) // 2 for t in docs)  # exactly the allowed pairs
+    _compare(q, k, v, mask, block=16)
+
+
+def test_off_diagonal_chunk_pieces():
+    """A ring step: keys partly before, partly inside the query run -> a full and a causal piece."""
+    q_pos, k_pos = torch.arange(20, 40), torch.arange(10, 30)
+    q, k, v, mask = _case(1, 20, 20, 2, 2, 8, q_pos, k_pos, torch.tensor([0, 64]), True, None)
+    assert _kinds(mask) == ["full", "causal"]
+    _compare(q, k, v, mask, block=8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_runs_as_band_tiles(causal):
+    n = 77
+    pos = torch.arange(n)
+    q, k, v, mask = _case(1, n, n, 4, 2, 8, pos, pos, torch.tensor([0, 30, 77]), causal, 9)
+    assert set(_kinds(mask)) == {"band"}
+    _compare(q, k, v, mask, block=8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_generic_block_plan_for_scattered_positions(causal, monkeypatch):
+    """Positions in no order: too many runs for the span plan, the fixed-block plan takes over."""
+    monkeypatch.setattr(attn_mod, "MAX_PIECES", 8)
+    g = torch.Generator().manual_seed(3)
+    q_pos, k_pos = torch.randperm(40, generator=g), torch.randperm(40, generator=g)
+    q, k, v, mask = _case(1, 40, 40, 4, 2, 8, q_pos, k_pos, torch.tensor([0, 17, 40]), causal, None)
+    assert span_plan(mask, 0) is None
+    _compare(q, k, v, mask, block=8)
+
+
+@pytest.mark.parametrize("window", [None, 12])
+@pytest.mark.parametrize("hkv", [4, 2])
+def test_fp32_dispatch_close_to_reference(window, hkv):
+    n = 70
+    pos = torch.arange(n)
+    q, k, v, mask = _case(1, n, n, 4, hkv, 16, pos, pos, torch.tensor([0, 33, n]), True, window)
+    do = torch.randn(q.shape, dtype=q.dtype)
+    o_r, lse_r = attention_ref(q, k, v, mask)
+    grads_r = torch.autograd.grad((o_r * do).sum(), (q, k, v))
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o, lse = attention(q32, k32, v32, mask, None, 16)
+    grads = torch.autograd.grad((o * do.float()).sum(), (q32, k32, v32))
+    assert o.dtype == lse.dtype == torch.float32
+    assert (o.double() - o_r).abs().max() < 1e-5 and (lse.double() - lse_r).abs().max() < 1e-5
+    for g_, gr in zip(grads, grads_r):
+        assert (g_.double() - gr).abs().max() < 1e-5
+
+
+def _lse_merge(o1, l1, o2, l2):
+    new = torch.logaddexp(l1, l2)
+    safe = torch.where(torch.isinf(new), 0.0, new)
+    w1, w2 = torch.exp(l1 - safe).transpose(1, 2)[..., None], torch.exp(l2 - safe).transpose(1, 2)[..., None]
+    return o1 * w1 + o2 * w2, new
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("window", [None, 10])
+def test_merged_lse_backward_per_key_chunk(dtype, tol, window):
+    """Ring style: split K/V in two chunks, merge the two forwards by log-sum-exp, run the
+    backward of each chunk with the *merged* o / lse: dq sums, dk / dv concatenate to the
+    full backward. Zigzag queries: some rows see nothing in one chunk."""
+    n = 48
+    q_pos = torch.cat([torch.arange(0, 12), torch.arange(36, 48)])
+    k_pos = torch.arange(n)
+    cu = torch.tensor([0, 5, 30, n])
+    q, k, v, mask = _case(1, 24, n, 4, 2, 8, q_pos, k_pos, cu, True, window)
+    do = torch.randn(q.shape, dtype=torch.float64)
+    o_r, _ = attention_ref(q, k, v, mask)
+    ref = torch.autograd.grad((o_r * do).sum(), (q, k, v))
+    q, k, v, do = (x.detach().to(dtype) for x in (q, k, v, do))
+    halves = [slice(0, n // 2), slice(n // 2, n)]
+    masks = [MaskSpec(q_pos, k_pos[s], mask.q_doc, mask.k_doc[:, s], True, window) for s in halves]
+    outs = [attention_forward(q, k[:, s], v[:, s], m, None, 8) for s, m in zip(halves, masks)]
+    o, lse = _lse_merge(*outs[0], *outs[1])
+    assert (o.double() - o_r).abs().max() < tol
+    dq = torch.zeros_like(q)
+    dk, dv = [], []
+    for s, m in zip(halves, masks):
+        gq, gk, gv = attention_backward(do, q, k[:, s], v[:, s], o, lse, m, None, 8)
+        dq += gq
+        dk.append(gk)
+        dv.append(gv)
+    for got, want in zip((dq, torch.cat(dk, 1), torch.cat(dv, 1)), ref):
+        assert got.dtype == dtype and (got.double() - want).abs().max() < tol
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_tile_loop_for_every_piece(window, monkeypatch):
+    """Without the fused CPU op (other devices), full and causal pieces run the tile loop."""
+    monkeypatch.setattr(attn_mod, "_FLASH_CPU", None)
+    q_pos = torch.cat([torch.arange(0, 20), torch.arange(60, 80)])
+    k_pos = torch.arange(80)
+    q, k, v, mask = _case(2, 40, 80, 4, 2, 8, q_pos, k_pos, torch.tensor([0, 13, 70, 80, 160]), True, window)
+    _compare(q, k, v, mask, block=8)

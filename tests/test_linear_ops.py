@@ -210,3 +210,38 @@ def test_fla_dispatch_matches_torch(decay):
     o, s = chunk_linear_attention(q, k, v, g, gk, 0.25, s0, cu, 64, True, backend="fla")
     o_r, s_r = chunk_linear_attention(q, k, v, g, gk, 0.25, s0, cu, 64, True, backend="torch")
     assert (o - o_r).abs().max() < 2e-3 and (s - s_r).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("cu", [None, [0, 50, 120, 200, 260, 400], [0, 8, 16, 24, 100, 400]])
+def test_no_decay_path_matches_reference(cu, monkeypatch):
+    """g = gk = None: the decay-free path (no gates computed) and its add-or-copy state scan,
+    with no document, a few long documents, and several starts in one chunk."""
+    from models.ops.linear_attention import chunk
+
+    def no_gates(*_):
+        raise AssertionError("decay-free inputs must not build gates")
+
+    monkeypatch.setattr(chunk, "_chunk_summaries", no_gates)
+    q, k, v, _, _, s0 = _inputs(2, 200, 2, 4, 3, "none")
+    cu = None if cu is None else torch.tensor(cu)
+    out = chunk_linear_attention(q, k, v, None, None, 0.5, s0, cu, 8, output_final_state=True)
+    ref = recurrent_linear_attention_ref(q, k, v, None, None, 0.5, s0, cu)
+    _check(out, ref, (q, k, v, s0))
+
+
+def test_plain_scan_equals_the_gated_scan():
+    """The decay-free scan (adds and copies) equals the gated scan with gates in {0, 1}."""
+    from models.ops.linear_attention.chunk import _scan_grads, _scan_grads_plain, _scan_plain, _scan_states
+
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(3, 2, 12, 4, 5, generator=gen, dtype=F64)
+    s0 = torch.randn(3, 2, 4, 5, generator=gen, dtype=F64)
+    carry = torch.ones(3, 12, dtype=torch.bool)
+    carry[1, [0, 5, 11]] = False
+    carry[2, 7] = False
+    carry[:, 3] = False
+    gam = carry[:, None, :, None].expand(3, 2, 12, 1).to(F64)
+    for got, want in zip(
+        _scan_plain(m, carry, s0) + _scan_grads_plain(m, carry, s0), _scan_states(m, gam, s0) + _scan_grads(m, gam, s0)
+    ):
+        assert torch.equal(got, want)

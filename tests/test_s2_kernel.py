@@ -141,13 +141,14 @@ def test_work_is_proportional_to_active_blocks():
     doc = torch.zeros(1, n, dtype=torch.int64)
     dense_mask = MaskSpec(pos, pos, doc, doc, True, None)
     dense = planned_pairs(dense_mask, block, 4, 4)
-    assert dense == 4 * 64 * 65 // 2 * block * block  # every causal tile once
+    assert dense == 4 * n * (n + 1) // 2  # the dense kernel computes exactly the causal pairs
+    tiles = 4 * 64 * 65 // 2 * block * block  # every causal tile pair once, whole
     for stride in (4, 8):
         pattern = s2_pattern(block=block, stride=stride, local=1, n_kv_heads=4, check_coverage=False)
         sparse = planned_pairs(MaskSpec(pos, pos, doc, doc, True, None, pattern), block, 4, 4)
-        active = pattern.density(n) * dense  # active (head, block pair) triples x block^2
+        active = pattern.density(n) * tiles  # active (head, block pair) triples x block^2
         assert sparse == round(active)  # no inactive tile is computed
-        assert sparse < dense * (1 / stride + 2 / 64)
+        assert sparse < tiles * (1 / stride + 2 / 64)
 
 
 def test_coverage_check_warns_and_stride_one_is_dense():

@@ -15,6 +15,24 @@ A query at position i may see a key at position j iff they share a document, and
 when a sliding window is set. Because positions are explicit, a Q chunk can meet a K
 chunk from anywhere in the sequence (ring steps, zigzag halves, all-gathered K/V).
 
+Plan (per batch row, ``span_plan``): queries and keys split into runs of consecutive
+positions inside one document; each same-document (query run, key run) pair becomes at most
+two pieces, so packed documents compute only their own blocks:
+    "full"    every pair allowed (keys wholly before the queries, or not causal)
+    "causal"  the diagonal part, key j <= query i, both sides starting at the same position
+    "band"    anything a sliding window cuts: a tile loop over ``block`` queries whose keys
+              are clipped to the band and masked only in tiles the band cuts
+On CPU, "full" and "causal" pieces run in PyTorch's fused flash attention
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward: fp32/fp64/bf16,
+natively GQA, top-left causal, natural-log lse); pieces on the same query rows are merged
+by log-sum-exp. Positions that break into very many runs (more than ``MAX_PIECES`` pairs)
+use the generic fixed-block plan (``active_blocks``). Rows that see no key produce zeros
+(and lse = -inf), never NaN. The kernel computes in fp32 (fp64 for fp64 inputs).
+
+Backward recomputes probabilities from the saved lse (flash-attention style), so a CP
+strategy can call :func:`attention_backward` with the *merged* output and lse of several
+blocks and get exact per-block gradients.
+
 Per-head block patterns (S2, models/s2_pattern.py): ``MaskSpec.pattern`` adds, per KV head,
 ``pattern.active(i // b, j // b, hk)`` at block size b = ``pattern.block`` (``hk`` the
 *global* KV head: ``MaskSpec.kv_heads`` maps local KV heads to global ones when a strategy
@@ -22,14 +40,6 @@ holds a slice of the heads, e.g. Ulysses). The kernel then works per group of KV
 the same layout and, with query tiles of ``pattern.block`` tokens, gathers for each tile only
 the key tiles the pattern and the mask leave non-empty: its work is proportional to the
 active blocks (``planned_pairs`` counts it); inactive blocks are never computed.
-
-Blocks of (query, key) pairs that the mask leaves empty are skipped: for every query
-block, only key blocks that can hold an allowed pair are gathered and computed. Rows
-that see no key produce zeros (and lse = -inf), never NaN.
-
-Backward recomputes probabilities from the saved lse (flash-attention style), so a CP
-strategy can call :func:`attention_backward` with the *merged* output and lse of several
-blocks and get exact per-block gradients.
 """
 
 from __future__ import annotations
@@ -203,7 +213,7 @@ def tile_plan(mask: MaskSpec, block: int, n_kv: int):
     return groups, tile, plan
 
 
-def planned_pairs(mask: MaskSpec, block: int, n_heads: int, n_kv: int) -> int:
+def _pattern_pairs(mask: MaskSpec, block: int, n_heads: int, n_kv: int) -> int:
     """(query head, query, key) score entries the kernel computes for this mask: its FLOPs are
     4 * D times this in forward (scores and values), twice that in backward."""
     groups, tile, plan = tile_plan(mask, block, n_kv)
@@ -261,17 +271,387 @@ def _no_autocast(fn):
     return wrapped
 
 
-def _tile_mask(mask: MaskSpec, qs: slice, kidx: torch.Tensor, b: int, head: int | None) -> torch.Tensor:
-    """bool [tq, tk]: the token mask of one tile, with the group's block pattern if any."""
-    allowed = mask.allowed(qs, kidx, b)
-    return allowed if head is None else allowed & mask.pattern_allowed(qs, kidx, head)
+# ----------------------------------------------------------------------------- span plan
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+MAX_PIECES = 4096  # more (query run, key run) pairs than this: use the generic block plan
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One rectangle of a row's plan: queries ``qs`` against keys ``ks`` (slices of the
+    tensor index), inside one document, where both sides are runs of consecutive positions
+    starting at ``q0`` / ``k0``. kind:
+        "full"    every pair is allowed
+        "causal"  key j allowed iff j <= i, with q0 == k0 (a diagonal square or a taller
+                  rectangle: top-left aligned, every query sees at least one key)
+        "band"    the mask's causal / window rule, evaluated per tile from positions
+    """
+
+    qs: slice
+    ks: slice
+    q0: int
+    k0: int
+    kind: str
+
+
+def _runs(pos: torch.Tensor, doc: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive positions inside one document: (start, length, first
+    position, doc id) for pos [T], doc [T]."""
+    t = pos.shape[0]
+    if t == 0:
+        return []
+    brk = (pos[1:] != pos[:-1] + 1) | (doc[1:] != doc[:-1])
+    starts = torch.cat([pos.new_zeros(1), brk.nonzero().flatten() + 1])
+    lengths = torch.diff(starts, append=starts.new_tensor([t]))
+    return list(zip(starts.tolist(), lengths.tolist(), pos[starts].tolist(), doc[starts].tolist()))
+
+
+def _pair_pieces(qr, kr, causal: bool, window: int | None) -> list[Piece]:
+    """Pieces of one (query run, key run) pair of the same document; [] if nothing is allowed."""
+    qs, ql, qp, _ = qr
+    ks, kl, kp, _ = kr
+    qhi, khi = qp + ql - 1, kp + kl - 1
+    if causal and kp > qhi:
+        return []
+    whole = Piece(slice(qs, qs + ql), slice(ks, ks + kl), qp, kp, "full")
+    if window is not None:
+        near = max(0, qp - khi) if causal else max(0, qp - khi, kp - qhi)
+        far = qhi - kp if causal else max(qhi - kp, khi - qp)
+        if near >= window:
+            return []
+        if far < window and (khi <= qp or not causal):
+            return [whole]
+        return [Piece(whole.qs, whole.ks, qp, kp, "band")]
+    if not causal:
+        return [whole]
+    pieces = []
+    if kp < qp:  # keys before the first query: every query sees them
+        n = min(khi, qp - 1) - kp + 1
+        pieces.append(Piece(whole.qs, slice(ks, ks + n), qp, kp, "full"))
+    a = max(kp, qp)  # the diagonal part starts at position a on both sides
+    if a <= min(khi, qhi):
+        tk = min(khi, qhi) - a + 1
+        pieces.append(Piece(slice(qs + a - qp, qs + ql), slice(ks + a - kp, ks + a - kp + tk), a, a, "causal"))
+    return pieces
+
+
+def span_plan(mask: MaskSpec, b: int) -> list[Piece] | None:
+    """The pieces that cover every allowed pair of batch row b exactly once, or None when the
+    positions break into so many runs that the generic block plan is cheaper."""
+    qruns = _runs(mask.q_pos, mask.q_doc[b])
+    kruns = _runs(mask.k_pos, mask.k_doc[b])
+    by_doc: dict[int, list] = {}
+    for r in kruns:
+        by_doc.setdefault(r[3], []).append(r)
+    if sum(len(by_doc.get(r[3], ())) for r in qruns) > MAX_PIECES:
+        return None
+    return [p for qr in qruns for kr in by_doc.get(qr[3], ()) for p in _pair_pieces(qr, kr, mask.causal, mask.window)]
+
+
+def _span_pairs(mask: MaskSpec, block: int = DEFAULT_BLOCK) -> int:
+    """Number of (query, key) pairs the kernel computes for an unpatterned ``mask`` (all rows)."""
+    total = 0
+    for b in range(mask.q_doc.shape[0]):
+        plan = span_plan(mask, b)
+        if plan is None:
+            total += sum(len(kidx) * block for kidx in active_blocks(mask, block, block)[b])
+            continue
+        for p in plan:
+            tq, tk = p.qs.stop - p.qs.start, p.ks.stop - p.ks.start
+            total += tq * (tk + 1) // 2 if p.kind == "causal" and tq == tk else tq * tk
+    return total
+
+
+# ----------------------------------------------------------------------------- tiles
+def _tile_forward(qt, kt, vt, allowed, scale):
+    """Softmax over one tile. qt [tq, H, D], kt, vt [tk, Hkv, D], allowed [tq, tk] bool or
+    None (all allowed). Returns (o [tq, H, D], lse [H, tq]); rows seeing nothing: 0, -inf.
+    GQA without copies of K/V: the query heads of one kv head are stacked along rows."""
+    tq, h, d = qt.shape
+    hkv = kt.shape[1]
+    qh = qt.transpose(0, 1).reshape(hkv, h // hkv * tq, d) * scale  # [Hkv, g*tq, D]
+    s = torch.matmul(qh, kt.permute(1, 2, 0))  # [Hkv, g*tq, tk]
+    if allowed is not None:
+        s.view(hkv, h // hkv, tq, -1).masked_fill_(~allowed, -math.inf)
+    m = s.amax(-1, keepdim=True)
+    if allowed is not None:
+        m.masked_fill_(torch.isinf(m), 0.0)
+    p = s.sub_(m).exp_()
+    den = p.sum(-1, keepdim=True)  # >= 1 if any allowed
+    o = torch.matmul(p, vt.transpose(0, 1)).div_(den.clamp(min=1.0))
+    lse = (m + torch.log(den)).reshape(h, tq)
+    return o.reshape(h, tq, d).transpose(0, 1), lse
+
+
+def _tile_backward(qt, kt, vt, dot, lse_t, delta_t, allowed, scale):
+    """Gradients of one tile from the (possibly merged) lse_t [H, tq] and delta_t [H, tq].
+    Returns dq [tq, H, D], dk, dv [tk, Hkv, D]."""
+    tq, h, d = qt.shape
+    hkv = kt.shape[1]
+    rows = h // hkv * tq
+    qh = qt.transpose(0, 1).reshape(hkv, rows, d) * scale
+    kh, vh = kt.transpose(0, 1), vt.transpose(0, 1)  # [Hkv, tk, D]
+    doh = dot.transpose(0, 1).reshape(hkv, rows, d)
+    m = lse_t.reshape(hkv, rows, 1)
+    p = torch.matmul(qh, kh.transpose(1, 2)).sub_(torch.where(torch.isinf(m), 0.0, m)).exp_()
+    if allowed is not None:
+        p.view(hkv, h // hkv, tq, -1).masked_fill_(~allowed, 0.0)
+    dv = torch.matmul(p.transpose(1, 2), doh)
+    ds = torch.matmul(doh, vh.transpose(1, 2)).sub_(delta_t.reshape(hkv, rows, 1)).mul_(p)
+    dq = torch.matmul(ds, kh).mul_(scale).reshape(h, tq, d).transpose(0, 1)
+    dk = torch.matmul(ds.transpose(1, 2), qh)
+    return dq, dk.transpose(0, 1), dv.transpose(0, 1)
+
+
+def _band_tiles(p: Piece, causal: bool, window: int | None, block: int, device):
+    """Tiles of a piece for the tile loop: (query slice, key slice, allowed or None), slices
+    relative to the piece. Keys are clipped to each tile's band; masks only where partial."""
+    tq, tk = p.qs.stop - p.qs.start, p.ks.stop - p.ks.start
+    if p.kind == "causal":
+        causal, window = True, None
+    for t0 in range(0, tq, block):
+        t1 = min(tq, t0 + block)
+        if p.kind == "full":
+            yield slice(t0, t1), slice(0, tk), None
+            continue
+        lo_i, hi_i = p.q0 + t0, p.q0 + t1 - 1  # tile's query positions
+        lo = p.k0 if window is None else max(p.k0, lo_i - window + 1)
+        hi = hi_i if causal else (hi_i + window - 1 if window is not None else p.k0 + tk - 1)
+        hi = min(hi, p.k0 + tk - 1)
+        if lo > hi:
+            continue
+        near_ok = (not causal) or hi <= lo_i
+        far = hi_i - lo if causal else max(hi_i - lo, hi - lo_i)
+        allowed = None
+        if not (near_ok and (window is None or far < window)):
+            qp = torch.arange(lo_i, hi_i + 1)[:, None]
+            kp = torch.arange(lo, hi + 1)[None, :]
+            allowed = torch.ones(qp.shape[0], kp.shape[1], dtype=torch.bool)
+            if causal:
+                allowed &= kp <= qp
+            if window is not None:
+                allowed &= ((qp - kp) if causal else (qp - kp).abs()) < window
+            allowed = allowed.to(device)
+        yield slice(t0, t1), slice(lo - p.k0, hi - p.k0 + 1), allowed
+
+
+def _fused(p: Piece, x: torch.Tensor) -> bool:
+    """Whether a piece runs in PyTorch's fused CPU flash attention (dense, no mask)."""
+    return p.kind != "band" and x.device.type == "cpu" and _FLASH_CPU is not None
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[t, H, D] -> [1, H, t, D] view, the layout of the fused op."""
+    return x.transpose(0, 1)[None]
+
+
+def _piece_forward(qt, kt, vt, p: Piece, mask: MaskSpec, scale, block):
+    """(o [tq, H, D], lse [H, tq]) of one piece: fused op, or the tile loop."""
+    if _fused(p, qt):
+        o, lse = _FLASH_CPU(_heads_first(qt), _heads_first(kt), _heads_first(vt), 0.0, p.kind == "causal", scale=scale)
+        return o[0].transpose(0, 1), lse[0]
+    o = qt.new_zeros(qt.shape)
+    lse = qt.new_full((qt.shape[1], qt.shape[0]), -math.inf)
+    for rs, ksl, allowed in _band_tiles(p, mask.causal, mask.window, block, qt.device):
+        o[rs], lse[:, rs] = _tile_forward(qt[rs], kt[ksl], vt[ksl], allowed, scale)
+    return o, lse
+
+
+def _piece_backward(dot, qt, kt, vt, ot, lse_t, delta_t, p: Piece, mask: MaskSpec, scale, block):
+    """(dq [tq, H, D], dk, dv [tk, Hkv, D]) of one piece from the merged ot / lse_t."""
+    if _fused(p, qt):
+        dq, dk, dv = _FLASH_CPU_BWD(
+            _heads_first(dot),
+            _heads_first(qt),
+            _heads_first(kt),
+            _heads_first(vt),
+            _heads_first(ot),
+            lse_t[None],
+            0.0,
+            p.kind == "causal",
+            scale=scale,
+        )
+        return dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1)
+    dq, dk, dv = torch.zeros_like(qt), torch.zeros_like(kt), torch.zeros_like(vt)
+    for rs, ksl, allowed in _band_tiles(p, mask.causal, mask.window, block, qt.device):
+        gq, gk, gv = _tile_backward(qt[rs], kt[ksl], vt[ksl], dot[rs], lse_t[:, rs], delta_t[:, rs], allowed, scale)
+        dq[rs] += gq
+        dk[ksl] += gk
+        dv[ksl] += gv
+    return dq, dk, dv
+
+
+def _whole(plan: list[Piece] | None, tq: int, tk: int) -> bool:
+    """Whether a row's plan is one piece over all its queries and keys."""
+    return plan is not None and len(plan) == 1 and plan[0].qs == slice(0, tq) and plan[0].ks == slice(0, tk)
+
+
+def _merge_into(o, lse, qs, o_p, lse_p, seen):
+    """Write (o_p [tq, H, D], lse_p [H, tq]) into rows ``qs`` of o [Tq, H, D], lse [H, Tq],
+    merging by log-sum-exp with earlier pieces on the same rows (``seen`` [Tq] bool)."""
+    if not bool(seen[qs].any()):
+        o[qs], lse[:, qs] = o_p, lse_p
+    else:
+        old = lse[:, qs]
+        new = torch.logaddexp(old, lse_p)
+        safe = torch.where(torch.isinf(new), 0.0, new)
+        w_old, w_new = torch.exp(old - safe).T[..., None], torch.exp(lse_p - safe).T[..., None]
+        o[qs] = o[qs] * w_old + o_p * w_new
+        lse[:, qs] = new
+    seen[qs] = True
+
+
+# ----------------------------------------------------------------------------- kernel
+def _patterned(mask: MaskSpec) -> bool:
+    """A per-head block pattern that leaves some block inactive (an all-dense one is the
+    plain mask)."""
+    return mask.pattern is not None and not getattr(mask.pattern, "all_dense", False)
+
+
+def _acc(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @_no_autocast
 def attention_forward(
     q, k, v, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (o [B, Tq, H, D] in q.dtype, lse [B, H, Tq] in fp32 or fp64)."""
+    """Returns (o [B, Tq, H, D] in q.dtype, lse [B, H, Tq] in fp32 or fp64).
+    Each row runs its span plan (fused dense pieces, tiled band pieces); rows whose positions
+    break into too many runs use the generic block plan; masks with a per-head block pattern
+    (S2) run the pattern's tile plan."""
+    if _patterned(mask):
+        return _pattern_forward(q, k, v, mask, scale, block)
+    bsz, tq, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    acc = _acc(q)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    plans = [span_plan(mask, b) for b in range(bsz)]
+    if bsz == 1 and _whole(plans[0], tq, k.shape[1]):  # one piece: no buffers, no copies
+        o_p, lse_p = _piece_forward(qa[0], ka[0], va[0], plans[0][0], mask, scale, block)
+        return o_p[None].to(q.dtype), lse_p[None].contiguous()
+    o = torch.zeros(bsz, tq, h, d, dtype=acc, device=q.device)
+    lse = torch.full((bsz, h, tq), -math.inf, dtype=acc, device=q.device)
+    for b, plan in enumerate(plans):
+        if plan is None:
+            _generic_forward(qa, ka, va, mask, scale, block, b, o, lse)
+            continue
+        seen = torch.zeros(tq, dtype=torch.bool)
+        for p in plan:
+            o_p, lse_p = _piece_forward(qa[b, p.qs], ka[b, p.ks], va[b, p.ks], p, mask, scale, block)
+            _merge_into(o[b], lse[b], p.qs, o_p, lse_p, seen)
+    return o.to(q.dtype), lse
+
+
+@_no_autocast
+def attention_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK):
+    """Gradients (dq, dk, dv) of ``o`` for one (Q, K) block pair, recomputed from ``lse``.
+
+    ``o`` and ``lse`` may be the merged output / lse over several key chunks (ring
+    attention): then the returned gradients are this key chunk's exact share (every path
+    uses the given lse and delta = rowsum(do * o), never its own normalisation).
+    """
+    if _patterned(mask):
+        return _pattern_backward(do, q, k, v, o, lse, mask, scale, block)
+    bsz, tq, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    acc = _acc(q)
+    qa, ka, va, doa, oa = (x.to(acc) for x in (q, k, v, do, o))
+    lse = lse.to(acc)
+    plans = [span_plan(mask, b) for b in range(bsz)]
+    if bsz == 1 and _whole(plans[0], tq, k.shape[1]) and _fused(plans[0][0], qa):
+        grads = _piece_backward(doa[0], qa[0], ka[0], va[0], oa[0], lse[0], None, plans[0][0], mask, scale, block)
+        return tuple(g[None].to(x.dtype) for g, x in zip(grads, (q, k, v)))
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    delta = None
+    for b, plan in enumerate(plans):
+        if delta is None and (plan is None or not all(_fused(p, qa) for p in plan)):
+            delta = (doa * oa).sum(-1).transpose(1, 2)  # [B, H, Tq]
+        if plan is None:
+            _generic_backward(doa, qa, ka, va, lse, delta, mask, scale, block, b, dq, dk, dv)
+            continue
+        for p in plan:
+            gq, gk, gv = _piece_backward(
+                doa[b, p.qs],
+                qa[b, p.qs],
+                ka[b, p.ks],
+                va[b, p.ks],
+                oa[b, p.qs],
+                lse[b, :, p.qs],
+                None if delta is None else delta[b, :, p.qs],
+                p,
+                mask,
+                scale,
+                block,
+            )
+            dq[b, p.qs] += gq
+            dk[b, p.ks] += gk
+            dv[b, p.ks] += gv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _key_slice(kidx: torch.Tensor):
+    """A slice when the key indices are one contiguous range, else the index tensor."""
+    lo, n = int(kidx[0]), kidx.numel()
+    return slice(lo, lo + n) if int(kidx[-1]) - lo + 1 == n else kidx
+
+
+def _generic_forward(qa, ka, va, mask, scale, block, b, o, lse):
+    """Fixed-size block plan (``active_blocks``) for batch row b, writing into o and lse."""
+    tq = qa.shape[1]
+    for iq, kidx in enumerate(active_blocks(mask, block, block)[b]):
+        if kidx.numel() == 0:
+            continue
+        qs = slice(iq * block, min(tq, (iq + 1) * block))
+        allowed = mask.allowed(qs, kidx, b)
+        ks = _key_slice(kidx)
+        o[b, qs], lse[b, :, qs] = _tile_forward(
+            qa[b, qs], ka[b, ks], va[b, ks], None if bool(allowed.all()) else allowed, scale
+        )
+
+
+def _generic_backward(doa, qa, ka, va, lse, delta, mask, scale, block, b, dq, dk, dv):
+    """Backward of ``_generic_forward`` for batch row b, accumulating into dq, dk, dv."""
+    tq = qa.shape[1]
+    for iq, kidx in enumerate(active_blocks(mask, block, block)[b]):
+        if kidx.numel() == 0:
+            continue
+        qs = slice(iq * block, min(tq, (iq + 1) * block))
+        allowed = mask.allowed(qs, kidx, b)
+        ks = _key_slice(kidx)
+        gq, gk, gv = _tile_backward(
+            qa[b, qs],
+            ka[b, ks],
+            va[b, ks],
+            doa[b, qs],
+            lse[b, :, qs],
+            delta[b, :, qs],
+            None if bool(allowed.all()) else allowed,
+            scale,
+        )
+        dq[b, qs] += gq
+        if isinstance(ks, slice):
+            dk[b, ks] += gk
+            dv[b, ks] += gv
+        else:
+            dk[b].index_add_(0, ks, gk)
+            dv[b].index_add_(0, ks, gv)
+
+
+def _tile_mask(mask: MaskSpec, qs: slice, kidx: torch.Tensor, b: int, head: int | None) -> torch.Tensor:
+    """bool [tq, tk]: the token mask of one tile, with the group's block pattern if any."""
+    allowed = mask.allowed(qs, kidx, b)
+    return allowed if head is None else allowed & mask.pattern_allowed(qs, kidx, head)
+
+
+def _pattern_forward(
+    q, k, v, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_forward`` for a mask with a per-head block pattern: per group of KV heads with
+    one layout, tiles of ``pattern.block`` queries against only their active key tiles."""
     bsz, tq, h, d = q.shape
     groups = h // k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -299,8 +679,7 @@ def attention_forward(
     return o.to(q.dtype), lse
 
 
-@_no_autocast
-def attention_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK):
+def _pattern_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK):
     """Gradients (dq, dk, dv) of ``o`` for one (Q, K) block pair, recomputed from ``lse``.
 
     ``o`` and ``lse`` may be the merged output / lse over several key chunks (ring
@@ -388,3 +767,13 @@ def attention_ref(q, k, v, mask: MaskSpec, scale: float | None = None):
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
+
+
+def planned_pairs(mask: MaskSpec, block: int = DEFAULT_BLOCK, n_heads: int = 1, n_kv: int = 1) -> int:
+    """(query head, query, key) score entries the kernel computes for ``mask`` (all rows): its
+    FLOPs are 4 * D times this in forward (scores and values), twice that in backward. Without
+    a pattern the span plan computes exactly the allowed pairs (per head); with an S2 pattern,
+    every active tile pair whole."""
+    if _patterned(mask):
+        return _pattern_pairs(mask, block, n_heads, n_kv)
+    return _span_pairs(mask, block) * n_heads
