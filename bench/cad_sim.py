@@ -50,10 +50,9 @@ COLUMNS = [
 def doc_lengths(mix: str, total: int, seed: int = 0) -> list[int]:
     """Document lengths filling ``total`` tokens (the last one cut to fit)."""
     rng = random.Random(seed)
-    out: list[int] = []
-    if mix == "one_huge":
-        out.append(total // 4)
-    while sum(out) < total:
+    out: list[int] = [total // 4] if mix == "one_huge" else []
+    filled = sum(out)
+    while filled < total:
         if mix == "prolong":
             if rng.random() < 0.1:
                 length = int(math.exp(rng.uniform(math.log(8192), math.log(65536))))
@@ -63,7 +62,8 @@ def doc_lengths(mix: str, total: int, seed: int = 0) -> list[int]:
             length = int(rng.lognormvariate(math.log(3000), 1.5))
         else:
             length = int(rng.lognormvariate(math.log(400), 1.0))
-        out.append(max(1, min(length, total - sum(out))))
+        out.append(max(1, min(length, total - filled)))
+        filled += out[-1]
     rng.shuffle(out)
     return out
 
