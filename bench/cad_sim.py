@@ -134,6 +134,7 @@ def plot(rows, path):
             axes[1][j].plot(x, [r["mib_per_rank_cad"] for r in sel], "o-", label=f"cad {label}")
         axes[0][j].set_title(f"{mix}: attention max/mean")
         axes[1][j].set_title(f"{mix}: MiB received per rank per layer (fwd)")
+        axes[1][j].set_yscale("log")
         for ax in axes[:, j]:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("ranks")
