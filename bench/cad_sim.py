@@ -50,10 +50,9 @@ COLUMNS = [
 def doc_lengths(mix: str, total: int, seed: int = 0) -> list[int]:
     """Document lengths filling ``total`` tokens (the last one cut to fit)."""
     rng = random.Random(seed)
-    out: list[int] = []
-    if mix == "one_huge":
-        out.append(total // 4)
-    while sum(out) < total:
+    out: list[int] = [total // 4] if mix == "one_huge" else []
+    filled = sum(out)
+    while filled < total:
         if mix == "prolong":
             if rng.random() < 0.1:
                 length = int(math.exp(rng.uniform(math.log(8192), math.log(65536))))
@@ -63,7 +62,8 @@ def doc_lengths(mix: str, total: int, seed: int = 0) -> list[int]:
             length = int(rng.lognormvariate(math.log(3000), 1.5))
         else:
             length = int(rng.lognormvariate(math.log(400), 1.0))
-        out.append(max(1, min(length, total - sum(out))))
+        out.append(max(1, min(length, total - filled)))
+        filled += out[-1]
     rng.shuffle(out)
     return out
 
@@ -134,6 +134,7 @@ def plot(rows, path):
             axes[1][j].plot(x, [r["mib_per_rank_cad"] for r in sel], "o-", label=f"cad {label}")
         axes[0][j].set_title(f"{mix}: attention max/mean")
         axes[1][j].set_title(f"{mix}: MiB received per rank per layer (fwd)")
+        axes[1][j].set_yscale("log")
         for ax in axes[:, j]:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("ranks")
