@@ -37,6 +37,11 @@ def check(cfg) -> None:
                     f"by DDP on CPU: launch with launch/accelerate/cpu.yaml, or use trainer.engine.name="
                     f"{'deepspeed' if plugin == 'DeepSpeed' else 'native parallel.dp_mode=fsdp'}"
                 )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true") and cfg.trainer.grad_accum > 1:
+        raise ValueError(
+            f"trainer.grad_accum={cfg.trainer.grad_accum} with Accelerate's DeepSpeed plugin (which steps at every "
+            "backward): set trainer.grad_accum=1 and raise data.micro_batch, or use trainer.engine.name=deepspeed"
+        )
 
 
 class AccelerateEngine(Engine):
@@ -62,7 +67,13 @@ class AccelerateEngine(Engine):
         self.accelerator.backward(loss / self.grad_accum)
 
     def clip_grad_norm(self, max_norm):
-        return float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        return None if norm is None else float(norm)  # None: the DeepSpeed plugin clips in its step
+
+    def grad_norm(self):
+        wrapped = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        norm = wrapped.engine.get_global_grad_norm() if wrapped is not None else None
+        return float("nan") if norm is None else float(norm)
 
     def step(self):
         self.optimizer.step()
