@@ -98,6 +98,8 @@ def test_deepspeed_zero_stages_match_native_and_resume_exactly(tmp_path, monkeyp
     for s in stages:
         engine = ["engine=deepspeed", f"trainer.engine.deepspeed.zero_optimization.stage={s}"]
         runs += _engine_runs(tmp_path, f"zero{s}", engine)
+    # and a softmax-only model (Hugging Face has no GLA layers) for the export from ZeRO-3
+    runs.append(["engine=zero3", "model.mixer_pattern=[softmax]", f"trainer.run_dir={tmp_path / 'export'}"])
     out = run_distributed(_runs, 2, runs, timeout=300)[0]
     native = out[0]
     for i, s in enumerate(stages):
@@ -116,8 +118,8 @@ def _export_zero3_to_hf(tmp_path):
     from trainer.train import to_config
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = to_config(compose(config_name="train", overrides=TINY + COMMON))
-    state = consolidated_state_dict(str(tmp_path / "zero3_full" / "checkpoints" / "step_000004"))
+        cfg = to_config(compose(config_name="train", overrides=TINY + COMMON + ["model.mixer_pattern=[softmax]"]))
+    state = consolidated_state_dict(str(tmp_path / "export" / "checkpoints" / "step_000004"))
     model = Transformer(cfg.model)
     model.load_state_dict(state, strict=True)
     save_hf_checkpoint(model, str(tmp_path / "hf"))

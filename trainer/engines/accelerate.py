@@ -51,8 +51,13 @@ class AccelerateEngine(Engine):
         super().__init__(cfg.trainer.grad_accum)
         from accelerate import Accelerator
 
-        # our process group is already up (parallel.mesh.init_mesh): Accelerate adopts it
+        # our process group is already up (parallel.mesh.init_mesh): Accelerate adopts it. On CPU
+        # without OMP_NUM_THREADS it sets torch's threads to the host's physical cores / local
+        # ranks, which can oversubscribe a container limited to fewer cores: keep the launcher's
+        # (or parallel.spawn's) choice, as the native engine does
+        threads = torch.get_num_threads()
         self.accelerator = Accelerator(cpu=_on_cpu(cfg), mixed_precision="no", gradient_accumulation_steps=1)
+        torch.set_num_threads(threads)
         optimizer = build_optimizer(model, cfg.optim)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.module = self.accelerator.unwrap_model(self.model)
