@@ -33,8 +33,13 @@ COMMON = [
 
 
 def _runs(rank, world, runs):
-    """Several trainer runs in one spawn (the process group is reused)."""
-    return [_train(rank, world, COMMON + overrides) for overrides in runs]
+    """Several trainer runs in one spawn (the process group is reused); a run given as
+    (overrides, seconds) gets a SIGUSR1 on rank 0 after that many seconds."""
+    out = []
+    for run in runs:
+        overrides, signal_after = run if isinstance(run, tuple) else (run, None)
+        out.append(_train(rank, world, COMMON + overrides, signal_after))
+    return out
 
 
 def _engine_runs(tmp_path, name, engine):
@@ -100,7 +105,12 @@ def test_deepspeed_zero_stages_match_native_and_resume_exactly(tmp_path, monkeyp
         runs += _engine_runs(tmp_path, f"zero{s}", engine)
     # and a softmax-only model (Hugging Face has no GLA layers) for the export from ZeRO-3
     runs.append(["engine=zero3", "model.mixer_pattern=[softmax]", f"trainer.run_dir={tmp_path / 'export'}"])
+    # a preemption signal under ZeRO-3: the engine writes a checkpoint, every rank stops
+    runs.append((["engine=zero3", "trainer.steps=100000", f"trainer.run_dir={tmp_path / 'sig'}"], 4.0))
     out = run_distributed(_runs, 2, runs, timeout=300)[0]
+    sig = out.pop()
+    assert 0 < sig["step"] < 100000
+    assert int(open(tmp_path / "sig" / "checkpoints" / "latest").read()) == sig["step"]
     native = out[0]
     for i, s in enumerate(stages):
         _check(native, out[1 + 3 * i : 4 + 3 * i], tmp_path, f"zero{s}")
