@@ -105,10 +105,16 @@ def test_deepspeed_zero_stages_match_native_and_resume_exactly(tmp_path, monkeyp
         runs += _engine_runs(tmp_path, f"zero{s}", engine)
     # and a softmax-only model (Hugging Face has no GLA layers) for the export from ZeRO-3
     runs.append(["engine=zero3", "model.mixer_pattern=[softmax]", f"trainer.run_dir={tmp_path / 'export'}"])
+    # bf16 (DeepSpeed's bf16 section, filled from trainer.precision) with activation checkpointing
+    runs.append(
+        ["engine=zero3", "trainer.precision=bf16", "trainer.activation_checkpointing=true"]
+        + [f"trainer.run_dir={tmp_path / 'bf16'}"]
+    )
     # a preemption signal under ZeRO-3: the engine writes a checkpoint, every rank stops
     runs.append((["engine=zero3", "trainer.steps=100000", f"trainer.run_dir={tmp_path / 'sig'}"], 4.0))
     out = run_distributed(_runs, 2, runs, timeout=300)[0]
-    sig = out.pop()
+    sig, bf16 = out.pop(), out.pop()
+    assert bf16["step"] == 4 and all(abs(x - y) < 0.05 for x, y in zip(bf16["history"], out[0]["history"]))
     assert 0 < sig["step"] < 100000
     assert int(open(tmp_path / "sig" / "checkpoints" / "latest").read()) == sig["step"]
     native = out[0]
