@@ -253,8 +253,10 @@ def test_accelerate_plugins_on_cpu_are_refused_not_swapped(env, monkeypatch):
 
 
 @pytest.mark.skip(
-    reason="Accelerate's FSDP2 and DeepSpeed plugins need GPUs: with cpu=True Accelerate silently uses DDP "
-    "(launch/accelerate/fsdp.yaml, deepspeed.yaml are for GPU runs; on CPU use engine=deepspeed)"
+    reason="Accelerate's FSDP and DeepSpeed plugins are GPU paths here: with cpu=True Accelerate silently "
+    "swaps FSDP for DDP, and its DeepSpeed plugin runs on CPU only if PartialState(cpu=True) is created "
+    "before it, which longctx does not wire (on CPU use engine=deepspeed; launch/accelerate/fsdp.yaml "
+    "and deepspeed.yaml are for GPU runs)"
 )
 def test_accelerate_fsdp_and_deepspeed_plugins():
     pass
