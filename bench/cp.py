@@ -15,7 +15,9 @@ of memory the strategies differ in.
 Peers: yunchang's Ulysses and ring forward (its torch attention type, contiguous shards)
 run in the same invocation when installed (``pip install --no-deps yunchang``), marked
 ``peer:``; its CPU path has no backward, so the time is forward only, and its error shows
-whether its merges are right.
+whether its merges are right. DeepSpeed's Ulysses (``deepspeed.sequence.layer.DistributedAttention``
+around our single-device kernel, contiguous shards) runs forward + backward when deepspeed is
+installed, as ``peer:deepspeed-ulysses`` (causal rows, heads divisible by the world size).
 """
 
 from __future__ import annotations
@@ -109,6 +111,47 @@ def _yunchang_forward(q, k, v, world, rank, idx, repeats, ulysses, ring):
     return statistics.median(times), out
 
 
+def _deepspeed_ulysses(q, k, v, do, ref, world, idx, repeats, block):
+    """Peer: DeepSpeed's Ulysses (deepspeed.sequence.layer.DistributedAttention: all-to-all of
+    q, k, v and the output over the world) around our single-device causal attention kernel,
+    contiguous shards, forward + backward. Returns (median seconds, max error of output and
+    gradients against the single-rank reference) or (None, why)."""
+    try:
+        import deepspeed.comm as ds_dist
+        from deepspeed.sequence.layer import DistributedAttention
+
+        from trainer.engines.deepspeed import guard_jit_builds
+
+        guard_jit_builds(allow=False)  # never a JIT build of DeepSpeed's CPU comm op
+        if not ds_dist.is_initialized():
+            ds_dist.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        n, rep = q.shape[1], q.shape[2] // k.shape[2]
+        kv_rep = rep if k.shape[2] % world else 1  # fewer KV heads than ranks: replicate them
+
+        def local_attn(ql, kl, vl):  # the whole sequence, H / world heads
+            pos = torch.arange(n, device=ql.device)
+            doc = torch.zeros(1, n, dtype=torch.long, device=ql.device)
+            return attention(ql, kl, vl, MaskSpec(pos, pos, doc, doc, True, None), None, block)[0]
+
+        attn = DistributedAttention(local_attn, dist.group.WORLD, scatter_idx=2, gather_idx=1)
+        leaves = [t[:, idx].contiguous().requires_grad_() for t in (q, k, v)]
+        times = []
+        for _ in range(repeats + 1):
+            for t in leaves:
+                t.grad = None
+            dist.barrier()
+            t0 = time.perf_counter()
+            kk, vv = (t.repeat_interleave(kv_rep, 2) for t in leaves[1:])
+            out = attn(leaves[0], kk, vv, 0)
+            torch.autograd.backward(out, do[:, idx])
+            times.append(time.perf_counter() - t0)
+        got = [out.detach(), *(t.grad for t in leaves)]
+        err = max((g.float() - r[:, idx]).abs().max().item() for g, r in zip(got, ref))
+    except Exception as e:  # not installed, or fails on this machine: report, don't stop
+        return None, f"{type(e).__name__}: {e}"
+    return statistics.median(times[1:]), err
+
+
 def bench_rank(rank, world, args):
     torch.set_num_threads(max(1, args.threads // world))
     device = device_for(rank)
@@ -185,6 +228,30 @@ def bench_rank(rank, world, args):
                     rows.append(
                         dict(
                             strategy=f"peer:yunchang-{label}(fwd only)",
+                            world_size=world,
+                            seq_len=n,
+                            mask=mask,
+                            fwd_bwd_ms=round(s[0].item() * 1e3, 2),
+                            bytes_per_rank="",
+                            bytes_formula="",
+                            peak_mem_mb="",
+                            max_err=float(f"{s[1].item():.3g}"),
+                            balance="",
+                        )
+                    )
+                if args.heads % world == 0:
+                    t, err = _deepspeed_ulysses(q, k, v, do, ref, world, idx, args.repeats, args.block)
+                    ok = torch.tensor([float(t is not None)])
+                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                    if not ok.item():
+                        if rank == 0:
+                            print(f"[bench.cp] peer deepspeed-ulysses skipped: {err}")
+                        continue
+                    s = torch.tensor([t, err], dtype=torch.float64)
+                    dist.all_reduce(s, op=dist.ReduceOp.MAX)
+                    rows.append(
+                        dict(
+                            strategy="peer:deepspeed-ulysses",
                             world_size=world,
                             seq_len=n,
                             mask=mask,

@@ -27,8 +27,11 @@ def test_experiment_composes_and_validates(name):
     validate(cfg, world_size=cfg.parallel.cp.size * 2)
 
 
-@pytest.mark.parametrize("group", ["model", "parallel", "data", "optim", "trainer", "logger"])
+@pytest.mark.parametrize("group", ["model", "parallel", "data", "optim", "trainer", "logger", "engine"])
 def test_every_group_option_composes(group):
+    if group == "engine":
+        pytest.importorskip("deepspeed", reason="engine=deepspeed needs deepspeed (the test extra)")
+        pytest.importorskip("accelerate", reason="engine=accelerate needs accelerate (the test extra)")
     for option in _options(group):
         overrides = [f"{group}={option}"]
         if group == "data" and option == "files":

@@ -1,7 +1,9 @@
 """Atomic, verified, resumable checkpoints with torch.distributed.checkpoint (DCP).
 
 Layout of a run directory:
-    run_dir/checkpoints/step_000100/      DCP shards of model + optimizer (.distcp, .metadata)
+    run_dir/checkpoints/step_000100/      model + optimizer as the engine writes them (native:
+                                          DCP shards .distcp + .metadata; DeepSpeed / Accelerate:
+                                          their own files, trainer/engines)
                         step_000100/rank_00003.pt   per-rank state: data loader, RNG, scheduler
                         step_000100/manifest.json   written last: world size, size + CRC-32 of
                                                     every other file
@@ -23,14 +25,7 @@ import zlib
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -82,9 +77,18 @@ def _rng_state() -> dict:
     return state
 
 
-def save(run_dir: str, step: int, model, optimizer, scheduler, loader, rank: int, keep: int = 2) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory. On any rank's
-    failure every rank raises CheckpointError and no trace of this step is left."""
+def _files(root: str) -> list[str]:
+    """Every finished file under ``root`` (engines may write sub-directories)."""
+    out = []
+    for d, _, names in os.walk(root):
+        out += [os.path.join(d, n) for n in names if not n.endswith(".part")]
+    return sorted(out)
+
+
+def save(run_dir: str, step: int, engine, scheduler, loader, rank: int, keep: int = 2) -> str:
+    """Collective: every rank calls it. ``engine`` (trainer/engines) writes model + optimizer.
+    Returns the final checkpoint directory. On any rank's failure every rank raises
+    CheckpointError and no trace of this step is left."""
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -94,15 +98,14 @@ def save(run_dir: str, step: int, model, optimizer, scheduler, loader, rank: int
     dist.barrier()
     error = None
     try:
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.save(state, checkpoint_id=tmp)  # collective; a failed write raises on every rank
+        engine.save(tmp)  # collective; a failed write raises on every rank
         extra = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(), "rng": _rng_state()}
         _write_file(os.path.join(tmp, f"rank_{rank:05d}.pt"), lambda f: torch.save(extra, f))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 -- every rank must hear about it
         error = _why(e, rank)
     errors = list(dict.fromkeys(e for e in _all_gather(error) if e))  # DCP reports on every rank
     if not errors:  # each rank checksums a share of the files
-        files = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if not f.endswith(".part"))
+        files = _files(tmp)
         shares = _all_gather(_describe(files[rank :: dist.get_world_size()], tmp))
         if rank == 0:
             try:
@@ -205,13 +208,10 @@ def find_resume(run_dir: str, rank: int, world: int) -> tuple[int | None, list[s
     return None, skipped
 
 
-def load(run_dir: str, step: int, model, optimizer, scheduler, loader, rank: int) -> int:
+def load(run_dir: str, step: int, engine, scheduler, loader, rank: int) -> int:
     """Collective: restore everything saved at ``step`` (verified by find_resume); returns the step."""
     ckpt = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=ckpt)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    engine.load(ckpt)
     extra = torch.load(os.path.join(ckpt, f"rank_{rank:05d}.pt"), weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     loader.load_state_dict(extra["data"])

@@ -71,8 +71,38 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0: no clipping (negative: rejected)
 
 
+def _deepspeed_defaults() -> dict[str, Any]:
+    # "auto": filled from this config (trainer.engines.deepspeed.ds_config); an explicit value
+    # that disagrees with it is an error, never a silent second truth
+    return {
+        "train_micro_batch_size_per_gpu": "auto",  # data.micro_batch
+        "gradient_accumulation_steps": "auto",  # trainer.grad_accum
+        "gradient_clipping": "auto",  # optim.grad_clip
+        "bf16": {"enabled": "auto"},  # trainer.precision=bf16
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 1000000000,  # longctx logs
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class EngineConfig:
+    """The training engine (trainer/engines), chosen with the group ``engine=NAME`` or
+    ``trainer.engine.name=NAME``."""
+
+    name: str = "native"  # native (DDP / FSDP2 per parallel.dp_mode) | deepspeed | accelerate
+    # DeepSpeed's JSON config as a Hydra node, every key an override, e.g.
+    # trainer.engine.deepspeed.zero_optimization.stage=3. No "optimizer" section: the torch
+    # AdamW of optim.* (or give one with "torch_adam": true); no "scheduler": optim.* schedules.
+    deepspeed: dict[str, Any] = field(default_factory=_deepspeed_defaults)
+    # let DeepSpeed JIT-compile C++ ops (its shared-memory comm op on CPU, C++ Adam, optimizer
+    # offload): minutes each on first use. Off: those ops are skipped or refused with a message
+    build_ops: bool = False
+
+
 @dataclass
 class TrainerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
     steps: int = 100
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 (autocast)
@@ -196,6 +226,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"optim.grad_clip={o.grad_clip} must be >= 0: give the max gradient norm, or 0 to turn clipping off"
         )
     _choice("trainer.nonfinite", t.nonfinite, ("stop", "skip"))
+    _choice("trainer.engine.name", t.engine.name, ("native", "deepspeed", "accelerate"))
+    if t.engine.name != "native":
+        from trainer.engines import check_engine
+
+        check_engine(cfg)
     _choice("trainer.precision", t.precision, ("fp32", "bf16"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     for name, val in (

@@ -23,14 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from models import Transformer
-from parallel.data_parallel import no_sync, unwrap, wrap_data_parallel
 from parallel.mesh import Mesh, env_ranks, init_mesh
 from trainer import checkpoint
 from trainer.batching import batch_loss, build_loaders, prepare_batch
 from trainer.config import TrainConfig, conf_dir, cp_strategies, register_schema, validate
+from trainer.engines import build_engine
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_scheduler
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:
@@ -127,8 +127,8 @@ def train(cfg: TrainConfig) -> dict:
         )
     model = build_model(cfg, mesh.device)
     n_params = sum(p.numel() for p in model.parameters())
-    dp_model = wrap_data_parallel(model, cfg.parallel.dp_mode, mesh)
-    optimizer = build_optimizer(dp_model, cfg.optim)
+    engine = build_engine(cfg, model, mesh)  # native (DDP / FSDP2), deepspeed or accelerate
+    dp_model, optimizer = engine.model, engine.optimizer
     scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
     step = 0
     resume, skipped = checkpoint.find_resume(run_dir, rank, world)  # newest *complete* checkpoint
@@ -136,7 +136,7 @@ def train(cfg: TrainConfig) -> dict:
         for line in skipped:
             print(f"[longctx] {line}", flush=True)
     if resume is not None:
-        step = checkpoint.load(run_dir, resume, unwrap(dp_model), optimizer, scheduler, train_loader, rank)
+        step = checkpoint.load(run_dir, resume, engine, scheduler, train_loader, rank)
     else:
         torch.manual_seed(t.seed + rank)
     logger = MetricsLogger(
@@ -171,27 +171,31 @@ def train(cfg: TrainConfig) -> dict:
         loss_sum, count_sum = 0.0, 0
         for micro in range(t.grad_accum):
             batch, ctx = prepare_batch(next(train_iter), cfg, mesh, strategies)
-            with no_sync(dp_model, micro < t.grad_accum - 1), autocast:
+            last_micro = micro == t.grad_accum - 1
+            with engine.no_sync(not last_micro), autocast:
                 logits = dp_model(batch["input_ids"], batch["positions"], ctx)
                 loss, ce_sum, count = batch_loss(logits, batch["labels"], mesh)
-                (loss / t.grad_accum).backward()
+                engine.backward(loss, last_micro)  # divides by grad_accum
             loss_sum += ce_sum
             count_sum += count
             tokens_since += batch["input_ids"].numel()
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")  # 0: off
-        grad_norm = torch.nn.utils.clip_grad_norm_(dp_model.parameters(), max_norm)
+        grad_norm = engine.clip_grad_norm(max_norm)  # None: DeepSpeed clips inside step()
         train_loss = loss_sum / max(count_sum, 1)
         # one all-reduce per step: a non-finite loss or grad norm on any rank, a preemption signal
-        bad, stop = _any_rank(
-            (not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)), preempt.flag), mesh
-        )
+        finite = math.isfinite(train_loss) and (grad_norm is None or math.isfinite(grad_norm))
+        bad, stop = _any_rank((not finite, preempt.flag), mesh)
         if bad:
             skips += 1
-            _check_nonfinite(t, step + 1, skips, train_loss, float(grad_norm), run_dir)
+            _check_nonfinite(t, step + 1, skips, train_loss, float("nan") if grad_norm is None else grad_norm, run_dir)
         else:  # skip: drop the update, keep the data order
-            optimizer.step()
+            engine.step()
+        if grad_norm is None:  # reported after the step: stop before anything is saved
+            grad_norm = engine.grad_norm()
+            if not bad and not math.isfinite(grad_norm):
+                _check_nonfinite(t, step + 1, skips + 1, train_loss, grad_norm, run_dir)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.zero_grad()
         step += 1
         history.append(train_loss)
         if not bad:
@@ -222,9 +226,7 @@ def train(cfg: TrainConfig) -> dict:
             logger.log(step, ev, console=bar.write if bar is not None else print)
             last.update(ev)
         if (t.save_every and step % t.save_every == 0) or step == end or stop:
-            checkpoint.save(
-                run_dir, step, unwrap(dp_model), optimizer, scheduler, train_loader, rank, t.keep_checkpoints
-            )
+            checkpoint.save(run_dir, step, engine, scheduler, train_loader, rank, t.keep_checkpoints)
         if stop:
             if mesh.is_main:
                 print(f"[longctx] preempted: checkpoint written at step {step}")

@@ -1,0 +1,113 @@
+"""Training engines: one small adapter per engine, one training step in trainer/train.py.
+
+    engine = build_engine(cfg, model, mesh)    # wraps the model, builds the optimizer
+    out = engine.model(input_ids, positions, ctx)
+    engine.backward(loss, last)                # last: the final micro-batch of the step
+    norm = engine.clip_grad_norm(max_norm)     # None: the engine clips inside step()
+    engine.step(); engine.zero_grad()
+    engine.save(path) / engine.load(path)      # model + optimizer, collective
+
+Engines (``trainer.engine.name``, or the group ``engine=NAME``): ``native`` (DDP or FSDP2 per
+``parallel.dp_mode``), ``deepspeed`` (ZeRO 0-3), ``accelerate``. Context parallelism lives in
+the model's context object, so an engine only decides how gradients are reduced -- always over
+the whole dp x cp world -- and how state is saved. Loss convention, the same for every engine:
+``backward`` gets each micro-batch's loss scaled by ``world_size / global token count``
+(trainer.batching.batch_loss); the engine divides it by ``trainer.grad_accum`` and averages
+gradients over all ranks, which is the exact gradient of the global mean loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+ENGINES = ("native", "deepspeed", "accelerate")
+
+
+class Engine:
+    """The interface; ``model`` is what forward and evaluation call, ``module`` the plain model,
+    ``optimizer`` the torch optimizer the LR schedule drives."""
+
+    name = "engine"
+    model: torch.nn.Module
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, grad_accum: int):
+        self.grad_accum = grad_accum
+
+    def no_sync(self, active: bool):
+        """Skip gradient reduction for this micro-batch (all but the last of a step)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        raise NotImplementedError
+
+    def clip_grad_norm(self, max_norm: float) -> float | None:
+        """Clip and return the global gradient norm before clipping; None when the engine clips
+        inside step() (then ``grad_norm()`` reports it after the step)."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def grad_norm(self) -> float:
+        return float("nan")
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, path: str) -> None:
+        """Collective: write model + optimizer state into the directory ``path``."""
+        raise NotImplementedError
+
+    def load(self, path: str) -> None:
+        raise NotImplementedError
+
+
+def build_engine(cfg, model: torch.nn.Module, mesh) -> Engine:
+    name = cfg.trainer.engine.name
+    if name == "native":
+        from trainer.engines.native import NativeEngine
+
+        return NativeEngine(cfg, model, mesh)
+    if name == "deepspeed":
+        from trainer.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, model, mesh)
+    if name == "accelerate":
+        from trainer.engines.accelerate import AccelerateEngine
+
+        return AccelerateEngine(cfg, model, mesh)
+    raise ValueError(f"trainer.engine.name={name!r} is unknown: choose one of {ENGINES}")
+
+
+def check_engine(cfg) -> None:
+    """Local checks of the engine settings (before any collective); ValueError naming the setting."""
+    name = cfg.trainer.engine.name
+    if name == "native":
+        return
+    if cfg.parallel.dp_mode != "ddp":
+        zero3 = "Accelerate's FSDP plugin"
+        if name == "deepspeed":
+            zero3 = "trainer.engine.deepspeed.zero_optimization.stage=3"
+        raise ValueError(
+            f"parallel.dp_mode={cfg.parallel.dp_mode!r} belongs to the native engine: with "
+            f"trainer.engine.name={name} leave it at ddp and shard with {zero3}"
+        )
+    if name == "deepspeed":
+        from trainer.engines.deepspeed import check
+
+        check(cfg)
+    else:
+        from trainer.engines.accelerate import check
+
+        check(cfg)
+
+
+def require(module: str, extra: str, setting: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"{setting} needs the {module} package: pip install -e '.[{extra}]', or choose another engine")
