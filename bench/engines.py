@@ -70,7 +70,7 @@ def main() -> None:
     runs = [common + ENGINES[n] + [f"trainer.run_dir={root}/{r}_{i}"] for r, i, n in cells]
     run_distributed(_bench, args.world, runs, timeout=3600)
     rows = []
-    tokens = 2 * args.seq_len // args.world  # as the trainer counts them (micro_batch 2)
+    tokens = 2 * args.seq_len  # tokens per step of all ranks (micro_batch 2, dp 1), as the trainer counts them
     for i, name in enumerate(names):
         medians = []
         for r in range(args.rounds):

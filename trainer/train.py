@@ -205,7 +205,8 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{train_loss:.4f}")
         if step % t.log_every == 0 or step == end:
             dt = time.perf_counter() - t0
-            tok_s = tokens_since * mesh.world_size / mesh.cp / max(dt, 1e-9)  # tokens of all dp ranks
+            # every rank holds distinct tokens (its CP shard of its dp rows): world x local tokens
+            tok_s = tokens_since * mesh.world_size / max(dt, 1e-9)
             last = {
                 "loss": sum(window) / len(window) if window else float("nan"),
                 "lr": scheduler.get_last_lr()[0],
