@@ -173,8 +173,8 @@ def plot(rows, path):
     )
     if first:
         ns = [r["seq_len"] for r in first]
-        axes[0][1].plot(ns, [r["bytes_allgather"] / 2**20 for r in first], "k-", label="dense all-gather")
-        axes[0][1].plot(ns, [r["bytes_ring"] / 2**20 for r in first], "k:", label="ring")
+        axes[0][1].plot(ns, [r["bytes_allgather"] / 2**20 for r in first], "ks-", label="dense all-gather")
+        axes[0][1].plot(ns, [r["bytes_ring"] / 2**20 for r in first], "k^:", label="ring", markerfacecolor="none")
     titles = [
         ["S2 / dense: fwd+bwd time, FLOPs (one device)", "MiB received per rank (fwd)"],
         ["S2 bytes / dense all-gather bytes", "compute balance (max/mean active blocks)"],

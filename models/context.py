@@ -7,6 +7,8 @@ Kinds and their options:
     softmax   q [B, T, H, D], k, v [B, T, Hkv, D]; causal, window, scale   -> o [B, T, H, D]
     linear    q, k [B, T, H, Dk], v [B, T, H, Dv]; g [B, T, H], gk [B, T, H, Dk], scale,
               chunk_size, impl                                              -> o [B, T, H, Dv]
+    sparse    q [B, T, H, D], k, v [B, T, Hkv, D]; pattern (per-KV-head block pattern,
+              models/s2_pattern.py), causal (True only), window, scale      -> o [B, T, H, D]
 
 ``attention`` and ``linear_attention`` are the same calls spelled for the two first kinds.
 The single-device context lives here; context-parallel ones are built in ``parallel/`` and

@@ -73,8 +73,8 @@ def measure_s2_bytes(rank, world, layout):
 def check_all(rank, world):
     errs = {}
     names = [s for s in strategy_names("sparse") if s != "local"] if world > 1 else ["s2"]  # world 1: local op
-    for name in names:
-        options = {"ulysses_size": 1} if name == "usp" and world == 3 else {}
+    runs = [(name, {"ulysses_size": {3: 1, 4: 2}[world]} if name == "usp" and world > 2 else {}) for name in names]
+    for name, options in runs:  # usp at world 4: 2-way Ulysses x 2-way ring (the ring masks see a head slice)
         try:
             build_strategy(name, **options).check(
                 n_heads=4, n_kv_heads=2, cp=world, seq_len=52 * world, layout="zigzag"

@@ -300,7 +300,7 @@ def test_lasp1_rejects_zigzag_and_kinds_are_checked():
     for name in ("lasp1", "lasp2"):
         with pytest.raises(ValueError, match=f"strategies.softmax='{name}' serves linear layers"):
             build_strategy(name, "softmax")
-    with pytest.raises(ValueError, match="strategies.linear='ring' serves softmax layers"):
+    with pytest.raises(ValueError, match="strategies.linear='ring' serves softmax and sparse layers"):
         build_strategy("ring", "linear")
     # a CP context without a strategy for a kind refuses it instead of running locally
     ctx = CPContext(build_strategy("lasp2"), None, 0, 2, "zigzag", 12, 1, torch.tensor([0, 12]))
