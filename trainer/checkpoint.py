@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 import zlib
 
 import torch
@@ -243,7 +244,9 @@ def load_run_weights(run_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
         for key, m in layout.items()
         if key.startswith("model.") and isinstance(m, TensorStorageMetadata)
     }
-    dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
     weights = {k[len("model.") :]: v for k, v in state.items()}
     stage = meta.get("stage_spec", {})
     if stage.get("lora_rank", 0) > 0:

@@ -281,7 +281,7 @@ def main(argv=None) -> None:
     ap.add_argument("paths", nargs="+", help="a run dir or Hugging Face dir, then key=value overrides")
     ap.add_argument("--out", default=None, help="output directory (default: PATH/eval)")
     ap.add_argument("--plot", action="store_true", help="paths are summary JSON files: plot them together")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if args.plot:
         summaries = {os.path.splitext(os.path.basename(p))[0]: json.load(open(p)) for p in args.paths}
         for f in plot_summaries(summaries, args.out or "."):
