@@ -40,26 +40,28 @@ def _rows(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def test_linearize_resumes_mid_stage_bit_exact(tmp_path):
+def test_linearize_resumes_at_the_boundary_and_mid_stage_bit_exact(tmp_path):
     common = ["recipe=linearize", "recipe.stages.0.steps=3", "recipe.stages.1.steps=3"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     full = run_distributed(_train, 1, common + [f"trainer.run_dir={a}"])[0]
-    first = run_distributed(_train, 1, common + [f"trainer.run_dir={b}", "trainer.stop_after=4"])[0]
-    second = run_distributed(_train, 1, common + [f"trainer.run_dir={b}"])[0]
-    assert first["step"] == 4 and second["step"] == 6  # stopped inside the LoRA stage
-    assert first["history"] + second["history"] == full["history"]
+    parts = [
+        run_distributed(_train, 1, common + [f"trainer.run_dir={b}", f"trainer.stop_after={n}"])[0]
+        for n in (3, 1, 2)  # stop at the stage boundary, then inside the LoRA stage, then finish
+    ]
+    assert [p["step"] for p in parts] == [3, 4, 6]
+    assert sum((p["history"] for p in parts), []) == full["history"]
     (meta_a, wa), (_, wb) = _weights(a), _weights(b)
     assert meta_a["stage_name"] == "lora" and meta_a["stage_step"] == 3
     assert wa.keys() == wb.keys() and not any("lora" in k for k in wa)  # merged on reading
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
-    rows = _rows(a)
-    assert [(r["stage"], r["at"]) for r in rows if "at" in r] == [
-        ("transfer", "start"),
-        ("transfer", "end"),
-        ("lora", "start"),
-        ("lora", "end"),
-    ]
+    for rows in (_rows(a), [r for r in _rows(b) if "resumed_from" not in r]):
+        assert [(r["stage"], r["at"]) for r in rows if "at" in r] == [
+            ("transfer", "start"),
+            ("transfer", "end"),
+            ("lora", "start"),
+            ("lora", "end"),
+        ]
     assert all("transfer_mse" in r for r in rows if r.get("stage") == "transfer" and "lr" in r)
     assert os.path.exists(os.path.join(a, "eval", "lora.json"))
 
@@ -112,12 +114,10 @@ def test_cpu_example_recipe_runs(tmp_path):
     short += [f"recipe.stages.{i}.overrides.data.seq_len=128" for i in (1, 2, 3)]
     out = run_distributed(_train, 1, ["recipe=cpu_example", f"trainer.run_dir={run}"] + short)[0]
     assert out["step"] == 4
-    assert sorted(f for f in os.listdir(os.path.join(run, "eval")) if f.endswith(".json")) == [
-        "extend.json",
-        "lora.json",
-        "pretrain.json",
-        "transfer.json",
-    ]
+    written = sorted(f for f in os.listdir(os.path.join(run, "eval")) if f.endswith(".json"))
+    assert written == sorted(
+        f"{s}{at}.json" for s in ("pretrain", "extend", "transfer", "lora") for at in ("", "_start")
+    )
 
 
 @pytest.mark.gloo

@@ -232,13 +232,14 @@ def plot_summaries(summaries: dict[str, dict], out_dir: str, prefix: str = "") -
     return files
 
 
-def write_report(out_dir: str, name: str, metrics: dict) -> dict:
+def write_report(out_dir: str, name: str, metrics: dict, plots: bool = True) -> dict:
     """``out_dir/{name}.json`` (the summary) and ``out_dir/{name}_*.png``; returns the summary."""
     os.makedirs(out_dir, exist_ok=True)
     summary = summarize(metrics)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    plot_summaries({name: summary}, out_dir, f"{name}_")
+    if plots:
+        plot_summaries({name: summary}, out_dir, f"{name}_")
     return summary
 
 

@@ -156,6 +156,8 @@ def train(cfg: TrainConfig) -> dict:
     run.end = plan[-1].end if stop_after is None else min(plan[-1].end, run.step + stop_after)
     prev, last = None, {}
     for st in plan[first:]:
+        if st.index > first and run.step >= run.end:  # stopped at a stage boundary (stop_after)
+            break
         mesh, strategies = _stage_mesh(st, mesh)
         prev, last = _run_stage(run, st, mesh, strategies, prev, resume if st.index == first else None)
         if prev is None:  # stopped inside the stage (stop_after, a signal)
@@ -225,6 +227,8 @@ def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: 
     if resume is None and (st.index == 0 or staged):  # the starting point of the stage
         ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)
         run.logger.log(run.step, {**tag, **({"at": "start"} if staged else {}), **ev}, console=console)
+        if staged and mesh.is_main:
+            write_report(os.path.join(run.run_dir, "eval"), f"{spec.name}_start", ev, plots=False)
     t0, tokens_since = time.perf_counter(), 0
     end = min(st.end, run.end)
     step = run.step
