@@ -66,6 +66,7 @@ def test_recipe_stage_overrides_apply_on_top_of_the_run():
         (["recipe=extend", "+recipe.stages.1.overrides.optim.lr=fast"], r"recipe.stages\[1\] \(extend_2k\).overrides"),
         (["data.long_ratio=1.5"], r"data.long_ratio=1.5 must be in \(0, 1\)"),
         (["trainer.passkey_depths=[2.0]"], r"trainer.passkey_depths has 2.0"),
+        (["trainer.passkey_lengths=[64]"], r"trainer.passkey_lengths has 64: a passkey prompt needs at least"),
     ],
 )
 def test_bad_recipe_values_have_clear_errors(overrides, message):

@@ -180,6 +180,7 @@ def conf_dir() -> str:
     raise FileNotFoundError(f"no Hydra config directory (train.yaml) next to {here}: reinstall longctx")
 
 
+_PASSKEY_MIN_BYTES = 105  # byte tokenizer: needle and question (98 tokens) + the answer " NNNNN." (7)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -255,6 +256,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     ):
         if val < 1:
             raise ValueError(f"{name}={val} must be >= 1")
+    if d.tokenizer == "byte" and t.passkey_lengths and min(t.passkey_lengths) < _PASSKEY_MIN_BYTES:
+        raise ValueError(
+            f"trainer.passkey_lengths has {min(t.passkey_lengths)}: a passkey prompt needs at least "
+            f"{_PASSKEY_MIN_BYTES} tokens (needle, question, answer): use longer lengths"
+        )
     for depth in t.passkey_depths:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"trainer.passkey_depths has {depth}: depths are fractions in [0, 1]")
