@@ -98,7 +98,10 @@ def build_model(cfg: TrainConfig, device: torch.device, expand_kv: bool = True) 
                     f"{getattr(hf_cfg, name)} or use a matching model config"
                 )
         model = Transformer(cfg.model)
-        model.load_state_dict(state, strict=True)
+        if all(block.mixer.hf_attention for block in model.layers.values()):
+            model.load_state_dict(state, strict=True)
+        else:  # converting (e.g. recipe=linearize): carried as between stages
+            stages.carry_weights(state, model, expand_kv)
     else:
         model = Transformer(cfg.model)
     model.checkpoint_layers = cfg.trainer.activation_checkpointing
