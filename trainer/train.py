@@ -163,7 +163,7 @@ def train(cfg: TrainConfig) -> dict:
             break
         mesh, strategies = _stage_mesh(st, mesh)
         prev, last = _run_stage(run, st, mesh, strategies, prev, resume if st.index == first else None)
-        if prev is None:  # stopped inside the stage (stop_after, a signal)
+        if prev is None or run.stopped:  # stopped inside the stage (stop_after) or by a signal
             break
     logger.close()
     return {"step": run.step, "history": run.history, "run_dir": run_dir, **last}
@@ -179,6 +179,7 @@ class _Run:
     step: int  # global step (continues across stages)
     history: list
     end: int = 0  # the global step this invocation stops at
+    stopped: bool = False  # a preemption signal (agreed by every rank) stopped the run
 
 
 def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: dict | None, resume: int | None):
@@ -313,6 +314,7 @@ def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: 
                 run.run_dir, step, unwrap(dp_model), optimizer, scheduler, train_loader, rank, t.keep_checkpoints, meta
             )
         if stop:
+            run.stopped = True
             if mesh.is_main:
                 print(f"[longctx] preempted: checkpoint written at step {step}")
             break
