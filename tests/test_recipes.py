@@ -140,7 +140,8 @@ def test_bucket_sums_by_hand():
 
 
 def test_answer_hits_and_summary_by_hand():
-    from trainer.evaluate import answer_hits, summarize
+    from trainer.eval_report import summarize
+    from trainer.evaluate import answer_hits
 
     logits = torch.zeros(1, 4, 5)
     logits[0, 0, 2] = logits[0, 1, 3] = logits[0, 2, 1] = 1

@@ -29,7 +29,8 @@ from trainer import checkpoint, stages
 from trainer.batching import batch_loss, build_loaders, prepare_batch
 from trainer.config import TrainConfig, conf_dir, cp_strategies, register_schema, reject_unknown_keys, validate
 from trainer.distill import AttentionTransfer, transfer_loss_value
-from trainer.evaluate import evaluate, write_report
+from trainer.eval_report import write_report
+from trainer.evaluate import evaluate
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from trainer.optim import build_optimizer, build_scheduler
 
