@@ -185,3 +185,21 @@ def test_mix_upsamples_long_documents_to_the_ratio():
     assert mix.repeat == pytest.approx(4.5) and long_chars / sum(map(len, natural)) == pytest.approx(0.75, abs=0.1)
     assert len(mix) == len(mix.index) + round(0.5 * len(mix.index))
     assert "pass key" in mix[len(mix) - 1] and mix[len(mix) - 1] == mix[len(mix) - 1]  # deterministic
+
+
+def test_normalized_linear_attention_is_a_weighted_mean_of_values():
+    """linear_normalize: o_t = sum_s w_ts v_s with w_ts = phi(q_t).phi(k_s) / sum_s' (...), checked
+    against the formula on one head (causal, one document)."""
+    from models.context import SingleDeviceContext
+
+    cfg = ModelConfig(**HYBRID)
+    mixer = Transformer(cfg).layers["0"].mixer
+    x = torch.randn(1, 10, 32)
+    cos, sin = torch.ones(1, 10, 1, 8), torch.zeros(1, 10, 1, 8)  # no rotation
+    got = mixer(x, cos, sin, SingleDeviceContext(1, 10))
+    q = mixer.q_map(mixer.q_proj(x).view(1, 10, 4, 8))
+    k = mixer.k_map(mixer.k_proj(x).view(1, 10, 4, 8))
+    v = mixer.v_proj(x).view(1, 10, 4, 8)
+    w = torch.einsum("bthd,bshd->bhts", q, k).tril()
+    o = torch.einsum("bhts,bshd->bthd", w / w.sum(-1, keepdim=True), v)
+    torch.testing.assert_close(got, mixer.o_proj(o.reshape(1, 10, 32)), rtol=1e-4, atol=1e-5)
