@@ -29,6 +29,8 @@ class ModelConfig:
     linear_output_norm: bool | None = None
     linear_output_gate: bool | None = None
     linear_rope: bool | None = None
+    linear_normalize: bool | None = None  # divide by phi(q) . sum phi(k) (linear attention's
+    # softmax denominator, as LoLCATs / Hedgehog use); needs positive feature maps
     linear_chunk_size: int = 64
     linear_impl: str = "auto"  # auto | chunk | naive
     linear_gate_normalizer: float = 16.0

@@ -10,6 +10,8 @@ Options are read with getattr(cfg, name, None) (None -> the mixer's default):
     linear_output_norm   bool, RMSNorm per head (retention: group norm per head)
     linear_output_gate   bool, o * silu(W_gate x)
     linear_rope          bool, rotate q, k with the model's RoPE (before the feature map)
+    linear_normalize     bool, o_t = phi(q_t) S_t / (phi(q_t) z_t), z_t = sum of phi(k) (decayed
+                         alike): v gets a ones column [B, T, H, D+1], so every CP strategy serves it
     linear_chunk_size    int (64)
     linear_impl          auto | chunk | naive (naive = token-by-token reference, for tests)
     linear_gate_normalizer  float (16), simple_gla / gla: g = logsigmoid(W x) / normalizer
@@ -93,6 +95,7 @@ class LinearAttentionBase(nn.Module):
     output_gate = True
     rope = False
     centred_norm = False
+    normalize = False
 
     def __init__(self, cfg, layer: int):
         super().__init__()
@@ -100,6 +103,7 @@ class LinearAttentionBase(nn.Module):
         self.chunk_size = int(_option(cfg, "linear_chunk_size", 64))
         self.impl = _option(cfg, "linear_impl", "auto")
         self.use_rope = bool(_option(cfg, "linear_rope", self.rope))
+        self.normalize = bool(_option(cfg, "linear_normalize", self.normalize))
         self.q_proj = nn.Linear(cfg.dim, self.h * self.d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.dim, self.h * self.d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.dim, self.h * self.d, bias=cfg.attention_bias)
@@ -140,7 +144,12 @@ class LinearAttentionBase(nn.Module):
         q, k = self.q_map(q), self.k_map(k)
         g, gk = self.decay(x)
         kw = dict(g=g, gk=gk, scale=self.scale, chunk_size=self.chunk_size, impl=self.impl)
-        o = ctx.run(self.kind, q, k, v, **kw)
+        if self.normalize:  # numerator and denominator in one call: v1 [B, T, H, D+1]
+            v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+            o1 = ctx.run(self.kind, q, k, v1, **kw)
+            o = o1[..., :-1] / (o1[..., -1:] + 1e-6 * self.scale)
+        else:
+            o = ctx.run(self.kind, q, k, v, **kw)
         if self.o_norm is not None:
             o = self.o_norm(o)
         if self.g_proj is not None:

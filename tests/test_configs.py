@@ -27,6 +27,57 @@ def test_experiment_composes_and_validates(name):
     validate(cfg, world_size=cfg.parallel.cp.size * 2)
 
 
+@pytest.mark.parametrize("name", _options("recipe"))
+def test_recipe_composes_and_every_stage_validates(name):
+    from trainer.stages import plan
+
+    cfg = _compose([f"recipe={name}"])
+    stages = plan(cfg)
+    assert len(stages) == len(cfg.recipe.stages) >= 2
+    for st in stages:
+        validate(st.cfg, world_size=st.cfg.parallel.cp.size)
+        assert st.cfg.trainer.steps == st.spec.steps
+    assert [s.offset for s in stages] == [sum(x.spec.steps for x in stages[:i]) for i in range(len(stages))]
+
+
+def test_recipe_stage_overrides_apply_on_top_of_the_run():
+    from trainer.stages import plan
+
+    stages = plan(_compose(["recipe=cpu_example", "model.dim=64"]))
+    assert [s.cfg.data.seq_len for s in stages] == [512, 1024, 1024, 1024]
+    assert all(s.cfg.model.dim == 64 for s in stages)
+    assert stages[3].cfg.model.mixer_pattern == ["linear", "linear", "linear", "softmax"]
+    assert stages[3].cfg.optim.lr == 3e-4 and stages[2].cfg.optim.lr == 1e-2
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["recipe=linearize", "+recipe.stages.0.overrides.optim.lrr=1"],
+            r"recipe.stages\[0\] \(transfer\).overrides.optim.lrr is not a setting",
+        ),
+        (["recipe=linearize", "recipe.stages.0.objective=kl"], r"objective='kl' is unknown"),
+        (["recipe=linearize", "recipe.stages.1.optimizer=sgd"], r"optimizer='sgd' is unknown: choose reset or keep"),
+        (
+            ["recipe=linearize", "recipe.stages.0.overrides.model.mixer_pattern=[softmax]"],
+            "attention_transfer needs linear layers",
+        ),
+        (["recipe=extend", "+recipe.stages.1.overrides.optim.lr=fast"], r"recipe.stages\[1\] \(extend_2k\).overrides"),
+        (["data.long_ratio=1.5"], r"data.long_ratio=1.5 must be in \(0, 1\)"),
+        (["trainer.passkey_depths=[2.0]"], r"trainer.passkey_depths has 2.0"),
+        (["trainer.passkey_lengths=[64]"], r"trainer.passkey_lengths has 64: a passkey prompt needs at least"),
+    ],
+)
+def test_bad_recipe_values_have_clear_errors(overrides, message):
+    from trainer.stages import plan
+
+    with pytest.raises(ValueError, match=message):
+        cfg = _compose(overrides)
+        validate(cfg, world_size=1)
+        plan(cfg)
+
+
 @pytest.mark.parametrize("group", ["model", "parallel", "data", "optim", "trainer", "logger", "engine"])
 def test_every_group_option_composes(group):
     if group == "engine":

@@ -73,6 +73,7 @@ def test_hybrid_model_chunk_equals_naive_and_grads_finite(name):
         dict(feature_map="learnable"),
         dict(feature_map="hedgehog", output_gate=True),
         dict(output_norm=False, rope=True),
+        dict(feature_map="hedgehog", normalize=True, output_norm=False, output_gate=False, rope=True),  # LoLCATs
     ],
 )
 def test_linear_options_chunk_equals_naive(options):

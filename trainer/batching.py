@@ -14,14 +14,21 @@ def build_loaders(cfg, mesh):
     """Train and validation loaders for this rank's data-parallel shard, and the tokenizer.
     Every CP rank of a dp group reads the same rows (it keeps its own shard of each)."""
     from trainer.data import DataLoaderShard, PackedDataset, StdlibSource, TextFilesSource, build_tokenizer
+    from trainer.data.mix import MixedSource
 
     d = cfg.data
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path)
 
     def source(split):
         if d.source == "stdlib":
-            return StdlibSource(split=split, val_fraction=d.val_fraction)
-        return TextFilesSource(list(d.paths), split=split, val_fraction=d.val_fraction)
+            src = StdlibSource(split=split, val_fraction=d.val_fraction)
+        else:
+            src = TextFilesSource(list(d.paths), split=split, val_fraction=d.val_fraction)
+        if split == "train" and (d.long_ratio is not None or d.passkey_fraction > 0):  # val stays natural
+            src = MixedSource(
+                src, d.long_min_chars, d.long_ratio, d.passkey_fraction, list(d.passkey_doc_chars), d.seed
+            )
+        return src
 
     train = DataLoaderShard(
         PackedDataset(source("train"), tokenizer, d.seq_len, d.seed), mesh.dp_rank, mesh.dp, d.micro_batch

@@ -6,7 +6,8 @@ Layout of a run directory:
                                           their own files, trainer/engines)
                         step_000100/rank_00003.pt   per-rank state: data loader, RNG, scheduler
                         step_000100/manifest.json   written last: world size, size + CRC-32 of
-                                                    every other file
+                                                    every other file, and ``meta`` (the stage, its
+                                                    step, the stage's settings)
                         latest                      the newest step written (a convenience only)
 A checkpoint is written into ``step_N.tmp`` and renamed once every rank has finished and the
 manifest is in place. It is *complete* only when its manifest matches the files on disk; resume
@@ -21,10 +22,12 @@ import json
 import os
 import re
 import shutil
+import warnings
 import zlib
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 MANIFEST = "manifest.json"
@@ -85,10 +88,11 @@ def _files(root: str) -> list[str]:
     return sorted(out)
 
 
-def save(run_dir: str, step: int, engine, scheduler, loader, rank: int, keep: int = 2) -> str:
+def save(run_dir: str, step: int, engine, scheduler, loader, rank: int, keep: int = 2, meta: dict | None = None) -> str:
     """Collective: every rank calls it. ``engine`` (trainer/engines) writes model + optimizer.
     Returns the final checkpoint directory. On any rank's failure every rank raises
-    CheckpointError and no trace of this step is left."""
+    CheckpointError and no trace of this step is left. ``meta`` (JSON-able, rank 0's) goes
+    into the manifest (read_meta)."""
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -113,6 +117,7 @@ def save(run_dir: str, step: int, engine, scheduler, loader, rank: int, keep: in
                     "step": step,
                     "world_size": dist.get_world_size(),
                     "files": {k: v for share in shares for k, v in share.items()},
+                    "meta": meta or {},
                 }
                 _write_file(os.path.join(tmp, MANIFEST), lambda f: f.write(json.dumps(manifest).encode()))
                 shutil.rmtree(final, ignore_errors=True)
@@ -206,6 +211,49 @@ def find_resume(run_dir: str, rank: int, world: int) -> tuple[int | None, list[s
             "restore one, or move the directory away to start from scratch"
         )
     return None, skipped
+
+
+def read_meta(run_dir: str, step: int) -> dict:
+    """The ``meta`` a checkpoint's manifest holds ({} for checkpoints written before stages)."""
+    with open(os.path.join(run_dir, "checkpoints", f"step_{step:06d}", MANIFEST)) as f:
+        return json.load(f).get("meta", {})
+
+
+def newest_complete(run_dir: str) -> str | None:
+    """Non-collective: the newest checkpoint directory of ``run_dir`` whose every file matches
+    its manifest (for reading weights out of another run), or None."""
+    for _, ckpt in _step_dirs(os.path.join(run_dir, "checkpoints")):
+        if _problems(ckpt, 0, 1)[0] is None:
+            return ckpt
+    return None
+
+
+def load_run_weights(run_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Non-collective: (meta, model state dict) of the newest complete checkpoint of a longctx
+    run dir, LoRA factors merged into their weights. ValueError when there is none."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from models.lora import merge_lora_state
+
+    ckpt = newest_complete(run_dir)
+    if ckpt is None:
+        raise ValueError(f"{run_dir!r} holds no complete longctx checkpoint (checkpoints/step_*/manifest.json)")
+    with open(os.path.join(ckpt, MANIFEST)) as f:
+        meta = json.load(f).get("meta", {})
+    layout = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(m.size, dtype=m.properties.dtype)
+        for key, m in layout.items()
+        if key.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=ckpt, no_dist=True)
+    weights = {k[len("model.") :]: v for k, v in state.items()}
+    stage = meta.get("stage_spec", {})
+    if stage.get("lora_rank", 0) > 0:
+        weights = merge_lora_state(weights, stage["lora_alpha"] / stage["lora_rank"])
+    return meta, weights
 
 
 def load(run_dir: str, step: int, engine, scheduler, loader, rank: int) -> int:

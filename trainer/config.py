@@ -56,6 +56,12 @@ class DataConfig:
     micro_batch: int = 1
     val_fraction: float = 0.02
     seed: int = 0
+    # training mix (trainer/data/mix.py; the validation split stays natural):
+    long_min_chars: int = 4096  # documents of at least this many characters count as long
+    long_ratio: float | None = None  # share of training characters from long documents after
+    # up- (or down-)sampling them, ProLong-style (e.g. 0.6); None: the corpus as it is
+    passkey_fraction: float = 0.0  # synthetic passkey documents added, per corpus document
+    passkey_doc_chars: list[int] = field(default_factory=lambda: [256, 512])  # their lengths (drawn)
 
 
 @dataclass
@@ -116,7 +122,14 @@ class TrainerConfig:
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 4
     passkey_lengths: list[int] = field(default_factory=list)
-    passkey_samples: int = 4
+    passkey_samples: int = 4  # per (length, depth) cell
+    passkey_depths: list[float] = field(default_factory=list)  # needle depths (0 = start); empty:
+    # passkey_samples depths spread evenly, reported as one accuracy per length
+    eval_position_buckets: int = 0  # > 0: held-out loss by position in the document, this many
+    # equal buckets over [0, data.seq_len) (the long-context perplexity curve)
+    mqar_lengths: list[int] = field(default_factory=list)  # multi-query associative recall lengths
+    mqar_pairs: int = 8  # key-value pairs per MQAR example
+    mqar_samples: int = 4
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps, for tests
     progress_bar: bool = True  # drawn only on a terminal; plain log lines otherwise
     nonfinite: str = "stop"  # non-finite loss or grad norm: stop (keep the last good
@@ -133,6 +146,35 @@ class LoggerConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a recipe (trainer/stages.py). Its settings are the run's settings with
+    ``overrides`` merged on top (any TrainConfig keys, nested: ``{data: {seq_len: 2048}}``)."""
+
+    name: str = "stage"
+    steps: int = 100  # this stage's optimizer steps (sets trainer.steps: lr warmup restarts)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    train_params: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names
+    # that train (e.g. ["*.q_map.*", "*.k_map.*"]); empty: all
+    objective: str = "lm"  # lm (next-token loss) | attention_transfer (each linear layer's output
+    # matches the softmax attention of its own projections, MSE, layer-wise; LoLCATs stage 1)
+    optimizer: str = "reset"  # reset | keep (carry AdamW moments of same-name, same-shape params)
+    expand_kv: bool = True  # new k/v projections wider than the previous stage's (GQA softmax ->
+    # linear mixers, which have no GQA) start as each kv head repeated; false: fresh init
+    lora_rank: int = 0  # > 0: LoRA factors on lora_targets (models/lora.py), merged at stage end
+    lora_alpha: float = 16.0  # LoRA scale alpha / rank
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class RecipeConfig:
+    """A run as a list of stages (conf/recipe/*.yaml, ``recipe=NAME``); empty: one stage, the run's
+    own settings. The stages share one run dir; checkpoints record the stage and its step."""
+
+    name: str | None = None
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -140,8 +182,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     experiment: str = "default"
-    init_from: str | None = None  # local Hugging Face checkpoint directory to start from
+    init_from: str | None = None  # start from a local Hugging Face checkpoint directory, or from
+    # the newest complete checkpoint of a longctx run dir (weights only, carried as between stages)
 
 
 SCHEMA_NAME = "train_schema"
@@ -166,6 +210,7 @@ def conf_dir() -> str:
     raise FileNotFoundError(f"no Hydra config directory (train.yaml) next to {here}: reinstall longctx")
 
 
+_PASSKEY_MIN_BYTES = 105  # byte tokenizer: needle and question (98 tokens) + the answer " NNNNN." (7)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -183,7 +228,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     check_world(world_size, p.cp.size)
     _choice("parallel.dp_mode", p.dp_mode, ("ddp", "fsdp"))
     strategies = cp_strategies(cfg)
-    for length in [d.seq_len, *t.passkey_lengths]:
+    for length in [d.seq_len, *t.passkey_lengths, *t.mqar_lengths]:
         for kind, strategy in strategies.items():
             try:
                 strategy.check(
@@ -192,7 +237,9 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             except ValueError as e:
                 msg = f"{e} (parallel.cp.strategies.{kind}={strategy.name!r} serves the {kind} layers)"
                 if length != d.seq_len:
-                    msg = f"trainer.passkey_lengths has {length}: " + msg.replace("data.seq_len", "each passkey length")
+                    which = "passkey" if length in t.passkey_lengths else "mqar"
+                    msg = msg.replace("data.seq_len", f"each {which} length")
+                    msg = f"trainer.{which}_lengths has {length}: " + msg
                 raise ValueError(msg) from None
     _choice("data.source", d.source, ("stdlib", "files"))
     _choice("data.tokenizer", d.tokenizer, ("byte", "hf"))
@@ -210,7 +257,7 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     if cfg.init_from is not None and not os.path.isdir(cfg.init_from):
         raise ValueError(
             f"init_from={cfg.init_from!r} is not a directory: give a local Hugging Face "
-            "checkpoint directory (config.json + *.safetensors), or set init_from=null"
+            "checkpoint directory (config.json + *.safetensors) or a longctx run dir, or set init_from=null"
         )
     elif d.tokenizer == "hf" and not any(os.path.exists(os.path.join(d.tokenizer_path, f)) for f in _TOKENIZER_FILES):
         raise ValueError(
@@ -240,12 +287,47 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         ("trainer.grad_accum", t.grad_accum),
         ("trainer.log_every", t.log_every),
         ("trainer.max_skips", t.max_skips),
+        ("trainer.passkey_samples", t.passkey_samples),
     ):
         if val < 1:
             raise ValueError(f"{name}={val} must be >= 1")
+    if d.tokenizer == "byte" and t.passkey_lengths and min(t.passkey_lengths) < _PASSKEY_MIN_BYTES:
+        raise ValueError(
+            f"trainer.passkey_lengths has {min(t.passkey_lengths)}: a passkey prompt needs at least "
+            f"{_PASSKEY_MIN_BYTES} tokens (needle, question, answer): use longer lengths"
+        )
+    for depth in t.passkey_depths:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"trainer.passkey_depths has {depth}: depths are fractions in [0, 1]")
+    if d.long_ratio is not None and not 0.0 < d.long_ratio < 1.0:
+        raise ValueError(f"data.long_ratio={d.long_ratio} must be in (0, 1), or null for the natural mix")
+    if d.passkey_fraction < 0 or (d.passkey_fraction > 0 and not d.passkey_doc_chars):
+        raise ValueError("data.passkey_fraction must be >= 0 and needs data.passkey_doc_chars, e.g. [256, 512]")
 
 
-def cp_strategies(cfg: TrainConfig) -> dict:
+def reject_unknown_keys(node, schema: type, prefix: str) -> None:
+    """A key the dataclass ``schema`` lacks (e.g. added with ``+optim.lrr=1``) is a typo:
+    ValueError naming it, instead of being dropped silently."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node:
+        if key == "hydra":
+            continue
+        if key not in fields:
+            raise ValueError(
+                f"{prefix}{key} is not a setting: remove it or fix its spelling "
+                f"({prefix[:-1] or 'the root'} has: {', '.join(fields)})"
+            )
+        sub = typing.get_type_hints(schema).get(key)
+        if dataclasses.is_dataclass(sub) and OmegaConf.is_dict(node[key]):
+            reject_unknown_keys(node[key], sub, f"{prefix}{key}.")
+
+
+def cp_strategies(cfg: TrainConfig, extra_kinds: tuple[str, ...] = ()) -> dict:
     """{mixer kind: strategy} for the kinds the model uses, from ``parallel.cp.strategies`` and
     ``parallel.cp.options``; ValueError naming the setting for an unknown kind or strategy."""
     from models.mixers import KINDS
@@ -267,4 +349,5 @@ def cp_strategies(cfg: TrainConfig) -> dict:
                 f"parallel.cp.options.{kind}={opts!r} must be a mapping of strategy "
                 f"options, e.g. parallel.cp.options.{kind}={{}}"
             )
-    return build_strategies(cp.strategies, cp.options, cfg.model.kinds())
+    kinds = cfg.model.kinds() + [k for k in extra_kinds if k not in cfg.model.kinds()]
+    return build_strategies(cp.strategies, cp.options, kinds)

@@ -1,59 +1,135 @@
-"""Evaluation: held-out loss and passkey retrieval accuracy by context length."""
+"""Evaluation: held-out loss (overall and by position in the document), passkey retrieval over
+lengths x depths, multi-query associative recall (MQAR); a JSON summary and PNG plots.
+
+In the trainer it runs at every stage's start and end; on its own (also under torchrun, with
+context parallelism for lengths one rank cannot hold):
+
+    python -m trainer.evaluate RUN_DIR_or_HF_DIR [--out DIR] [key=value ...]
+    python -m trainer.evaluate --plot SUMMARY.json [SUMMARY.json ...] --out DIR   # compare
+
+Metric names (flat, as in metrics.jsonl): ``val_loss``, ``val_loss@pos{lo}-{hi}``,
+``passkey@{L}`` (mean over depths), ``passkey@{L}@{depth}``, ``mqar@{L}``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
+import os
 import random
+import sys
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from trainer.batching import batch_loss, prepare_batch
+from trainer.batching import prepare_batch
+from trainer.eval_report import plot_summaries, summarize, write_report
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def position_edges(seq_len: int, buckets: int) -> list[int]:
+    """``buckets`` equal position ranges over [0, seq_len): edges [buckets + 1]."""
+    return [round(i * seq_len / buckets) for i in range(buckets + 1)]
+
+
+def bucket_sums(ce: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, edges: list[int]) -> torch.Tensor:
+    """ce, positions, valid [N] -> [2, nb]: per bucket [lo, hi) of ``edges`` the sum of ``ce`` over
+    valid tokens and their count."""
+    nb = len(edges) - 1
+    idx = torch.bucketize(positions, torch.tensor(edges[1:-1], device=positions.device), right=True)
+    out = torch.zeros(2, nb, dtype=torch.float64, device=ce.device)
+    out[0].index_add_(0, idx[valid], ce[valid].double())
+    out[1].index_add_(0, idx[valid], torch.ones_like(ce[valid], dtype=torch.float64))
+    return out
+
+
+def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[hits, targets] (float) of argmax predictions at labelled positions (labels != -100)."""
+    mask = labels != -100
+    return torch.stack([(logits.argmax(-1)[mask] == labels[mask]).sum(), mask.sum()]).double()
+
+
+def depths_of(cfg) -> list[float]:
+    t = cfg.trainer
+    return list(t.passkey_depths) or [(i + 0.5) / t.passkey_samples for i in range(t.passkey_samples)]
+
+
+# --------------------------------------------------------------------------- model runs
 
 
 @torch.no_grad()
-def heldout_loss(model, loader, cfg, mesh, strategies) -> float:
+def heldout_loss(model, loader, cfg, mesh, strategies, buckets: int = 0):
+    """Mean next-token loss over ``trainer.eval_batches`` validation batches (the same rows every
+    time); with ``buckets`` > 0 also (edges, loss per position bucket)."""
     start = copy.deepcopy(loader.state_dict())  # every evaluation sees the same rows
     it = iter(loader)
-    ce, count = 0.0, 0
+    edges = position_edges(cfg.data.seq_len, buckets) if buckets else [0, cfg.data.seq_len]
+    sums = torch.zeros(2, len(edges) - 1, dtype=torch.float64, device=mesh.device)
     for _ in range(cfg.trainer.eval_batches):
         batch, ctx = prepare_batch(next(it), cfg, mesh, strategies)
         logits = model(batch["input_ids"], batch["positions"], ctx)
-        _, s, c = batch_loss(logits, batch["labels"], mesh)
-        ce, count = ce + s, count + c
+        labels = batch["labels"].flatten()
+        ce = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=-100, reduction="none")
+        sums += bucket_sums(ce, batch["positions"].flatten(), labels != -100, edges)
+    dist.all_reduce(sums)  # every rank's tokens (dp rows, cp shards)
     loader.load_state_dict(start)
-    return ce / max(count, 1)
+    total = (sums[0].sum() / sums[1].sum().clamp_min(1)).item()
+    per_bucket = (sums[0] / sums[1].clamp_min(1)).tolist()
+    return (total, edges, per_bucket) if buckets else total
+
+
+def _one_row(ids: list[int], labels: list[int], length: int) -> dict:
+    pad = length - len(ids)
+    return {
+        "input_ids": torch.tensor(ids + [0] * pad)[None],
+        "labels": torch.tensor(labels + [-100] * pad)[None],
+        "positions": torch.arange(length)[None],
+        "cu_seqlens": torch.tensor([0, length]),
+    }
+
+
+def _hits(model, row: dict, cfg, mesh, strategies) -> torch.Tensor:
+    batch, ctx = prepare_batch(row, cfg, mesh, strategies)
+    hits = answer_hits(model(batch["input_ids"], batch["positions"], ctx), batch["labels"])
+    if mesh.cp > 1:
+        dist.all_reduce(hits, group=mesh.cp_group)
+    return hits
 
 
 @torch.no_grad()
-def passkey_accuracy(model, tokenizer, length: int, cfg, mesh, strategies) -> float:
-    """Teacher-forced: an example is correct when every answer token is the argmax."""
+def passkey_accuracy(model, tokenizer, length: int, cfg, mesh, strategies, depth: float | None = None) -> float:
+    """Teacher-forced: an example is correct when every answer token is the argmax. ``depth``
+    None: ``passkey_samples`` examples at evenly spread depths; else that many at ``depth``."""
     from trainer.data import passkey_example
 
-    rng = random.Random(1234 + length)
-    n, correct = cfg.trainer.passkey_samples, 0
+    n = cfg.trainer.passkey_samples
+    rng = random.Random(1234 + length if depth is None else 1234 + length + round(depth * 1000) * 7919)
+    correct = 0
     for i in range(n):
-        depth = (i + 0.5) / n
-        ids, answer = passkey_example(tokenizer, length - len_answer_tokens(tokenizer), depth, rng)
+        ids, answer = passkey_example(
+            tokenizer, length - len_answer_tokens(tokenizer), (i + 0.5) / n if depth is None else depth, rng
+        )
         full = ids + answer
-        inputs, labels = torch.tensor(full[:-1]), torch.full((len(full) - 1,), -100)
-        labels[len(ids) - 1 :] = torch.tensor(answer)
-        inputs = torch.cat([inputs, torch.zeros(length - len(inputs), dtype=torch.long)])
-        labels = torch.cat([labels, torch.full((length - len(labels),), -100)])
-        batch = {
-            "input_ids": inputs[None],
-            "labels": labels[None],
-            "positions": torch.arange(length)[None],
-            "cu_seqlens": torch.tensor([0, length]),
-        }
-        batch, ctx = prepare_batch(batch, cfg, mesh, strategies)
-        logits = model(batch["input_ids"], batch["positions"], ctx)
-        mask = batch["labels"] != -100
-        hits = torch.stack([(logits.argmax(-1)[mask] == batch["labels"][mask]).sum(), mask.sum()]).float()
-        if mesh.cp > 1:
-            dist.all_reduce(hits, group=mesh.cp_group)
+        labels = [-100] * (len(ids) - 1) + answer
+        hits = _hits(model, _one_row(full[:-1], labels, length), cfg, mesh, strategies)
         correct += int(hits[0] == hits[1])
     return correct / n
+
+
+@torch.no_grad()
+def mqar_accuracy(model, tokenizer, length: int, cfg, mesh, strategies) -> float:
+    """Share of MQAR query keys whose value is the argmax (trainer.data.mqar_example)."""
+    from trainer.data import mqar_example
+
+    rng = random.Random(4321 + length)
+    hits = torch.zeros(2, dtype=torch.float64)
+    for _ in range(cfg.trainer.mqar_samples):
+        ids, labels = mqar_example(tokenizer.vocab_size - 1, length, cfg.trainer.mqar_pairs, rng)
+        hits += _hits(model, _one_row(ids, labels, length), cfg, mesh, strategies).cpu()
+    return (hits[0] / hits[1].clamp_min(1)).item()
 
 
 def len_answer_tokens(tokenizer) -> int:
@@ -61,9 +137,99 @@ def len_answer_tokens(tokenizer) -> int:
 
 
 def evaluate(model, val_loader, tokenizer, cfg, mesh, strategies) -> dict:
+    """Every configured evaluation, as flat metrics (module docstring)."""
+    t = cfg.trainer
     model.eval()
-    out = {"val_loss": heldout_loss(model, val_loader, cfg, mesh, strategies)}
-    for length in cfg.trainer.passkey_lengths:
-        out[f"passkey@{length}"] = passkey_accuracy(model, tokenizer, length, cfg, mesh, strategies)
+    if t.eval_position_buckets:
+        loss, edges, per = heldout_loss(model, val_loader, cfg, mesh, strategies, t.eval_position_buckets)
+        out = {"val_loss": loss}
+        out.update({f"val_loss@pos{lo}-{hi}": v for lo, hi, v in zip(edges, edges[1:], per)})
+    else:
+        out = {"val_loss": heldout_loss(model, val_loader, cfg, mesh, strategies)}
+    for length in t.passkey_lengths:
+        if not t.passkey_depths:
+            out[f"passkey@{length}"] = passkey_accuracy(model, tokenizer, length, cfg, mesh, strategies)
+            continue
+        cells = {d: passkey_accuracy(model, tokenizer, length, cfg, mesh, strategies, d) for d in t.passkey_depths}
+        out[f"passkey@{length}"] = sum(cells.values()) / len(cells)
+        out.update({f"passkey@{length}@{d:g}": v for d, v in cells.items()})
+    for length in t.mqar_lengths:
+        out[f"mqar@{length}"] = mqar_accuracy(model, tokenizer, length, cfg, mesh, strategies)
     model.train()
     return out
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_for_eval(path: str, overrides: list[str]):
+    """(TrainConfig, Transformer) from a longctx run dir (its newest complete checkpoint and
+    the settings of its stage) or a Hugging Face directory, ``key=value`` overrides on top."""
+    from omegaconf import OmegaConf
+
+    from models import Transformer
+    from trainer import checkpoint
+    from trainer.config import TrainConfig, reject_unknown_keys
+
+    base = OmegaConf.structured(TrainConfig)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        meta, state = checkpoint.load_run_weights(path)
+        saved = OmegaConf.create(meta.get("config", {}))
+        saved.pop("recipe", None)
+        base = OmegaConf.merge(base, saved)
+    else:
+        import dataclasses
+
+        from models.hf_io import load_hf_checkpoint
+
+        hf_cfg, state = load_hf_checkpoint(path)
+        base = OmegaConf.merge(base, {"model": dataclasses.asdict(hf_cfg)})
+    extra = OmegaConf.from_dotlist(overrides)
+    reject_unknown_keys(extra, TrainConfig, "")
+    cfg = OmegaConf.to_object(OmegaConf.merge(base, extra))
+    cfg.recipe.stages = []
+    model = Transformer(cfg.model)
+    model.load_state_dict(state, strict=True)
+    return cfg, model
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("paths", nargs="+", help="a run dir or Hugging Face dir, then key=value overrides")
+    ap.add_argument("--out", default=None, help="output directory (default: PATH/eval)")
+    ap.add_argument("--plot", action="store_true", help="paths are summary JSON files: plot them together")
+    args = ap.parse_intermixed_args(argv)
+    if args.plot:
+        summaries = {os.path.splitext(os.path.basename(p))[0]: json.load(open(p)) for p in args.paths}
+        for f in plot_summaries(summaries, args.out or "."):
+            print(f)
+        return
+    path, overrides = args.paths[0], args.paths[1:]
+    from parallel.mesh import env_ranks, init_mesh
+    from trainer.batching import build_loaders
+    from trainer.config import cp_strategies, validate
+
+    try:
+        cfg, model = load_for_eval(path, overrides)
+        validate(cfg, env_ranks()[2])
+    except ValueError as e:
+        print(f"[longctx] error: {e}", file=sys.stderr)
+        sys.exit(2)
+    strategies = cp_strategies(cfg)
+    sizes = [u for s in strategies.values() for u in s.subgroup_sizes(cfg.parallel.cp.size, cfg.model.n_heads)]
+    mesh = init_mesh(cfg.parallel.cp.size, cfg.trainer.device, sizes)
+    _, val_loader, tokenizer = build_loaders(cfg, mesh)
+    metrics = evaluate(model.to(mesh.device), val_loader, tokenizer, cfg, mesh, strategies)
+    if mesh.is_main:
+        out = args.out or os.path.join(path, "eval")
+        name = os.path.basename(os.path.normpath(path))
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"source": name, **metrics}) + "\n")
+        write_report(out, name, metrics)
+        print(json.dumps(summarize(metrics), indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

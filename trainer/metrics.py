@@ -57,7 +57,8 @@ def _start_wandb(run_dir: str, cfg_dict: dict, wandb_cfg):
 
 class MetricsLogger:
     """One JSON row per log call in ``metrics.jsonl``. On resume from step S (``resumed_from``)
-    the rows after S, written by the run that crashed, move to ``metrics.superseded.jsonl`` and a
+    the rows after S (and a stage's start evaluation at S), written by the run that crashed, move
+    to ``metrics.superseded.jsonl`` and a
     ``{"step": S, "resumed_from": S}`` row marks the restart, so the file holds one curve."""
 
     def __init__(self, run_dir: str, cfg_dict: dict, is_main: bool, wandb_cfg, resumed_from: int | None = None):
@@ -85,7 +86,10 @@ class MetricsLogger:
         keep, old = [], []
         for line in rows:
             try:
-                (keep if json.loads(line).get("step", 0) <= step else old).append(line)
+                row = json.loads(line)
+                # a stage's start evaluation at the resumed step came after that step's checkpoint
+                later = row.get("step", 0) > step or (row.get("step") == step and row.get("at") == "start")
+                (old if later else keep).append(line)
             except ValueError:  # a row cut short by the crash
                 old.append(line)
         keep.append(json.dumps({"step": step, "resumed_from": step, "superseded_rows": len(old)}))

@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-import typing
 
 import hydra
 import torch
@@ -23,11 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from models import Transformer
+from models.lora import attach_lora, merge_lora_state
+from parallel.data_parallel import full_state_dict
 from parallel.mesh import Mesh, env_ranks, init_mesh
-from trainer import checkpoint
+from trainer import checkpoint, stages
 from trainer.batching import batch_loss, build_loaders, prepare_batch
-from trainer.config import TrainConfig, conf_dir, cp_strategies, register_schema, validate
+from trainer.config import TrainConfig, conf_dir, cp_strategies, register_schema, reject_unknown_keys, validate
+from trainer.distill import AttentionTransfer, transfer_loss_value
 from trainer.engines import build_engine
+from trainer.eval_report import write_report
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
 from trainer.optim import build_scheduler
@@ -44,21 +47,7 @@ def to_config(cfg: DictConfig) -> TrainConfig:
         raise ValueError(f"{e.full_key}: {str(e.msg).splitlines()[0]}: fix the value") from None
 
 
-def _reject_unknown_keys(node, schema: type, prefix: str) -> None:
-    """A key the dataclass ``schema`` lacks (e.g. added with ``+optim.lrr=1``) is a typo:
-    ValueError naming it, instead of being dropped silently."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key in node:
-        if key == "hydra":
-            continue
-        if key not in fields:
-            raise ValueError(
-                f"{prefix}{key} is not a setting: remove it or fix its spelling "
-                f"({prefix[:-1] or 'the root'} has: {', '.join(fields)})"
-            )
-        sub = typing.get_type_hints(schema).get(key)
-        if dataclasses.is_dataclass(sub) and OmegaConf.is_dict(node[key]):
-            _reject_unknown_keys(node[key], sub, f"{prefix}{key}.")
+_reject_unknown_keys = reject_unknown_keys  # the old name
 
 
 class _Preemption:
@@ -86,8 +75,17 @@ def _resolve_run_dir(cfg: TrainConfig, mesh: Mesh) -> str:
     return box[0]
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
-    if cfg.init_from is not None:
+def build_model(cfg: TrainConfig, device: torch.device, expand_kv: bool = True) -> Transformer:
+    """The first stage's model: from a Hugging Face directory or a longctx run dir (``init_from``),
+    or freshly initialised (seeded with trainer.seed)."""
+    torch.manual_seed(cfg.trainer.seed)
+    if cfg.init_from is not None and os.path.isdir(os.path.join(cfg.init_from, "checkpoints")):
+        _, state = checkpoint.load_run_weights(cfg.init_from)  # another longctx run
+        model = Transformer(cfg.model)
+        counts = stages.carry_weights(state, model, expand_kv)
+        if counts["copied"] + counts["expanded"] == 0:
+            raise ValueError(f"init_from={cfg.init_from!r} shares no parameter with this model: check model.*")
+    elif cfg.init_from is not None:
         from models.hf_io import load_hf_checkpoint
 
         try:
@@ -102,70 +100,144 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
                     f"{getattr(hf_cfg, name)} or use a matching model config"
                 )
         model = Transformer(cfg.model)
-        model.load_state_dict(state, strict=True)
+        if all(block.mixer.hf_attention for block in model.layers.values()):
+            model.load_state_dict(state, strict=True)
+        else:  # converting (e.g. recipe=linearize): carried as between stages
+            stages.carry_weights(state, model, expand_kv)
     else:
-        torch.manual_seed(cfg.trainer.seed)
         model = Transformer(cfg.model)
     model.checkpoint_layers = cfg.trainer.activation_checkpointing
     return model.to(device)
+
+
+def _stage_model(st: stages.Stage, device: torch.device, prev: dict | None) -> Transformer:
+    """The stage's model: the previous stage's weights carried over (trainer/stages.py), LoRA
+    attached, parameters outside ``train_params`` frozen."""
+    cfg, spec = st.cfg, st.spec
+    if prev is None:
+        model = build_model(cfg, device, spec.expand_kv)
+    else:
+        torch.manual_seed(cfg.trainer.seed + st.index)  # new parameters: the same on every rank
+        model = Transformer(cfg.model)
+        stages.carry_weights(prev["weights"], model, spec.expand_kv)
+        model.checkpoint_layers = cfg.trainer.activation_checkpointing
+        model = model.to(device)
+    if spec.lora_rank > 0:
+        attach_lora(model, list(spec.lora_targets), spec.lora_rank, spec.lora_alpha)
+    stages.freeze(model, list(spec.train_params), f"recipe.stages[{st.index}] ({spec.name})")
+    return model
+
+
+def _stage_mesh(st: stages.Stage, mesh: Mesh | None) -> tuple[Mesh, dict]:
+    """(mesh, {mixer kind: strategy}) for a stage; a new mesh only when the CP size (or a
+    strategy's sub-groups) change between stages. Attention transfer also runs softmax."""
+    cfg = st.cfg
+    strategies = cp_strategies(cfg, ("softmax",) if st.spec.objective == "attention_transfer" else ())
+    sizes = [u for s in strategies.values() for u in s.subgroup_sizes(cfg.parallel.cp.size, cfg.model.n_heads)]
+    if mesh is not None and mesh.cp == cfg.parallel.cp.size and set(sizes) <= set(mesh.subgroups):
+        return mesh, strategies
+    return init_mesh(cfg.parallel.cp.size, cfg.trainer.device, sizes), strategies
 
 
 def train(cfg: TrainConfig) -> dict:
     preempt = _Preemption()  # first: a signal must never kill us
     rank, _, world = env_ranks()
     validate(cfg, world)  # before any collective can hang
-    strategies = cp_strategies(cfg)  # {mixer kind: strategy}
-    sizes = [u for s in strategies.values() for u in s.subgroup_sizes(cfg.parallel.cp.size, cfg.model.n_heads)]
-    mesh = init_mesh(cfg.parallel.cp.size, cfg.trainer.device, sizes)
+    plan = stages.plan(cfg)  # every stage's settings, checked too
+    for st in plan:
+        validate(st.cfg, world)
+    mesh, _ = _stage_mesh(plan[0], None)
     run_dir = _resolve_run_dir(cfg, mesh)
-    t = cfg.trainer
+    resume, skipped = checkpoint.find_resume(run_dir, rank, world)  # newest *complete* checkpoint
+    if mesh.is_main:
+        for line in skipped:
+            print(f"[longctx] {line}", flush=True)
+    first = checkpoint.read_meta(run_dir, resume).get("stage", 0) if resume is not None else 0
+    logger = MetricsLogger(
+        run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), mesh.is_main, cfg.logger, resumed_from=resume
+    )
+    run = _Run(run_dir, logger, preempt, step=resume or 0, history=[])
+    stop_after = cfg.trainer.stop_after
+    run.end = plan[-1].end if stop_after is None else min(plan[-1].end, run.step + stop_after)
+    prev, last = None, {}
+    for st in plan[first:]:
+        if st.index > first and run.step >= run.end:  # stopped at a stage boundary (stop_after)
+            break
+        mesh, strategies = _stage_mesh(st, mesh)
+        prev, last = _run_stage(run, st, mesh, strategies, prev, resume if st.index == first else None)
+        if prev is None or run.stopped:  # stopped inside the stage (stop_after) or by a signal
+            break
+    logger.close()
+    return {"step": run.step, "history": run.history, "run_dir": run_dir, **last}
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the stages of one run share."""
+
+    run_dir: str
+    logger: MetricsLogger
+    preempt: _Preemption
+    step: int  # global step (continues across stages)
+    history: list
+    end: int = 0  # the global step this invocation stops at
+    stopped: bool = False  # a preemption signal (agreed by every rank) stopped the run
+
+
+def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: dict | None, resume: int | None):
+    """Train one stage from ``run.step`` to its end (or ``run.end``). Returns (the finished
+    stage's weights and optimizer for the next stage, or None when stopped early; the last
+    metrics)."""
+    cfg, t, spec, rank = st.cfg, st.cfg.trainer, st.spec, mesh.rank
+    staged = st.staged
+    transfer = spec.objective == "attention_transfer"
     train_loader, val_loader, tokenizer = build_loaders(cfg, mesh)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size}): set model.vocab_size={tokenizer.vocab_size}"
         )
-    model = build_model(cfg, mesh.device)
+    model = _stage_model(st, mesh.device, None if resume is not None else prev)
     n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = build_engine(cfg, model, mesh)  # native (DDP / FSDP2), deepspeed or accelerate
     dp_model, optimizer = engine.model, engine.optimizer
-    scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
-    step = 0
-    resume, skipped = checkpoint.find_resume(run_dir, rank, world)  # newest *complete* checkpoint
-    if mesh.is_main:
-        for line in skipped:
-            print(f"[longctx] {line}", flush=True)
+    if spec.optimizer == "keep" and prev is not None and resume is None:
+        stages.carry_optimizer_state(prev["optimizer"], prev["model"], optimizer, engine.module)
+    scheduler = build_scheduler(optimizer, spec.steps, cfg.optim)
     if resume is not None:
-        step = checkpoint.load(run_dir, resume, engine, scheduler, train_loader, rank)
+        run.step = checkpoint.load(run.run_dir, resume, engine, scheduler, train_loader, rank)
     else:
-        torch.manual_seed(t.seed + rank)
-    logger = MetricsLogger(
-        run_dir,
-        OmegaConf.to_container(OmegaConf.structured(cfg)),
-        mesh.is_main,
-        cfg.logger,
-        resumed_from=step if resume is not None else None,
-    )
+        torch.manual_seed(t.seed + rank + 1000 * st.index)
+    tag = {"stage": spec.name} if staged else {}
     if mesh.is_main:
         tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * t.grad_accum * mesh.dp
         print(
-            f"[longctx] run_dir={run_dir} world={world} dp={mesh.dp} cp={mesh.cp} "
+            f"[longctx] run_dir={run.run_dir} "
+            + (f"stage {st.index + 1}/{st.count} {spec.name} ({spec.objective}) " if staged else "")
+            + f"world={mesh.world_size} dp={mesh.dp} cp={mesh.cp} "
             f"strategies={','.join(f'{k}:{s.name}' for k, s in strategies.items())} "
             f"layout={cfg.parallel.cp.layout} "
-            f"params={n_params / 1e6:.2f}M "
-            f"tokens/step={tokens_per_step}" + (f" resumed from step {step}" if resume else "")
+            f"params={n_params / 1e6:.2f}M"
+            + (f" (training {n_train / 1e6:.3f}M)" if n_train != n_params else "")
+            + f" tokens/step={tokens_per_step}"
+            + (f" resumed from step {run.step}" if resume else "")
         )
     peak = device_peak_flops(mesh.device)
     fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     train_iter = iter(train_loader)
-    bar = _progress(t, step, mesh)
-    history, last, window, skips = [], {}, [], 0
-    if resume is None:
-        ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)  # the starting point
-        logger.log(0, ev, console=bar.write if bar is not None else print)
+    bar = _progress(t, run.step - st.offset, mesh)
+    console = bar.write if bar is not None else print
+    last, window, skips = {}, [], 0
+    if resume is None and (st.index == 0 or staged):  # the starting point of the stage
+        ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)
+        run.logger.log(run.step, {**tag, **({"at": "start"} if staged else {}), **ev}, console=console)
+        if staged and mesh.is_main:
+            write_report(os.path.join(run.run_dir, "eval"), f"{spec.name}_start", ev, plots=False)
     t0, tokens_since = time.perf_counter(), 0
-    end = t.steps if t.stop_after is None else min(t.steps, step + t.stop_after)
+    end = min(st.end, run.end)
+    step = run.step
     while step < end:
         dp_model.train()
         loss_sum, count_sum = 0.0, 0
@@ -173,8 +245,14 @@ def train(cfg: TrainConfig) -> dict:
             batch, ctx = prepare_batch(next(train_iter), cfg, mesh, strategies)
             last_micro = micro == t.grad_accum - 1
             with engine.no_sync(not last_micro), autocast:
-                logits = dp_model(batch["input_ids"], batch["positions"], ctx)
-                loss, ce_sum, count = batch_loss(logits, batch["labels"], mesh)
+                if transfer:  # layer-wise MSE to the softmax teacher, no next-token loss
+                    with AttentionTransfer(model, cfg.model.sliding_window) as at:
+                        dp_model(batch["input_ids"], batch["positions"], ctx)
+                    loss = at.loss()
+                    ce_sum, count = transfer_loss_value(loss), 1
+                else:
+                    logits = dp_model(batch["input_ids"], batch["positions"], ctx)
+                    loss, ce_sum, count = batch_loss(logits, batch["labels"], mesh)
                 engine.backward(loss, last_micro)  # divides by grad_accum
             loss_sum += ce_sum
             count_sum += count
@@ -184,20 +262,22 @@ def train(cfg: TrainConfig) -> dict:
         train_loss = loss_sum / max(count_sum, 1)
         # one all-reduce per step: a non-finite loss or grad norm on any rank, a preemption signal
         finite = math.isfinite(train_loss) and (grad_norm is None or math.isfinite(grad_norm))
-        bad, stop = _any_rank((not finite, preempt.flag), mesh)
+        bad, stop = _any_rank((not finite, run.preempt.flag), mesh)
         if bad:
             skips += 1
-            _check_nonfinite(t, step + 1, skips, train_loss, float("nan") if grad_norm is None else grad_norm, run_dir)
+            norm = float("nan") if grad_norm is None else grad_norm
+            _check_nonfinite(t, step + 1, skips, train_loss, norm, run.run_dir)
         else:  # skip: drop the update, keep the data order
             engine.step()
         if grad_norm is None:  # reported after the step: stop before anything is saved
             grad_norm = engine.grad_norm()
             if not bad and not math.isfinite(grad_norm):
-                _check_nonfinite(t, step + 1, skips + 1, train_loss, grad_norm, run_dir)
+                _check_nonfinite(t, step + 1, skips + 1, train_loss, grad_norm, run.run_dir)
         scheduler.step()
         engine.zero_grad()
         step += 1
-        history.append(train_loss)
+        run.step = step
+        run.history.append(train_loss)
         if not bad:
             window.append(train_loss)
         if bar is not None:
@@ -208,7 +288,8 @@ def train(cfg: TrainConfig) -> dict:
             # every rank holds distinct tokens (its CP shard of its dp rows): world x local tokens
             tok_s = tokens_since * mesh.world_size / max(dt, 1e-9)
             last = {
-                "loss": sum(window) / len(window) if window else float("nan"),
+                **tag,
+                ("transfer_mse" if transfer else "loss"): sum(window) / len(window) if window else float("nan"),
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tok_s,
@@ -220,22 +301,36 @@ def train(cfg: TrainConfig) -> dict:
                 last["mfu"] = tok_s * fpt / (peak * mesh.world_size)
             if mesh.device.type == "cuda":
                 last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            logger.log(step, last, console=bar.write if bar is not None else print)
+            run.logger.log(step, last, console=console)
             t0, tokens_since = time.perf_counter(), 0
-        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+        if (t.eval_every and (step - st.offset) % t.eval_every == 0) or step == st.end:
             ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)
-            logger.log(step, ev, console=bar.write if bar is not None else print)
+            run.logger.log(step, {**tag, **({"at": "end"} if staged and step == st.end else {}), **ev}, console=console)
             last.update(ev)
+            if staged and step == st.end and mesh.is_main:
+                write_report(os.path.join(run.run_dir, "eval"), spec.name, ev)
         if (t.save_every and step % t.save_every == 0) or step == end or stop:
-            checkpoint.save(run_dir, step, engine, scheduler, train_loader, rank, t.keep_checkpoints)
+            meta = {
+                "stage": st.index,
+                "stage_name": spec.name,
+                "stage_step": step - st.offset,
+                "stage_spec": OmegaConf.to_container(OmegaConf.structured(spec)),
+                "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+            }
+            checkpoint.save(run.run_dir, step, engine, scheduler, train_loader, rank, t.keep_checkpoints, meta)
         if stop:
+            run.stopped = True
             if mesh.is_main:
                 print(f"[longctx] preempted: checkpoint written at step {step}")
             break
     if bar is not None:
         bar.close()
-    logger.close()
-    return {"step": step, "history": history, "run_dir": run_dir, **last}
+    if step < st.end:
+        return None, last
+    weights = full_state_dict(engine.module)  # collective under FSDP
+    if spec.lora_rank > 0:
+        weights = merge_lora_state(weights, spec.lora_alpha / spec.lora_rank)
+    return {"weights": weights, "model": engine.module, "optimizer": optimizer}, last
 
 
 def _any_rank(flags: tuple, mesh: Mesh) -> list[bool]:

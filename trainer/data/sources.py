@@ -61,6 +61,10 @@ class StdlibSource:
     def __getitem__(self, i: int) -> str:
         return _read_text(os.path.join(self.root, self.paths[i]))
 
+    def doc_size(self, i: int) -> int:
+        """Bytes of document ``i`` (without reading it; the data mix weighs documents by it)."""
+        return os.path.getsize(os.path.join(self.root, self.paths[i]))
+
 
 class TextFilesSource:
     """Local ``.txt`` files (one document each) and ``.jsonl`` files (each non-blank line's

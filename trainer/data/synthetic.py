@@ -58,3 +58,16 @@ def mqar_example(vocab_size: int, context_len: int, num_pairs: int, rng: random.
     for j, i in enumerate(order):
         labels[start + 2 * j] = values[i]
     return ids, labels
+
+
+def passkey_text(n_chars: int, depth: float, rng: random.Random) -> str:
+    """A passkey document of about ``n_chars`` characters for training, in the format
+    ``passkey_example`` evaluates: filler, the needle at relative ``depth``, the question and
+    its answer " NNNNN." (with the byte tokenizer, one token per character)."""
+    key = rng.randint(10000, 99999)
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    tail = f"{QUESTION} {key}."
+    budget = max(n_chars - len(needle) - len(tail), 0)
+    filler = (FILLER * (budget // len(FILLER) + 1))[:budget]
+    cut = round(min(max(depth, 0.0), 1.0) * budget)
+    return filler[:cut] + needle + filler[cut:] + tail

@@ -1,0 +1,59 @@
+"""The training mix: long documents up- (or down-)sampled to a share of the characters, and
+synthetic passkey documents added (``data.long_ratio``, ``data.passkey_fraction``).
+
+ProLong-style: long-context training keeps short documents in the mix and raises the share of
+long ones. With L characters in long documents (at least ``long_min_chars``) and S in short
+ones, each long document appears r = ratio * S / ((1 - ratio) * L) times (the fractional part
+decided per document by a seeded draw), so long documents hold about ``ratio`` of the characters.
+The result is a source like the others (``len``, ``[i] -> str``); the packer shuffles it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from trainer.data.synthetic import passkey_text
+
+
+class MixedSource:
+    def __init__(
+        self,
+        base,
+        long_min_chars: int = 4096,
+        long_ratio: float | None = None,
+        passkey_fraction: float = 0.0,
+        passkey_doc_chars=(256, 512),
+        seed: int = 0,
+    ):
+        self.base, self.seed, self.passkey_doc_chars = base, seed, list(passkey_doc_chars)
+        index = list(range(len(base)))
+        if long_ratio is not None:
+            size = getattr(base, "doc_size", None) or (lambda i: len(base[i]))
+            sizes = [size(i) for i in index]
+            long_chars = sum(s for s in sizes if s >= long_min_chars)
+            short_chars = sum(s for s in sizes if s < long_min_chars)
+            if long_chars == 0 or short_chars == 0:
+                raise ValueError(
+                    f"data.long_ratio={long_ratio} needs long and short documents, but every document is "
+                    f"{'shorter' if long_chars == 0 else 'longer'} than data.long_min_chars={long_min_chars}: "
+                    "change data.long_min_chars"
+                )
+            r = long_ratio * short_chars / ((1 - long_ratio) * long_chars)
+            rng = random.Random(seed)
+            index = []
+            for i, s in enumerate(sizes):
+                copies = 1 if s < long_min_chars else math.floor(r) + (rng.random() < r - math.floor(r))
+                index += [i] * copies
+            self.repeat = r
+        self.n_passkey = round(passkey_fraction * len(index))
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index) + self.n_passkey
+
+    def __getitem__(self, i: int) -> str:
+        if i < len(self.index):
+            return self.base[self.index[i]]
+        rng = random.Random(self.seed * 1_000_003 + i)
+        return passkey_text(rng.choice(self.passkey_doc_chars), rng.random(), rng)
