@@ -73,7 +73,7 @@ def _evaluate(rank, world, argv):
     return True
 
 
-def test_extend_then_linearize_from_its_run_dir_then_evaluate(tmp_path):
+def test_extend_then_linearize_and_sparsify_from_its_run_dir_then_evaluate(tmp_path):
     ext, lin, out = str(tmp_path / "ext"), str(tmp_path / "lin"), str(tmp_path / "report")
     run_distributed(
         _train,
@@ -102,6 +102,21 @@ def test_extend_then_linearize_from_its_run_dir_then_evaluate(tmp_path):
     _, converted = _weights(lin)
     assert torch.equal(converted["embed.weight"], weights["embed.weight"])  # carried, never trained
     assert converted[k].shape == (64, 64)  # the linear layer's k: each kv head repeated
+    sp = str(tmp_path / "sp")  # softmax -> S2: the attention weights carry over unchanged (ffn alone trains)
+    ffn = '["*.ffn.*"]'
+    run_distributed(
+        _train,
+        1,
+        ["recipe=sparsify", f"trainer.run_dir={sp}", f"init_from={ext}", "recipe.stages.0.steps=1"]
+        + ["recipe.stages.1.steps=1", "recipe.stages.1.overrides.data.seq_len=256"]
+        + [f"recipe.stages.0.train_params={ffn}", f"recipe.stages.1.train_params={ffn}"],
+    )
+    meta, sparse = _weights(sp)
+    assert meta["config"]["model"]["mixer_pattern"] == ["s2", "s2", "s2", "softmax"]
+    q = "layers.0.mixer.q_proj.weight"
+    assert torch.equal(sparse[q], weights[q]) and not torch.equal(
+        sparse["layers.0.ffn.up_proj.weight"], weights["layers.0.ffn.up_proj.weight"]
+    )
     run_distributed(_evaluate, 1, [lin, "--out", out, "trainer.eval_batches=1", "trainer.passkey_lengths=[128]"])
     summary = json.load(open(os.path.join(out, "lin.json")))
     assert len(summary["loss_by_position"]["loss"]) == 4 and summary["passkey"]["lengths"] == [128]
