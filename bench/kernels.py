@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from models.ops import attention as attn_mod
-from models.ops.attention import MaskSpec, attention, doc_ids
+from models.ops.attention import MaskSpec, attention
+from models.ops.documents import doc_ids
 from models.ops.linear_attention import chunk_linear_attention
 
 COLUMNS = ["op", "mask", "seq_len", "heads", "kv_heads", "impl", "fwd_bwd_ms", "ratio", "max_err"]
