@@ -225,20 +225,7 @@ def bench_rank(rank, world, args):
                     err = (out.float() - ref[0][:, idx]).abs().max().item()
                     s = torch.tensor([t, err], dtype=torch.float64)
                     dist.all_reduce(s, op=dist.ReduceOp.MAX)
-                    rows.append(
-                        dict(
-                            strategy=f"peer:yunchang-{label}(fwd only)",
-                            world_size=world,
-                            seq_len=n,
-                            mask=mask,
-                            fwd_bwd_ms=round(s[0].item() * 1e3, 2),
-                            bytes_per_rank="",
-                            bytes_formula="",
-                            peak_mem_mb="",
-                            max_err=float(f"{s[1].item():.3g}"),
-                            balance="",
-                        )
-                    )
+                    rows.append(_peer_row(f"peer:yunchang-{label}(fwd only)", world, n, mask, s))
                 if args.heads % world == 0:
                     t, err = _deepspeed_ulysses(q, k, v, do, ref, world, idx, args.repeats, args.block)
                     ok = torch.tensor([float(t is not None)])
@@ -249,21 +236,25 @@ def bench_rank(rank, world, args):
                         continue
                     s = torch.tensor([t, err], dtype=torch.float64)
                     dist.all_reduce(s, op=dist.ReduceOp.MAX)
-                    rows.append(
-                        dict(
-                            strategy="peer:deepspeed-ulysses",
-                            world_size=world,
-                            seq_len=n,
-                            mask=mask,
-                            fwd_bwd_ms=round(s[0].item() * 1e3, 2),
-                            bytes_per_rank="",
-                            bytes_formula="",
-                            peak_mem_mb="",
-                            max_err=float(f"{s[1].item():.3g}"),
-                            balance="",
-                        )
-                    )
+                    rows.append(_peer_row("peer:deepspeed-ulysses", world, n, mask, s))
     return rows
+
+
+def _peer_row(label: str, world: int, n: int, mask: str, s: torch.Tensor) -> dict:
+    """A peer's row: s = [seconds, max error] (max over ranks); bytes, memory and balance are
+    not measured for peers."""
+    return dict(
+        strategy=label,
+        world_size=world,
+        seq_len=n,
+        mask=mask,
+        fwd_bwd_ms=round(s[0].item() * 1e3, 2),
+        bytes_per_rank="",
+        bytes_formula="",
+        peak_mem_mb="",
+        max_err=float(f"{s[1].item():.3g}"),
+        balance="",
+    )
 
 
 def plot(rows, path):

@@ -39,15 +39,12 @@ from trainer.optim import build_scheduler
 def to_config(cfg: DictConfig) -> TrainConfig:
     """Merge onto the typed schema and instantiate; an unknown key or a wrong type raises a
     one-line ValueError naming the setting."""
-    _reject_unknown_keys(cfg, TrainConfig, "")
+    reject_unknown_keys(cfg, TrainConfig, "")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
         return OmegaConf.to_object(merged)
     except ValidationError as e:
         raise ValueError(f"{e.full_key}: {str(e.msg).splitlines()[0]}: fix the value") from None
-
-
-_reject_unknown_keys = reject_unknown_keys  # the old name
 
 
 class _Preemption:

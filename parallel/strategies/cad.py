@@ -302,6 +302,23 @@ class CAD(SoftmaxStrategy):
         """The plan of ``ctx``'s batch (cached; the same on every rank)."""
         return self._planned(ctx, causal, window, qrow_bytes, kvrow_bytes)[0]
 
+    def _plan_of(self, cu_seqlens, batch, seq_len, world, layout, causal, window, qrow_bytes, kvrow_bytes):
+        """``plan_cad`` of one batch with this strategy's options (shard size, tolerance, nano-batches)."""
+        return plan_cad(
+            cu_seqlens,
+            batch,
+            seq_len,
+            world,
+            layout,
+            causal=causal,
+            window=window,
+            min_shard=self.min_shard,
+            tolerance=self.tolerance,
+            nanos=2 if self.ping_pong else 1,
+            qrow_bytes=qrow_bytes,
+            kvrow_bytes=kvrow_bytes,
+        )
+
     def _planned(self, ctx, causal, window, qrow_bytes, kvrow_bytes):
         key = (
             tuple(ctx.cu_seqlens.tolist()),
@@ -315,19 +332,16 @@ class CAD(SoftmaxStrategy):
             kvrow_bytes,
         )
         if key not in self._cache:
-            plan = plan_cad(
+            plan = self._plan_of(
                 ctx.cu_seqlens,
                 ctx.batch_size,
                 ctx.seq_len,
                 ctx.world_size,
                 ctx.layout,
-                causal=causal,
-                window=window,
-                min_shard=self.min_shard,
-                tolerance=self.tolerance,
-                nanos=2 if self.ping_pong else 1,
-                qrow_bytes=qrow_bytes,
-                kvrow_bytes=kvrow_bytes,
+                causal,
+                window,
+                qrow_bytes,
+                kvrow_bytes,
             )
             if ctx.rank == 0 and log.isEnabledFor(logging.INFO):  # the plan, before it runs
                 report = plan.summary(qrow_bytes, kvrow_bytes // 2, 1, 1)  # bytes in units of D * e
@@ -364,18 +378,7 @@ class CAD(SoftmaxStrategy):
         """The most bytes any rank receives in one layer's forward under the plan of the batch
         with document starts ``cu_seqlens`` (exact: what ``parallel.comm`` counts)."""
         s = shape
-        plan = plan_cad(
-            cu_seqlens,
-            s.batch,
-            s.seq_len,
-            s.cp,
-            s.layout,
-            causal=causal,
-            window=window,
-            min_shard=self.min_shard,
-            tolerance=self.tolerance,
-            nanos=2 if self.ping_pong else 1,
-            qrow_bytes=s.n_heads,
-            kvrow_bytes=2 * s.n_kv_heads,
+        plan = self._plan_of(
+            cu_seqlens, s.batch, s.seq_len, s.cp, s.layout, causal, window, s.n_heads, 2 * s.n_kv_heads
         )
         return max(plan.bytes_received(r, s.n_heads, s.n_kv_heads, s.head_dim, s.elem_bytes) for r in range(s.cp))
