@@ -5,6 +5,7 @@ stop with one line. One spawn per engine (every ZeRO stage in one)."""
 
 import glob
 import importlib.util
+import json
 import os
 
 import pytest
@@ -83,11 +84,20 @@ def _assert_same_checkpoint(run_a, run_b, step):
             assert torch.equal(ta[key], tb[key]), (name, key)
 
 
+def _grad_norms(run_dir):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [r["grad_norm"] for r in rows if "grad_norm" in r]
+
+
 def _check(native, runs, tmp_path, name):
     full, first, second = runs
     assert len(full["history"]) == 4
     for x, y in zip(native["history"], full["history"]):
         assert abs(x - y) < 1e-5, (name, native["history"], full["history"])
+    # AdamW is blind to a constant gradient scale, so the losses alone miss a wrong scaling
+    # (e.g. grad_accum not divided out): the gradient norms before clipping must match too
+    norms, want = _grad_norms(str(tmp_path / f"{name}_full")), _grad_norms(str(tmp_path / "native"))
+    assert len(norms) == len(want) > 0 and all(abs(x - y) <= 1e-4 * y for x, y in zip(norms, want)), (name, norms, want)
     assert first["step"] == 2 and second["step"] == 4
     assert first["history"] + second["history"] == full["history"], name
     _assert_same_checkpoint(str(tmp_path / f"{name}_full"), str(tmp_path / f"{name}_split"), 4)
