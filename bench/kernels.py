@@ -11,10 +11,18 @@ Softmax (``models.ops.attention.attention``, fp32, [B, T, H, D] tensors, B = 1) 
                  (up to --dense-mask-max-len)
     generic      the kernel forced onto its fixed-block plan (``MAX_PIECES = 0``), --generic
 on a dense causal row ("causal") and on --docs packed documents of uneven lengths ("docs").
-Linear (``chunk_linear_attention``, no decay, no documents) against ``fla_naive``: a
-re-implementation of flash-linear-attention's torch ``naive_chunk_linear_attn`` (chunks of
-64: intra-chunk masked q k^T v plus the exclusive cumulative sum of chunk states), autograd
-backward.
+Linear (``chunk_linear_attention``, no documents, autograd backward for the references) against
+flash-linear-attention's own torch references, loaded from ``fla/ops/*/naive.py`` of an installed
+fla-core (the ``bench`` extra; the files are read by path, since importing the ``fla`` package
+needs triton):
+    nodecay      vs ``fla_naive``: ``naive_chunk_linear_attn`` (chunks of 64: intra-chunk masked
+                 q k^T v plus the exclusive cumulative sum of chunk states)
+    scalar       scalar log-decay g [B, T, H] (simple GLA / lightning / retention) vs
+                 ``fla_simple_gla``: ``naive_chunk_simple_gla`` (a loop over chunks of 64)
+Without fla-core, ``nodecay`` uses a copy of ``naive_chunk_linear_attn`` (impl ``fla_naive_copy``)
+and ``scalar`` is skipped.
+
+The last table, ``targets``, gives each ratio beside the target it has to meet (``TARGETS``).
 
 Every cell times all implementations interleaved (one repeat of each in turn, after one
 warm-up each), with the same ``torch.set_num_threads``, and reports medians. ``ratio`` is
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import os
 import statistics
 import time
@@ -40,6 +49,16 @@ from models.ops.linear_attention import chunk_linear_attention
 
 COLUMNS = ["op", "mask", "seq_len", "heads", "kv_heads", "impl", "fwd_bwd_ms", "ratio", "max_err"]
 DOC_WEIGHTS = [5, 3, 8, 2, 6, 1, 4, 3]  # uneven packed documents, cycled for --docs
+# (op, mask, impl, target): ours / impl must be at or below the target at every length
+TARGETS = [
+    ("softmax", "causal", "sdpa", 1.1),
+    ("softmax", "docs", "sdpa", 1.1),
+    ("softmax", "docs", "sdpa_mask", 1.0),
+    ("linear", "nodecay", "fla_naive", 1.0),
+    ("linear", "nodecay", "fla_naive_copy", 1.0),
+    ("linear", "scalar", "fla_simple_gla", 1.0),
+]
+TARGET_COLUMNS = ["op", "mask", "vs", "seq_len", "kv_heads", "ratio", "target", "met"]
 
 
 def doc_bounds(n: int, docs: int) -> torch.Tensor:
@@ -133,9 +152,28 @@ def softmax_cells(n, h, hkv, d, mask_kind, args):
 
 
 # ----------------------------------------------------------------------------- linear
+def fla_reference(module: str, name: str):
+    """``name`` from flash-linear-attention's torch reference file ``fla/ops/<module>/naive.py``,
+    loaded by path (importing the ``fla`` package needs triton); None without fla-core."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "ops", module, "naive.py")
+    if not os.path.exists(path):
+        return None
+    file_spec = importlib.util.spec_from_file_location(f"_fla_naive_{module}", path)
+    mod = importlib.util.module_from_spec(file_spec)
+    try:
+        file_spec.loader.exec_module(mod)
+    except ImportError:  # einops missing
+        return None
+    return getattr(mod, name, None)
+
+
 def naive_chunk_linear_attn(q, k, v, scale, chunk_size=64):
-    """flash-linear-attention's torch ``naive_chunk_linear_attn`` in the [B, T, H, D] layout
-    (T a multiple of chunk_size): o_t = scale * sum_{s <= t} (q_t . k_s) v_s, chunked."""
+    """A copy of flash-linear-attention's torch ``naive_chunk_linear_attn`` in the [B, T, H, D]
+    layout (T a multiple of chunk_size), used when fla-core is not installed:
+    o_t = scale * sum_{s <= t} (q_t . k_s) v_s, chunked."""
     b, t, h, _ = q.shape
     c = chunk_size
 
@@ -151,15 +189,31 @@ def naive_chunk_linear_attn(q, k, v, scale, chunk_size=64):
     return (inter + intra).reshape(b, h, t, -1).transpose(1, 2)
 
 
-def linear_cells(n, h, d, args):
+def linear_cells(n, h, d, decay, args):
+    """``decay``: "nodecay" or "scalar" (log-decay g in [-0.1, -0.001], weak enough that states
+    carry over many chunks)."""
     g = torch.Generator().manual_seed(1)
     q, k, v, do = (torch.randn(1, n, h, d, generator=g) for _ in range(4))
     scale = d**-0.5
+    key = dict(op="linear", mask=decay, seq_len=n, heads=h, kv_heads=h)
+    if decay == "nodecay":
+        fla = fla_reference("linear_attn", "naive_chunk_linear_attn")
+        impls = {"ours": lambda q, k, v: chunk_linear_attention(q, k, v, scale=scale, chunk_size=args.chunk)[0]}
+        if fla is not None and n % 64 == 0:
+            impls["fla_naive"] = lambda q, k, v: fla(q, k, v, scale=scale)
+        else:
+            impls["fla_naive_copy"] = lambda q, k, v: naive_chunk_linear_attn(q, k, v, scale, args.chunk)
+        return _cells(impls, (q, k, v, do), key, args.repeats)
+    fla = fla_reference("simple_gla", "naive_chunk_simple_gla")
+    if fla is None:
+        print("[bench.kernels] fla-core is not installed: skipping the scalar-decay cell (pip install fla-core)")
+        return []
+    gate = -torch.empty(1, n, h).uniform_(1e-3, 0.1, generator=g)
     impls = {
-        "ours": lambda q, k, v: chunk_linear_attention(q, k, v, scale=scale, chunk_size=args.chunk)[0],
-        "fla_naive": lambda q, k, v: naive_chunk_linear_attn(q, k, v, scale, args.chunk),
+        "ours": lambda q, k, v: chunk_linear_attention(q, k, v, gate, scale=scale, chunk_size=args.chunk)[0],
+        "fla_simple_gla": lambda q, k, v: fla(q, k, v, gate, chunk_size=64, scale=scale)[0],
     }
-    return _cells(impls, (q, k, v, do), dict(op="linear", mask="causal", seq_len=n, heads=h, kv_heads=h), args.repeats)
+    return _cells(impls, (q, k, v, do), key, args.repeats)
 
 
 def _cells(impls, inputs, key, repeats):
@@ -205,11 +259,35 @@ def plot(rows, path):
     fig.savefig(path, dpi=100)
 
 
-def print_table(rows):
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
-    print(" ".join(c.ljust(widths[c]) for c in COLUMNS))
+def target_rows(rows):
+    """One row per measured ratio that has a target in TARGETS."""
+    out = []
+    for op, mask, impl, target in TARGETS:
+        for r in rows:
+            if (r["op"], r["mask"], r["impl"]) == (op, mask, impl):
+                met = "yes" if r["ratio"] <= target else "NO"
+                out.append(
+                    dict(
+                        op=op,
+                        mask=mask,
+                        vs=impl,
+                        seq_len=r["seq_len"],
+                        kv_heads=r["kv_heads"],
+                        ratio=r["ratio"],
+                        target=target,
+                        met=met,
+                    )
+                )
+    return out
+
+
+def print_table(rows, columns=COLUMNS):
+    if not rows:
+        return
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print(" ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
-        print(" ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS))
+        print(" ".join(str(r[c]).ljust(widths[c]) for c in columns))
 
 
 def main(argv=None):
@@ -231,6 +309,7 @@ def main(argv=None):
         default=8192,
         help="skip sdpa_mask above this length (its [T, T] mask and scores)",
     )
+    p.add_argument("--decays", nargs="+", default=["nodecay", "scalar"], choices=["nodecay", "scalar"])
     p.add_argument("--no-softmax", dest="softmax", action="store_false")
     p.add_argument("--no-linear", dest="linear", action="store_false")
     p.add_argument("--out", default="bench_out")
@@ -244,7 +323,8 @@ def main(argv=None):
                 for mask_kind in args.masks:
                     rows += softmax_cells(n, args.heads, hkv, args.head_dim, mask_kind, args)
         if args.linear:
-            rows += linear_cells(n, args.heads, args.head_dim, args)
+            for decay in args.decays:
+                rows += linear_cells(n, args.heads, args.head_dim, decay, args)
         print(f"[bench.kernels] N={n} done", flush=True)
     with open(os.path.join(args.out, "kernels.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -252,6 +332,9 @@ def main(argv=None):
         w.writerows(rows)
     plot(rows, os.path.join(args.out, "kernels.png"))
     print_table(rows)
+    targets = target_rows(rows)
+    print("\ntargets (ratio = ours / reference, fwd+bwd medians)")
+    print_table(targets, TARGET_COLUMNS)
     print(f"wrote {args.out}/kernels.csv and {args.out}/kernels.png")
 
 
