@@ -3,6 +3,7 @@ wheel carries the Hydra configs, and the installed entry point finds them."""
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -38,8 +39,27 @@ def test_every_package_and_config_group_is_listed():
 
 @pytest.mark.slow
 def test_wheel_carries_the_configs(tmp_path):
+    # build from a copy of the sources: setuptools writes build/ and *.egg-info beside them
+    src = tmp_path / "src"
+    src.mkdir()
+    for top in ("pyproject.toml", "README.md", "models", "parallel", "trainer", "conf"):
+        if os.path.isdir(os.path.join(ROOT, top)):
+            shutil.copytree(os.path.join(ROOT, top), src / top, ignore=shutil.ignore_patterns("__pycache__"))
+        elif os.path.exists(os.path.join(ROOT, top)):
+            shutil.copy(os.path.join(ROOT, top), src / top)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(src),
+        ],
         check=True,
         cwd=tmp_path,
     )
