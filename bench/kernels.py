@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import statistics
 import time
@@ -46,6 +45,7 @@ from models.ops import attention as attn_mod
 from models.ops.attention import MaskSpec, attention
 from models.ops.documents import doc_ids
 from models.ops.linear_attention import chunk_linear_attention
+from models.ops.linear_attention.fla_backend import torch_reference
 
 COLUMNS = ["op", "mask", "seq_len", "heads", "kv_heads", "impl", "fwd_bwd_ms", "ratio", "max_err"]
 DOC_WEIGHTS = [5, 3, 8, 2, 6, 1, 4, 3]  # uneven packed documents, cycled for --docs
@@ -152,24 +152,6 @@ def softmax_cells(n, h, hkv, d, mask_kind, args):
 
 
 # ----------------------------------------------------------------------------- linear
-def fla_reference(module: str, name: str):
-    """``name`` from flash-linear-attention's torch reference file ``fla/ops/<module>/naive.py``,
-    loaded by path (importing the ``fla`` package needs triton); None without fla-core."""
-    spec = importlib.util.find_spec("fla")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "ops", module, "naive.py")
-    if not os.path.exists(path):
-        return None
-    file_spec = importlib.util.spec_from_file_location(f"_fla_naive_{module}", path)
-    mod = importlib.util.module_from_spec(file_spec)
-    try:
-        file_spec.loader.exec_module(mod)
-    except ImportError:  # einops missing
-        return None
-    return getattr(mod, name, None)
-
-
 def naive_chunk_linear_attn(q, k, v, scale, chunk_size=64):
     """A copy of flash-linear-attention's torch ``naive_chunk_linear_attn`` in the [B, T, H, D]
     layout (T a multiple of chunk_size), used when fla-core is not installed:
@@ -197,14 +179,14 @@ def linear_cells(n, h, d, decay, args):
     scale = d**-0.5
     key = dict(op="linear", mask=decay, seq_len=n, heads=h, kv_heads=h)
     if decay == "nodecay":
-        fla = fla_reference("linear_attn", "naive_chunk_linear_attn")
+        fla = torch_reference("linear_attn", "naive_chunk_linear_attn")
         impls = {"ours": lambda q, k, v: chunk_linear_attention(q, k, v, scale=scale, chunk_size=args.chunk)[0]}
         if fla is not None and n % 64 == 0:
             impls["fla_naive"] = lambda q, k, v: fla(q, k, v, scale=scale)
         else:
             impls["fla_naive_copy"] = lambda q, k, v: naive_chunk_linear_attn(q, k, v, scale, args.chunk)
         return _cells(impls, (q, k, v, do), key, args.repeats)
-    fla = fla_reference("simple_gla", "naive_chunk_simple_gla")
+    fla = torch_reference("simple_gla", "naive_chunk_simple_gla")
     if fla is None:
         print("[bench.kernels] fla-core is not installed: skipping the scalar-decay cell (pip install fla-core)")
         return []

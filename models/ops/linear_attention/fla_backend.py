@@ -16,12 +16,33 @@ fla's chunk size is its own (64); both kernels include the diagonal (token t see
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
 
 def available() -> bool:
     return importlib.util.find_spec("fla") is not None
+
+
+def torch_reference(module: str, name: str):
+    """``name`` from fla's plain-torch reference file ``fla/ops/<module>/naive.py`` (e.g.
+    ``("simple_gla", "naive_chunk_simple_gla")``), loaded by path: importing the ``fla`` package
+    needs triton, the reference files only torch and einops. None when fla(-core) or einops is
+    not installed. For tests and benchmarks."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "ops", module, "naive.py")
+    if not os.path.exists(path):
+        return None
+    file_spec = importlib.util.spec_from_file_location(f"_fla_naive_{module}", path)
+    mod = importlib.util.module_from_spec(file_spec)
+    try:
+        file_spec.loader.exec_module(mod)
+    except ImportError:  # einops missing
+        return None
+    return getattr(mod, name, None)
 
 
 def fla_linear_attention(q, k, v, g, gk, scale, initial_state, cu_seqlens, output_final_state):
