@@ -2,6 +2,7 @@
 
     python -m bench.cp                                  # CPU defaults: world 1 2 4, N 2048 8192
     python -m bench.cp --world-sizes 2 4 --seq-lens 8192 --masks causal docs --repeats 3
+    python -m bench.cp --strategies allgather allgather:regather=false ring   # with options
 
 Each cell runs as real processes (gloo on CPU, NCCL on CUDA) and reports: forward+backward
 time of one attention layer (median of repeats), bytes received per rank in the forward
@@ -53,6 +54,16 @@ def make_inputs(n, h, hkv, d, mask, seed=0, dtype=torch.float32):
         cu = torch.tensor([0, n])
     window = n // 8 if mask == "window" else None
     return q, k, v, do, cu, window
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """(name, options) of a strategy spec NAME or NAME:KEY=VALUE,KEY=VALUE (values read as YAML
+    scalars: false, 2, all), e.g. ``allgather:regather=false``."""
+    import yaml
+
+    name, _, opts = spec.partition(":")
+    pairs = (kv.split("=", 1) for kv in opts.split(",") if kv)
+    return name, {key: yaml.safe_load(value) for key, value in pairs}
 
 
 def pairs_per_query(pos, cu, window):
@@ -173,7 +184,8 @@ def bench_rank(rank, world, args):
                 args.block,
             )
             for name in args.strategies:
-                strat = build_strategy(name)
+                base, options = parse_spec(name)
+                strat = build_strategy(base, **options)
                 try:
                     strat.check(n_heads=args.heads, n_kv_heads=args.kv_heads, cp=world, seq_len=n, layout=args.layout)
                 except ValueError:
@@ -284,7 +296,12 @@ def main(argv=None):
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--masks", nargs="+", default=["causal", "docs", "window"], choices=["causal", "docs", "window"])
-    p.add_argument("--strategies", nargs="+", default=None, help="default: every registered one")
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        help="default: every registered one; NAME:KEY=VALUE,... passes options, e.g. allgather:regather=false",
+    )
     p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag"])
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)

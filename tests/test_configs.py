@@ -157,6 +157,17 @@ def test_strategies_follow_the_model_kinds():
     assert list(cp_strategies(cfg)) == ["softmax"]  # only kinds the model uses are built
 
 
+def test_strategy_options_reach_the_strategy():
+    from trainer.config import cp_strategies
+
+    assert cp_strategies(_compose(["parallel=cp2"]))["softmax"].regather  # allgather re-gathers K/V
+    cfg = _compose(["parallel=cp2", "+parallel.cp.options.softmax.regather=false"])
+    validate(cfg, world_size=2)
+    assert not cp_strategies(cfg)["softmax"].regather
+    with pytest.raises(ValueError, match="parallel.cp.options.softmax.regather='no' must be true or false"):
+        cp_strategies(_compose(["parallel=cp2", "+parallel.cp.options.softmax.regather=no"]))
+
+
 def test_grad_clip_zero_means_off():
     cfg = _compose(["optim.grad_clip=0"])
     validate(cfg, world_size=1)
