@@ -9,6 +9,7 @@ timed over repeats (median), then one more forward counting the bytes this rank 
 (``parallel.comm``) and its peak memory: on CUDA ``max_memory_allocated``; on CPU (no
 allocator statistics) the bytes of the tensors the layer keeps for backward, each storage
 counted once (saved-tensor hooks), which is the part of memory the strategies differ in.
+``peak_allocated_bytes`` is the CPU analogue of CUDA's peak (bench.train_step).
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def timed_repeats(step, leaves, repeats, device, world, clock=time.perf_counter)
     return times, o
 
 
-def saved_storage_bytes():
+def saved_storage_bytes(skip=()):
     """(box, hooks): inside ``hooks``, box["bytes"] sums the storages of the tensors autograd
-    saves for backward, each storage once (views and repeated saves are not double counted)."""
-    box, seen = {"bytes": 0}, set()
+    saves for backward, each storage once (views and repeated saves are not double counted);
+    the storages of the tensors in ``skip`` (e.g. the parameters) are not counted."""
+    box, seen = {"bytes": 0}, {t.untyped_storage().data_ptr() for t in skip}
 
     def pack(t):
         storage = t.untyped_storage()
@@ -71,6 +73,31 @@ def saved_storage_bytes():
         return t
 
     return box, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def peak_allocated_bytes(fn, device: torch.device) -> int:
+    """Peak bytes of tensor memory allocated above the level at the start while ``fn()`` runs.
+    CUDA: ``max_memory_allocated``. CPU (no allocator statistics): every allocation and free of
+    the CPU allocator as torch.profiler records them (``profile_memory=True``), summed in
+    order -- the same quantity. A block allocated before the start and freed inside is not
+    seen (the profiler does not know its size): free such tensors first (e.g. gradients)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    now = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        now += e.nbytes()
+        peak = max(peak, now)
+    return peak
 
 
 def measure_cell(ctx, kind, inputs: dict, options: dict, do, repeats, device, clock=time.perf_counter):

@@ -125,10 +125,10 @@ class LinearAttentionBase(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, cfg.dim, bias=False)
 
     @staticmethod
-    def core_flops_per_token(cfg, seq_len: int) -> float:
+    def core_flops(cfg, layer: int, doc_lens) -> float:
         """State update k^T v and readout q S, fwd+bwd: 3 * 2 * 2 * H * Dk * Dv per token
-        (Dk = D; the hedgehog map's 2 D is not distinguished here). Flat in seq_len."""
-        return 12 * cfg.n_heads * cfg.hd * cfg.hd
+        (Dk = D; the hedgehog map's 2 D is not distinguished here), whatever the documents."""
+        return 12 * cfg.n_heads * cfg.hd * cfg.hd * sum(int(n) for n in doc_lens)
 
     def decay(self, x):
         """(g [B,T,H] or None, gk [B,T,H,Dk] or None) log-decays, <= 0."""

@@ -3,7 +3,11 @@
 Inputs: input_ids [B, T], positions [B, T] (position inside each document), and the
 attention context ``ctx`` (models.context / parallel.context). T is the local length:
 under context parallelism each rank holds its shard of the row and ``ctx`` knows where
-those tokens sit in the global sequence. Output: logits [B, T, vocab].
+those tokens sit in the global sequence. Output: logits [B, T, vocab]; or, given labels
+[B, T] (-100: no loss), the next-token cross-entropy summed over the labelled tokens (fp32
+scalar), through models/ops/cross_entropy.py: whole, or lm_head -> loss ``loss_chunk``
+tokens at a time without materialising the [B * T, vocab] logits (the trainer sets it from
+trainer.loss_chunk_tokens).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from models.config import ModelConfig
 from models.context import SingleDeviceContext
 from models.layers import RMSNorm, SwiGLU
 from models.mixers import build_mixer
+from models.ops.cross_entropy import linear_cross_entropy
 from models.rope import Rotary
 
 
@@ -42,6 +47,7 @@ class Transformer(nn.Module):
         self.rotary = Rotary(cfg.rope, cfg.hd)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.checkpoint_layers = False
+        self.loss_chunk = 0  # tokens per chunk of lm_head -> loss (labels given); 0: full logits
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None):
@@ -58,7 +64,13 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        ctx=None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -71,4 +83,7 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, ctx, use_reentrant=False)
             else:
                 x = block(x, cos, sin, ctx)
-        return nn.functional.linear(self.norm(x), self.head_weight())
+        if labels is None:
+            return nn.functional.linear(self.norm(x), self.head_weight())
+        h = self.norm(x).flatten(0, 1)
+        return linear_cross_entropy(h, self.head_weight(), labels.flatten(), chunk=self.loss_chunk)

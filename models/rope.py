@@ -101,5 +101,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, D] rotated by cos/sin [B, T, 1, D]."""
-    return x * cos + _rotate_half(x) * sin
+    """x [B, T, H, D] rotated by cos/sin [B, T, 1, D]; the result keeps x's dtype.
+
+    Under bf16 autocast the projections give bf16 q, k while cos/sin follow the fp32 residual
+    stream: the rotation is computed in fp32 (as Hugging Face does) and rounded back, so the
+    attention op gets bf16 q, k, v (flash-attn applies; saved activations stay half size)
+    instead of fp32 q, k next to a bf16 v."""
+    return (x * cos + _rotate_half(x) * sin).to(x.dtype)

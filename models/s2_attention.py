@@ -9,7 +9,11 @@ x [B, T, dim] -> q [B, T, H, D], k, v [B, T, Hkv, D] -> ctx.run("sparse", ..., p
 
 from __future__ import annotations
 
+from collections import Counter
+from functools import lru_cache
+
 from models.ops.attention import MaskSpec, attention
+from models.ops.documents import causal_pairs
 from models.registry import register_kind, register_mixer
 from models.s2_pattern import s2_pattern
 from models.softmax_attention import SoftmaxAttention
@@ -31,6 +35,12 @@ def local_sparse_attention(q, k, v, ctx, *, pattern=None, causal=True, window=No
     d = ctx.docs
     mask = MaskSpec(d.index, d.index, d.doc, d.doc, causal, window, pattern)
     return attention(q, k, v, mask, scale, ctx.block)[0]
+
+
+@lru_cache(maxsize=4096)
+def _density(pattern, seq_len: int) -> float:
+    """``pattern.density(seq_len)``, once per (pattern, length): MFU counts it every step."""
+    return pattern.density(seq_len)
 
 
 def layer_pattern(cfg, layer: int, check_coverage: bool = True):
@@ -56,9 +66,16 @@ class S2Attention(SoftmaxAttention):
     hf_attention = True  # Hugging Face attention weights; the pattern goes into config.json
 
     @staticmethod
-    def core_flops_per_token(cfg, seq_len: int) -> float:
-        """The dense count scaled by the pattern's block density (layer 0's)."""
-        return SoftmaxAttention.core_flops_per_token(cfg, seq_len) * layer_pattern(cfg, 0, False).density(seq_len)
+    def core_flops(cfg, layer: int, doc_lens) -> float:
+        """Each document's dense count (causal, windowed) scaled by the layer pattern's block
+        density over a row of the document's length (an estimate: a document that does not start
+        at a block boundary meets the pattern's blocks shifted)."""
+        pattern = layer_pattern(cfg, layer, False)
+        per_pair = 12 * cfg.n_heads * cfg.hd
+        counts = Counter(int(n) for n in doc_lens)
+        return sum(
+            per_pair * causal_pairs([n], cfg.sliding_window) * k * _density(pattern, n) for n, k in counts.items()
+        )
 
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, layer)

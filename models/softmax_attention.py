@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from models.ops.attention import MaskSpec, attention, check_inputs
+from models.ops.documents import causal_pairs
 from models.registry import register_kind, register_mixer
 from models.rope import apply_rotary
 
@@ -28,9 +29,12 @@ class SoftmaxAttention(nn.Module):
     hf_attention = True  # same projections as Hugging Face Llama attention (import/export)
 
     @staticmethod
-    def core_flops_per_token(cfg, seq_len: int) -> float:
-        """Causal scores and values, fwd+bwd: 12 * H * D * T / 2 per token (MFU accounting)."""
-        return 6 * cfg.n_heads * cfg.hd * seq_len
+    def core_flops(cfg, layer: int, doc_lens) -> float:
+        """FLOPs (fwd+bwd) of this layer's core attention over packed documents of lengths
+        ``doc_lens``, from the mask (MFU accounting): 12 * H * D per (query, key) pair it allows
+        (scores and values 4 * H * D forward, twice that backward), pairs per document causal
+        and clipped by the sliding window, never across documents."""
+        return 12 * cfg.n_heads * cfg.hd * causal_pairs(doc_lens, cfg.sliding_window)
 
     def __init__(self, cfg, layer: int):
         super().__init__()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.ops.attention import MaskSpec, active_blocks, attention, attention_ref
 from models.ops.documents import doc_ids
@@ -198,3 +199,57 @@ def test_tile_loop_for_every_piece(window, monkeypatch):
     k_pos = torch.arange(80)
     q, k, v, mask = _case(2, 40, 80, 4, 2, 8, q_pos, k_pos, torch.tensor([0, 13, 70, 80, 160]), True, window)
     _compare(q, k, v, mask, block=8)
+
+
+@pytest.mark.parametrize("cu", [torch.tensor([0, 64, 128]), torch.tensor([0, 20, 64, 100, 128])])
+def test_bf16_runs_the_fused_op_as_sdpa_does(cu, monkeypatch):
+    """bf16 q, k, v (what the model hands over under autocast) go to the fused op without fp32
+    copies, whole rows and packed documents alike; their error against fp64 is SDPA's in bf16."""
+    pos = torch.arange(64)
+    q, k, v, mask = _case(2, 64, 64, 4, 2, 16, pos, pos, cu, True, None)
+    do = torch.randn(q.shape, dtype=torch.float64)
+    o_r, _ = attention_ref(q, k, v, mask)
+    ref = [o_r] + list(torch.autograd.grad((o_r * do).sum(), (q, k, v)))
+    seen = []
+    real = attn_mod._FLASH_CPU
+    monkeypatch.setattr(attn_mod, "_FLASH_CPU", lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
+    half = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    o, _ = attention(*half, mask)
+    got = [o] + list(torch.autograd.grad((o * do.bfloat16()).sum(), half))
+    assert seen and set(seen) == {torch.bfloat16} and all(g.dtype == torch.bfloat16 for g in got)
+    sdpa = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    docs = [(s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    outs = []
+    for s, e in docs:  # SDPA on each document alone, as Hugging Face would run them
+        b, r = divmod(s, 64)
+        sl = slice(r, r + e - s)
+        qd, kd, vd = (x[b, sl].transpose(0, 1)[None] for x in sdpa)
+        outs.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=True)[0].transpose(0, 1))
+    o_s = torch.cat(outs).view(2, 64, 4, 16)
+    want = [o_s] + list(torch.autograd.grad((o_s * do.bfloat16()).sum(), sdpa))
+    for a, b, r in zip(got, want, ref):
+        assert (a.double() - r).abs().max() <= 2 * (b.double() - r).abs().max() + 1e-2
+
+
+def test_autocast_hands_the_kernel_bf16_q_k_v():
+    """Under bf16 autocast RoPE (cos/sin follow the fp32 residual stream) must not promote q and
+    k back to fp32: flash-attn (CUDA) and the fused CPU op only see half precision otherwise."""
+    from models import ModelConfig
+    from models.context import SingleDeviceContext
+    from models.rope import Rotary
+    from models.softmax_attention import SoftmaxAttention
+
+    cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2)
+    mixer = SoftmaxAttention(cfg, 0)
+    x = torch.randn(1, 16, 32)
+    cos, sin = Rotary(cfg.rope, cfg.hd).cos_sin(torch.arange(16)[None], x.dtype)
+
+    class Recording(SingleDeviceContext):
+        def run(self, kind, q, k, v, **options):
+            self.dtypes = (q.dtype, k.dtype, v.dtype)
+            return super().run(kind, q, k, v, **options)
+
+    ctx = Recording(1, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixer(x, cos, sin, ctx)
+    assert ctx.dtypes == (torch.bfloat16,) * 3

@@ -121,6 +121,8 @@ def test_every_group_option_composes(group):
         (["+trainer.nonexistent=1"], "trainer.nonexistent is not a setting: remove it or fix its spelling"),
         (["trainer.nonfinite=ignore"], "trainer.nonfinite='ignore' is unknown"),
         (["trainer.max_skips=0"], "trainer.max_skips=0 must be >= 1"),
+        (["trainer.loss_chunk_tokens=-1"], "trainer.loss_chunk_tokens=-1 must be >= 0"),
+        (["trainer.peak_tflops=0"], "trainer.peak_tflops=0.0 must be > 0"),
     ],
 )
 def test_bad_values_have_clear_errors(overrides, message):
@@ -183,3 +185,12 @@ def test_wrong_type_is_rejected_while_composing():
     """The typed schema is the base of conf/train.yaml, so Hydra names the override."""
     with pytest.raises(Exception, match="Error merging override optim.lr=fast"):
         _compose(["optim.lr=fast"])
+
+
+def test_loss_chunk_reaches_the_model():
+    import torch
+
+    from trainer.train import build_model
+
+    cfg = _compose(["trainer.loss_chunk_tokens=24", "model.n_layers=1"])
+    assert build_model(cfg, torch.device("cpu")).loss_chunk == 24

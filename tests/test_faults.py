@@ -41,11 +41,11 @@ def _train(rank, world, overrides, fault=None):
         if kind in ("kill", "nan"):
             real = tt.batch_loss
 
-            def batch_loss(logits, labels, mesh):
+            def batch_loss(ce, labels, mesh):
                 calls[0] += 1
                 if calls[0] in at and kind == "kill":
                     os._exit(1)  # dies mid-step, before backward
-                loss, ce_sum, count = real(logits, labels, mesh)
+                loss, ce_sum, count = real(ce, labels, mesh)
                 return (loss * math.nan, math.nan, count) if calls[0] in at else (loss, ce_sum, count)
 
             tt.batch_loss = batch_loss

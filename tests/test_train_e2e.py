@@ -72,7 +72,8 @@ def test_loss_falls_with_cp2_and_metrics_written(tmp_path):
     assert sum(hist[-5:]) / 5 < hist[0] - 1.0, hist
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert rows[0]["step"] == 0 and "val_loss" in rows[0]  # evaluation before training
-    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[1])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device", "mfu"} <= set(rows[1])
+    assert 0 < rows[1]["mfu"] < 1  # against the CPU estimate (trainer.peak_tflops unset)
     assert any("val_loss" in r and "passkey@128" in r for r in rows)
 
 
@@ -133,6 +134,19 @@ def test_fsdp_checkpointing_bf16_paths_run(tmp_path):
         ],
     )
     assert out[0]["step"] == 3 and all(x == x and x < 10 for x in out[0]["history"])
+
+
+def test_chunked_loss_follows_the_full_loss(tmp_path):
+    """trainer.loss_chunk_tokens under CP=2 and FSDP: 64 local tokens per rank in chunks of
+    24, 24, 16 follow the full-logits loss curve (fp32)."""
+    common = ["parallel=cp2", "parallel.dp_mode=fsdp", "trainer.steps=4", "optim.warmup_steps=2"]
+    full = run_distributed(_train, 2, common + [f"trainer.run_dir={tmp_path / 'full'}"])[0]["history"]
+    chunked = run_distributed(
+        _train, 2, common + ["trainer.loss_chunk_tokens=24", f"trainer.run_dir={tmp_path / 'chunked'}"]
+    )[0]["history"]
+    assert len(full) == len(chunked) == 4
+    for a, b in zip(full, chunked):
+        assert abs(a - b) < 1e-5, (full, chunked)
 
 
 def test_grad_clip_zero_means_no_clipping(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from parallel.context import build_context
 from parallel.sharding import shard_batch
@@ -59,11 +58,11 @@ def prepare_batch(batch: dict, cfg, mesh, strategies: dict):
     return local, ctx
 
 
-def batch_loss(logits: torch.Tensor, labels: torch.Tensor, mesh, group=None):
-    """Cross-entropy over this rank's tokens, scaled so that DP averaging of gradients over
-    all ranks yields the gradient of the global mean. Returns (loss to backprop,
-    global CE sum, global token count) -- the last two as Python numbers."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+def batch_loss(ce: torch.Tensor, labels: torch.Tensor, mesh, group=None):
+    """``ce``: the cross-entropy summed over this rank's tokens (the model's output given the
+    labels), scaled so that DP averaging of gradients over all ranks yields the gradient of
+    the global mean. Returns (loss to backprop, global CE sum, global token count) -- the last
+    two as Python numbers."""
     stats = torch.stack([ce.detach(), (labels != -100).sum().to(ce.dtype)])
     dist.all_reduce(stats, group=group)
     ce_sum, count = stats.tolist()

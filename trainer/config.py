@@ -113,6 +113,11 @@ class TrainerConfig:
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
+    loss_chunk_tokens: int = 0  # > 0: final norm -> lm_head -> cross-entropy this many tokens at a
+    # time, never holding the [tokens, vocab] logits (models/ops/cross_entropy.py; exact, recomputes
+    # each chunk's logits in backward); 0: full logits. For long rows, e.g. 4096
+    peak_tflops: float | None = None  # per-device peak for MFU, TFLOP/s; None: the dense bf16 peak
+    # of a known GPU (trainer/metrics.py), or an estimate of 0.1 per CPU thread on CPU
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     run_dir: str | None = None  # None: the Hydra output dir. An existing run dir resumes.
@@ -291,6 +296,14 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     ):
         if val < 1:
             raise ValueError(f"{name}={val} must be >= 1")
+    if t.loss_chunk_tokens < 0:
+        raise ValueError(
+            f"trainer.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0: tokens per loss chunk, or 0 for full logits"
+        )
+    if t.peak_tflops is not None and not t.peak_tflops > 0:
+        raise ValueError(
+            f"trainer.peak_tflops={t.peak_tflops} must be > 0: the device's peak TFLOP/s, or null to look it up"
+        )
     if d.tokenizer == "byte" and t.passkey_lengths and min(t.passkey_lengths) < _PASSKEY_MIN_BYTES:
         raise ValueError(
             f"trainer.passkey_lengths has {min(t.passkey_lengths)}: a passkey prompt needs at least "

@@ -7,26 +7,53 @@ import os
 
 import torch
 
-# Dense bf16 peak FLOP/s by device name fragment (for MFU).
+# Dense bf16 peak FLOP/s by device name fragment (for MFU; trainer.peak_tflops overrides).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# CPU: an estimate per thread, ~3 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units); about what one
+# thread's fp32 GEMM reaches on a recent x86 core. Set trainer.peak_tflops for a real figure.
+CPU_FLOPS_PER_THREAD = 0.1e12
 
 
-def device_peak_flops(device: torch.device) -> float | None:
+def device_peak_flops(device: torch.device, peak_tflops: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: ``trainer.peak_tflops`` when set; on CUDA the table's entry for
+    the device name (None, so no MFU, for a GPU it does not know); on CPU the per-thread
+    estimate times torch's threads."""
+    if peak_tflops is not None:
+        return peak_tflops * 1e12
     if device.type != "cuda":
-        return None
+        return CPU_FLOPS_PER_THREAD * torch.get_num_threads()
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
-    """6 * params (matmuls, fwd+bwd) + each layer's token-mixing core (fwd+bwd), as its mixer
-    counts it (``core_flops_per_token``)."""
+def matmul_params(model) -> int:
+    """Parameters that multiply every token (6 FLOPs each per token, fwd+bwd): all but the input
+    embedding, a table lookup -- unless it is tied to the output head (torchtitan's count)."""
+    n = sum(p.numel() for p in model.parameters())
+    return n if model.cfg.tie_embeddings else n - model.embed.weight.numel()
+
+
+def batch_flops(model_cfg, n_matmul: int, doc_lens) -> float:
+    """Training FLOPs (fwd+bwd) of a batch of packed documents of lengths ``doc_lens``
+    (models.ops.documents.doc_lengths): 6 * ``n_matmul`` per token, plus each layer's
+    token-mixing core as its mixer counts it from the mask (``core_flops(cfg, layer,
+    doc_lens)``: attention pairs per document, causal, windowed, sparse pattern), not from
+    seq_len^2."""
     from models.mixers import mixer_class
 
-    core = sum(
-        mixer_class(model_cfg.mixer_of(i)).core_flops_per_token(model_cfg, seq_len) for i in range(model_cfg.n_layers)
-    )
-    return 6 * n_params + core
+    core = sum(mixer_class(model_cfg.mixer_of(i)).core_flops(model_cfg, i, doc_lens) for i in range(model_cfg.n_layers))
+    return 6 * n_matmul * sum(doc_lens) + core
+
+
+def rank_batch_flops(model_cfg, n_matmul: int, batch: dict, cp: int) -> float:
+    """This rank's share of the FLOPs of its micro-batch (``batch`` as trainer.batching.prepare_batch
+    returns it: CP-local tokens, the rows' global ``cu_seqlens`` and ``seq_len``): the CP ranks of a
+    data-parallel group hold the same rows, so each counts 1 / cp of them; summed over the world
+    this is the FLOPs of every row trained on."""
+    from models.ops.documents import doc_lengths
+
+    lens = doc_lengths(batch["cu_seqlens"], batch["input_ids"].shape[0], batch["seq_len"])
+    return batch_flops(model_cfg, n_matmul, lens) / cp
 
 
 def _start_wandb(run_dir: str, cfg_dict: dict, wandb_cfg):

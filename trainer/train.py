@@ -32,7 +32,7 @@ from trainer.distill import AttentionTransfer, transfer_loss_value
 from trainer.engines import build_engine
 from trainer.eval_report import write_report
 from trainer.evaluate import evaluate
-from trainer.metrics import MetricsLogger, device_peak_flops, flops_per_token
+from trainer.metrics import MetricsLogger, device_peak_flops, matmul_params, rank_batch_flops
 from trainer.optim import build_scheduler
 
 
@@ -104,6 +104,7 @@ def build_model(cfg: TrainConfig, device: torch.device, expand_kv: bool = True) 
     else:
         model = Transformer(cfg.model)
     model.checkpoint_layers = cfg.trainer.activation_checkpointing
+    model.loss_chunk = cfg.trainer.loss_chunk_tokens
     return model.to(device)
 
 
@@ -118,6 +119,7 @@ def _stage_model(st: stages.Stage, device: torch.device, prev: dict | None) -> T
         model = Transformer(cfg.model)
         stages.carry_weights(prev["weights"], model, spec.expand_kv)
         model.checkpoint_layers = cfg.trainer.activation_checkpointing
+        model.loss_chunk = cfg.trainer.loss_chunk_tokens
         model = model.to(device)
     if spec.lora_rank > 0:
         attach_lora(model, list(spec.lora_targets), spec.lora_rank, spec.lora_alpha)
@@ -196,6 +198,7 @@ def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: 
         )
     model = _stage_model(st, mesh.device, None if resume is not None else prev)
     n_params = sum(p.numel() for p in model.parameters())
+    n_matmul = matmul_params(model)  # before the engine wraps (or shards) it
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = build_engine(cfg, model, mesh)  # native (DDP / FSDP2), deepspeed or accelerate
     dp_model, optimizer = engine.model, engine.optimizer
@@ -220,8 +223,7 @@ def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: 
             + f" tokens/step={tokens_per_step}"
             + (f" resumed from step {run.step}" if resume else "")
         )
-    peak = device_peak_flops(mesh.device)
-    fpt = flops_per_token(cfg.model, n_params, cfg.data.seq_len)
+    peak = device_peak_flops(mesh.device, t.peak_tflops)
     autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     train_iter = iter(train_loader)
     bar = _progress(t, run.step - st.offset, mesh)
@@ -232,7 +234,7 @@ def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: 
         run.logger.log(run.step, {**tag, **({"at": "start"} if staged else {}), **ev}, console=console)
         if staged and mesh.is_main:
             write_report(os.path.join(run.run_dir, "eval"), f"{spec.name}_start", ev, plots=False)
-    t0, tokens_since = time.perf_counter(), 0
+    t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     end = min(st.end, run.end)
     step = run.step
     while step < end:
@@ -248,12 +250,13 @@ def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: 
                     loss = at.loss()
                     ce_sum, count = transfer_loss_value(loss), 1
                 else:
-                    logits = dp_model(batch["input_ids"], batch["positions"], ctx)
-                    loss, ce_sum, count = batch_loss(logits, batch["labels"], mesh)
+                    ce = dp_model(batch["input_ids"], batch["positions"], ctx, labels=batch["labels"])
+                    loss, ce_sum, count = batch_loss(ce, batch["labels"], mesh)
                 engine.backward(loss, last_micro)  # divides by grad_accum
             loss_sum += ce_sum
             count_sum += count
             tokens_since += batch["input_ids"].numel()
+            flops_since += rank_batch_flops(cfg.model, n_matmul, batch, mesh.cp)  # from its documents
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")  # 0: off
         grad_norm = engine.clip_grad_norm(max_norm)  # None: DeepSpeed clips inside step()
         train_loss = loss_sum / max(count_sum, 1)
@@ -294,12 +297,14 @@ def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: 
             if skips:
                 last["skipped_steps"] = skips
             window = []
-            if peak:
-                last["mfu"] = tok_s * fpt / (peak * mesh.world_size)
+            if peak:  # every rank's rows differ in their documents: sum the FLOPs over the world
+                flops = _sum_ranks(flops_since, mesh)
+                last["tflops_per_device"] = flops / max(dt, 1e-9) / mesh.world_size / 1e12
+                last["mfu"] = flops / (max(dt, 1e-9) * peak * mesh.world_size)
             if mesh.device.type == "cuda":
                 last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             run.logger.log(step, last, console=console)
-            t0, tokens_since = time.perf_counter(), 0
+            t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
         if (t.eval_every and (step - st.offset) % t.eval_every == 0) or step == st.end:
             ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)
             run.logger.log(step, {**tag, **({"at": "end"} if staged and step == st.end else {}), **ev}, console=console)
@@ -335,6 +340,12 @@ def _any_rank(flags: tuple, mesh: Mesh) -> list[bool]:
     x = torch.tensor([int(f) for f in flags], device=mesh.device)
     dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return [bool(v) for v in x.tolist()]
+
+
+def _sum_ranks(value: float, mesh: Mesh) -> float:
+    x = torch.tensor([value], dtype=torch.float64, device=mesh.device)
+    dist.all_reduce(x)
+    return float(x)
 
 
 def _check_nonfinite(t, step: int, skips: int, loss: float, grad_norm: float, run_dir: str) -> None:

@@ -27,7 +27,9 @@ On CPU, "full" and "causal" pieces run in PyTorch's fused flash attention
 natively GQA, top-left causal, natural-log lse); pieces on the same query rows are merged
 by log-sum-exp. Positions that break into very many runs (more than ``MAX_PIECES`` pairs)
 use the generic fixed-block plan (``active_blocks``). Rows that see no key produce zeros
-(and lse = -inf), never NaN. The kernel computes in fp32 (fp64 for fp64 inputs).
+(and lse = -inf), never NaN. The kernel computes in fp32 (fp64 for fp64 inputs); half
+precision inputs whose pieces all run in the fused op go to it as they are (it accumulates in
+fp32, as SDPA does under autocast), without fp32 copies of q, k, v (and do, o in backward).
 
 Backward recomputes probabilities from the saved lse (flash-attention style), so a CP
 strategy can call :func:`attention_backward` with the *merged* output and lse of several
@@ -513,6 +515,16 @@ def _acc(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _run_dtype(q: torch.Tensor, plans) -> torch.dtype:
+    """The dtype the pieces get: half inputs stay half when every piece of every row runs in
+    the fused op (it accumulates in fp32 and returns an fp32 lse; outputs are merged into fp32
+    buffers); otherwise the accumulation dtype."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if half and all(plan is not None and all(_fused(p, q) for p in plan) for plan in plans):
+        return q.dtype
+    return _acc(q)
+
+
 @_no_autocast
 def attention_forward(
     q, k, v, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK
@@ -526,8 +538,9 @@ def attention_forward(
     bsz, tq, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = _acc(q)
-    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     plans = [span_plan(mask, b) for b in range(bsz)]
+    run = _run_dtype(q, plans)
+    qa, ka, va = q.to(run), k.to(run), v.to(run)
     if bsz == 1 and _whole(plans[0], tq, k.shape[1]):  # one piece: no buffers, no copies
         o_p, lse_p = _piece_forward(qa[0], ka[0], va[0], plans[0][0], mask, scale, block)
         return o_p[None].to(q.dtype), lse_p[None].contiguous()
@@ -557,9 +570,10 @@ def attention_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None 
     bsz, tq, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = _acc(q)
-    qa, ka, va, doa, oa = (x.to(acc) for x in (q, k, v, do, o))
-    lse = lse.to(acc)
     plans = [span_plan(mask, b) for b in range(bsz)]
+    run = _run_dtype(q, plans)
+    qa, ka, va, doa, oa = (x.to(run) for x in (q, k, v, do, o))
+    lse = lse.to(acc)
     if bsz == 1 and _whole(plans[0], tq, k.shape[1]) and _fused(plans[0][0], qa):
         grads = _piece_backward(doa[0], qa[0], ka[0], va[0], oa[0], lse[0], None, plans[0][0], mask, scale, block)
         return tuple(g[None].to(x.dtype) for g, x in zip(grads, (q, k, v)))

@@ -73,6 +73,29 @@ def cu_seqlens_from_doc_ids(doc: torch.Tensor) -> torch.Tensor:
     return cu_seqlens_from_starts(starts_from_doc_ids(doc))
 
 
+def doc_lengths(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int) -> list[int]:
+    """Lengths of the documents of a packed [batch, seq_len] batch (a document crossing a row end
+    counts as two: every row start is a boundary); None: one document per row."""
+    if cu_seqlens is None:
+        return [seq_len] * batch
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    check_cu_seqlens(cu, batch, seq_len)
+    bounds = cu_seqlens_from_starts(starts_from_cu_seqlens(cu, batch, seq_len))
+    return (bounds[1:] - bounds[:-1]).tolist()
+
+
+def causal_pairs(doc_lens, window: int | None = None) -> int:
+    """(query, key) pairs a causal mask allows inside documents of lengths ``doc_lens`` (the
+    diagonal included): L (L + 1) / 2 each, or with a sliding window, each query sees its last
+    ``min(i + 1, window)`` keys: w (w + 1) / 2 + (L - w) w for L > w. Exact integers."""
+    total = 0
+    for n in doc_lens:
+        n = int(n)
+        w = n if window is None else min(n, int(window))
+        total += w * (w + 1) // 2 + (n - w) * w
+    return total
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
     """Document starts over the flattened [batch * seq_len] tokens: 1-D, from 0 to batch * seq_len,
     non-decreasing. Anything else silently gives tokens document id -1 or merges documents."""
