@@ -74,6 +74,13 @@ def _mm_add_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float =
     return acc
 
 
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out = a @ b over the leading dims, written into the storage of ``out`` (a dead buffer
+    reused: a fresh [C, C]-sized one costs as much in page faults as a pass over it)."""
+    torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out=out.view(-1, *out.shape[-2:]))
+    return out
+
+
 def _unchunked(x: torch.Tensor, t: int) -> torch.Tensor:
     """[B, H, NC, C, ...] -> [B, T, H, ...] (drops the padding)."""
     x = x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, :t]
@@ -91,22 +98,24 @@ class _Docs:
         self.carry = ~resets.any(-1)  # [B,NC] S_in passes the chunk
         self.any_reset = bool(resets.any())
 
-    def hidden(self, c: int, device) -> torch.Tensor:
-        """Pairs (t, s) to zero in the intra-chunk scores: another document or the future,
-        [B,1,NC,C,C], or just the future [C,C] when no document starts in the batch."""
-        future = torch.ones(c, c, dtype=torch.bool, device=device).triu(1)
-        if not self.any_reset:
-            return future
+    @functools.cached_property
+    def same_doc(self) -> torch.Tensor:
+        """[B,1,NC,C,C] bool: t and s lie in the same document."""
         seg = self.seg
-        return ((seg[..., :, None] != seg[..., None, :]) | future)[:, None]
+        return (seg[..., :, None] == seg[..., None, :])[:, None]
+
+    def hide_(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero the pairs (t, s) of x [B,H,NC,C,C] that are in the future or in another document,
+        in place. tril_ and a multiply by a 0/1 mask cost a fifth of masked_fill_ (measured), so
+        x must be finite below the diagonal."""
+        x = x.tril_()
+        return x.mul_(self.same_doc.to(x.dtype)) if self.any_reset else x
 
     @functools.cached_property
     def pair(self) -> torch.Tensor:
         """[B,1,NC,C,C] same document and s <= t (the per-key path; built on first use)."""
-        seg = self.seg
-        c = seg.shape[-1]
-        causal = torch.ones(c, c, dtype=torch.bool, device=seg.device).tril()
-        return ((seg[..., :, None] == seg[..., None, :]) & causal)[:, None]
+        c = self.seg.shape[-1]
+        return self.same_doc & torch.ones(c, c, dtype=torch.bool, device=self.seg.device).tril()
 
 
 def _slices(n: int, per_chunk: int):
@@ -114,18 +123,19 @@ def _slices(n: int, per_chunk: int):
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _scalar_decay(b: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """exp(b_t - b_s) on allowed pairs, 0 on ``hidden`` ones: [B,H,NC,C,C] from b [B,H,NC,C,1],
-    in three in-place passes (the masked differences are <= 0, so nothing overflows)."""
+def _scalar_decay(b: torch.Tensor, docs: _Docs) -> torch.Tensor:
+    """exp(b_t - b_s) on same-document pairs s <= t, 0 elsewhere: [B,H,NC,C,C] from b
+    [B,H,NC,C,1]. The differences are clamped at 0 before exp (the future's would overflow,
+    and overflowing exp is slow), then hidden: four cheap passes, no masked_fill."""
     b = b[..., 0]
     diff = b[..., :, None] - b[..., None, :]
-    return diff.masked_fill_(hidden, NEG_INF).exp_()
+    return docs.hide_(diff.clamp_max_(0.0).exp_())
 
 
 def _key_decay(b: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
     """exp(b_t - b_s) per key on allowed pairs: [B,H,n,C,C,Dk] from b [B,H,n,C,Dk]."""
     diff = b[..., :, None, :] - b[..., None, :, :]
-    return diff.masked_fill_(~pair[..., None], NEG_INF).exp_()
+    return diff.clamp_max_(0.0).exp_().mul_(pair[..., None].to(diff.dtype))
 
 
 def _key_scores(q, k, b, pair):
@@ -271,15 +281,14 @@ class _Chunks:
         qc, kc, b = self.qc, self.kc, self.b
         if self.per_key:
             return _key_scores(qc, kc, b, self.docs.pair), None
-        hidden = self.docs.hidden(self.c, qc.device)
         if b is None:
-            return (qc @ kc.transpose(-1, -2)).masked_fill_(hidden, 0.0), None
-        decay = _scalar_decay(b, hidden)
+            return self.docs.hide_(qc @ kc.transpose(-1, -2)), None
+        decay = _scalar_decay(b, self.docs)
         return (qc @ kc.transpose(-1, -2)).mul_(decay), decay
 
 
 def linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, incoming=None):
-    """Forward without autograd. resets [B, T] bool (see segments.py; a reset at token 0 makes
+    """Forward without autograd. resets [B, T] bool (models/ops/documents.py; a reset at token 0 makes
     the row ignore its initial state). Returns (o [B,T,H,Dv] in q's dtype, final_state
     [B,H,Dk,Dv] fp32/fp64).
 
@@ -323,10 +332,11 @@ def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_siz
         wait = outgoing(ds0)
 
     # intra-chunk gradients and the S_in term of dq (none of them needs dL/dS_out); dq is
-    # scaled once here (qc holds scale * q): dq = scale * (dq_in * dec_q + da @ kc)
+    # scaled once here (qc holds scale * q): dq = scale * (dq_in * dec_q + da @ kc). From here
+    # on, the chunked copies and the scores are overwritten in place once they are dead.
     a, decay = x.scores()
     dv = a.transpose(-1, -2) @ doc_
-    da = doc_ @ vc.transpose(-1, -2)
+    da = _bmm_into(a, doc_, vc.transpose(-1, -2))  # a is dead
     dq = doc_ @ s_in.transpose(-1, -2)
     if dec_q is not None:
         dq = dq.mul_(dec_q)
@@ -334,7 +344,7 @@ def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_siz
         dq_a, dk = _key_grads(qc, kc, b, x.docs.pair, da)
         dq = dq.add_(dq_a).mul_(scale)
     else:
-        da = da.masked_fill_(x.docs.hidden(x.c, qc.device), 0.0) if decay is None else da.mul_(decay)
+        da = x.docs.hide_(da) if decay is None else da.mul_(decay)
         dq, dk = _mm_add_(dq, da, kc, scale), da.transpose(-1, -2) @ qc
 
     if outgoing is not None:
@@ -345,12 +355,12 @@ def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_siz
     dv = _mm_add_(dv, st.k_out, ds_out)
     if x.per_key:  # w per key: it scales the output columns
         dk = dk.addcmul_(vc @ ds_out.transpose(-1, -2), w)
-    else:  # w per token (or None): fold it into v
-        dk = _mm_add_(dk, x.times(vc, w), ds_out.transpose(-1, -2))
+    else:  # w per token (or None): fold it into v (dead after this)
+        dk = _mm_add_(dk, vc if w is None else vc.mul_(w), ds_out.transpose(-1, -2))
 
     dg = dgk = None
     if b is not None:
-        db = (qc * dq).div_(scale).sub_(kc * dk)  # [B,H,NC,C,Dk] (dq is scale times d/dqc)
+        db = qc.mul_(dq).div_(scale).sub_(kc.mul_(dk))  # [B,H,NC,C,Dk] (dq is scale times d/dqc)
         s_out = torch.cat([s_in[:, :, 1:], s_final[:, :, None]], dim=2)
         db[..., -1, :] += (s_out * ds_out).sum(-1)
         if not x.per_key:
