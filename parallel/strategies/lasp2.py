@@ -20,7 +20,7 @@ over all P*S segments in global order (``scan_segment_states``) on the gathered 
 
 With the chunked torch op (impl "chunk", or "auto" off CUDA) one hand-written autograd
 function, ``FusedLASP2``, runs the whole layer as ONE op call whose rows are the local
-segments ([B*S, C/S, ...], a reset at each row's token 0 where a document starts there):
+segments ([B*S, C/S, ...]; a row whose token 0 starts a document ignores S_in):
   forward: the op's own chunk scan gives (M, transfer) -> all-gather issued asynchronously
     (``incoming`` hook); the intra-chunk work runs while it is in flight; then the scan over
     segments gives S_in, which enters the op's chunk states (one multiply-add over the
@@ -112,37 +112,45 @@ def _segments_to_rows(x):
 
 # ----------------------------------------------------------------------------- fused path
 class FusedLASP2(torch.autograd.Function):
-    """apply(q, k, v, g, gk, resets, scale, chunk_size, segments) -> o, on rows = local
-    segments: q, k [B*S, C/S, H, Dk], v [B*S, C/S, H, Dv], resets [B*S, C/S] (token 0: a
-    document starts at the segment start). See the module docstring."""
+    """apply(q, k, v, g, gk, starts, scale, chunk_size, segments) -> o, on rows = local
+    segments: q, k [B*S, C/S, H, Dk], v [B*S, C/S, H, Dv], starts [B*S, C/S] bool (global
+    document starts). A row whose token 0 starts a document ignores its S_in: rather than a
+    reset at token 0 (which would put the whole batch on the op's document-mask path), its
+    transfer, S_in and dL/dS_in are zeroed here. See the module docstring."""
 
     @staticmethod
-    def forward(fctx, q, k, v, g, gk, resets, scale, chunk_size, segs):
+    def forward(fctx, q, k, v, g, gk, starts, scale, chunk_size, segs):
         b, s, h, dk, dv = q.shape[0] // len(segs.mine), len(segs.mine), q.shape[2], q.shape[3], v.shape[3]
+        keep = ~starts[:, 0]  # [B*S] the row takes S_in
+        resets = starts.clone()
+        resets[:, 0] = False
         late = {}
 
         def incoming(m, transfer):  # [B*S, H, Dk, Dv], [B*S, H, Dk]
+            transfer = transfer * keep[:, None, None]
             pending = segs.gather_async(_pack(_rows_to_segments(m, s), _rows_to_segments(transfer, s)))
 
             def wait():
                 m_all, transfer_all = _unpack(segs.ordered(pending.wait()), b, h, dk, dv)
                 s_in = scan_segment_states(m_all, transfer_all)  # [P*S, B,H,Dk,Dv]
-                late.update(s_in=_segments_to_rows(s_in[segs.mine]), transfer=transfer_all)
-                return late["s_in"]
+                s_in = _segments_to_rows(s_in[segs.mine]) * keep[:, None, None, None]
+                late.update(s_in=s_in, transfer=transfer_all)
+                return s_in
 
             return wait
 
         o, _ = linear_attention_fwd(q, k, v, g, gk, scale, None, resets, chunk_size, incoming=incoming)
-        fctx.save_for_backward(q, k, v, g, gk, resets, late["s_in"], late["transfer"])
+        fctx.save_for_backward(q, k, v, g, gk, resets, keep, late["s_in"], late["transfer"])
         fctx.scale, fctx.chunk_size, fctx.segs = scale, chunk_size, segs
         return o
 
     @staticmethod
     def backward(fctx, do):
-        q, k, v, g, gk, resets, s_in, transfer_all = fctx.saved_tensors
+        q, k, v, g, gk, resets, keep, s_in, transfer_all = fctx.saved_tensors
         segs, s = fctx.segs, len(fctx.segs.mine)
 
         def outgoing(ds_in):  # [B*S, H, Dk, Dv]
+            ds_in = ds_in * keep[:, None, None, None]
             pending = segs.gather_async(_rows_to_segments(ds_in, s).flatten(1))
 
             def wait():
@@ -196,8 +204,7 @@ class LASP2(LinearStrategy):
         if runs_torch_chunk(impl, q):
             n = len(segs.mine)  # rows = segments: [B, C, ...] -> [B*S, C/S, ...] (a view for S = 1)
             rows = [None if x is None else x.reshape(x.shape[0] * n, -1, *x.shape[2:]) for x in (q, k, v, g, gk)]
-            resets = starts.reshape(-1, starts.shape[1] // n)
-            o = FusedLASP2.apply(*rows, resets, float(scale), int(chunk_size), segs)
+            o = FusedLASP2.apply(*rows, starts.reshape(-1, starts.shape[1] // n), float(scale), int(chunk_size), segs)
             return o.reshape(*q.shape[:3], v.shape[3])
         return self._generic(q, k, v, g, gk, scale, chunk_size, impl, starts, ctx, segs)
 
