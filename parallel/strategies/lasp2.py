@@ -29,7 +29,8 @@ segments ([B*S, C/S, ...]; a row whose token 0 starts a document ignores S_in):
     issued asynchronously (``outgoing`` hook); the intra-chunk gradients run meanwhile; then
     the reverse scan over segments (``scan_segment_grads``) gives dL/dS_end of each local
     segment, which enters as the op's dL/dfinal_state.
-Nothing is computed twice and nothing but the op touches the tokens.
+Nothing but the op touches the tokens (its backward recomputes the chunk states, as always);
+the all-gathers wait about 0.05 ms at P = 2 (measured): the local work hides them.
 
 Otherwise (impl "naive", or fla's kernels on CUDA) the generic path, autograd throughout:
 ``segment_state`` of each local segment -> the same all-gather; meanwhile the intra-segment op
