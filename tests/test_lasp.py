@@ -5,7 +5,9 @@ hybrid-model check at once (``_results``, cached); the tests below only read it.
 Shapes: C = 6 tokens per rank (N = 6P), B = 2, H = 2, Dk = Dv = 4, fp64, tolerance 1e-10 for
 o, dq, dk, dv, dg, dgk against ``recurrent_linear_attention_ref`` on the whole row; decay none /
 scalar / per-key / both, g = 0 and g = -30, documents crossing 1-3 boundaries, length-1 docs,
-chunk sizes 4 and 64 (not dividing the segments). The hybrid model (gla, simple_gla, lightning,
+chunk sizes 4 and 64 (not dividing the segments). lasp2 runs its fused path (impl auto: the
+chunked torch op with its hooks) everywhere and its generic autograd path (impl naive) at
+worlds 2 and 3; the byte counts check both. The hybrid model (gla, simple_gla, lightning,
 softmax layers) compares CP=P (allgather + lasp2) with CP=1 in fp32 to 1e-5.
 """
 
@@ -33,10 +35,16 @@ C, B, H, DK, DV, SCALE = 6, 2, 2, 4, 4, 0.5
 RUNS = [("lasp2", "contiguous"), ("lasp2", "zigzag"), ("lasp1", "contiguous")]
 KEEP = {"recompute": False}  # intermediates kept for backward instead of recomputed
 KEEP_RUNS = [("lasp2", "zigzag", KEEP), ("lasp1", "contiguous", KEEP)]  # worlds 2, 3 only (time)
+# lasp2 runs a fused path on the chunked torch op (impl auto on CPU) and a generic autograd
+# path for any other impl: the token-by-token reference covers the latter (worlds 2, 3)
+GENERIC_RUNS = [("lasp2", "contiguous", {}, "naive"), ("lasp2", "zigzag", KEEP, "naive")]
 
 
 def error_runs(world):
-    return [(s, lay, {}) for s, lay in RUNS] + (KEEP_RUNS if world in (2, 3) else [])
+    runs = [(s, lay, {}, "auto") for s, lay in RUNS]
+    if world in (2, 3):
+        runs += [(s, lay, opt, "auto") for s, lay, opt in KEEP_RUNS] + GENERIC_RUNS
+    return runs
 
 
 # document starts per row (clipped to the row): with C = 6, rank boundaries (contiguous) sit at
@@ -94,14 +102,14 @@ def reference(case):
     return [o.detach()] + _grads(o, case["do"], inputs)
 
 
-def _run(strategy, layout, rank, world, case, n, chunk=64, options=None):
+def _run(strategy, layout, rank, world, case, n, chunk=64, options=None, impl="auto"):
     """This rank's (o, dq, dk, dv, dg, dgk) shard and its local index."""
     group = dist.group.WORLD if world > 1 else None
     ctx = CPContext(build_strategy(strategy, **(options or {})), group, rank, world, layout, n, B, case["cu"])
     idx = ctx.local_index
     inputs = _inputs(case, idx)
     q, k, v, g, gk = inputs
-    o = ctx.linear_attention(q, k, v, g=g, gk=gk, scale=SCALE, chunk_size=chunk)
+    o = ctx.linear_attention(q, k, v, g=g, gk=gk, scale=SCALE, chunk_size=chunk, impl=impl)
     return [o.detach()] + _grads(o, case["do"][:, idx], inputs), idx
 
 
@@ -110,10 +118,10 @@ def _errors(rank, world):
     for seed, (name, (decay, rows, chunk, g_value, weight)) in enumerate(CASES.items()):
         case = make_case(seed, n, decay, rows, g_value, weight)
         ref = reference(case)
-        for strategy, layout, options in error_runs(world):
-            got, idx = _run(strategy, layout, rank, world, case, n, chunk, options)
+        for strategy, layout, options, impl in error_runs(world):
+            got, idx = _run(strategy, layout, rank, world, case, n, chunk, options, impl)
             assert all(x is None or torch.isfinite(x).all() for x in got)
-            strategy = strategy + ("" if options.get("recompute", True) else "/keep")
+            strategy += ("" if options.get("recompute", True) else "/keep") + ("" if impl == "auto" else "/naive")
             errs[(strategy, layout, name)] = max(
                 (a - r[:, idx]).abs().max().item() for a, r in zip(got, ref) if a is not None
             )
@@ -142,20 +150,20 @@ def _probe(rank, world, t=None):
 
 
 def _bytes(rank, world):
-    """Received bytes per (run, seq_len): (forward, backward), fp32 inputs."""
+    """Received bytes per (run, impl, seq_len): (forward, backward), fp32 inputs."""
     out = {}
     for n in (C * world, 10 * world):
         case = make_case(5, n, "both", (L1, L2), dtype=torch.float32)
-        for strategy, layout in RUNS:
+        for strategy, layout, impl in [(s, lay, "auto") for s, lay in RUNS] + [("lasp2", "zigzag", "naive")]:
             group = dist.group.WORLD if world > 1 else None
             ctx = CPContext(build_strategy(strategy), group, rank, world, layout, n, B, case["cu"])
             q, k, v, g, gk = _inputs(case, ctx.local_index)
             comm.COUNTER.reset()
-            o = ctx.linear_attention(q, k, v, g=g, gk=gk, scale=SCALE)
+            o = ctx.linear_attention(q, k, v, g=g, gk=gk, scale=SCALE, impl=impl)
             fwd = dict(comm.COUNTER.received)
             comm.COUNTER.reset()
             o.sum().backward()
-            out[(strategy, layout, n)] = (fwd, dict(comm.COUNTER.received))
+            out[(strategy, layout, impl, n)] = (fwd, dict(comm.COUNTER.received))
     return out
 
 
@@ -248,7 +256,7 @@ def test_causality_probe(world):
 @pytest.mark.parametrize("world", WORLDS)
 def test_bytes_match_formula_and_are_flat(world):
     res = _results(world)
-    for strategy, layout in RUNS:
+    for strategy, layout, impl in [(s, lay, "auto") for s, lay in RUNS] + [("lasp2", "zigzag", "naive")]:
         strat = build_strategy(strategy)
         per_n = []
         for n in (C * world, 10 * world):
@@ -265,15 +273,17 @@ def test_bytes_match_formula_and_are_flat(world):
                     layout=layout,
                 )
             )
-            got = [r["bytes"][(strategy, layout, n)] for r in res]
+            got = [r["bytes"][(strategy, layout, impl, n)] for r in res]
             if world == 1:
                 assert formula == 0 and all(f == {} and b == {} for f, b in got)
             elif strategy == "lasp2":
                 segs = 2 if layout == "zigzag" else 1
-                assert formula == (world - 1) * segs * (B * H * DK * DV + B * H * DK + 2 * B) * 4
-                # one all-gather forward, one reduce-scatter backward, nothing else
-                assert all(f == {"all_gather": formula} for f, _ in got), got
-                assert all(b == {"reduce_scatter": formula} for _, b in got), got
+                assert formula == (world - 1) * segs * (B * H * DK * DV + B * H * DK) * 4
+                assert all(f == {"all_gather": formula} for f, _ in got), got  # one all-gather forward
+                if impl == "auto":  # fused path: one all-gather of dL/dS_in backward
+                    assert all(b == {"all_gather": (world - 1) * segs * B * H * DK * DV * 4} for _, b in got), got
+                else:  # generic path: one reduce-scatter of the summaries' gradients
+                    assert all(b == {"reduce_scatter": formula} for _, b in got), got
             else:  # lasp1: one state per hop; rank 0 receives nothing forward, P-1 nothing back
                 assert formula == B * H * DK * DV * 4
                 assert [f.get("send_recv", 0) for f, _ in got] == [0] + [formula] * (world - 1)

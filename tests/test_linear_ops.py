@@ -12,9 +12,11 @@ from models.ops.linear_attention import (
     chunk_linear_attention,
     fla_backend,
     recurrent_linear_attention_ref,
+    scan_segment_grads,
     scan_segment_states,
     segment_output_from_state,
     segment_state,
+    segment_transfer,
 )
 
 F64 = torch.float64
@@ -155,8 +157,10 @@ def test_lasp2_pieces_reassemble_the_sequence(decay):
     seg = lambda x, r: None if x is None else x[:, bounds[r] : bounds[r + 1]]  # noqa: E731
     summaries = [segment_state(seg(k, r), seg(v, r), seg(g, r), seg(gk, r), seg(starts, r)) for r in range(3)]
     m, big_g, has = (torch.stack(x) for x in zip(*summaries))
-    first = torch.stack([seg(starts, r)[:, 0] for r in range(3)])
-    s_in = scan_segment_states(m, big_g, has, first)
+    s_in = scan_segment_states(m, torch.stack([segment_transfer(*x) for x in zip(big_g, has)]))
+    # the public op takes initial_state into a row's first document even when the segment's
+    # token 0 starts one (it never resets at token 0): zero S_in there
+    s_in = s_in * torch.stack([~seg(starts, r)[:, 0, None, None, None] for r in range(3)])
     outs = []
     for r in range(3):
         o, _ = chunk_linear_attention(
@@ -180,6 +184,64 @@ def test_lasp2_pieces_reassemble_the_sequence(decay):
     ref = recurrent_linear_attention_ref(q, k, v, g, gk, 0.5, cu_seqlens=cu)
     zero = torch.zeros(())
     _check((o, zero), (ref[0], zero), (q, k, v, g, gk))
+
+
+@pytest.mark.parametrize("decay", ["none", "scalar", "key", "both"])
+def test_late_state_hooks(decay):
+    """``incoming`` / ``outgoing`` (LASP-2's hooks): the initial state handed in after the
+    local chunk scan and dL/dfinal after the intra-chunk gradients give the reference's
+    outputs and gradients; the hooks see M, transfer (final = M + transfer * S_in) and the
+    gradient of the local outputs wrt S_in. Weak decays (carries matter); row 0 resets at
+    token 0 (ignores S_in), row 1 has no document start, row 2 two starts inside chunks."""
+    from models.ops.linear_attention import linear_attention_bwd, linear_attention_fwd
+
+    t, chunk = 45, 16
+    q, k, v, g, gk, s0 = _inputs(3, t, 2, 4, 3, decay, seed=4)
+    g, gk = (None if x is None else (0.1 * x).detach().requires_grad_() for x in (g, gk))
+    resets = torch.zeros(3, t, dtype=torch.bool)
+    resets[0, [0, 17, 30]] = True
+    resets[2, [5, 20]] = True
+    cu = cu_seqlens_from_starts(resets)
+    gen = torch.Generator().manual_seed(5)
+    do, d_fin = torch.randn(3, t, 2, 3, generator=gen, dtype=F64), torch.randn(3, 2, 4, 3, generator=gen, dtype=F64)
+    s0_used = s0 * ~resets[:, 0, None, None, None]
+    o_ref, fin_ref = recurrent_linear_attention_ref(q, k, v, g, gk, 0.5, s0_used, cu)
+    live = [x for x in (q, k, v, g, gk, s0) if x is not None]
+    ref = torch.autograd.grad((o_ref * do).sum() + (fin_ref * d_fin).sum(), live, retain_graph=True)
+    ds_local_ref = torch.autograd.grad((o_ref * do).sum(), s0)[0]
+
+    seen = {}
+
+    def incoming(m, transfer):
+        seen.update(m=m, transfer=transfer)
+        return lambda: s0.detach()
+
+    def outgoing(ds_in):
+        seen.update(ds_in=ds_in)
+        return lambda: d_fin
+
+    args = [x if x is None else x.detach() for x in (q, k, v, g, gk)]
+    o, fin = linear_attention_fwd(*args, 0.5, None, resets, chunk, incoming=incoming)
+    assert (o - o_ref).abs().max() < 1e-10 and (fin - fin_ref).abs().max() < 1e-10
+    assert (seen["m"] + seen["transfer"][..., None] * s0 - fin_ref).abs().max() < 1e-10
+    assert (seen["transfer"][[0, 2]] == 0).all() and (seen["transfer"][1] > 0.05).all()
+    grads = linear_attention_bwd(*args, 0.5, s0.detach(), resets, chunk, do, outgoing=outgoing)
+    assert (seen["ds_in"] - ds_local_ref).abs().max() < 1e-10
+    for a, b in zip([x for x in grads if x is not None], ref):
+        assert (a - b).abs().max() < 1e-10
+
+
+def test_segment_grads_are_the_scan_backward():
+    """scan_segment_grads (LASP-2's hand-written backward over segments) equals autograd
+    through scan_segment_states: dL/dM_j = dL/dS_end_j."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(5, 2, 2, 3, 4, generator=gen, dtype=F64, requires_grad=True)
+    transfer = torch.rand(5, 2, 2, 3, generator=gen, dtype=F64)
+    transfer[2, 1] = 0.0  # segment 2 of row 1 holds a document start
+    ds_in = torch.randn(5, 2, 2, 3, 4, generator=gen, dtype=F64)
+    (dm,) = torch.autograd.grad((scan_segment_states(m, transfer) * ds_in).sum(), m)
+    assert (scan_segment_grads(ds_in, transfer) - dm).abs().max() < 1e-12
+    assert (dm[-1] == 0).all()
 
 
 @pytest.mark.skipif(
@@ -222,7 +284,8 @@ def test_no_decay_path_matches_reference(cu, monkeypatch):
     def no_gates(*_):
         raise AssertionError("decay-free inputs must not build gates")
 
-    monkeypatch.setattr(chunk, "_chunk_summaries", no_gates)
+    monkeypatch.setattr(chunk, "_scan", no_gates)
+    monkeypatch.setattr(chunk, "_scalar_decay", no_gates)
     q, k, v, _, _, s0 = _inputs(2, 200, 2, 4, 3, "none")
     cu = None if cu is None else torch.tensor(cu)
     out = chunk_linear_attention(q, k, v, None, None, 0.5, s0, cu, 8, output_final_state=True)
@@ -231,8 +294,9 @@ def test_no_decay_path_matches_reference(cu, monkeypatch):
 
 
 def test_plain_scan_equals_the_gated_scan():
-    """The decay-free scan (adds and copies) equals the gated scan with gates in {0, 1}."""
-    from models.ops.linear_attention.chunk import _scan_grads, _scan_grads_plain, _scan_plain, _scan_states
+    """The decay-free scan (adds and copies) equals the gated scan with gates in {0, 1}, both
+    directions."""
+    from models.ops.linear_attention.chunk import _scan, _scan_plain
 
     gen = torch.Generator().manual_seed(0)
     m = torch.randn(3, 2, 12, 4, 5, generator=gen, dtype=F64)
@@ -241,8 +305,7 @@ def test_plain_scan_equals_the_gated_scan():
     carry[1, [0, 5, 11]] = False
     carry[2, 7] = False
     carry[:, 3] = False
-    gam = carry[:, None, :, None].expand(3, 2, 12, 1).to(F64)
-    for got, want in zip(
-        _scan_plain(m, carry, s0) + _scan_grads_plain(m, carry, s0), _scan_states(m, gam, s0) + _scan_grads(m, gam, s0)
-    ):
-        assert torch.equal(got, want)
+    gam = carry[:, None, :, None, None].expand(3, 2, 12, 1, 1).to(F64)
+    for reverse in (False, True):
+        for got, want in zip(_scan_plain(m, carry, s0, reverse), _scan(m, gam, s0, reverse)):
+            assert torch.equal(got, want)

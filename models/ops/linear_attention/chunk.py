@@ -23,17 +23,25 @@ q = k = v = 0 and a = 0 leave outputs and states unchanged).
 Backward (``linear_attention_bwd``) recomputes the chunk states, runs the reverse state scan
 dS_in = exp(b_C) dS_out + sum_t exp(b_t) q_t^T dO_t, and the log-decay gradient from
 db_t = q_t * dq_t - k_t * dk_t (+ rowsum(S_out * dS_out) at the chunk end), da = reverse cumsum of
-db inside the chunk.
+db inside the chunk. Both directions build the scalar pair decay exp(b_t - b_s) once (in
+place) and accumulate matmuls into their outputs (baddbmm_), so every pass over [C, C] scores
+or [C, D] tokens is one the math needs.
 
-LASP-2 pieces (sequence parallelism over CP ranks, each holding one contiguous segment):
-``segment_state`` (M, G, has_start per rank, to all-gather), ``scan_segment_states`` (the
-exclusive scan giving each rank's S_in), and ``chunk_linear_attention(..., initial_state=S_in)``
-whose backward returns dL/dS_in; ``segment_output_from_state`` is the S_in term on its own.
+LASP-2 (sequence parallelism over CP ranks, each holding contiguous segments):
+``linear_attention_fwd(..., incoming=)`` hands out each row's (M, transfer) from its own chunk
+scan and takes the incoming state S_in after its intra-chunk work (it enters the chunk states
+as S_in[n] += prod_{i<n} gam_i * S_in, no pass over the tokens); ``linear_attention_bwd(...,
+outgoing=)`` hands out dL/dS_in and takes dL/dS_end after its intra-chunk gradients. A reset at
+a row's token 0 (a segment that starts a document) makes the row ignore S_in. For other ops
+(the reference, fla): ``segment_state`` (M, G, has_start), ``segment_transfer``,
+``scan_segment_states`` (the exclusive scan over segments giving each S_in; ``scan_segment_grads``
+its reverse), and ``segment_output_from_state``, the S_in term on its own; all differentiable.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -58,12 +66,19 @@ def _chunked(x: torch.Tensor, c: int, scale: float | None = None) -> torch.Tenso
     return torch.mul(x, scale, out=out) if scale is not None else out.copy_(x)
 
 
-def _mm_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0):
-    """scale * (acc + a @ b) in one batched call (no separate add pass): acc [..., m, n],
-    a [..., m, k], b [..., k, n] with the same leading dims."""
+def _mm_add_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """acc = scale * (acc + a @ b) in place, one batched call (no separate add pass):
+    acc [..., m, n], a [..., m, k], b [..., k, n] with the same leading dims."""
     m, n, k = acc.shape[-2], acc.shape[-1], a.shape[-1]
-    out = torch.baddbmm(acc.reshape(-1, m, n), a.reshape(-1, m, k), b.reshape(-1, k, n), beta=scale, alpha=scale)
-    return out.view(acc.shape)
+    acc.view(-1, m, n).baddbmm_(a.reshape(-1, m, k), b.reshape(-1, k, n), beta=scale, alpha=scale)
+    return acc
+
+
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out = a @ b over the leading dims, written into the storage of ``out`` (a dead buffer
+    reused: a fresh [C, C]-sized one costs as much in page faults as a pass over it)."""
+    torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out=out.view(-1, *out.shape[-2:]))
+    return out
 
 
 def _unchunked(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -74,22 +89,33 @@ def _unchunked(x: torch.Tensor, t: int) -> torch.Tensor:
 
 class _Docs:
     """Per-chunk document masks from reset flags [B, NC, C], as [B, 1, NC, ...] (broadcast
-    over H)."""
+    over H). A reset at token 0 is allowed: the row then ignores its initial state."""
 
     def __init__(self, resets: torch.Tensor):
         self.seg = seg = resets.long().cumsum(-1)  # doc index inside chunk
         self.first = (seg == 0)[:, None, ..., None]  # [B,1,NC,C,1] sees S_in
         self.last = (seg == seg[..., -1:])[:, None, ..., None]  # [B,1,NC,C,1] feeds S_out
-        self.carry = (~resets.any(-1))[:, None, :, None]  # [B,1,NC,1] S_in passes
+        self.carry = ~resets.any(-1)  # [B,NC] S_in passes the chunk
         self.any_reset = bool(resets.any())
 
     @functools.cached_property
-    def pair(self) -> torch.Tensor:
-        """[B,1,NC,C,C] same document and s <= t (built on first use)."""
+    def same_doc(self) -> torch.Tensor:
+        """[B,1,NC,C,C] bool: t and s lie in the same document."""
         seg = self.seg
-        c = seg.shape[-1]
-        causal = torch.ones(c, c, dtype=torch.bool, device=seg.device).tril()
-        return ((seg[..., :, None] == seg[..., None, :]) & causal)[:, None]
+        return (seg[..., :, None] == seg[..., None, :])[:, None]
+
+    def hide_(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero the pairs (t, s) of x [B,H,NC,C,C] that are in the future or in another document,
+        in place. tril_ and a multiply by a 0/1 mask cost a fifth of masked_fill_ (measured), so
+        x must be finite below the diagonal."""
+        x = x.tril_()
+        return x.mul_(self.same_doc.to(x.dtype)) if self.any_reset else x
+
+    @functools.cached_property
+    def pair(self) -> torch.Tensor:
+        """[B,1,NC,C,C] same document and s <= t (the per-key path; built on first use)."""
+        c = self.seg.shape[-1]
+        return self.same_doc & torch.ones(c, c, dtype=torch.bool, device=self.seg.device).tril()
 
 
 def _slices(n: int, per_chunk: int):
@@ -97,239 +123,260 @@ def _slices(n: int, per_chunk: int):
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _pair_decay(b: torch.Tensor, pair: torch.Tensor, per_key: bool) -> torch.Tensor:
-    """exp(b_t - b_s) on allowed pairs, 0 elsewhere: [B,H,n,C,C] (scalar) or [B,H,n,C,C,Dk]."""
-    if not per_key:
-        b = b[..., 0]
-        return torch.exp((b[..., :, None] - b[..., None, :]).masked_fill(~pair, NEG_INF))
+def _scalar_decay(b: torch.Tensor, docs: _Docs) -> torch.Tensor:
+    """exp(b_t - b_s) on same-document pairs s <= t, 0 elsewhere: [B,H,NC,C,C] from b
+    [B,H,NC,C,1]. The differences are clamped at 0 before exp (the future's would overflow,
+    and overflowing exp is slow), then hidden: four cheap passes, no masked_fill."""
+    b = b[..., 0]
+    diff = b[..., :, None] - b[..., None, :]
+    return docs.hide_(diff.clamp_max_(0.0).exp_())
+
+
+def _key_decay(b: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+    """exp(b_t - b_s) per key on allowed pairs: [B,H,n,C,C,Dk] from b [B,H,n,C,Dk]."""
     diff = b[..., :, None, :] - b[..., None, :, :]
-    return torch.exp(diff.masked_fill(~pair[..., None], NEG_INF))
+    return diff.clamp_max_(0.0).exp_().mul_(pair[..., None].to(diff.dtype))
 
 
-def _intra_scores(q, k, b, pair, per_key):
-    """A [B, H, NC, C, C] = sum_d q_td k_sd exp(b_td - b_sd) on same-document pairs s <= t."""
-    if not per_key:
-        return (q @ k.transpose(-1, -2)) * _pair_decay(b, pair, False)
+def _key_scores(q, k, b, pair):
+    """A [B, H, NC, C, C] = sum_d q_td k_sd exp(b_td - b_sd) on same-document pairs s <= t,
+    a few chunks at a time (the [.., C, C, Dk] decay block stays under PAIRWISE_BUDGET)."""
     out = []
     for sl in _slices(q.shape[2], q.shape[0] * q.shape[1] * q.shape[3] ** 2 * q.shape[4]):
-        e = _pair_decay(b[:, :, sl], pair[:, :, sl], True)
+        e = _key_decay(b[:, :, sl], pair[:, :, sl])
         out.append(torch.einsum("bhntd,bhnsd,bhntsd->bhnts", q[:, :, sl], k[:, :, sl], e))
     return torch.cat(out, dim=2)
 
 
-def _intra_grads(q, k, b, pair, da, per_key):
-    """Gradients of sum(dA * A) wrt q and k: ([B,H,NC,C,Dk], [B,H,NC,C,Dk])."""
-    if not per_key:
-        p = da * _pair_decay(b, pair, False)
-        return p @ k, p.transpose(-1, -2) @ q
+def _key_grads(q, k, b, pair, da):
+    """Gradients of sum(dA * A) (A of ``_key_scores``) wrt q and k: ([B,H,NC,C,Dk], same)."""
     dq, dk = [], []
     for sl in _slices(q.shape[2], q.shape[0] * q.shape[1] * q.shape[3] ** 2 * q.shape[4]):
-        e = _pair_decay(b[:, :, sl], pair[:, :, sl], True)
+        e = _key_decay(b[:, :, sl], pair[:, :, sl])
         dq.append(torch.einsum("bhnts,bhntsd,bhnsd->bhntd", da[:, :, sl], e, k[:, :, sl]))
         dk.append(torch.einsum("bhnts,bhntsd,bhntd->bhnsd", da[:, :, sl], e, q[:, :, sl]))
     return torch.cat(dq, dim=2), torch.cat(dk, dim=2)
 
 
 # ----------------------------------------------------------------------------- state scan
-def _chunk_summaries(k, v, b, docs):
-    """w [B,H,NC,C,Dk|1] decay to chunk end (last doc only), M [B,H,NC,Dk,Dv] local states,
-    gam [B,H,NC,Dk|1] decay of S_in across the chunk (0 when the chunk holds a doc start)."""
-    b_end = b[..., -1:, :]
-    w = torch.exp((b_end - b).masked_fill(~docs.last, NEG_INF))
-    m = (k * w).transpose(-1, -2) @ v
-    gam = torch.exp(b_end[..., 0, :]) * docs.carry
-    return w, m, gam
+def _scan(x, gam, s0, reverse: bool = False):
+    """The exclusive scan over chunks, one fused multiply-add per chunk into one buffer.
+    x [B,H,NC,Dk,Dv], gam [B,H,NC,Dk|1,1] (broadcast over Dv), s0 [B,H,Dk,Dv]. Forward:
+        out[0] = s0, out[n+1] = gam[n] out[n] + x[n]; returns (out, gam[-1] out[-1] + x[-1])
+    (S_in of every chunk and the final state); ``reverse`` runs the chunks backwards:
+        out[-1] = s0, out[n-1] = gam[n] out[n] + x[n]; returns (out, gam[0] out[0] + x[0])
+    (dL/dS_out of every chunk and dL/dS_in of the first). The per-chunk views come from one
+    ``unbind`` (indexing inside the loop cost 3x more). torch.cumsum over the chunk dim and a
+    blocked two-level scan were measured 2-5x slower at NC = 64-512."""
+    out = torch.empty_like(x)
+    xs, gs, outs = x.unbind(2), gam.unbind(2), out.unbind(2)
+    if reverse:
+        xs, gs, outs = xs[::-1], gs[::-1], outs[::-1]
+    outs[0].copy_(s0)
+    for n in range(len(xs) - 1):
+        torch.addcmul(xs[n], gs[n], outs[n], out=outs[n + 1])
+    return out, torch.addcmul(xs[-1], gs[-1], outs[-1])
 
 
-def _scan_states(m, gam, s0):
-    """S_in of every chunk [B, H, NC, Dk, Dv] and the state after the last chunk, written
-    chunk by chunk into one buffer (one fused multiply-add per chunk, no stacking)."""
-    nc = m.shape[2]
-    s_in = torch.empty_like(m)
-    s_in[:, :, 0] = s0
-    for n in range(nc - 1):
-        torch.addcmul(m[:, :, n], gam[:, :, n, :, None], s_in[:, :, n], out=s_in[:, :, n + 1])
-    return s_in, torch.addcmul(m[:, :, -1], gam[:, :, -1, :, None], s_in[:, :, -1])
-
-
-def _scan_grads(dqs, gam, ds_final):
-    """Reverse scan. dqs [B,H,NC,Dk,Dv] = sum_t (exp(b_t) q_t)^T dO_t per chunk.
-    Returns dL/dS_out of every chunk [B, H, NC, Dk, Dv] and dL/dS_in of the first chunk."""
-    nc = dqs.shape[2]
-    outs = torch.empty_like(dqs)
-    outs[:, :, -1] = ds_final
-    for n in range(nc - 1, 0, -1):
-        torch.addcmul(dqs[:, :, n], gam[:, :, n, :, None], outs[:, :, n], out=outs[:, :, n - 1])
-    return outs, torch.addcmul(dqs[:, :, 0], gam[:, :, 0, :, None], outs[:, :, 0])
-
-
-def _carry_step(m_n, s_n, carry_n, all_n, none_n, out):
-    """out = carry_n * s_n + m_n for carry_n [B] bool in {0, 1}: an add, a copy, or both."""
+def _carry_step(x_n, s_n, carry_n, all_n, none_n, out):
+    """out = carry_n * s_n + x_n for carry_n [B] bool in {0, 1}: an add, a copy, or both."""
     if all_n:
-        return torch.add(m_n, s_n, out=out)
+        return torch.add(x_n, s_n, out=out)
     if none_n:
-        return out.copy_(m_n) if out is not None else m_n.clone()
-    res = m_n + s_n * carry_n[:, None, None, None]
+        return out.copy_(x_n) if out is not None else x_n.clone()
+    res = x_n + s_n * carry_n[:, None, None, None]
     return res if out is None else out.copy_(res)
 
 
-def _scan_plain(m, carry, s0):
-    """The scan without decay: S_in[n+1] = carry_n S_in[n] + M_n, S_in[0] = s0, with carry in
-    {0, 1}: one add (or a copy at a document start) per chunk into one buffer, no multiplies.
-    m [B,H,NC,Dk,Dv], carry [B,NC] bool, s0 [B,H,Dk,Dv] -> (S_in [B,H,NC,Dk,Dv], final state).
-    (torch.cumsum along the chunk dim computes the same sums but measured ~10x slower here.)"""
-    nc = m.shape[2]
+def _scan_plain(x, carry, s0, reverse: bool = False):
+    """``_scan`` without decay: gam = carry [B, NC] bool in {0, 1}, so one add (or a copy at a
+    document start) per chunk, no multiplies."""
     all_c, none_c = carry.all(0).tolist(), (~carry).all(0).tolist()
-    s_in = torch.empty_like(m)
-    s_in[:, :, 0] = s0
-    for n in range(nc - 1):
-        _carry_step(m[:, :, n], s_in[:, :, n], carry[:, n], all_c[n], none_c[n], s_in[:, :, n + 1])
-    return s_in, _carry_step(m[:, :, -1], s_in[:, :, -1], carry[:, -1], all_c[-1], none_c[-1], None)
+    out = torch.empty_like(x)
+    steps = list(zip(x.unbind(2), carry.unbind(1), all_c, none_c))
+    outs = out.unbind(2)
+    if reverse:
+        steps, outs = steps[::-1], outs[::-1]
+    outs[0].copy_(s0)
+    for n in range(len(steps) - 1):
+        _carry_step(*steps[n][:1], outs[n], *steps[n][1:], outs[n + 1])
+    return out, _carry_step(*steps[-1][:1], outs[-1], *steps[-1][1:], None)
 
 
-def _scan_grads_plain(dqs, carry, ds_final):
-    """Reverse of ``_scan_plain`` (see ``_scan_grads``): dL/dS_out of every chunk and dL/dS_in
-    of the first chunk."""
-    nc = dqs.shape[2]
-    all_c, none_c = carry.all(0).tolist(), (~carry).all(0).tolist()
-    outs = torch.empty_like(dqs)
-    outs[:, :, -1] = ds_final
-    for n in range(nc - 1, 0, -1):
-        _carry_step(dqs[:, :, n], outs[:, :, n], carry[:, n], all_c[n], none_c[n], outs[:, :, n - 1])
-    return outs, _carry_step(dqs[:, :, 0], outs[:, :, 0], carry[:, 0], all_c[0], none_c[0], None)
-
-
-# ----------------------------------------------------------------------------- no decay
-def _plain_parts(kc, vc, docs, s0):
-    """Pieces shared by the decay-free forward and backward: the intra-chunk scores
-    A [B,H,NC,C,C] (same document, s <= t), the key mask of the last document (None when
-    no document starts in the row), the carry flags [B,NC] and S_in, S_final."""
-    last = docs.last if docs.any_reset else None
-    carry = docs.carry[:, 0, :, 0]
-    m = (kc if last is None else kc * last).transpose(-1, -2) @ vc
-    s_in, s_final = _scan_plain(m, carry, s0)
-    return last, carry, s_in, s_final
-
-
-def _hidden(docs, c: int, device) -> torch.Tensor:
-    """Pairs to zero in the intra-chunk scores: other documents or the future,
-    [B,1,NC,C,C], or just the future [C,C] when no document starts in the row."""
-    if docs.any_reset:
-        return ~docs.pair
-    return torch.ones(c, c, dtype=torch.bool, device=device).triu(1)
-
-
-def _plain_fwd(qc, kc, vc, docs, s0):
-    """Forward without decay: o [B,H,NC,C,Dv] and the final state."""
-    last, carry, s_in, s_final = _plain_parts(kc, vc, docs, s0)
-    a = (qc @ kc.transpose(-1, -2)).masked_fill_(_hidden(docs, qc.shape[3], qc.device), 0.0)
-    q_in = qc * docs.first if docs.any_reset else qc
-    return _mm_add(q_in @ s_in, a, vc), s_final
-
-
-def _plain_bwd(qc, kc, vc, docs, s0, doc_, ds_final, scale):
-    """Backward without decay: (dq, dk, dv) [B,H,NC,C,D] and dL/dS_in of the first chunk.
-    qc holds scale * q, so dq carries one more factor ``scale``."""
-    last, carry, s_in, _ = _plain_parts(kc, vc, docs, s0)
-    q_in = qc * docs.first if docs.any_reset else qc
-    ds_out, ds0 = _scan_grads_plain(q_in.transpose(-1, -2) @ doc_, carry, ds_final)
-    hidden = _hidden(docs, qc.shape[3], qc.device)
-    a = (qc @ kc.transpose(-1, -2)).masked_fill_(hidden, 0.0)
-    da = (doc_ @ vc.transpose(-1, -2)).masked_fill_(hidden, 0.0)
-    k_out = kc if last is None else kc * last
-    dv = _mm_add(k_out @ ds_out, a.transpose(-1, -2), doc_)
-    dq_in, dk_out = doc_ @ s_in.transpose(-1, -2), vc @ ds_out.transpose(-1, -2)
-    if docs.any_reset:
-        dq_in, dk_out = dq_in * docs.first, dk_out * last
-    return _mm_add(dq_in, da, kc, scale), _mm_add(dk_out, da.transpose(-1, -2), qc), dv, ds0
+def _reach(gam, reverse: bool = False):
+    """How a state entering the row reaches each chunk: prod_{i < n} gam[i] ([B,H,NC,...],
+    ``reverse``: prod_{i > n}), and the product over all chunks. Factors in [0, 1], no division."""
+    ones = torch.ones_like(gam[:, :, :1])
+    if reverse:
+        p = gam.flip(2).cumprod(2).flip(2)
+        return torch.cat([p[:, :, 1:], ones], dim=2), p[:, :, 0]
+    p = gam.cumprod(2)
+    return torch.cat([ones, p[:, :, :-1]], dim=2), p[:, :, -1]
 
 
 # ----------------------------------------------------------------------------- forward / backward
-def _prepare(q, k, v, g, gk, initial_state, resets, scale, chunk_size):
-    acc = acc_dtype(q)
-    bsz, _, h, dk = q.shape
-    per_key = gk is not None
-    c = chunk_size
-    if per_key:
-        a = gk.to(acc) + (g.to(acc)[..., None] if g is not None else 0)
-    elif g is not None:
-        a = g.to(acc)
-    b = None  # no decay: the plain path
-    if g is not None or per_key:
-        b = _chunked(a, c).cumsum(3)  # [B,H,NC,C(,Dk)]
-        if not per_key:
-            b = b[..., None]
-    r = _chunked(resets[..., None], c)[:, 0]  # [B,NC,C] (padding: no reset)
-    s0 = q.new_zeros(bsz, h, dk, v.shape[-1], dtype=acc) if initial_state is None else initial_state.to(acc)
-    qc = _chunked(q.to(acc), c, scale)
-    return qc, _chunked(k.to(acc), c), _chunked(v.to(acc), c), b, _Docs(r), s0, per_key
+class _States(NamedTuple):
+    """What the chunk states need (``_Chunks.states``); None marks a factor of 1."""
+
+    w: torch.Tensor | None  # [B,H,NC,C,Dk|1] how each key reaches its chunk end (last doc only, decayed)
+    k_out: torch.Tensor  # [B,H,NC,C,Dk] kc * w
+    gam: torch.Tensor | None  # [B,H,NC,Dk|1,1] how S_in crosses a chunk; None without decay (docs.carry)
+    dec_q: torch.Tensor | None  # [B,H,NC,C,Dk|1] how each query reads S_in (first doc only, decayed)
+    q_in: torch.Tensor  # [B,H,NC,C,Dk] qc * dec_q
+    s_in: torch.Tensor  # [B,H,NC,Dk,Dv] state entering every chunk
+    s_final: torch.Tensor  # [B,H,Dk,Dv] state after the last token
 
 
-def linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size):
-    """Forward without autograd. resets [B, T] bool (see segments.py).
-    Returns (o [B,T,H,Dv] in q's dtype, final_state [B,H,Dk,Dv] fp32/fp64)."""
-    qc, kc, vc, b, docs, s0, per_key = _prepare(q, k, v, g, gk, initial_state, resets, scale, chunk_size)
-    if b is None:
-        o, s_final = _plain_fwd(qc, kc, vc, docs, s0)
-        return _unchunked(o, q.shape[1]).to(q.dtype), s_final
-    w, m, gam = _chunk_summaries(kc, vc, b, docs)
-    s_in, s_final = _scan_states(m, gam, s0)
-    q_dec = qc * torch.exp(b) * docs.first
-    o = _intra_scores(qc, kc, b, docs.pair, per_key) @ vc + q_dec @ s_in
-    return _unchunked(o, q.shape[1]).to(q.dtype), s_final
+class _Chunks:
+    """The op's inputs in chunks: qc (times scale), kc, vc [B,H,NC,C,D] in the state dtype,
+    b [B,H,NC,C,Dk|1] the cumulative log-decay (None without decay: the plain path), docs, s0."""
+
+    def __init__(self, q, k, v, g, gk, initial_state, resets, scale, chunk_size):
+        acc = acc_dtype(q)
+        bsz, self.t, h, dk = q.shape
+        self.c, self.per_key = chunk_size, gk is not None
+        self.b = None
+        if gk is not None:
+            a = gk.to(acc) + (g.to(acc)[..., None] if g is not None else 0)
+            self.b = _chunked(a, chunk_size).cumsum(3)
+        elif g is not None:
+            self.b = _chunked(g.to(acc), chunk_size).cumsum(3)[..., None]
+        self.docs = _Docs(_chunked(resets[..., None], chunk_size)[:, 0])  # [B,NC,C] (padding: no reset)
+        s0 = initial_state
+        self.s0 = q.new_zeros(bsz, h, dk, v.shape[-1], dtype=acc) if s0 is None else s0.to(acc)
+        self.qc = _chunked(q.to(acc), chunk_size, scale)
+        self.kc, self.vc = _chunked(k.to(acc), chunk_size), _chunked(v.to(acc), chunk_size)
+
+    def states(self) -> _States:
+        """Chunk summaries and the forward scan from s0 (see ``_States``)."""
+        d = self.docs
+        if self.b is None:
+            w, gam, dec_q = (d.last, None, d.first) if d.any_reset else (None, None, None)
+        else:
+            b, b_end = self.b, self.b[..., -1:, :]
+            w = b_end - b
+            w = (w.masked_fill_(~d.last, NEG_INF) if d.any_reset else w).exp_()
+            gam = torch.exp(b_end.transpose(-1, -2)) * d.carry[:, None, :, None, None]
+            dec_q = torch.exp(b).mul_(d.first) if d.any_reset else torch.exp(b)
+        k_out = self.times(self.kc, w)
+        s_in, s_final = self.scan(k_out.transpose(-1, -2) @ self.vc, gam, self.s0)
+        return _States(w, k_out, gam, dec_q, self.times(self.qc, dec_q), s_in, s_final)
+
+    @staticmethod
+    def times(x, factor):
+        return x if factor is None else x * factor
+
+    def gam_or_carry(self, gam):
+        """gam as a float tensor (the plain path's carry flags as 0 / 1)."""
+        return gam if gam is not None else self.docs.carry[:, None, :, None, None].to(self.s0.dtype)
+
+    def scan(self, x, gam, s0, reverse: bool = False):
+        if gam is None:
+            return _scan_plain(x, self.docs.carry, s0, reverse)
+        return _scan(x, gam, s0, reverse)
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Intra-chunk scores A [B,H,NC,C,C] (same document, s <= t, decayed) and the scalar
+        pair decay [B,H,NC,C,C] they used (None without decay or with per-key decay)."""
+        qc, kc, b = self.qc, self.kc, self.b
+        if self.per_key:
+            return _key_scores(qc, kc, b, self.docs.pair), None
+        if b is None:
+            return self.docs.hide_(qc @ kc.transpose(-1, -2)), None
+        decay = _scalar_decay(b, self.docs)
+        return (qc @ kc.transpose(-1, -2)).mul_(decay), decay
 
 
-def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, do, d_final=None):
+def linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, incoming=None):
+    """Forward without autograd. resets [B, T] bool (models/ops/documents.py; a reset at token 0 makes
+    the row ignore its initial state). Returns (o [B,T,H,Dv] in q's dtype, final_state
+    [B,H,Dk,Dv] fp32/fp64).
+
+    ``incoming`` (sequence parallelism, LASP-2): the initial state is not known yet. The op
+    calls ``wait = incoming(m, transfer)`` as soon as the local chunk states are known, with
+    m [B,H,Dk,Dv] the final state for a zero initial state and transfer [B,H,Dk] the factor
+    that carries an initial state to the end (final = m + transfer * S_in; 0 in a row with a
+    reset), then computes the intra-chunk part, then takes S_in = ``wait()`` [B,H,Dk,Dv]."""
+    x = _Chunks(q, k, v, g, gk, initial_state, resets, scale, chunk_size)
+    st = x.states()
+    s_in, s_final = st.s_in, st.s_final
+    if incoming is not None:
+        reach, transfer = _reach(x.gam_or_carry(st.gam))
+        wait = incoming(s_final, transfer[..., 0].expand(s_final.shape[:-1]))
+    a, _ = x.scores()
+    o = a @ x.vc
+    if incoming is not None:
+        s_inc = wait().to(s_in.dtype)[:, :, None]  # [B,H,1,Dk,Dv]
+        s_in = s_in.addcmul_(reach, s_inc)
+        s_final = s_final.addcmul(transfer, s_inc[:, :, 0])
+    o = _mm_add_(o, st.q_in, s_in)
+    return _unchunked(o, x.t).to(q.dtype), s_final
+
+
+def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, do, d_final=None, outgoing=None):
     """Backward of ``linear_attention_fwd`` given dO [B,T,H,Dv] and dL/dfinal_state (or None).
-    Returns (dq, dk, dv, dg or None, dgk or None, d_initial_state [B,H,Dk,Dv] or None)."""
-    t = q.shape[1]
-    qc, kc, vc, b, docs, s0, per_key = _prepare(q, k, v, g, gk, initial_state, resets, scale, chunk_size)
+    Returns (dq, dk, dv, dg or None, dgk or None, d_initial_state [B,H,Dk,Dv] or None).
+
+    ``outgoing`` (LASP-2): dL/dfinal_state is not known yet. The op calls
+    ``wait = outgoing(ds_in)`` with ds_in [B,H,Dk,Dv] the gradient of the local outputs wrt
+    the initial state, as early as it can, computes the intra-chunk gradients, then takes
+    dL/dfinal_state = ``wait()`` [B,H,Dk,Dv] (d_final must be None)."""
+    x = _Chunks(q, k, v, g, gk, initial_state, resets, scale, chunk_size)
+    qc, kc, vc, b = x.qc, x.kc, x.vc, x.b
     doc_ = _chunked(do.to(qc.dtype), chunk_size)
-    ds_final = torch.zeros_like(s0) if d_final is None else d_final.to(s0.dtype)
-    d_init = None
-    if b is None:
-        dq, dk, dv, ds0 = _plain_bwd(qc, kc, vc, docs, s0, doc_, ds_final, scale)
-        if initial_state is not None:
-            d_init = ds0.to(initial_state.dtype)
-        return (
-            _unchunked(dq, t).to(q.dtype),
-            _unchunked(dk, t).to(k.dtype),
-            _unchunked(dv, t).to(v.dtype),
-            None,
-            None,
-            d_init,
-        )
-    w, m, gam = _chunk_summaries(kc, vc, b, docs)
-    s_in, s_final = _scan_states(m, gam, s0)
-    dec_q = torch.exp(b) * docs.first
-    ds_out, ds0 = _scan_grads((qc * dec_q).transpose(-1, -2) @ doc_, gam, ds_final)
+    ds_final = torch.zeros_like(x.s0) if d_final is None else d_final.to(x.s0.dtype)
+    st = x.states()
+    w, gam, dec_q, s_in, s_final = st.w, st.gam, st.dec_q, st.s_in, st.s_final
+    ds_out, ds0 = x.scan(st.q_in.transpose(-1, -2) @ doc_, gam, ds_final, reverse=True)
+    if outgoing is not None:
+        wait = outgoing(ds0)
 
-    a_intra = _intra_scores(qc, kc, b, docs.pair, per_key)
-    dq, dk = _intra_grads(qc, kc, b, docs.pair, doc_ @ vc.transpose(-1, -2), per_key)
-    dv = a_intra.transpose(-1, -2) @ doc_ + (kc * w) @ ds_out
-    dq = dq + (doc_ @ s_in.transpose(-1, -2)) * dec_q
-    dk = dk + (vc @ ds_out.transpose(-1, -2)) * w
+    # intra-chunk gradients and the S_in term of dq (none of them needs dL/dS_out); dq is
+    # scaled once here (qc holds scale * q): dq = scale * (dq_in * dec_q + da @ kc). From here
+    # on, the chunked copies and the scores are overwritten in place once they are dead.
+    a, decay = x.scores()
+    dv = a.transpose(-1, -2) @ doc_
+    da = _bmm_into(a, doc_, vc.transpose(-1, -2))  # a is dead
+    dq = doc_ @ s_in.transpose(-1, -2)
+    if dec_q is not None:
+        dq = dq.mul_(dec_q)
+    if x.per_key:
+        dq_a, dk = _key_grads(qc, kc, b, x.docs.pair, da)
+        dq = dq.add_(dq_a).mul_(scale)
+    else:
+        da = x.docs.hide_(da) if decay is None else da.mul_(decay)
+        dq, dk = _mm_add_(dq, da, kc, scale), da.transpose(-1, -2) @ qc
 
-    db = qc * dq - kc * dk  # [B,H,NC,C,Dk]
-    s_out = torch.cat([s_in[:, :, 1:], s_final[:, :, None]], dim=2)
-    db[..., -1, :] += (s_out * ds_out).sum(-1)
-    if not per_key:
-        db = db.sum(-1)
-    da = _unchunked(db.flip(3).cumsum(3).flip(3), t)  # [B,T,H(,Dk)]
+    if outgoing is not None:
+        reach, transfer = _reach(x.gam_or_carry(gam), reverse=True)
+        ds_end = wait().to(ds_out.dtype)[:, :, None]  # [B,H,1,Dk,Dv]
+        ds_out = ds_out.addcmul_(reach, ds_end)
+        ds0 = ds0.addcmul(transfer, ds_end[:, :, 0])
+    dv = _mm_add_(dv, st.k_out, ds_out)
+    if x.per_key:  # w per key: it scales the output columns
+        dk = dk.addcmul_(vc @ ds_out.transpose(-1, -2), w)
+    else:  # w per token (or None): fold it into v (dead after this)
+        dk = _mm_add_(dk, vc if w is None else vc.mul_(w), ds_out.transpose(-1, -2))
 
     dg = dgk = None
-    if gk is not None:
-        dgk = da.to(gk.dtype)
-        if g is not None:
-            dg = da.sum(-1).to(g.dtype)
-    elif g is not None:
-        dg = da.to(g.dtype)
-    if initial_state is not None:
-        d_init = ds0.to(initial_state.dtype)
+    if b is not None:
+        db = qc.mul_(dq).div_(scale).sub_(kc.mul_(dk))  # [B,H,NC,C,Dk] (dq is scale times d/dqc)
+        s_out = torch.cat([s_in[:, :, 1:], s_final[:, :, None]], dim=2)
+        db[..., -1, :] += (s_out * ds_out).sum(-1)
+        if not x.per_key:
+            db = db.sum(-1)
+        da = _unchunked(db.flip(3).cumsum(3).flip(3), x.t)  # [B,T,H(,Dk)]
+        if gk is not None:
+            dgk = da.to(gk.dtype)
+            if g is not None:
+                dg = da.sum(-1).to(g.dtype)
+        elif g is not None:
+            dg = da.to(g.dtype)
+    d_init = None if initial_state is None else ds0.to(initial_state.dtype)
     return (
-        _unchunked(dq * scale, t).to(q.dtype),
-        _unchunked(dk, t).to(k.dtype),
-        _unchunked(dv, t).to(v.dtype),
+        _unchunked(dq, x.t).to(q.dtype),
+        _unchunked(dk, x.t).to(k.dtype),
+        _unchunked(dv, x.t).to(v.dtype),
         dg,
         dgk,
         d_init,
@@ -422,18 +469,35 @@ def segment_state(k, v, g=None, gk=None, starts=None):
     return m, suffix[:, 0].expand(bsz, h, dk), starts.any(1)
 
 
-def scan_segment_states(m, big_g, has_start, first_is_start=None):
-    """Exclusive scan over ranks after the all-gather: M [P,B,H,Dk,Dv], G [P,B,H,Dk],
-    has_start [P,B], first_is_start [P,B] (rank's token 0 starts a document; its S_in is zeroed).
-    Returns S_in [P,B,H,Dk,Dv] with S_in[0] = 0. Differentiable (autograd)."""
+def segment_transfer(big_g, has_start):
+    """How a segment carries its incoming state to its end: exp(G) [B,H,Dk], 0 in a row whose
+    segment holds a document start (token 0 included) -- S_end = transfer * S_in + M."""
+    return torch.exp(big_g) * (~has_start)[:, None, None]
+
+
+def scan_segment_states(m, transfer):
+    """Exclusive scan over the segments in global order after the all-gather: M [P,B,H,Dk,Dv],
+    transfer [P,B,H,Dk] (``segment_transfer``). Returns S_in [P,B,H,Dk,Dv], S_in[0] = 0,
+    S_in[j+1] = transfer[j] * S_in[j] + M[j]. A segment whose token 0 starts a document ignores
+    its S_in (the op's reset at token 0). Differentiable (autograd)."""
     s = torch.zeros_like(m[0])
     out = []
-    for r in range(m.shape[0]):
-        keep = None if first_is_start is None else ~first_is_start[r]
-        out.append(s if keep is None else s * keep[:, None, None, None])
-        carried = torch.exp(big_g[r])[..., None] * s * (~has_start[r])[:, None, None, None]
-        s = carried + m[r]
+    for j in range(m.shape[0]):
+        out.append(s)
+        s = transfer[j][..., None] * s + m[j]
     return torch.stack(out)
+
+
+def scan_segment_grads(ds_in, transfer):
+    """Reverse of ``scan_segment_states`` for a hand-written backward: ds_in [P,B,H,Dk,Dv] the
+    gradient of each segment's own outputs wrt its S_in -> dL/dS_end of every segment
+    [P,B,H,Dk,Dv] (= dL/dS_in of the next segment in total; 0 for the last)."""
+    d = torch.zeros_like(ds_in[0])
+    out = []
+    for j in range(ds_in.shape[0] - 1, -1, -1):
+        out.append(d)
+        d = ds_in[j] + transfer[j][..., None] * d
+    return torch.stack(out[::-1])
 
 
 def segment_output_from_state(q, s_in, g=None, gk=None, starts=None, scale: float = 1.0):

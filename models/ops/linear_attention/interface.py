@@ -22,6 +22,17 @@ def check_impl(impl: str) -> None:
         raise ValueError(f"model.linear_impl={impl!r} is unknown: choose one of {IMPLS}")
 
 
+def runs_torch_chunk(impl: str, x: torch.Tensor) -> bool:
+    """Whether ``impl`` runs the chunked torch op on tensors like ``x`` (not the reference,
+    not fla's kernels), i.e. whether its hand-written forward / backward are available."""
+    check_impl(impl)
+    if impl != "auto":
+        return impl == "chunk"
+    from models.ops.linear_attention import fla_backend
+
+    return not (x.is_cuda and fla_backend.available())
+
+
 def linear_attention(
     q,
     k,
