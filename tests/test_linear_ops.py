@@ -231,6 +231,22 @@ def test_late_state_hooks(decay):
         assert (a - b).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize("decay", ["none", "scalar"])
+def test_autocast_leaves_the_op_in_fp32(decay):
+    """Under bf16 autocast the op still computes in fp32 (its matmuls are not cast, its
+    in-place accumulations see one dtype): outputs and gradients equal the plain fp32 run."""
+    inputs = _inputs(2, 45, 2, 4, 3, decay)
+    q, k, v, g, _, s0 = (None if x is None else x.detach().float().requires_grad_() for x in inputs)
+    cu = _cu(45)
+    runs = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            out = chunk_linear_attention(q, k, v, g, None, 0.5, s0, cu, 16, output_final_state=True)
+        runs.append([out[0], out[1], *_grads(out, (q, k, v, g, s0))])
+    for a, b in zip(*runs):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_segment_grads_are_the_scan_backward():
     """scan_segment_grads (LASP-2's hand-written backward over segments) equals autograd
     through scan_segment_states: dL/dM_j = dL/dS_end_j."""

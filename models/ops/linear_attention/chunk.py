@@ -287,6 +287,20 @@ class _Chunks:
         return (qc @ kc.transpose(-1, -2)).mul_(decay), decay
 
 
+def _no_autocast(fn):
+    """The op chooses its own precision (states and accumulation in fp32, fp64 for fp64 inputs)
+    whatever autocast says; under bf16 autocast its matmuls would otherwise run in bf16 and its
+    in-place accumulations (baddbmm_) would meet mixed dtypes. As models/ops/attention.py."""
+
+    @functools.wraps(fn)
+    def wrapped(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+
+    return wrapped
+
+
+@_no_autocast
 def linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, incoming=None):
     """Forward without autograd. resets [B, T] bool (models/ops/documents.py; a reset at token 0 makes
     the row ignore its initial state). Returns (o [B,T,H,Dv] in q's dtype, final_state
@@ -313,6 +327,7 @@ def linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_siz
     return _unchunked(o, x.t).to(q.dtype), s_final
 
 
+@_no_autocast
 def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, do, d_final=None, outgoing=None):
     """Backward of ``linear_attention_fwd`` given dO [B,T,H,Dv] and dL/dfinal_state (or None).
     Returns (dq, dk, dv, dg or None, dgk or None, d_initial_state [B,H,Dk,Dv] or None).
