@@ -22,6 +22,10 @@ needs triton):
 Without fla-core, ``nodecay`` uses a copy of ``naive_chunk_linear_attn`` (impl ``fla_naive_copy``)
 and ``scalar`` is skipped.
 
+Training step (--train-seq-lens; bench.train_step's defaults: a 4-layer Llama, dim 512, fp32)
+against transformers' ``LlamaForCausalLM`` (sdpa) on the same weights: op ``train_step``, impl
+``hf``; its peak-memory ratio is printed with it (bench.train_step has the memory columns).
+
 The last table, ``targets``, gives each ratio beside the target it has to meet (``TARGETS``).
 
 Every cell times all implementations interleaved (one repeat of each in turn, after one
@@ -57,6 +61,7 @@ TARGETS = [
     ("linear", "nodecay", "fla_naive", 1.0),
     ("linear", "nodecay", "fla_naive_copy", 1.0),
     ("linear", "scalar", "fla_simple_gla", 1.0),
+    ("train_step", "causal", "hf", 1.0),
 ]
 TARGET_COLUMNS = ["op", "mask", "vs", "seq_len", "kv_heads", "ratio", "target", "met"]
 
@@ -198,6 +203,22 @@ def linear_cells(n, h, d, decay, args):
     return _cells(impls, (q, k, v, do), key, args.repeats)
 
 
+def train_step_cells(args):
+    """bench.train_step's rows as ``ours`` / ``hf`` rows of this table (fp32, same threads)."""
+    from bench import train_step
+
+    targs = train_step.parser().parse_args(
+        ["--seq-lens", *map(str, args.train_seq_lens), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    )
+    rows = []
+    for r in train_step.measure(targs):
+        key = dict(op="train_step", mask="causal", seq_len=r["seq_len"], heads=targs.heads, kv_heads=targs.kv_heads)
+        print(f"[bench.kernels] train step N={r['seq_len']}: peak memory longctx / hf = {r['mem_ratio']}")
+        rows.append(dict(key, impl="ours", fwd_bwd_ms=r["longctx_ms"], ratio=1.0, max_err=0.0))
+        rows.append(dict(key, impl="hf", fwd_bwd_ms=r["hf_ms"], ratio=r["ratio"], max_err=r["max_err"]))
+    return rows
+
+
 def _cells(impls, inputs, key, repeats):
     q, k, v, do = inputs
     ref = _fwd_bwd(impls["ours"], q, k, v, do)
@@ -292,6 +313,13 @@ def main(argv=None):
         help="skip sdpa_mask above this length (its [T, T] mask and scores)",
     )
     p.add_argument("--decays", nargs="+", default=["nodecay", "scalar"], choices=["nodecay", "scalar"])
+    p.add_argument(
+        "--train-seq-lens",
+        type=int,
+        nargs="*",
+        default=[2048],
+        help="training-step lengths against transformers (none: skip)",
+    )
     p.add_argument("--no-softmax", dest="softmax", action="store_false")
     p.add_argument("--no-linear", dest="linear", action="store_false")
     p.add_argument("--out", default="bench_out")
@@ -308,6 +336,8 @@ def main(argv=None):
             for decay in args.decays:
                 rows += linear_cells(n, args.heads, args.head_dim, decay, args)
         print(f"[bench.kernels] N={n} done", flush=True)
+    if args.train_seq_lens:
+        rows += train_step_cells(args)
     with open(os.path.join(args.out, "kernels.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()

@@ -103,7 +103,7 @@ def _memory(loss_fn, model, ids, labels, autocast) -> tuple[float, float]:
     return peak / 2**20, box["bytes"] / 2**20
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048])
     p.add_argument("--vocab", type=int, default=257)
@@ -122,9 +122,18 @@ def main(argv=None):
         help="process: CPU time of this process (a shared CPU's neighbours do not count; with --threads 1)",
     )
     p.add_argument("--out", default="bench_out")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(args.threads)
+    write_outputs(measure(args), args.out, "train_step", plot, COLUMNS)
+
+
+def measure(args) -> list[dict]:
+    """One row per (sequence length, loss chunk) of ``args`` (see ``parser``)."""
     clock = time.process_time if args.clock == "process" else time.perf_counter
     ours, hf = _models(args)
 
@@ -181,7 +190,7 @@ def main(argv=None):
                 )
             )
     ours.loss_chunk = 0
-    write_outputs(rows, args.out, "train_step", plot, COLUMNS)
+    return rows
 
 
 def plot(rows, path):

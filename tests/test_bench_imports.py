@@ -33,6 +33,8 @@ def test_kernel_bench_runs_a_tiny_cell(tmp_path, capsys):
             "1",
             "--threads",
             "1",
+            "--train-seq-lens",
+            "64",
             "--out",
             str(tmp_path),
         ]
@@ -43,6 +45,6 @@ def test_kernel_bench_runs_a_tiny_cell(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     impls = {r["impl"] for r in rows}
     # fla-core is in the test extra: the linear rows compare against fla's own torch references
-    assert {"fla_naive", "fla_simple_gla"} <= impls, impls
-    for r in rows:  # every implementation computes the same outputs and gradients (fp32)
+    assert {"fla_naive", "fla_simple_gla", "hf"} <= impls, impls
+    for r in rows:  # every implementation computes the same outputs and gradients (training step: loss), fp32
         assert float(r["max_err"]) < 1e-4, r
