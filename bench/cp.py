@@ -19,6 +19,8 @@ run in the same invocation when installed (``pip install --no-deps yunchang``), 
 whether its merges are right. DeepSpeed's Ulysses (``deepspeed.sequence.layer.DistributedAttention``
 around our single-device kernel, contiguous shards) runs forward + backward when deepspeed is
 installed, as ``peer:deepspeed-ulysses`` (causal rows, heads divisible by the world size).
+``time_vs_ideal`` / ``mem_vs_ideal``: time and memory per rank at P over the world-1 value / P
+(same strategy, length and mask; 1.0 is perfect 1/P scaling).
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.runner import cached_reference, device_for, gather_stats, measure_cell, plot_axes, run_worlds, write_outputs
+from bench.runner import (
+    cached_reference,
+    device_for,
+    gather_stats,
+    measure_cell,
+    plot_axes,
+    run_worlds,
+    with_scaling,
+    write_outputs,
+)
 from models.ops.attention import MaskSpec, attention
 from models.ops.documents import doc_ids
 from parallel.context import CPContext
@@ -313,7 +324,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     args.strategies = args.strategies or [s for s in strategy_names("softmax") if s != "local"]
-    write_outputs(run_worlds(bench_rank, args.world_sizes, args), args.out, "cp", plot)
+    write_outputs(with_scaling(run_worlds(bench_rank, args.world_sizes, args)), args.out, "cp", plot)
 
 
 if __name__ == "__main__":

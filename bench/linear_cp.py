@@ -18,6 +18,8 @@ ring runs softmax attention on the same q, k, v (Hkv = H). Balance: linear atten
 same per token, so work = local tokens (1.0 for every layout); softmax work = unmasked
 (query, key) pairs, as in bench/cp.py. Writes ``linear_cp.csv`` and ``linear_cp.png`` (time and
 bytes against N for the largest world size) into --out.
+``time_vs_ideal`` / ``mem_vs_ideal``: time and memory per rank at P over the world-1 value / P
+(same strategy, length and mask; 1.0 is perfect 1/P scaling).
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ import torch.nn.functional as F
 
 from bench.cp import _reference as softmax_reference
 from bench.cp import make_inputs, pairs_per_query
-from bench.runner import cached_reference, device_for, gather_stats, measure_cell, plot_axes, run_worlds, write_outputs
+from bench.runner import (
+    cached_reference,
+    device_for,
+    gather_stats,
+    measure_cell,
+    plot_axes,
+    run_worlds,
+    with_scaling,
+    write_outputs,
+)
 from models.ops.documents import cu_seqlens_from_doc_ids, doc_ids
 from models.ops.linear_attention import linear_attention
 from parallel.context import CPContext
@@ -193,7 +204,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
-    write_outputs(run_worlds(bench_rank, args.world_sizes, args), args.out, "linear_cp", plot)
+    write_outputs(with_scaling(run_worlds(bench_rank, args.world_sizes, args)), args.out, "linear_cp", plot)
 
 
 if __name__ == "__main__":

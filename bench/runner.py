@@ -36,6 +36,8 @@ COLUMNS = [
     "peak_mem_mb",
     "max_err",
     "balance",
+    "time_vs_ideal",
+    "mem_vs_ideal",
 ]
 
 
@@ -161,6 +163,19 @@ def run_worlds(bench_rank, world_sizes, args) -> list[dict]:
     rows = []
     for world in sorted(world_sizes):
         rows += run_distributed(bench_rank, world, args, timeout=3600)[0]
+    return rows
+
+
+def with_scaling(rows: list[dict]) -> list[dict]:
+    """Adds ``time_vs_ideal`` = time at P / (time at 1 / P) and ``mem_vs_ideal`` = memory per rank
+    at P / (memory at 1 / P) against the same strategy, length and mask at world 1 (1.0: perfect
+    1/P scaling; empty without a world-1 row)."""
+    one = {(r["strategy"], r["seq_len"], r["mask"]): r for r in rows if r["world_size"] == 1}
+    for r in rows:
+        base, p = one.get((r["strategy"], r["seq_len"], r["mask"])), r["world_size"]
+        ok = base is not None and base["fwd_bwd_ms"] and base["peak_mem_mb"]
+        r["time_vs_ideal"] = round(r["fwd_bwd_ms"] * p / base["fwd_bwd_ms"], 3) if ok else ""
+        r["mem_vs_ideal"] = round(r["peak_mem_mb"] * p / base["peak_mem_mb"], 3) if ok else ""
     return rows
 
 
