@@ -100,11 +100,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_first: bool = False) -> torch.Tensor:
     """x [B, T, H, D] rotated by cos/sin [B, T, 1, D]; the result keeps x's dtype.
 
-    Under bf16 autocast the projections give bf16 q, k while cos/sin follow the fp32 residual
-    stream: the rotation is computed in fp32 (as Hugging Face does) and rounded back, so the
-    attention op gets bf16 q, k, v (flash-attn applies; saved activations stay half size)
-    instead of fp32 q, k next to a bf16 v."""
-    return (x * cos + _rotate_half(x) * sin).to(x.dtype)
+    dtype: under bf16 autocast the projections give bf16 q, k while cos/sin follow the fp32
+    residual stream: the rotation is computed in fp32 (as Hugging Face does) and rounded back,
+    so the attention op gets bf16 q, k, v (flash-attn applies; saved activations stay half
+    size) instead of fp32 q, k next to a bf16 v.
+    heads_first: lay the result out heads-first in memory ([B, H, T, D] contiguous, seen as
+    [B, T, H, D]), at no cost: the rotate-half term (a fresh heads-first tensor) comes first
+    in the sum, whose output takes its layout. Otherwise token-major, like x."""
+    if not heads_first:
+        return (x * cos + _rotate_half(x) * sin).to(x.dtype)
+    xt = x.transpose(1, 2)
+    out = _rotate_half(xt) * sin.transpose(1, 2) + xt * cos.transpose(1, 2)
+    return out.to(x.dtype).transpose(1, 2)

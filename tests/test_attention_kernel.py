@@ -233,7 +233,9 @@ def test_bf16_runs_the_fused_op_as_sdpa_does(cu, monkeypatch):
 
 def test_autocast_hands_the_kernel_bf16_q_k_v():
     """Under bf16 autocast RoPE (cos/sin follow the fp32 residual stream) must not promote q and
-    k back to fp32: flash-attn (CUDA) and the fused CPU op only see half precision otherwise."""
+    k back to fp32: flash-attn (CUDA) and the fused CPU op only see half precision otherwise.
+    Layouts: k, v heads-first in memory (the fused op reads them fastest), q token-major (the
+    output follows it and reaches o_proj without a copy)."""
     from models import ModelConfig
     from models.context import SingleDeviceContext
     from models.rope import Rotary
@@ -247,9 +249,11 @@ def test_autocast_hands_the_kernel_bf16_q_k_v():
     class Recording(SingleDeviceContext):
         def run(self, kind, q, k, v, **options):
             self.dtypes = (q.dtype, k.dtype, v.dtype)
+            self.layouts = (q.is_contiguous(), k.transpose(1, 2).is_contiguous(), v.transpose(1, 2).is_contiguous())
             return super().run(kind, q, k, v, **options)
 
     ctx = Recording(1, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixer(x, cos, sin, ctx)
     assert ctx.dtypes == (torch.bfloat16,) * 3
+    assert ctx.layouts == (True, True, True)

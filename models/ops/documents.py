@@ -140,6 +140,10 @@ class Documents:
     def of(cls, cu_seqlens: torch.Tensor, batch: int, seq_len: int, index: torch.Tensor | None = None) -> Documents:
         """Documents of row positions ``index`` [T] (default: the whole row) of a [B, seq_len]
         batch whose global document starts are ``cu_seqlens`` (None: one document per row)."""
+        if cu_seqlens is None and index is None:  # one document per row: row b is document b
+            index = torch.arange(seq_len)
+            doc = torch.arange(batch)[:, None].expand(batch, seq_len)  # no [B, T] storage (kept to backward)
+            return cls(index, doc, (index == 0)[None, :].expand(batch, seq_len))
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, batch * seq_len + 1, seq_len)
         cu = cu_seqlens.detach().to("cpu", torch.int64)
