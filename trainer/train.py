@@ -103,9 +103,14 @@ def build_model(cfg: TrainConfig, device: torch.device, expand_kv: bool = True) 
             stages.carry_weights(state, model, expand_kv)
     else:
         model = Transformer(cfg.model)
+    return _with_trainer_settings(model, cfg).to(device)
+
+
+def _with_trainer_settings(model: Transformer, cfg: TrainConfig) -> Transformer:
+    """The trainer.* settings the model reads at run time (every model the trainer builds)."""
     model.checkpoint_layers = cfg.trainer.activation_checkpointing
     model.loss_chunk = cfg.trainer.loss_chunk_tokens
-    return model.to(device)
+    return model
 
 
 def _stage_model(st: stages.Stage, device: torch.device, prev: dict | None) -> Transformer:
@@ -118,9 +123,7 @@ def _stage_model(st: stages.Stage, device: torch.device, prev: dict | None) -> T
         torch.manual_seed(cfg.trainer.seed + st.index)  # new parameters: the same on every rank
         model = Transformer(cfg.model)
         stages.carry_weights(prev["weights"], model, spec.expand_kv)
-        model.checkpoint_layers = cfg.trainer.activation_checkpointing
-        model.loss_chunk = cfg.trainer.loss_chunk_tokens
-        model = model.to(device)
+        model = _with_trainer_settings(model, cfg).to(device)
     if spec.lora_rank > 0:
         attach_lora(model, list(spec.lora_targets), spec.lora_rank, spec.lora_alpha)
     stages.freeze(model, list(spec.train_params), f"recipe.stages[{st.index}] ({spec.name})")
