@@ -63,7 +63,7 @@ def _rank(rank, world, args):
                 fwd_bwd_ms=round(stats[0].item() * 1e3, 1),
                 kernel_ms=round(stats[1].item() * 1e3, 1),
                 exposed_comm_ms=round(stats[2].item() * 1e3, 1),
-                balance=round(strat.last_plan.balance(), 3),
+                balance=round(strat.plan(ctx, True, None, args.heads, 2 * args.kv_heads).balance(), 3),
             )
         )
     return rows

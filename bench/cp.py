@@ -94,12 +94,13 @@ def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, rep
     t, received, peak, got = measure_cell(
         ctx, "softmax", inputs, dict(causal=True, window=window), do[:, idx].to(device), repeats, device
     )
-    qi, frac = strategy.work_queries(ctx, q.shape[2])
+    qi, frac = strategy.work_queries(ctx, q.shape[2], k.shape[2], causal=True, window=window)
     work = float(pairs_per_query(qi, cu, window).sum()) * frac
     return t, received, peak, got, idx, work
 
 
-def _reference(q, k, v, do, cu, window, block):
+def softmax_reference(q, k, v, do, cu, window, block):
+    """[o, dq, dk, dv] of the single-device kernel on the whole row (what every cell is checked against)."""
     n = q.shape[1]
     pos = torch.arange(n)
     doc = doc_ids(cu, pos)[None]
@@ -185,7 +186,7 @@ def bench_rank(rank, world, args):
                 os.path.join(args.out, f"ref_{n}_{mask}.pt"),
                 world,
                 rank,
-                _reference,
+                softmax_reference,
                 q,
                 k,
                 v,

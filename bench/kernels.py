@@ -45,8 +45,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from models.ops import attention as attn_mod
 from models.ops.attention import MaskSpec, attention
+from models.ops.attention import plan as attn_plan
 from models.ops.documents import doc_ids
 from models.ops.linear_attention import chunk_linear_attention
 from models.ops.linear_attention.fla_backend import torch_reference
@@ -105,11 +105,11 @@ def _ours(mask, block):
 
 def _generic(mask, block):
     def fn(q, k, v):
-        saved, attn_mod.MAX_PIECES = attn_mod.MAX_PIECES, 0
+        saved, attn_plan.MAX_PIECES = attn_plan.MAX_PIECES, 0
         try:
             return attention(q, k, v, mask, None, block)[0]
         finally:
-            attn_mod.MAX_PIECES = saved
+            attn_plan.MAX_PIECES = saved
 
     return fn
 
@@ -301,7 +301,7 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, nargs="+", default=[4, 2])
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--docs", type=int, default=8, help="packed documents per row for --masks docs")
-    p.add_argument("--block", type=int, default=attn_mod.DEFAULT_BLOCK)
+    p.add_argument("--block", type=int, default=attn_plan.DEFAULT_BLOCK)
     p.add_argument("--chunk", type=int, default=64, help="chunk size of both linear ops")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)

@@ -31,8 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bench.cp import _reference as softmax_reference
-from bench.cp import make_inputs, pairs_per_query
+from bench.cp import make_inputs, pairs_per_query, softmax_reference
 from bench.runner import (
     cached_reference,
     device_for,
@@ -85,7 +84,7 @@ def _run_cell(strat, layout, tensors, cu, rank, world, args, device):
     if strat.kind == "linear":
         work = float(len(idx))
     else:
-        qi, frac = strat.work_queries(ctx, q.shape[2])
+        qi, frac = strat.work_queries(ctx, q.shape[2], k.shape[2], causal=True, window=None)
         work = float(pairs_per_query(qi, cu, None).sum()) * frac
     return t, received, peak, got, idx, work
 

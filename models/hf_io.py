@@ -476,17 +476,10 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
 
 
 def _write_file(directory: str, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``write(tmp_path)`` becomes ``directory/name`` all at once (models/files.py)."""
+    from models.files import write_atomic
+
+    write_atomic(os.path.join(directory, name), write)
 
 
 def save_hf_checkpoint(

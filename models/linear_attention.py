@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.ops.common import acc_dtype
 from models.ops.linear_attention import linear_attention
 from models.registry import register_kind, register_mixer
 from models.rope import apply_rotary
@@ -177,8 +178,7 @@ class _ConstantDecay(LinearAttentionBase):
         raise NotImplementedError
 
     def decay(self, x):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # keep fp32 decays
-        return self.log_decay.to(acc).expand(*x.shape[:2], self.h), None
+        return self.log_decay.to(acc_dtype(x)).expand(*x.shape[:2], self.h), None  # keep fp32 decays
 
 
 @register_mixer("lightning")

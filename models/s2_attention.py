@@ -15,16 +15,8 @@ from functools import lru_cache
 from models.ops.attention import MaskSpec, attention
 from models.ops.documents import causal_pairs
 from models.registry import register_kind, register_mixer
-from models.s2_pattern import s2_pattern
+from models.s2_pattern import check_sparse_options, s2_pattern
 from models.softmax_attention import SoftmaxAttention
-
-
-def check_sparse_options(pattern, causal: bool) -> None:
-    """The sparse kind's options, checked before any kernel or collective runs."""
-    if pattern is None:
-        raise ValueError("mixer kind 'sparse' needs a block pattern: call ctx.run('sparse', ..., pattern=...)")
-    if not causal:
-        raise ValueError("mixer kind 'sparse' (S2) is causal only: call it with causal=True")
 
 
 @register_kind("sparse")

@@ -27,6 +27,14 @@ from dataclasses import dataclass
 import torch
 
 
+def check_sparse_options(pattern, causal: bool) -> None:
+    """The sparse kind's options, checked before any kernel or collective runs."""
+    if pattern is None:
+        raise ValueError("mixer kind 'sparse' needs a block pattern: call ctx.run('sparse', ..., pattern=...)")
+    if not causal:
+        raise ValueError("mixer kind 'sparse' (S2) is causal only: call it with causal=True")
+
+
 def s2_active(i, j, hk, *, stride: int, local: int, offsets, dense) -> torch.Tensor:
     """The S2 block pattern, the one definition everything else calls.
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from parallel.sharding import rank_runs
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -46,14 +48,11 @@ class Shard:
 
 
 def owner_runs(seq_len: int, world: int, layout: str) -> list[list[tuple[int, int]]]:
-    """runs[r]: the row-position ranges [a, b) rank r holds, in its local order."""
+    """runs[r]: the row-position ranges [a, b) rank r holds, in its local order (the layout's,
+    parallel/sharding.py; one world holds the whole row as one range, whatever the layout)."""
     if world == 1:
         return [[(0, seq_len)]]
-    if layout == "contiguous":
-        c = seq_len // world
-        return [[(r * c, (r + 1) * c)] for r in range(world)]
-    c = seq_len // (2 * world)
-    return [[(r * c, (r + 1) * c), ((2 * world - 1 - r) * c, (2 * world - r) * c)] for r in range(world)]
+    return rank_runs(seq_len, world, layout)
 
 
 def key_range(lo: int, hi: int, start: int, end: int, causal: bool, window: int | None) -> tuple[int, int]:
@@ -244,9 +243,10 @@ def _owned(lo: int, hi: int, runs: list[tuple[int, int]]) -> int:
     return sum(max(0, min(hi, b) - max(lo, a)) for a, b in runs)
 
 
-def segments(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> list[tuple[int, int, int]]:
-    """Documents cut at row boundaries: [(row, start, end)] in row positions, in flat order."""
-    cu = sorted(set(int(x) for x in cu_seqlens.tolist()) | {b * seq_len for b in range(batch + 1)})
+def segments(cu_seqlens, batch: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """Documents cut at row boundaries: [(row, start, end)] in row positions, in flat order.
+    ``cu_seqlens``: flat document starts [n + 1] (a tensor or a sequence of ints)."""
+    cu = sorted(set(int(x) for x in torch.as_tensor(cu_seqlens).tolist()) | {b * seq_len for b in range(batch + 1)})
     cu = [x for x in cu if 0 <= x <= batch * seq_len]
     return [(a // seq_len, a % seq_len, a % seq_len + b - a) for a, b in zip(cu[:-1], cu[1:]) if b > a]
 

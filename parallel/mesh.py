@@ -61,7 +61,8 @@ class Mesh:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT on one machine)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -80,7 +81,7 @@ def init_mesh(cp: int, device: str = "auto", subgroup_sizes=()) -> Mesh:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if world == 1:
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
 

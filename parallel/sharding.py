@@ -28,16 +28,28 @@ def check_divisible(seq_len: int, cp: int, layout: str) -> None:
         )
 
 
+def rank_chunks(cp: int, layout: str) -> list[list[int]]:
+    """chunks[r]: the chunks of a row rank r holds, in its local order, where the row is cut
+    into P (contiguous) or 2P (zigzag) equal chunks numbered in row order. Every other view of
+    the layout (token index, position ranges, LASP segments, CAD owners) derives from this."""
+    if layout == "contiguous":
+        return [[r] for r in range(cp)]
+    if layout == "zigzag":
+        return [[r, 2 * cp - 1 - r] for r in range(cp)]
+    raise ValueError(f"parallel.cp.layout={layout!r} is unknown: choose one of {LAYOUTS}")
+
+
+def rank_runs(seq_len: int, cp: int, layout: str) -> list[list[tuple[int, int]]]:
+    """runs[r]: the row-position ranges [a, b) rank r holds, one per chunk, in local order."""
+    check_divisible(seq_len, cp, layout)
+    chunks = rank_chunks(cp, layout)
+    c = seq_len // (cp * len(chunks[0]))
+    return [[(j * c, (j + 1) * c) for j in mine] for mine in chunks]
+
+
 def local_index(seq_len: int, rank: int, cp: int, layout: str) -> torch.Tensor:
     """Global positions (within a row) of the tokens that ``rank`` holds, in local order. [C]"""
-    check_divisible(seq_len, cp, layout)
-    if layout == "contiguous":
-        c = seq_len // cp
-        return torch.arange(rank * c, (rank + 1) * c)
-    c = seq_len // (2 * cp)
-    first = torch.arange(rank * c, (rank + 1) * c)
-    second = torch.arange((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)
-    return torch.cat([first, second])
+    return torch.cat([torch.arange(a, b) for a, b in rank_runs(seq_len, cp, layout)[rank]])
 
 
 def shard_batch(batch: dict, rank: int, cp: int, layout: str) -> dict:

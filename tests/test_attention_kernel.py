@@ -78,12 +78,13 @@ def test_fp32_close_to_fp64():
 
 
 # ----------------------------------------------------------------------------- dispatch paths
-from models.ops import attention as attn_mod  # noqa: E402
 from models.ops.attention import attention_backward, attention_forward, planned_pairs, span_plan  # noqa: E402
+from models.ops.attention import dense as attn_dense  # noqa: E402
+from models.ops.attention import plan as attn_plan  # noqa: E402
 
 
-def _kinds(mask, b=0):
-    return [p.kind for p in span_plan(mask, b)]
+def _forms(mask, b=0):
+    return [p.form for p in span_plan(mask, b)]
 
 
 @pytest.mark.parametrize("hkv", [4, 2])
@@ -91,7 +92,7 @@ def _kinds(mask, b=0):
 def test_dense_causal_is_one_fused_piece(n, hkv):
     pos = torch.arange(n)
     q, k, v, mask = _case(1, n, n, 4, hkv, 8, pos, pos, torch.tensor([0, n]), True, None)
-    assert _kinds(mask) == ["causal"]
+    assert _forms(mask) == ["causal"]
     _compare(q, k, v, mask, block=16)  # n not a multiple of the block
 
 
@@ -101,7 +102,7 @@ def test_packed_documents_one_piece_per_document(hkv):
     pos = torch.arange(n)
     cu = torch.tensor([0, 7, 23, 24, 61, 100, 117, 150, 200])  # crosses every 16-block edge
     q, k, v, mask = _case(2, n, n, 4, hkv, 8, pos, pos, cu, True, None)
-    assert _kinds(mask, 0) == ["causal"] * 5 and _kinds(mask, 1) == ["causal"] * 3
+    assert _forms(mask, 0) == ["causal"] * 5 and _forms(mask, 1) == ["causal"] * 3
     docs = torch.diff(cu).tolist()
     assert planned_pairs(mask) == sum(t * (t + 1) // 2 for t in docs)  # exactly the allowed pairs
     _compare(q, k, v, mask, block=16)
@@ -111,7 +112,7 @@ def test_off_diagonal_chunk_pieces():
     """A ring step: keys partly before, partly inside the query run -> a full and a causal piece."""
     q_pos, k_pos = torch.arange(20, 40), torch.arange(10, 30)
     q, k, v, mask = _case(1, 20, 20, 2, 2, 8, q_pos, k_pos, torch.tensor([0, 64]), True, None)
-    assert _kinds(mask) == ["full", "causal"]
+    assert _forms(mask) == ["full", "causal"]
     _compare(q, k, v, mask, block=8)
 
 
@@ -120,14 +121,14 @@ def test_window_runs_as_band_tiles(causal):
     n = 77
     pos = torch.arange(n)
     q, k, v, mask = _case(1, n, n, 4, 2, 8, pos, pos, torch.tensor([0, 30, 77]), causal, 9)
-    assert set(_kinds(mask)) == {"band"}
+    assert set(_forms(mask)) == {"band"}
     _compare(q, k, v, mask, block=8)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_generic_block_plan_for_scattered_positions(causal, monkeypatch):
     """Positions in no order: too many runs for the span plan, the fixed-block plan takes over."""
-    monkeypatch.setattr(attn_mod, "MAX_PIECES", 8)
+    monkeypatch.setattr(attn_plan, "MAX_PIECES", 8)
     g = torch.Generator().manual_seed(3)
     q_pos, k_pos = torch.randperm(40, generator=g), torch.randperm(40, generator=g)
     q, k, v, mask = _case(1, 40, 40, 4, 2, 8, q_pos, k_pos, torch.tensor([0, 17, 40]), causal, None)
@@ -194,7 +195,7 @@ def test_merged_lse_backward_per_key_chunk(dtype, tol, window):
 @pytest.mark.parametrize("window", [None, 9])
 def test_tile_loop_for_every_piece(window, monkeypatch):
     """Without the fused CPU op (other devices), full and causal pieces run the tile loop."""
-    monkeypatch.setattr(attn_mod, "_FLASH_CPU", None)
+    monkeypatch.setattr(attn_dense, "_FLASH_CPU", None)
     q_pos = torch.cat([torch.arange(0, 20), torch.arange(60, 80)])
     k_pos = torch.arange(80)
     q, k, v, mask = _case(2, 40, 80, 4, 2, 8, q_pos, k_pos, torch.tensor([0, 13, 70, 80, 160]), True, window)
@@ -211,8 +212,8 @@ def test_bf16_runs_the_fused_op_as_sdpa_does(cu, monkeypatch):
     o_r, _ = attention_ref(q, k, v, mask)
     ref = [o_r] + list(torch.autograd.grad((o_r * do).sum(), (q, k, v)))
     seen = []
-    real = attn_mod._FLASH_CPU
-    monkeypatch.setattr(attn_mod, "_FLASH_CPU", lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
+    real = attn_dense._FLASH_CPU
+    monkeypatch.setattr(attn_dense, "_FLASH_CPU", lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
     half = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
     o, _ = attention(*half, mask)
     got = [o] + list(torch.autograd.grad((o * do.bfloat16()).sum(), half))

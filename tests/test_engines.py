@@ -179,10 +179,10 @@ def _launch(cmd, run_dir):
     import subprocess
     import sys
 
-    from parallel.spawn import _free_port
+    from parallel.mesh import free_port
 
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    env = dict(os.environ, PATH=path, MASTER_PORT=str(_free_port()))
+    env = dict(os.environ, PATH=path, MASTER_PORT=str(free_port()))
     cmd = [c.replace("PORT", env["MASTER_PORT"]) for c in cmd]
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)

@@ -52,7 +52,7 @@ def _train(rank, world, overrides, fault=None):
         else:  # the per-rank state file's write
             import trainer.checkpoint as ck
 
-            real_write = ck._write_file
+            real_write = ck.write_atomic
 
             def write_file(path, write):
                 calls[0] += 1
@@ -60,7 +60,7 @@ def _train(rank, world, overrides, fault=None):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 return real_write(path, write)
 
-            ck._write_file = write_file
+            ck.write_atomic = write_file
     out = tt.train(cfg)
     return {"step": out["step"], "history": out["history"]}
 

@@ -286,8 +286,8 @@ def test_against_fla_naive_references():
 def test_fla_dispatch_matches_torch(decay):
     q, k, v, g, gk, s0 = (None if x is None else x.detach().float().cuda() for x in _inputs(2, 100, 2, 16, 16, decay))
     cu = _cu(100).cuda()
-    o, s = chunk_linear_attention(q, k, v, g, gk, 0.25, s0, cu, 64, True, backend="fla")
-    o_r, s_r = chunk_linear_attention(q, k, v, g, gk, 0.25, s0, cu, 64, True, backend="torch")
+    o, s = chunk_linear_attention(q, k, v, g, gk, 0.25, s0, cu, 64, True, impl="fla")
+    o_r, s_r = chunk_linear_attention(q, k, v, g, gk, 0.25, s0, cu, 64, True, impl="chunk")
     assert (o - o_r).abs().max() < 2e-3 and (s - s_r).abs().max() < 2e-3
 
 

@@ -24,11 +24,14 @@ import re
 import shutil
 import warnings
 import zlib
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+
+from models.files import PARTIAL_SUFFIX, write_atomic
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -36,15 +39,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(ValueError):
     """A checkpoint could not be written or no complete one can be resumed (one-line message)."""
-
-
-def _write_file(path: str, write) -> None:
-    """Write via ``path.part`` + fsync + rename, so a reader never sees a partial file."""
-    with open(path + ".part", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".part", path)
 
 
 def _crc32(path: str) -> str:
@@ -84,7 +78,7 @@ def _files(root: str) -> list[str]:
     """Every finished file under ``root`` (engines may write sub-directories)."""
     out = []
     for d, _, names in os.walk(root):
-        out += [os.path.join(d, n) for n in names if not n.endswith(".part")]
+        out += [os.path.join(d, n) for n in names if not n.endswith(PARTIAL_SUFFIX)]
     return sorted(out)
 
 
@@ -104,7 +98,7 @@ def save(run_dir: str, step: int, engine, scheduler, loader, rank: int, keep: in
     try:
         engine.save(tmp)  # collective; a failed write raises on every rank
         extra = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(), "rng": _rng_state()}
-        _write_file(os.path.join(tmp, f"rank_{rank:05d}.pt"), lambda f: torch.save(extra, f))
+        write_atomic(os.path.join(tmp, f"rank_{rank:05d}.pt"), lambda p: torch.save(extra, p))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 -- every rank must hear about it
         error = _why(e, rank)
     errors = list(dict.fromkeys(e for e in _all_gather(error) if e))  # DCP reports on every rank
@@ -119,7 +113,7 @@ def save(run_dir: str, step: int, engine, scheduler, loader, rank: int, keep: in
                     "files": {k: v for share in shares for k, v in share.items()},
                     "meta": meta or {},
                 }
-                _write_file(os.path.join(tmp, MANIFEST), lambda f: f.write(json.dumps(manifest).encode()))
+                write_atomic(os.path.join(tmp, MANIFEST), lambda p: Path(p).write_bytes(json.dumps(manifest).encode()))
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
             except OSError as e:
@@ -136,7 +130,7 @@ def save(run_dir: str, step: int, engine, scheduler, loader, rank: int, keep: in
         )
     if rank == 0:
         try:
-            _write_file(os.path.join(root, "latest"), lambda f: f.write(str(step).encode()))
+            write_atomic(os.path.join(root, "latest"), lambda p: Path(p).write_bytes(str(step).encode()))
         except OSError:
             pass  # `latest` is only a convenience
         _prune(root, keep)

@@ -29,23 +29,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.ops.common import acc_dtype
+
 IGNORE_INDEX = -100
-
-
-def _acc(h: torch.Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
 def linear_cross_entropy_ref(h, weight, labels, *, ignore_index=IGNORE_INDEX):
     """Unchunked: full logits [N, V] through autograd (the reference; ``chunk=0``)."""
     logits = F.linear(h, weight)
-    return F.cross_entropy(logits.to(_acc(h)), labels, ignore_index=ignore_index, reduction="sum")
+    return F.cross_entropy(logits.to(acc_dtype(h)), labels, ignore_index=ignore_index, reduction="sum")
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, chunk, ignore_index):
-        acc, dev = _acc(h), h.device.type
+    def forward(fctx, h, weight, labels, chunk, ignore_index):
+        acc, dev = acc_dtype(h), h.device.type
         lse = torch.empty(h.shape[0], dtype=acc, device=h.device)
         total = torch.zeros((), dtype=acc, device=h.device)
         for s in range(0, h.shape[0], chunk):
@@ -55,29 +53,29 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lab = labels[rows]
             target = logits.gather(1, lab.clamp(min=0)[:, None])[:, 0]
             total += torch.where(lab != ignore_index, lse[rows] - target, 0.0).sum()
-        ctx.save_for_backward(h, weight, labels, lse)
-        ctx.chunk, ctx.ignore_index = chunk, ignore_index
-        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        fctx.save_for_backward(h, weight, labels, lse)
+        fctx.chunk, fctx.ignore_index = chunk, ignore_index
+        fctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         return total
 
     @staticmethod
-    def backward(ctx, g):
-        h, weight, labels, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
+    def backward(fctx, g):
+        h, weight, labels, lse = fctx.saved_tensors
+        need_h, need_w = fctx.needs_input_grad[:2]
         acc = lse.dtype
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        enabled, dtype = ctx.autocast
+        enabled, dtype = fctx.autocast
         with torch.autocast(h.device.type, dtype=dtype, enabled=enabled):  # the forward's precision
-            for s in range(0, h.shape[0], ctx.chunk):
-                rows = slice(s, s + ctx.chunk)
+            for s in range(0, h.shape[0], fctx.chunk):
+                rows = slice(s, s + fctx.chunk)
                 logits = F.linear(h[rows], weight)  # [c, V], recomputed
                 compute = logits.dtype
                 p = logits.to(acc).sub_(lse[rows, None]).exp_()  # softmax, in place when logits are acc
                 del logits
                 lab = labels[rows]
                 p[torch.arange(p.shape[0], device=p.device), lab.clamp(min=0)] -= 1.0
-                p *= torch.where(lab != ctx.ignore_index, g, 0.0).to(acc)[:, None]
+                p *= torch.where(lab != fctx.ignore_index, g, 0.0).to(acc)[:, None]
                 dlogits = p.to(compute)
                 del p
                 if need_w:

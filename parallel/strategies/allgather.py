@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from models.ops.attention import MaskSpec, attention, attention_backward, attention_forward
+from models.ops.common import run_starts
 from parallel import comm
 from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
 
@@ -126,9 +127,8 @@ class RegatherAttention(torch.autograd.Function):
 
 def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
     """Maximal runs of consecutive positions in ``index`` as (first, last)."""
-    cut = (index[1:] != index[:-1] + 1).nonzero().flatten().tolist()
-    starts = [0] + [c + 1 for c in cut]
-    ends = cut + [len(index) - 1]
+    starts = run_starts(index).tolist()
+    ends = [s - 1 for s in starts[1:]] + [len(index) - 1]
     return [(int(index[s]), int(index[e])) for s, e in zip(starts, ends)]
 
 

@@ -21,6 +21,7 @@ import inspect
 from dataclasses import dataclass
 
 from models.ops.attention import check_inputs
+from models.s2_pattern import check_sparse_options
 from parallel.sharding import check_divisible
 
 STRATEGIES: dict[str, type] = {}  # name -> class (its ``kinds`` say what it serves)
@@ -95,10 +96,11 @@ class Strategy:
     def __call__(self, q, k, v, ctx, **options):
         raise NotImplementedError
 
-    def work_queries(self, ctx, n_heads: int):
+    def work_queries(self, ctx, n_heads: int, n_kv_heads: int, *, causal=True, window=None):
         """(global row positions of the queries this rank computes attention for, fraction of
         the heads it computes them for). Sequence-sharded strategies: (local_index, 1.0);
-        head-sharded ones (Ulysses) override it. Used to measure compute balance."""
+        head-sharded ones (Ulysses) override it; strategies whose placement depends on the
+        layer (CAD) read its heads and mask from the arguments. Used to measure compute balance."""
         return ctx.local_index, 1.0
 
     def forward_bytes(self, shape: LayerShape) -> int:
@@ -120,8 +122,6 @@ class SoftmaxStrategy(Strategy):
         check_inputs(q, k, window)
         if pattern is None:
             return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale)
-        from models.s2_attention import check_sparse_options
-
         check_sparse_options(pattern, causal)
         return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale, pattern=pattern)
 

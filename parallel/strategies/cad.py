@@ -8,9 +8,10 @@ Shapes (P ranks, C = N / P local tokens, per nano-batch on rank d):
     K_d, V_d     [1, Tk, Hkv, D]  every key its shards need (each key once per nano-batch)
     lse_d        [1, H, Tq]
 
-The plan (parallel/cad_plan.py, identical on every rank, cached per batch) says which query
-rows and which key rows each rank computes with. Forward: one uneven all-to-all sends Q, K and V
-rows to the ranks that compute with them, the kernel runs there on (Q_d, K_d, V_d) under the
+The plan (parallel/cad_plan.py, identical on every rank, cached per batch) and its routes
+(parallel/cad_routing.py) say which query rows and which key rows each rank computes with.
+Forward: one uneven all-to-all sends Q, K and V rows to the ranks that compute with them, the
+kernel runs there on (Q_d, K_d, V_d) under the
 global mask (explicit positions and document ids), one all-to-all returns O to the owners.
 Every query sees all of its keys on one rank, so no LSE merge across ranks is needed (on the
 rank, the kernel runs per run of one document's queries against at most 4 x block keys at a
@@ -31,101 +32,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
-from models.ops.attention import MaskSpec, attention_backward, attention_forward
+from models.ops.attention import attention_backward, attention_forward
+from models.ops.common import acc_dtype, merge_lse
 from parallel import comm
 from parallel.cad_plan import CADPlan, plan_cad
+from parallel.cad_routing import Route, build_routes
 from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
-from parallel.strategies.ring import _merge as merge_partial
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Route:
-    """One nano-batch on one rank. ``q_send[d]`` / ``kv_send[d]``: local flat rows (into
-    [B * C]) sent to rank d (empty for self); ``q_slots[s]`` / ``kv_slots[s]``: where rows
-    from rank s land in Q_d / K_d (self included, read locally from ``q_send_self`` /
-    ``kv_send_self``); ``groups``: the kernel calls, (qa, qb, [(ka, kb, mask), ...]) for
-    query rows [qa, qb) of Q_d against key rows [ka, kb) of K_d, chunk by chunk, merged by
-    log-sum-exp (see :func:`kernel_groups`)."""
-
-    q_send: list[torch.Tensor]
-    kv_send: list[torch.Tensor]
-    q_slots: list[torch.Tensor]
-    kv_slots: list[torch.Tensor]
-    q_self: torch.Tensor
-    kv_self: torch.Tensor
-    tq: int
-    tk: int
-    groups: list[tuple[int, int, list[tuple[int, int, MaskSpec]]]]
-
-    def to(self, device) -> Route:
-        """The same route with its index tensors on ``device`` (the mask stays where it is)."""
-        mv = [[t.to(device) for t in ts] for ts in (self.q_send, self.kv_send, self.q_slots, self.kv_slots)]
-        return Route(*mv, self.q_self.to(device), self.kv_self.to(device), self.tq, self.tk, self.groups)
-
-
-def build_routes(plan: CADPlan, rank: int, nanos: int, kv_chunk: int = 2048) -> list[Route]:
-    own, loc = plan.owner()
-    n, c, p = plan.seq_len, plan.seq_len // plan.world, plan.world
-
-    def local_rows(flat):  # flat indices -> (owner [T], local flat rows [T])
-        return own[flat % n], (flat // n) * c + loc[flat % n]
-
-    routes = []
-    for nano in range(nanos):
-        q_send, kv_send = [], []
-        for d in range(p):
-            rows = []
-            for flat in plan.rows(d, nano):
-                src, lrow = local_rows(flat)
-                rows.append(lrow[src == rank] if d != rank else lrow[:0])
-            q_send.append(rows[0])
-            kv_send.append(rows[1])
-        q, kv = plan.rows(rank, nano)
-        (q_src, q_rows), (kv_src, kv_rows) = local_rows(q), local_rows(kv)
-        q_slots = [(q_src == s).nonzero().flatten() for s in range(p)]
-        kv_slots = [(kv_src == s).nonzero().flatten() for s in range(p)]
-        groups = kernel_groups(q, kv, plan.doc_of(q), plan.doc_of(kv), n, plan.causal, plan.window, kv_chunk)
-        q_self, kv_self = q_rows[q_src == rank], kv_rows[kv_src == rank]
-        routes.append(Route(q_send, kv_send, q_slots, kv_slots, q_self, kv_self, len(q), len(kv), groups))
-    return routes
-
-
-def kernel_groups(q, kv, q_doc, k_doc, n, causal, window, kv_chunk=2048, min_rows=16):
-    """Cut the kernel's work on (Q_d [Tq], K_d [Tk]) flat indices into calls, one per run of
-    consecutive query positions of one document (runs under ``min_rows`` rows join the next),
-    each against only the key rows its documents and causal / window bounds allow, in chunks
-    of at most ``kv_chunk`` keys (as ring attention sees them: the kernel's temporaries stay
-    small). Without this, one kernel block mixing shards of different documents computes the
-    keys of all of them. -> [(qa, qb, [(ka, kb, MaskSpec), ...])]."""
-    cut = ((q[1:] != q[:-1] + 1) | (q_doc[1:] != q_doc[:-1])).nonzero().flatten() + 1
-    starts = [0]
-    for c in cut.tolist():
-        if c - starts[-1] >= min_rows:
-            starts.append(c)
-    groups = []
-    for qa, qb in zip(starts, starts[1:] + [len(q)]):
-        if qb <= qa:
-            continue
-        ka = int(torch.searchsorted(k_doc, q_doc[qa]))
-        kb = int(torch.searchsorted(k_doc, q_doc[qb - 1], right=True))
-        if causal:
-            kb = min(kb, int(torch.searchsorted(kv, q[qb - 1], right=True)))
-        if window is not None:
-            ka = max(ka, int(torch.searchsorted(kv, q[qa] - window + 1)))
-        chunks = []
-        for a in range(ka, kb, kv_chunk):
-            b = min(kb, a + kv_chunk)
-            chunks.append(
-                (a, b, MaskSpec(q[qa:qb] % n, kv[a:b] % n, q_doc[None, qa:qb], k_doc[None, a:b], causal, window))
-            )
-        groups.append((qa, qb, chunks))
-    return groups
 
 
 class _Pending:
@@ -166,11 +83,11 @@ def _group_forward(qg, kvd, hk, chunks, scale, block):
     if len(chunks) == 1:
         ka, kb, mask = chunks[0]
         return attention_forward(qg, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
-    qa = qg.to(torch.float64 if qg.dtype == torch.float64 else torch.float32)
+    qa = qg.to(acc_dtype(qg))
     o = lse = None
     for ka, kb, mask in chunks:
         o_i, lse_i = attention_forward(qa, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
-        o, lse = (o_i, lse_i) if o is None else merge_partial(o, lse, o_i, lse_i)
+        o, lse = (o_i, lse_i) if o is None else merge_lse(o, lse, o_i, lse_i)
     return o.to(qg.dtype), lse
 
 
@@ -219,7 +136,7 @@ def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing)
     bsz, c, h, d = do.shape
     hk = shape_kv[2]
     dof = do.reshape(bsz * c, h * d)
-    acc = torch.float64 if do.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(do)
     dq = torch.zeros(bsz * c, h * d, dtype=acc, device=do.device)
     dkv = torch.zeros(bsz * c, 2 * hk * d, dtype=acc, device=do.device)
     pend = []
@@ -284,7 +201,12 @@ class CADAttention(torch.autograd.Function):
 @register("cad")
 class CAD(SoftmaxStrategy):
     """Options: ``min_shard`` (tokens, smallest piece the planner cuts), ``tolerance`` (target
-    max / mean attention load), ``ping_pong`` (two nano-batches, communication overlapped)."""
+    max / mean attention load), ``ping_pong`` (two nano-batches, communication overlapped).
+
+    Between calls the strategy keeps only a cache of plans keyed by everything a plan depends
+    on (so :meth:`plan` of the same batch and layer shape is the plan a call ran), and
+    ``timing``: seconds spent waiting on its all-to-alls and in the kernel, added up over calls
+    until the caller resets it (bench/cad_overlap.py); nothing it computes reads either."""
 
     def __init__(self, min_shard: int = 128, tolerance: float = 1.1, ping_pong: bool = False):
         if not isinstance(min_shard, int) or min_shard < 1:
@@ -294,12 +216,12 @@ class CAD(SoftmaxStrategy):
         if not isinstance(ping_pong, bool):
             raise ValueError(f"parallel.cp.options.softmax.ping_pong={ping_pong!r} must be true or false")
         self.min_shard, self.tolerance, self.ping_pong = min_shard, tolerance, ping_pong
-        self._cache: dict = {}  # (batch key) -> (plan, routes); the newest few
-        self.last_plan: CADPlan | None = None
+        self._cache: dict = {}  # (plan_cad arguments) -> (plan, routes); the newest few
         self.timing = {"wait_s": 0.0, "compute_s": 0.0}  # accumulated, for the overlap measure
 
     def plan(self, ctx, causal=True, window=None, qrow_bytes=2, kvrow_bytes=1) -> CADPlan:
-        """The plan of ``ctx``'s batch (cached; the same on every rank)."""
+        """The plan of ``ctx``'s batch (cached; the same on every rank). A layer with H query
+        and Hkv key/value heads plans with ``qrow_bytes=H, kvrow_bytes=2 * Hkv``."""
         return self._planned(ctx, causal, window, qrow_bytes, kvrow_bytes)[0]
 
     def _plan_of(self, cu_seqlens, batch, seq_len, world, layout, causal, window, qrow_bytes, kvrow_bytes):
@@ -319,37 +241,17 @@ class CAD(SoftmaxStrategy):
             kvrow_bytes=kvrow_bytes,
         )
 
-    def _planned(self, ctx, causal, window, qrow_bytes, kvrow_bytes):
-        key = (
-            tuple(ctx.cu_seqlens.tolist()),
-            ctx.batch_size,
-            ctx.seq_len,
-            ctx.world_size,
-            ctx.layout,
-            causal,
-            window,
-            qrow_bytes,
-            kvrow_bytes,
-        )
+    def _planned(self, ctx, causal, window, qrow_bytes, kvrow_bytes) -> tuple[CADPlan, list[Route]]:
+        cu = tuple(ctx.cu_seqlens.tolist())
+        key = (cu, ctx.batch_size, ctx.seq_len, ctx.world_size, ctx.layout, causal, window, qrow_bytes, kvrow_bytes)
         if key not in self._cache:
-            plan = self._plan_of(
-                ctx.cu_seqlens,
-                ctx.batch_size,
-                ctx.seq_len,
-                ctx.world_size,
-                ctx.layout,
-                causal,
-                window,
-                qrow_bytes,
-                kvrow_bytes,
-            )
+            plan = self._plan_of(*key)
             if ctx.rank == 0 and log.isEnabledFor(logging.INFO):  # the plan, before it runs
                 report = plan.summary(qrow_bytes, kvrow_bytes // 2, 1, 1)  # bytes in units of D * e
                 log.info("cad plan (bytes x head_dim x elem_bytes): %s", report)
             if len(self._cache) >= 4:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = (plan, build_routes(plan, ctx.rank, 2 if self.ping_pong else 1, 4 * ctx.block))
-        self.last_plan = self._cache[key][0]
         return self._cache[key]
 
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
@@ -358,11 +260,11 @@ class CAD(SoftmaxStrategy):
             routes = [r.to(q.device) for r in routes]
         return CADAttention.apply(q, k, v, routes, ctx.group, ctx.rank, scale, ctx.block, self.timing)
 
-    def work_queries(self, ctx, n_heads: int):
-        """Flat positions (b * N + p) of the queries this rank computes under the last plan
-        (for B = 1, row positions); all heads."""
-        plan = self.last_plan if self.last_plan is not None else self.plan(ctx)
-        return plan.rows(ctx.rank)[0], 1.0
+    def work_queries(self, ctx, n_heads: int, n_kv_heads: int, *, causal=True, window=None):
+        """Flat positions (b * N + p) of the queries this rank computes under the plan of a
+        layer with these heads and mask (the plan its call ran; for B = 1, row positions); all
+        heads."""
+        return self.plan(ctx, causal, window, n_heads, 2 * n_kv_heads).rows(ctx.rank)[0], 1.0
 
     def plan_bytes(self, ctx, n_heads, n_kv_heads, head_dim, elem_bytes, causal=True, window=None) -> int:
         """Exact bytes this rank receives in one layer's forward for ``ctx``'s batch."""

@@ -29,7 +29,7 @@ class RingStatePass(torch.autograd.Function):
     """(M, G, has_start [B], first_is_start [B]) of this rank -> S_in [B, H, Dk, Dv]."""
 
     @staticmethod
-    def forward(ctx, m, big_g, has_start, first_is_start, group, rank, world):
+    def forward(fctx, m, big_g, has_start, first_is_start, group, rank, world):
         s_recv = torch.zeros_like(m)
         if rank > 0:
             comm.p2p(group, recv=s_recv, src=rank - 1)
@@ -37,18 +37,18 @@ class RingStatePass(torch.autograd.Function):
         if rank < world - 1:
             comm.p2p(group, send=carry * s_recv + m, dst=rank + 1)
         keep = (~first_is_start)[:, None, None, None]
-        ctx.save_for_backward(s_recv, carry, keep)
-        ctx.group, ctx.rank, ctx.world = group, rank, world
+        fctx.save_for_backward(s_recv, carry, keep)
+        fctx.group, fctx.rank, fctx.world = group, rank, world
         return s_recv * keep
 
     @staticmethod
-    def backward(ctx, ds_in):
-        s_recv, carry, keep = ctx.saved_tensors
+    def backward(fctx, ds_in):
+        s_recv, carry, keep = fctx.saved_tensors
         ds_out = torch.zeros_like(s_recv)
-        if ctx.rank < ctx.world - 1:
-            comm.p2p(ctx.group, recv=ds_out, src=ctx.rank + 1)
-        if ctx.rank > 0:
-            comm.p2p(ctx.group, send=ds_in * keep + carry * ds_out, dst=ctx.rank - 1)
+        if fctx.rank < fctx.world - 1:
+            comm.p2p(fctx.group, recv=ds_out, src=fctx.rank + 1)
+        if fctx.rank > 0:
+            comm.p2p(fctx.group, send=ds_in * keep + carry * ds_out, dst=fctx.rank - 1)
         d_g = (carry * s_recv * ds_out).sum(-1)  # [B, H, Dk]
         return ds_out, d_g, None, None, None, None, None
 

@@ -172,13 +172,13 @@ class GatherSummaries(torch.autograd.Function):
     packed.detach() already in flight. Backward: one reduce-scatter of d(gathered)."""
 
     @staticmethod
-    def forward(ctx, packed, pending, group):
-        ctx.group = group
+    def forward(fctx, packed, pending, group):
+        fctx.group = group
         return pending.wait()
 
     @staticmethod
-    def backward(ctx, grad):
-        return comm.reduce_scatter(list(grad.unbind(0)), ctx.group), None, None
+    def backward(fctx, grad):
+        return comm.reduce_scatter(list(grad.unbind(0)), fctx.group), None, None
 
 
 # ----------------------------------------------------------------------------- strategy

@@ -11,28 +11,24 @@ from __future__ import annotations
 from torch.utils.checkpoint import checkpoint
 
 from models.ops.documents import cu_seqlens_from_starts
-from models.ops.linear_attention import (
-    check_impl,
-    chunk_linear_attention,
-    recurrent_linear_attention_ref,
-    segment_output_from_state,
-    segment_state,
-)
+from models.ops.linear_attention import linear_attention, segment_output_from_state, segment_state
+from parallel.sharding import rank_chunks
 
 
 def local_segments(ctx) -> list[tuple[int, slice]]:
-    """(global segment id, local token slice) of each local segment, in local order."""
-    c = ctx.local_index.numel()
-    if ctx.layout == "contiguous":
-        return [(ctx.rank, slice(0, c))]
-    return [(ctx.rank, slice(0, c // 2)), (2 * ctx.world_size - 1 - ctx.rank, slice(c // 2, c))]
+    """(global segment id, local token slice) of each local segment, in local order: the
+    layout's chunks of the row (parallel/sharding.py), one segment each."""
+    mine = rank_chunks(ctx.world_size, ctx.layout)[ctx.rank]
+    c = ctx.local_index.numel() // len(mine)
+    return [(seg, slice(j * c, (j + 1) * c)) for j, seg in enumerate(mine)]
 
 
 def segment_owner(seg: int, world: int, layout: str) -> tuple[int, int]:
     """(rank, local segment index) holding global segment ``seg``."""
-    if layout == "contiguous" or seg < world:
-        return seg, 0
-    return 2 * world - 1 - seg, 1
+    for rank, mine in enumerate(rank_chunks(world, layout)):
+        if seg in mine:
+            return rank, mine.index(seg)
+    raise ValueError(f"segment {seg} is not one of the {layout} layout's chunks for {world} ranks")
 
 
 def cut(x, sl: slice):
@@ -43,12 +39,8 @@ def cut(x, sl: slice):
 def intra_linear_attention(q, k, v, g, gk, scale, resets, chunk_size, impl):
     """Local linear attention with zero incoming state and a fresh state at every ``resets``
     token (resets [B, C] bool; token 0 always restarts). -> o [B, C, H, Dv]."""
-    check_impl(impl)
     cu = cu_seqlens_from_starts(resets.to(q.device))
-    if impl == "naive":
-        return recurrent_linear_attention_ref(q, k, v, g, gk, scale, cu_seqlens=cu)[0]
-    backend = "auto" if impl == "auto" else "torch"
-    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size, backend=backend)[0]
+    return linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size, impl=impl)
 
 
 def summarize(k, v, g, gk, starts, recompute: bool):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from models.ops.attention import MaskSpec, attention_backward, attention_forward, may_attend
+from models.ops.common import acc_dtype, merge_lse
 from parallel import comm
 from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
 
@@ -68,26 +69,13 @@ class RingSpec:
         )
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _merge(o, lse, o_i, lse_i):
-    """Log-sum-exp merge of two partial results; rows that saw nothing stay 0, lse -inf."""
-    new = torch.logaddexp(lse, lse_i)  # [B, H, T]
-    safe = torch.where(torch.isinf(new), 0.0, new)
-    w, w_i = torch.exp(lse - safe), torch.exp(lse_i - safe)  # 0 where lse = -inf
-    o = o * w.transpose(1, 2)[..., None] + o_i * w_i.transpose(1, 2)[..., None]
-    return o, new
-
-
 def _neighbours(spec: RingSpec) -> tuple[int, int]:
     return (spec.rank + 1) % spec.size, (spec.rank - 1) % spec.size
 
 
 def ring_forward(q, k, v, spec: RingSpec):
     """-> (o [B, T, H, D] in q.dtype, lse [B, H, T] fp32/fp64)."""
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     qa = q.to(acc)  # the kernel then returns each block's o in fp32/fp64
     bsz, t, h, d = q.shape
     o = torch.zeros(bsz, t, h, d, dtype=acc, device=q.device)
@@ -102,7 +90,7 @@ def ring_forward(q, k, v, spec: RingSpec):
         mask = spec.mask((spec.rank - step) % spec.size)
         if may_attend(mask, spec.block, k.shape[2]):
             o_i, lse_i = attention_forward(qa, kv[0], kv[1], mask, spec.scale, spec.block)
-            o, lse = _merge(o, lse, o_i, lse_i)
+            o, lse = merge_lse(o, lse, o_i, lse_i)
         for w in works:
             w.wait()
         kv, nxt = nxt, kv
@@ -111,7 +99,7 @@ def ring_forward(q, k, v, spec: RingSpec):
 
 def ring_backward(do, q, k, v, o, lse, spec: RingSpec):
     """-> (dq, dk, dv) for the local chunk; see the module docstring for the scheme."""
-    acc = _acc_dtype(q)
+    acc = acc_dtype(q)
     qa, doa = q.to(acc), do.to(acc)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dst, src_nb = _neighbours(spec)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from models.ops.attention import MaskSpec, attention, head_groups, tile_candidates
-from models.s2_attention import check_sparse_options
+from models.s2_pattern import check_sparse_options
 from parallel import comm
 from parallel.sharding import local_index
 from parallel.strategies.base import LayerShape, Strategy, register

@@ -150,7 +150,7 @@ class Ulysses(SoftmaxStrategy):
         o = attention(qh, kh, vh, mask, scale, ctx.block)[0]  # [B, N, H/P, D]
         return HeadToSeq.apply(o, ctx.group, p, order)
 
-    def work_queries(self, ctx, n_heads: int):
+    def work_queries(self, ctx, n_heads: int, n_kv_heads: int, *, causal=True, window=None):
         """Every rank attends with all N queries for H / P heads."""
         return torch.arange(ctx.seq_len), 1.0 / ctx.world_size
 

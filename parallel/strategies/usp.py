@@ -96,7 +96,7 @@ class USP(SoftmaxStrategy):
         o = ring_attention(q, k, v, spec)  # [B, u*C, H/u, D]
         return HeadToSeq.apply(o, mesh.ulysses_group, u, order) if u > 1 else o
 
-    def work_queries(self, ctx, n_heads: int):
+    def work_queries(self, ctx, n_heads: int, n_kv_heads: int, *, causal=True, window=None):
         """The queries of my Ulysses group (u consecutive CP ranks) for H / u heads."""
         u = self.degree(ctx.world_size, n_heads)
         g = ctx.rank // u

@@ -2,14 +2,15 @@
 
     naive.recurrent_linear_attention_ref   reference recurrence (autograd)
     chunk.chunk_linear_attention           chunked forward + hand-written chunked backward
-    chunk.segment_state / segment_transfer / scan_segment_states / segment_output_from_state
-                                           the pieces a LASP-2 strategy needs (autograd)
     chunk.linear_attention_fwd / _bwd      forward and backward; their ``incoming`` /
                                            ``outgoing`` hooks let LASP-2 overlap its
                                            collectives with the local work (hand-written)
+    segments.segment_state / segment_transfer / scan_segment_states / scan_segment_grads /
+             segment_output_from_state     the segment summaries LASP needs (autograd)
     fla_backend                            fla Triton kernels on CUDA when importable
     interface.linear_attention             the entry point for mixers / contexts (cu_seqlens)
 Document boundaries come as ``cu_seqlens`` (models/ops/documents.py converts every other form).
+``impl`` names the implementation everywhere (``model.linear_impl``): "auto", "chunk", "naive".
 
 LASP-2 on rank r (contiguous segment, global doc starts ``starts`` [B, C] incl. token 0):
     M, G, f = segment_state(k, v, g, gk, starts)             # all-gather (M, transfer)
@@ -29,14 +30,16 @@ from models.ops.linear_attention.chunk import (
     chunk_linear_attention,
     linear_attention_bwd,
     linear_attention_fwd,
+)
+from models.ops.linear_attention.interface import IMPLS, check_impl, linear_attention, runs_torch_chunk
+from models.ops.linear_attention.naive import recurrent_linear_attention_ref
+from models.ops.linear_attention.segments import (
     scan_segment_grads,
     scan_segment_states,
     segment_output_from_state,
     segment_state,
     segment_transfer,
 )
-from models.ops.linear_attention.interface import IMPLS, check_impl, linear_attention, runs_torch_chunk
-from models.ops.linear_attention.naive import recurrent_linear_attention_ref
 
 __all__ = [
     "IMPLS",

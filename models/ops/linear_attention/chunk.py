@@ -33,9 +33,7 @@ scan and takes the incoming state S_in after its intra-chunk work (it enters the
 as S_in[n] += prod_{i<n} gam_i * S_in, no pass over the tokens); ``linear_attention_bwd(...,
 outgoing=)`` hands out dL/dS_in and takes dL/dS_end after its intra-chunk gradients. A reset at
 a row's token 0 (a segment that starts a document) makes the row ignore S_in. For other ops
-(the reference, fla): ``segment_state`` (M, G, has_start), ``segment_transfer``,
-``scan_segment_states`` (the exclusive scan over segments giving each S_in; ``scan_segment_grads``
-its reverse), and ``segment_output_from_state``, the S_in term on its own; all differentiable.
+(the reference, fla) the same summaries come from segments.py (differentiable, op-independent).
 """
 
 from __future__ import annotations
@@ -45,8 +43,8 @@ from typing import NamedTuple
 
 import torch
 
+from models.ops.common import acc_dtype, no_autocast
 from models.ops.documents import resets_from_cu_seqlens
-from models.ops.linear_attention.naive import acc_dtype
 
 PAIRWISE_BUDGET = 1 << 24  # elements of one per-key decay block [B, H, n, C, C, Dk]
 NEG_INF = float("-inf")
@@ -287,20 +285,7 @@ class _Chunks:
         return (qc @ kc.transpose(-1, -2)).mul_(decay), decay
 
 
-def _no_autocast(fn):
-    """The op chooses its own precision (states and accumulation in fp32, fp64 for fp64 inputs)
-    whatever autocast says; under bf16 autocast its matmuls would otherwise run in bf16 and its
-    in-place accumulations (baddbmm_) would meet mixed dtypes. As models/ops/attention.py."""
-
-    @functools.wraps(fn)
-    def wrapped(q, *args, **kwargs):
-        with torch.autocast(q.device.type, enabled=False):
-            return fn(q, *args, **kwargs)
-
-    return wrapped
-
-
-@_no_autocast
+@no_autocast
 def linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, incoming=None):
     """Forward without autograd. resets [B, T] bool (models/ops/documents.py; a reset at token 0 makes
     the row ignore its initial state). Returns (o [B,T,H,Dv] in q's dtype, final_state
@@ -327,7 +312,7 @@ def linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_siz
     return _unchunked(o, x.t).to(q.dtype), s_final
 
 
-@_no_autocast
+@no_autocast
 def linear_attention_bwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size, do, d_final=None, outgoing=None):
     """Backward of ``linear_attention_fwd`` given dO [B,T,H,Dv] and dL/dfinal_state (or None).
     Returns (dq, dk, dv, dg or None, dgk or None, d_initial_state [B,H,Dk,Dv] or None).
@@ -402,15 +387,15 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
     """apply(q, k, v, g, gk, initial_state, resets, scale, chunk_size) -> (o, final_state)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, gk, initial_state, resets, scale, chunk_size):
-        ctx.save_for_backward(q, k, v, g, gk, initial_state, resets)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+    def forward(fctx, q, k, v, g, gk, initial_state, resets, scale, chunk_size):
+        fctx.save_for_backward(q, k, v, g, gk, initial_state, resets)
+        fctx.scale, fctx.chunk_size = scale, chunk_size
         return linear_attention_fwd(q, k, v, g, gk, scale, initial_state, resets, chunk_size)
 
     @staticmethod
-    def backward(ctx, do, d_final):
-        q, k, v, g, gk, initial_state, resets = ctx.saved_tensors
-        grads = linear_attention_bwd(q, k, v, g, gk, ctx.scale, initial_state, resets, ctx.chunk_size, do, d_final)
+    def backward(fctx, do, d_final):
+        q, k, v, g, gk, initial_state, resets = fctx.saved_tensors
+        grads = linear_attention_bwd(q, k, v, g, gk, fctx.scale, initial_state, resets, fctx.chunk_size, do, d_final)
         return (*grads, None, None, None)
 
 
@@ -425,21 +410,21 @@ def chunk_linear_attention(
     cu_seqlens=None,
     chunk_size: int = 64,
     output_final_state: bool = False,
-    backend: str = "auto",
+    impl: str = "auto",
 ):
     """Chunked (gated) linear attention; shapes in the module docstring.
 
     ``initial_state`` enters the first document of each row only (document starts inside a row
     reset the state to 0); its gradient is returned by autograd, which is what LASP-2 needs.
-    backend: "auto" (fla's Triton kernels for CUDA tensors when fla is importable, else torch),
-    "torch", or "fla". Returns (o, final_state or None).
+    impl: "auto" (fla's Triton kernels for CUDA tensors when fla is importable, else the torch
+    op here), "chunk" (the torch op here), or "fla". Returns (o, final_state or None).
     """
-    if backend not in ("auto", "torch", "fla"):
-        raise ValueError(f"backend={backend!r}: choose auto, torch or fla")
-    if backend == "fla" or (backend == "auto" and q.is_cuda):
+    if impl not in ("auto", "chunk", "fla"):
+        raise ValueError(f"impl={impl!r}: choose auto, chunk or fla")
+    if impl == "fla" or (impl == "auto" and q.is_cuda):
         from models.ops.linear_attention import fla_backend
 
-        if backend == "fla" or fla_backend.available():
+        if impl == "fla" or fla_backend.available():
             return fla_backend.fla_linear_attention(
                 q, k, v, g, gk, scale, initial_state, cu_seqlens, output_final_state
             )
@@ -447,81 +432,3 @@ def chunk_linear_attention(
     resets = resets_from_cu_seqlens(cu_seqlens, bsz, t, q.device)
     o, final = ChunkLinearAttentionFunction.apply(q, k, v, g, gk, initial_state, resets, float(scale), int(chunk_size))
     return o, (final if output_final_state else None)
-
-
-# ----------------------------------------------------------------------------- LASP-2 pieces
-def _log_decay(g, gk, like):
-    acc = acc_dtype(like)
-    if gk is not None:
-        return gk.to(acc) + (g.to(acc)[..., None] if g is not None else 0)
-    if g is not None:
-        return g.to(acc)[..., None]
-    return like.new_zeros(*like.shape[:3], 1, dtype=acc)
-
-
-def segment_state(k, v, g=None, gk=None, starts=None):
-    """Summary of one segment (a CP rank's contiguous tokens) for the LASP-2 all-gather.
-
-    k [B,T,H,Dk], v [B,T,H,Dv], g [B,T,H], gk [B,T,H,Dk]; starts [B,T] bool marks document starts
-    *including* token 0 when the segment begins a document (None: no start in the segment).
-    Returns
-        M          [B,H,Dk,Dv]  sum_{t in last doc} exp(G - b_t) k_t^T v_t  (state at the segment
-                                end for a zero incoming state), fp32 (fp64 for fp64 inputs)
-        G          [B,H,Dk]     total log-decay of the segment, sum_t (g_t + gk_t)
-        has_start  [B] bool     the segment holds a document start
-    so that S_end = (0 if has_start else exp(G) * S_in) + M. Differentiable (autograd).
-    """
-    bsz, t, h, dk = k.shape
-    a = _log_decay(g, gk, k)  # [B,T,H,Dk|1]
-    suffix = a.flip(1).cumsum(1).flip(1)  # sum_{u >= t} a_u
-    after = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], dim=1)  # sum_{u > t}
-    if starts is None:
-        starts = torch.zeros(bsz, t, dtype=torch.bool, device=k.device)
-    seg = starts.long().cumsum(1)
-    last = (seg == seg[:, -1:])[:, :, None, None]
-    w = torch.exp(after.masked_fill(~last, NEG_INF))
-    m = torch.einsum("bthk,bthv->bhkv", k.to(a.dtype) * w, v.to(a.dtype))
-    return m, suffix[:, 0].expand(bsz, h, dk), starts.any(1)
-
-
-def segment_transfer(big_g, has_start):
-    """How a segment carries its incoming state to its end: exp(G) [B,H,Dk], 0 in a row whose
-    segment holds a document start (token 0 included) -- S_end = transfer * S_in + M."""
-    return torch.exp(big_g) * (~has_start)[:, None, None]
-
-
-def scan_segment_states(m, transfer):
-    """Exclusive scan over the segments in global order after the all-gather: M [P,B,H,Dk,Dv],
-    transfer [P,B,H,Dk] (``segment_transfer``). Returns S_in [P,B,H,Dk,Dv], S_in[0] = 0,
-    S_in[j+1] = transfer[j] * S_in[j] + M[j]. A segment whose token 0 starts a document ignores
-    its S_in (the op's reset at token 0). Differentiable (autograd)."""
-    s = torch.zeros_like(m[0])
-    out = []
-    for j in range(m.shape[0]):
-        out.append(s)
-        s = transfer[j][..., None] * s + m[j]
-    return torch.stack(out)
-
-
-def scan_segment_grads(ds_in, transfer):
-    """Reverse of ``scan_segment_states`` for a hand-written backward: ds_in [P,B,H,Dk,Dv] the
-    gradient of each segment's own outputs wrt its S_in -> dL/dS_end of every segment
-    [P,B,H,Dk,Dv] (= dL/dS_in of the next segment in total; 0 for the last)."""
-    d = torch.zeros_like(ds_in[0])
-    out = []
-    for j in range(ds_in.shape[0] - 1, -1, -1):
-        out.append(d)
-        d = ds_in[j] + transfer[j][..., None] * d
-    return torch.stack(out[::-1])
-
-
-def segment_output_from_state(q, s_in, g=None, gk=None, starts=None, scale: float = 1.0):
-    """The incoming-state term alone: o_t = scale * exp(b_t) q_t S_in for tokens before the
-    segment's first document start (none if token 0 is a start). q [B,T,H,Dk], s_in [B,H,Dk,Dv]
-    -> [B,T,H,Dv] (fp32/fp64). b_t = inclusive cumsum of the log-decay. Differentiable."""
-    a = _log_decay(g, gk, q)
-    first = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
-    if starts is not None:
-        first = starts.long().cumsum(1) == 0
-    qd = q.to(a.dtype) * torch.exp(a.cumsum(1)) * first[:, :, None, None]
-    return scale * torch.einsum("bthk,bhkv->bthv", qd, s_in.to(a.dtype))

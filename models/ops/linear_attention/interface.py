@@ -3,8 +3,9 @@
     q, k [B, T, H, Dk], v [B, T, H, Dv], g [B, T, H], gk [B, T, H, Dk],
     cu_seqlens [n_docs + 1] (document starts over the flattened [B * T] batch; None: one per row)
     -> o [B, T, H, Dv]
-impl: "auto" (fla's Triton kernels for CUDA tensors when fla is importable, else the chunked
-torch op), "chunk" (always the torch op), "naive" (token-by-token reference, for tests).
+impl (``model.linear_impl``): "auto" (fla's Triton kernels for CUDA tensors when fla is
+importable, else the chunked torch op), "chunk" (always the torch op), "naive" (token-by-token
+reference, for tests). ``chunk_linear_attention`` takes the same words (and "fla").
 """
 
 from __future__ import annotations
@@ -50,5 +51,4 @@ def linear_attention(
     cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
     if impl == "naive":
         return recurrent_linear_attention_ref(q, k, v, g, gk, scale, cu_seqlens=cu)[0]
-    backend = "auto" if impl == "auto" else "torch"
-    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size, backend=backend)[0]
+    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size, impl=impl)[0]

@@ -19,12 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from models.ops.common import acc_dtype
 from models.ops.documents import resets_from_cu_seqlens
-
-
-def acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """State accumulation dtype: fp64 for fp64 inputs, fp32 otherwise."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def recurrent_linear_attention_ref(q, k, v, g=None, gk=None, scale: float = 1.0, initial_state=None, cu_seqlens=None):
