@@ -12,7 +12,7 @@ Inside a diagonal block the usual token-level causal mask applies; the kernel in
 the pattern with the document mask of packed rows and a sliding window (MaskSpec).
 Query heads that share a KV head (GQA) share its pattern.
 
-A pattern object is what the kernel (models/ops/attention.py) needs of any per-head block
+A pattern object is what the kernel (models/ops/attention/) needs of any per-head block
 layout: ``block``, ``active(i, j, hk)`` (broadcasting int64 tensors -> bool) and
 ``group_key(hk)`` (KV heads with equal keys have equal layouts and are computed together).
 ``BlockLayout`` is the generic one (an explicit [Hkv, nb, nb] table, e.g. random), used by the

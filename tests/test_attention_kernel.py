@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from models.ops.attention import MaskSpec, active_blocks, attention, attention_ref
+from models.ops.common import merge_lse
 from models.ops.documents import doc_ids
 
 
@@ -154,13 +155,6 @@ def test_fp32_dispatch_close_to_reference(window, hkv):
         assert (g_.double() - gr).abs().max() < 1e-5
 
 
-def _lse_merge(o1, l1, o2, l2):
-    new = torch.logaddexp(l1, l2)
-    safe = torch.where(torch.isinf(new), 0.0, new)
-    w1, w2 = torch.exp(l1 - safe).transpose(1, 2)[..., None], torch.exp(l2 - safe).transpose(1, 2)[..., None]
-    return o1 * w1 + o2 * w2, new
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("window", [None, 10])
 def test_merged_lse_backward_per_key_chunk(dtype, tol, window):
@@ -179,7 +173,7 @@ def test_merged_lse_backward_per_key_chunk(dtype, tol, window):
     halves = [slice(0, n // 2), slice(n // 2, n)]
     masks = [MaskSpec(q_pos, k_pos[s], mask.q_doc, mask.k_doc[:, s], True, window) for s in halves]
     outs = [attention_forward(q, k[:, s], v[:, s], m, None, 8) for s, m in zip(halves, masks)]
-    o, lse = _lse_merge(*outs[0], *outs[1])
+    o, lse = merge_lse(*outs[0], *outs[1])
     assert (o.double() - o_r).abs().max() < tol
     dq = torch.zeros_like(q)
     dk, dv = [], []

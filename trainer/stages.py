@@ -115,7 +115,7 @@ def _expandable(name: str, old: torch.Tensor, new: torch.Tensor) -> bool:
 
 def _expand_heads(w: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
     """[Hkv * D, ...] -> [Hkv * groups * D, ...], kv head j serving query heads j*groups.. (as
-    models/ops/attention.py's GQA does)."""
+    models/ops/attention's GQA does)."""
     heads = w.reshape(w.shape[0] // head_dim, head_dim, *w.shape[1:])
     return heads.repeat_interleave(groups, dim=0).reshape(-1, *w.shape[1:])
 
