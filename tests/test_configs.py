@@ -144,10 +144,10 @@ def test_unknown_key_is_rejected():
         _compose(["+optim.lrr=1"])
 
 
-def test_deprecated_strategy_keys_still_select_strategies():
-    with pytest.warns(FutureWarning, match="is deprecated: use parallel.cp.strategies"):
-        cfg = _compose(["parallel.cp.strategy=ring", "parallel.cp.linear_strategy=lasp1"])
-    assert cfg.parallel.cp.strategies == {"softmax": "ring", "linear": "lasp1"}
+def test_removed_strategy_aliases_are_rejected():
+    for key in ("strategy", "linear_strategy"):  # the old aliases of parallel.cp.strategies.<kind>
+        with pytest.raises(ValueError, match=f"parallel.cp.{key} is not a setting.*parallel.cp has: size, strategies"):
+            _compose([f"+parallel.cp.{key}=ring"])
 
 
 def test_strategies_follow_the_model_kinds():
@@ -193,4 +193,4 @@ def test_loss_chunk_reaches_the_model():
     from trainer.train import build_model
 
     cfg = _compose(["trainer.loss_chunk_tokens=24", "model.n_layers=1"])
-    assert build_model(cfg, torch.device("cpu")).loss_chunk == 24
+    assert build_model(cfg, torch.device("cpu")).loss_head.keywords == {"chunk": 24}
