@@ -32,7 +32,12 @@ from models.registry import options_of, register_kind, register_mixer, register_
 from models.rope import apply_rotary
 
 
-@register_kind("linear")
+def local_linear_attention_ref(q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
+    """The naive reference of the linear kind: the token-by-token recurrence (whatever ``impl``)."""
+    return linear_attention(q, k, v, g, gk, scale, cu_seqlens=ctx.docs.cu_seqlens, impl="naive")
+
+
+@register_kind("linear", reference=local_linear_attention_ref)
 def local_linear_attention(q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
     """Linear attention over the tokens ``ctx`` holds, the state restarting at every document.
     q, k [B,T,H,Dk], v [B,T,H,Dv], g [B,T,H], gk [B,T,H,Dk] -> o [B,T,H,Dv]."""

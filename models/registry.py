@@ -10,7 +10,7 @@ registers their *options*: a dataclass whose field ``f`` is the user key ``model
 (a flat ``ModelConfig`` field, None there meaning the dataclass default), and whose
 ``validate(cfg)`` checks them.
 
-    @register_kind("linear")
+    @register_kind("linear", reference=local_linear_ref)
     def local_linear(q, k, v, ctx, **options): ...      # ctx.docs: models.ops.documents.Documents
 
     @register_mixer("gla")
@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 MIXERS: dict[str, type] = {}  # mixer name -> module class (with a ``kind`` attribute)
 KINDS: dict[str, Callable] = {}  # mixer kind -> single-device op
+REFERENCES: dict[str, Callable] = {}  # mixer kind -> its naive reference op (same signature)
 OPTIONS: dict[str, type] = {}  # key prefix (model.<prefix>_*) -> options dataclass
 
 
@@ -48,9 +49,14 @@ def register_mixer(name: str):
     return wrap
 
 
-def register_kind(kind: str):
+def register_kind(kind: str, *, reference: Callable):
+    """Register the single-device op of mixer kind ``kind`` and, beside it, its naive reference
+    (same signature and result; slow and plain): the tests hold every kind's op, and through it
+    every mixer of the kind, to its reference."""
+
     def wrap(fn):
         KINDS[kind] = fn
+        REFERENCES[kind] = reference
         return fn
 
     return wrap
@@ -93,6 +99,12 @@ def local_op(kind: str) -> Callable:
     if kind not in KINDS:
         raise ValueError(f"mixer kind {kind!r} has no registered op: choose one of {sorted(KINDS)}")
     return KINDS[kind]
+
+
+def reference_op(kind: str) -> Callable:
+    """The naive reference of mixer kind ``kind``'s single-device op."""
+    local_op(kind)  # the same error for an unknown kind
+    return REFERENCES[kind]
 
 
 def options_of(cfg, prefix: str):

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from models.ops.attention import MaskSpec, attention
+from models.ops.attention import MaskSpec, attention, attention_ref
 from models.ops.documents import causal_pairs
 from models.registry import options_of, register_kind, register_mixer, register_options
 from models.s2_pattern import s2_pattern
@@ -28,14 +28,22 @@ def check_sparse_options(pattern, causal: bool) -> None:
         raise ValueError("mixer kind 'sparse' (S2) is causal only: call it with causal=True")
 
 
-@register_kind("sparse")
+def _pattern_mask(ctx, pattern, causal, window) -> MaskSpec:
+    check_sparse_options(pattern, causal)
+    d = ctx.docs
+    return MaskSpec(d.index, d.index, d.doc, d.doc, causal, window, pattern)
+
+
+def local_sparse_attention_ref(q, k, v, ctx, *, pattern=None, causal=True, window=None, scale=None):
+    """The naive reference of the sparse kind: dense masked scores, the pattern in the mask."""
+    return attention_ref(q, k, v, _pattern_mask(ctx, pattern, causal, window), scale)[0]
+
+
+@register_kind("sparse", reference=local_sparse_attention_ref)
 def local_sparse_attention(q, k, v, ctx, *, pattern=None, causal=True, window=None, scale=None):
     """Block-sparse attention under the per-KV-head ``pattern`` and the document mask of the
     tokens ``ctx`` holds. q [B, T, H, D], k, v [B, T, Hkv, D] -> o [B, T, H, D]."""
-    check_sparse_options(pattern, causal)
-    d = ctx.docs
-    mask = MaskSpec(d.index, d.index, d.doc, d.doc, causal, window, pattern)
-    return attention(q, k, v, mask, scale, ctx.block)[0]
+    return attention(q, k, v, _pattern_mask(ctx, pattern, causal, window), scale, ctx.block)[0]
 
 
 @lru_cache(maxsize=4096)
