@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ops.linear_attention import linear_attention
+from models.ops.linear_attention import IMPLS, linear_attention
 from models.registry import options_of, register_kind, register_mixer, register_options
 from models.rope import apply_rotary
 
@@ -45,7 +45,6 @@ def local_linear_attention(q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_si
 
 
 FEATURE_MAPS = ("identity", "relu", "elu1", "silu", "learnable", "hedgehog")
-IMPLS = ("auto", "chunk", "naive")
 
 
 @register_options("linear")

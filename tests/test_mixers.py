@@ -58,3 +58,33 @@ def test_every_kind_has_a_reference_and_a_cp_strategy():
     for kind in mixer_kinds():
         assert callable(reference_op(kind))
         assert kind in DEFAULTS, f"mixer kind {kind!r} has no default context-parallel strategy"
+
+
+def test_mixer_options_are_the_model_config_keys():
+    """Each registered options dataclass's field f is the key model.<prefix>_f (default None: the
+    dataclass holds the default, once), and every such key belongs to one."""
+    import dataclasses
+
+    from models.registry import OPTIONS
+
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    owned = {f"{p}_{f.name}" for p, cls in OPTIONS.items() for f in dataclasses.fields(cls)}
+    assert owned <= set(fields), sorted(owned - set(fields))
+    assert all(fields[k].default is None for k in owned), [k for k in owned if fields[k].default is not None]
+    stray = {k for k in fields if any(k.startswith(p + "_") for p in OPTIONS)} - owned
+    assert not stray, f"ModelConfig keys of no options dataclass: {sorted(stray)}"
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(linear_impl="fast"), "model.linear_impl='fast' is unknown: choose auto, chunk or naive"),
+        (dict(linear_feature_map="tanh"), "model.linear_feature_map='tanh' is unknown"),
+        (dict(linear_chunk_size=0), "model.linear_chunk_size=0 must be >= 1"),
+        (dict(s2_local=0), "model.s2_local=0 must be >= 1"),
+        (dict(mixer_pattern=["s2"], s2_block=8), "model.s2_block=8 must be >= 16"),
+    ],
+)
+def test_mixer_options_are_checked_by_their_owner(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**settings)

@@ -73,10 +73,6 @@ def plan(cfg: TrainConfig) -> list[Stage]:
     return out
 
 
-def stage_of(stages: list[Stage], index: int) -> Stage:
-    return stages[min(index, len(stages) - 1)]
-
-
 @torch.no_grad()
 def carry_weights(src: dict[str, torch.Tensor], model: torch.nn.Module, expand_kv: bool = True) -> dict[str, int]:
     """Copy ``src`` (parameter name -> tensor) into ``model`` by the rules of the module
