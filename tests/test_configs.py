@@ -123,6 +123,20 @@ def test_every_group_option_composes(group):
         (["trainer.max_skips=0"], "trainer.max_skips=0 must be >= 1"),
         (["trainer.loss_chunk_tokens=-1"], "trainer.loss_chunk_tokens=-1 must be >= 0"),
         (["trainer.peak_tflops=0"], "trainer.peak_tflops=0.0 must be > 0"),
+        (["trainer.engine.name=fast"], "trainer.engine.name='fast' is unknown: choose one of"),
+        (["trainer.engine.build_ops=true"], "trainer.engine.build_ops is a setting of the deepspeed engine, which"),
+        (["+parallel.cp.options.softmax.regather=1"], "parallel.cp.options.softmax.regather=1 must be true or false"),
+        (["+parallel.cp.options.softmax.gather=some"], "parallel.cp.options.softmax.gather='some' is unknown"),
+        (["+parallel.cp.options.softmax.gathr=all"], r"has \['gathr'\], which strategy 'allgather' does not take"),
+        (
+            ["model.mixer_pattern=[gla]", "parallel.cp.strategies.linear=lasp1"]
+            + ["+parallel.cp.options.linear.recompute=2"],
+            "parallel.cp.options.linear.recompute=2 must be true or false",
+        ),
+        (
+            ["parallel.cp.strategies.softmax=usp", "+parallel.cp.options.softmax.ulysses_size=x"],
+            "parallel.cp.options.softmax.ulysses_size='x' must be an int or null",
+        ),
     ],
 )
 def test_bad_values_have_clear_errors(overrides, message):

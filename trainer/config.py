@@ -80,7 +80,8 @@ def _deepspeed_defaults() -> dict[str, Any]:
 @dataclass
 class EngineConfig:
     """The training engine (trainer/engines), chosen with the group ``engine=NAME`` or
-    ``trainer.engine.name=NAME``."""
+    ``trainer.engine.name=NAME``. Every other field belongs to the engines that list it in their
+    ``settings``; changing one while another engine runs is an error, not silently ignored."""
 
     name: str = "native"  # a registered engine (trainer/engines): native (DDP / FSDP2 per
     # parallel.dp_mode) | deepspeed | accelerate
@@ -329,24 +330,24 @@ def reject_unknown_keys(node, schema: type, prefix: str) -> None:
 def cp_strategies(cfg: TrainConfig, extra_kinds: tuple[str, ...] = ()) -> dict:
     """{mixer kind: strategy} for the kinds the model uses, from ``parallel.cp.strategies`` and
     ``parallel.cp.options``; ValueError naming the setting for an unknown kind or strategy."""
-    from models.mixers import KINDS
+    from models.registry import mixer_kinds
     from parallel.strategies import build_strategies
 
-    cp = cfg.parallel.cp
+    kinds, cp = mixer_kinds(), cfg.parallel.cp
     for setting, keys in (("parallel.cp.strategies", cp.strategies), ("parallel.cp.options", cp.options)):
         for key in keys:
-            if key not in KINDS:
+            if key not in kinds:
                 hint = (
                     f"; options are per mixer kind now: use parallel.cp.options.softmax.{key}"
                     if setting.endswith("options")
                     else ""
                 )
-                raise ValueError(f"{setting} has {key!r}, which is not a mixer kind: use one of {sorted(KINDS)}{hint}")
+                raise ValueError(f"{setting} has {key!r}, which is not a mixer kind: use one of {kinds}{hint}")
     for kind, opts in cp.options.items():
         if opts is not None and not isinstance(opts, dict):
             raise ValueError(
                 f"parallel.cp.options.{kind}={opts!r} must be a mapping of strategy "
                 f"options, e.g. parallel.cp.options.{kind}={{}}"
             )
-    kinds = cfg.model.kinds() + [k for k in extra_kinds if k not in cfg.model.kinds()]
-    return build_strategies(cp.strategies, cp.options, kinds)
+    used = cfg.model.kinds() + [k for k in extra_kinds if k not in cfg.model.kinds()]
+    return build_strategies(cp.strategies, cp.options, used)

@@ -44,6 +44,7 @@ class Engine:
     # how this engine shards model and optimizer state (named when parallel.dp_mode asks for the
     # native engine's FSDP); None: the engine honours parallel.dp_mode itself
     shards_with: str | None = "its own ZeRO settings"
+    settings: tuple[str, ...] = ()  # the trainer.engine.* fields (EngineConfig) this engine reads
     model: torch.nn.Module
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -55,6 +56,14 @@ class Engine:
     def check(cls, cfg) -> None:
         """Local checks of the engine's settings (before any collective); ValueError naming the
         setting. Subclasses extend it."""
+        engine, defaults = cfg.trainer.engine, type(cfg.trainer.engine)()
+        for key in vars(defaults):  # another engine's setting, changed, would be silently ignored
+            if key != "name" and key not in cls.settings and getattr(engine, key) != getattr(defaults, key):
+                owners = [n for n, e in ENGINES.items() if key in e.settings]
+                raise ValueError(
+                    f"trainer.engine.{key} is a setting of the {' / '.join(owners)} engine, which "
+                    f"trainer.engine.name={cls.name} ignores: remove it, or set trainer.engine.name={owners[0]}"
+                )
         if cls.shards_with is not None and cfg.parallel.dp_mode != "ddp":
             raise ValueError(
                 f"parallel.dp_mode={cfg.parallel.dp_mode!r} belongs to the native engine: with "

@@ -151,6 +151,7 @@ def guard_jit_builds(allow: bool) -> None:
 @register_engine("deepspeed")
 class DeepSpeedEngine(Engine):
     shards_with = "trainer.engine.deepspeed.zero_optimization.stage=3"
+    settings = ("deepspeed", "build_ops")
 
     @classmethod
     def check(cls, cfg):
