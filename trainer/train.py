@@ -197,7 +197,6 @@ class _StageRun:
     st: stages.Stage
     mesh: Mesh
     strategies: dict
-    model: Transformer  # the plain model
     engine: Engine
     objective: Objective
     scheduler: object
@@ -283,7 +282,6 @@ def _set_up_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, pre
         st=st,
         mesh=mesh,
         strategies=strategies,
-        model=model,
         engine=engine,
         objective=build_objective(cfg, model, mesh, spec.objective),
         scheduler=scheduler,
