@@ -10,10 +10,10 @@ interleaved repeats, medians (``--clock process``: CPU time of the process, for 
 
 Both models get the same weights (exported from ours with models.hf_io), so the loss is also
 compared (``max_err`` of the loss). longctx computes its loss inside the model (labels given,
-``model.loss_chunk`` = each of --loss-chunks: 0 full logits, else tokens per chunk of
-models/ops/cross_entropy.py); Hugging Face's logits go through ``F.cross_entropy`` in fp32, the
-logits dropped before backward as in its own loss. ``ratio`` = longctx / transformers time
-(< 1: longctx faster).
+the loss head of ``trainer.parallelize.apply_loss_head`` for each of --loss-chunks: 0 full
+logits, else tokens per chunk of models/ops/cross_entropy.py); Hugging Face's logits go through
+``F.cross_entropy`` in fp32, the logits dropped before backward as in its own loss. ``ratio`` =
+longctx / transformers time (< 1: longctx faster).
 
 Memory, one more step of each after the timed ones, gradients freed first:
 ``peak_mb``   peak tensor memory allocated during forward + backward above the level before it
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from bench.runner import peak_allocated_bytes, plot_axes, saved_storage_bytes, write_outputs
 from models import ModelConfig, Transformer
 from models.hf_io import save_hf_checkpoint
+from trainer.parallelize import apply_loss_head
 
 COLUMNS = [
     "seq_len",
@@ -144,7 +145,7 @@ def measure(args) -> list[dict]:
 
     def loss_ours(chunk):
         def fn(model, ids, labels):
-            model.loss_chunk = chunk
+            apply_loss_head(model, chunk)
             return _loss_ours(model, ids, labels)
 
         return fn
@@ -189,7 +190,7 @@ def measure(args) -> list[dict]:
                     max_err=float(f"{abs(float(losses[c] - losses['hf'])):.3g}"),
                 )
             )
-    ours.loss_chunk = 0
+    apply_loss_head(ours, 0)
     return rows
 
 

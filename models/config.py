@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.registry import mixer_class, validate_options
 from models.rope import ROPE_TYPES, RopeConfig
 
 
@@ -24,25 +25,25 @@ class ModelConfig:
     sliding_window: int | None = None  # softmax layers; None = full causal
     rope: RopeConfig = field(default_factory=RopeConfig)
     init_std: float = 0.02
-    # linear-attention mixers (models/linear_attention.py); None = the mixer's own default
+    # Mixer options, one flat key per field of the options dataclass its mixer module registers
+    # (models.registry.register_options); None: that dataclass's default, which lives there once.
+    # linear-attention mixers: models/linear_attention.py LinearOptions
     linear_feature_map: str | None = None  # identity | relu | elu1 | silu | learnable | hedgehog
     linear_output_norm: bool | None = None
     linear_output_gate: bool | None = None
     linear_rope: bool | None = None
-    linear_normalize: bool | None = None  # divide by phi(q) . sum phi(k) (linear attention's
-    # softmax denominator, as LoLCATs / Hedgehog use); needs positive feature maps
-    linear_chunk_size: int = 64
-    linear_impl: str = "auto"  # auto | chunk | naive
-    linear_gate_normalizer: float = 16.0
-    linear_gate_low_rank: int = 16
-    # S2 sparse attention (mixer s2, models/s2_pattern.py): per KV head a strided subset of
-    # key blocks plus `s2_local` local blocks; the layer offset is the layer index by default
-    s2_block: int = 64  # tokens per block (>= 16)
-    s2_stride: int = 8  # each head sees every s2_stride-th key block (1: dense)
-    s2_local: int = 1  # local blocks every head sees (the diagonal block included)
-    s2_dense_heads: list[int] = field(default_factory=list)  # KV heads that stay dense
-    s2_offsets: list[int] | None = None  # explicit per-KV-head offsets (default h * max(1, stride // Hkv))
-    s2_homogeneous: bool = False  # every head the same offset
+    linear_normalize: bool | None = None  # divide by phi(q) . sum phi(k) (LoLCATs / Hedgehog)
+    linear_chunk_size: int | None = None
+    linear_impl: str | None = None  # auto | chunk | naive
+    linear_gate_normalizer: float | None = None
+    linear_gate_low_rank: int | None = None
+    # S2 sparse attention (mixer s2): models/s2_attention.py S2Options
+    s2_block: int | None = None  # tokens per block (>= 16)
+    s2_stride: int | None = None  # each head sees every s2_stride-th key block (1: dense)
+    s2_local: int | None = None  # local blocks every head sees (the diagonal block included)
+    s2_dense_heads: list[int] | None = None  # KV heads that stay dense
+    s2_offsets: list[int] | None = None  # explicit per-KV-head offsets
+    s2_homogeneous: bool | None = None  # every head the same offset
     s2_layer_offset: int | None = None  # None: the layer index
 
     def __post_init__(self):
@@ -64,8 +65,6 @@ class ModelConfig:
 
     def kind_of(self, layer: int) -> str:
         """The mixer kind (``softmax``, ``linear``, ...) of layer ``layer``."""
-        from models.mixers import mixer_class
-
         return mixer_class(self.mixer_of(layer)).kind
 
     def kinds(self) -> list[str]:
@@ -88,25 +87,10 @@ class ModelConfig:
             )
         if not self.mixer_pattern:
             raise ValueError("model.mixer_pattern is empty: give at least one mixer, e.g. [softmax]")
-        from models.mixers import MIXERS
-
         for m in self.mixer_pattern:
-            if m not in MIXERS:
-                raise ValueError(f"model.mixer_pattern has unknown mixer {m!r}: choose from {sorted(MIXERS)}")
+            mixer_class(m)  # ValueError naming model.mixer_pattern for an unknown mixer
         if self.rope.type not in ROPE_TYPES:
             raise ValueError(f"model.rope.type={self.rope.type!r} is unknown: choose none, linear, ntk, yarn or llama3")
-        if self.linear_impl not in ("auto", "chunk", "naive"):
-            raise ValueError(f"model.linear_impl={self.linear_impl!r} is unknown: choose auto, chunk or naive")
-        maps = ("identity", "relu", "elu1", "silu", "learnable", "hedgehog")
-        if self.linear_feature_map is not None and self.linear_feature_map not in maps:
-            raise ValueError(f"model.linear_feature_map={self.linear_feature_map!r} is unknown: choose one of {maps}")
-        if self.linear_chunk_size < 1:
-            raise ValueError(f"model.linear_chunk_size={self.linear_chunk_size} must be >= 1")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 1 or null")
-        if self.s2_local < 1:
-            raise ValueError(f"model.s2_local={self.s2_local} must be >= 1 (every token sees its own block)")
-        if "s2" in self.mixer_pattern:  # builds (and checks) the pattern; warns if heads leave blocks unseen
-            from models.s2_attention import layer_pattern
-
-            layer_pattern(self, 0)
+        validate_options(self)  # each mixer module checks its own model.<prefix>_* settings

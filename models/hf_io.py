@@ -172,8 +172,11 @@ _S2_FIELDS = ("block", "stride", "local", "dense_heads", "offsets", "homogeneous
 def _s2_to_hf(cfg: ModelConfig) -> dict:
     """The S2 settings for config.json (transformers ignores the key: there the model loads as
     its dense self; longctx reloads the pattern)."""
+    from models.registry import options_of
+
+    opts = options_of(cfg, "s2")  # the defaults filled in: config.json states every setting
     out = {"mixer_pattern": list(cfg.mixer_pattern)}
-    out.update({f: getattr(cfg, f"s2_{f}") for f in _S2_FIELDS})
+    out.update({f: getattr(opts, f) for f in _S2_FIELDS})
     out["dense_heads"] = list(out["dense_heads"])
     return out
 

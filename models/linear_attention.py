@@ -5,67 +5,106 @@ x [B, T, dim] -> q, k [B, T, H, Dk], v [B, T, H, D], log-decay g [B, T, H] or gk
 -> [B, T, dim].  H = n_heads for q, k and v alike (no GQA for linear mixers; n_kv_heads is
 ignored), D = cfg.hd, Dk = D (2 D for the hedgehog feature map).
 
-Options are read with getattr(cfg, name, None) (None -> the mixer's default):
-    linear_feature_map   identity | relu | elu1 | silu | learnable | hedgehog
-    linear_output_norm   bool, RMSNorm per head (retention: group norm per head)
-    linear_output_gate   bool, o * silu(W_gate x)
-    linear_rope          bool, rotate q, k with the model's RoPE (before the feature map)
-    linear_normalize     bool, o_t = phi(q_t) S_t / (phi(q_t) z_t), z_t = sum of phi(k) (decayed
-                         alike): v gets a ones column [B, T, H, D+1], so every CP strategy serves it
-    linear_chunk_size    int (64)
-    linear_impl          auto | chunk | naive (naive = token-by-token reference, for tests)
-    linear_gate_normalizer  float (16), simple_gla / gla: g = logsigmoid(W x) / normalizer
-    linear_gate_low_rank    int (16), gla: rank of the decay projection
+Settings: ``LinearOptions`` below, registered as the keys model.linear_<field> (None there: the
+default here, or for the four marked "mixer" the mixer class's own choice):
+    feature_map      identity | relu | elu1 | silu | learnable | hedgehog (mixer)
+    output_norm      bool, RMSNorm per head (retention: group norm per head) (mixer)
+    output_gate      bool, o * silu(W_gate x) (mixer)
+    rope             bool, rotate q, k with the model's RoPE (before the feature map) (mixer)
+    normalize        bool, o_t = phi(q_t) S_t / (phi(q_t) z_t), z_t = sum of phi(k) (decayed
+                     alike): v gets a ones column [B, T, H, D+1], so every CP strategy serves it
+    chunk_size       int (64)
+    impl             auto | chunk | naive (naive = token-by-token reference, for tests)
+    gate_normalizer  float (16), simple_gla / gla: g = logsigmoid(W x) / normalizer
+    gate_low_rank    int (16), gla: rank of the decay projection
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.ops.common import acc_dtype
-from models.ops.linear_attention import linear_attention
-from models.registry import register_kind, register_mixer
+from models.ops.linear_attention import IMPLS, linear_attention
+from models.registry import options_of, register_kind, register_mixer, register_options
 from models.rope import apply_rotary
 
 
-@register_kind("linear")
+def local_linear_attention_ref(q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
+    """The naive reference of the linear kind: the token-by-token recurrence (whatever ``impl``)."""
+    return linear_attention(q, k, v, g, gk, scale, cu_seqlens=ctx.docs.cu_seqlens, impl="naive")
+
+
+@register_kind("linear", reference=local_linear_attention_ref)
 def local_linear_attention(q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
     """Linear attention over the tokens ``ctx`` holds, the state restarting at every document.
     q, k [B,T,H,Dk], v [B,T,H,Dv], g [B,T,H], gk [B,T,H,Dk] -> o [B,T,H,Dv]."""
     return linear_attention(q, k, v, g, gk, scale, cu_seqlens=ctx.docs.cu_seqlens, chunk_size=chunk_size, impl=impl)
 
 
-def _option(cfg, name: str, default):
-    """cfg.<name> when the config has it and it is not None, else the mixer's default."""
-    value = getattr(cfg, name, None)
-    return default if value is None else value
+FEATURE_MAPS = ("identity", "relu", "elu1", "silu", "learnable", "hedgehog")
+
+
+@register_options("linear")
+@dataclass
+class LinearOptions:
+    """The settings model.linear_<field> of every linear mixer (module docstring); None: the
+    mixer class's own choice (its class attribute of the same name)."""
+
+    feature_map: str | None = None
+    output_norm: bool | None = None
+    output_gate: bool | None = None
+    rope: bool | None = None
+    normalize: bool | None = None
+    chunk_size: int = 64
+    impl: str = "auto"
+    gate_normalizer: float = 16.0
+    gate_low_rank: int = 16
+
+    def validate(self, cfg) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"model.linear_impl={self.impl!r} is unknown: choose auto, chunk or naive")
+        if self.feature_map is not None and self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"model.linear_feature_map={self.feature_map!r} is unknown: choose one of {FEATURE_MAPS}")
+        if self.chunk_size < 1:
+            raise ValueError(f"model.linear_chunk_size={self.chunk_size} must be >= 1")
+        if self.gate_low_rank < 1:
+            raise ValueError(f"model.linear_gate_low_rank={self.gate_low_rank} must be >= 1")
+        if not self.gate_normalizer > 0:
+            raise ValueError(f"model.linear_gate_normalizer={self.gate_normalizer} must be > 0")
+
+    def choice(self, name: str, mixer) -> object:
+        """Option ``name``, or the mixer class's own choice when the config leaves it None."""
+        value = getattr(self, name)
+        return getattr(mixer, name) if value is None else value
 
 
 class FeatureMap(nn.Module):
     """phi applied to q or k per head: [B, T, H, D] -> [B, T, H, Dk]."""
 
-    def __init__(self, kind: str, n_heads: int, head_dim: int):
+    def __init__(self, name: str, n_heads: int, head_dim: int):
         super().__init__()
-        if kind not in ("identity", "relu", "elu1", "silu", "learnable", "hedgehog"):
-            raise ValueError(f"linear_feature_map={kind!r}: choose identity, relu, elu1, silu, learnable or hedgehog")
-        self.kind = kind
-        self.out_dim = 2 * head_dim if kind == "hedgehog" else head_dim
-        if kind in ("learnable", "hedgehog"):  # per-head linear map (LoLCATs / Hedgehog)
+        if name not in FEATURE_MAPS:
+            raise ValueError(f"model.linear_feature_map={name!r} is unknown: choose one of {FEATURE_MAPS}")
+        self.name = name
+        self.out_dim = 2 * head_dim if name == "hedgehog" else head_dim
+        if name in ("learnable", "hedgehog"):  # per-head linear map (LoLCATs / Hedgehog)
             self.weight = nn.Parameter(torch.eye(head_dim).repeat(n_heads, 1, 1))
 
     def forward(self, x):
-        if self.kind == "identity":
+        if self.name == "identity":
             return x
-        if self.kind == "relu":
+        if self.name == "relu":
             return F.relu(x)
-        if self.kind == "elu1":
+        if self.name == "elu1":
             return F.elu(x) + 1
-        if self.kind == "silu":
+        if self.name == "silu":
             return F.silu(x)
         y = torch.einsum("bthd,hde->bthe", x, self.weight)
-        if self.kind == "learnable":
+        if self.name == "learnable":
             return y.softmax(-1)
         return torch.cat([y.softmax(-1), (-y).softmax(-1)], dim=-1)
 
@@ -101,28 +140,21 @@ class LinearAttentionBase(nn.Module):
     def __init__(self, cfg, layer: int):
         super().__init__()
         self.h, self.d = cfg.n_heads, cfg.hd
-        self.chunk_size = int(_option(cfg, "linear_chunk_size", 64))
-        self.impl = _option(cfg, "linear_impl", "auto")
-        self.use_rope = bool(_option(cfg, "linear_rope", self.rope))
-        self.normalize = bool(_option(cfg, "linear_normalize", self.normalize))
+        opts = self.options = options_of(cfg, "linear")
+        self.chunk_size = int(opts.chunk_size)
+        self.impl = opts.impl
+        self.use_rope = bool(opts.choice("rope", self))
+        self.normalize = bool(opts.choice("normalize", self))
         self.q_proj = nn.Linear(cfg.dim, self.h * self.d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.dim, self.h * self.d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.dim, self.h * self.d, bias=cfg.attention_bias)
-        kind = _option(cfg, "linear_feature_map", self.feature_map)
-        self.q_map = FeatureMap(kind, self.h, self.d)
-        self.k_map = FeatureMap(kind, self.h, self.d)
+        feature_map = opts.choice("feature_map", self)
+        self.q_map = FeatureMap(feature_map, self.h, self.d)
+        self.k_map = FeatureMap(feature_map, self.h, self.d)
         self.dk = self.q_map.out_dim
         self.scale = self.dk**-0.5
-        self.o_norm = (
-            HeadNorm(self.d, cfg.norm_eps, self.centred_norm)
-            if _option(cfg, "linear_output_norm", self.output_norm)
-            else None
-        )
-        self.g_proj = (
-            nn.Linear(cfg.dim, self.h * self.d, bias=False)
-            if _option(cfg, "linear_output_gate", self.output_gate)
-            else None
-        )
+        self.o_norm = HeadNorm(self.d, cfg.norm_eps, self.centred_norm) if opts.choice("output_norm", self) else None
+        self.g_proj = nn.Linear(cfg.dim, self.h * self.d, bias=False) if opts.choice("output_gate", self) else None
         self.o_proj = nn.Linear(self.h * self.d, cfg.dim, bias=False)
 
     @staticmethod
@@ -210,7 +242,7 @@ class SimpleGLA(LinearAttentionBase):
 
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, layer)
-        self.normalizer = float(_option(cfg, "linear_gate_normalizer", 16))
+        self.normalizer = float(self.options.gate_normalizer)
         self.decay_proj = nn.Linear(cfg.dim, self.h, bias=True)
 
     def decay(self, x):
@@ -223,8 +255,8 @@ class GatedLinearAttention(LinearAttentionBase):
 
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, layer)
-        self.normalizer = float(_option(cfg, "linear_gate_normalizer", 16))
-        rank = int(_option(cfg, "linear_gate_low_rank", 16))
+        self.normalizer = float(self.options.gate_normalizer)
+        rank = int(self.options.gate_low_rank)
         self.decay_down = nn.Linear(cfg.dim, rank, bias=False)
         self.decay_up = nn.Linear(rank, self.h * self.dk, bias=True)
 

@@ -5,9 +5,9 @@ attention context ``ctx`` (models.context / parallel.context). T is the local le
 under context parallelism each rank holds its shard of the row and ``ctx`` knows where
 those tokens sit in the global sequence. Output: logits [B, T, vocab]; or, given labels
 [B, T] (-100: no loss), the next-token cross-entropy summed over the labelled tokens (fp32
-scalar), through models/ops/cross_entropy.py: whole, or lm_head -> loss ``loss_chunk``
-tokens at a time without materialising the [B * T, vocab] logits (the trainer sets it from
-trainer.loss_chunk_tokens).
+scalar), through the loss head ``loss_head`` (models/ops/cross_entropy.py; full logits unless
+the trainer applies a chunked head from outside, trainer/parallelize.py, as it applies
+activation checkpointing).
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.rotary = Rotary(cfg.rope, cfg.hd)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.checkpoint_layers = False
-        self.loss_chunk = 0  # tokens per chunk of lm_head -> loss (labels given); 0: full logits
+        self.loss_head = linear_cross_entropy  # (h [N, dim], weight [V, dim], labels [N]) -> loss sum
         self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None):
@@ -79,11 +78,8 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         for block in self.layers.values():
-            if self.checkpoint_layers and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, ctx, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, ctx)
+            x = block(x, cos, sin, ctx)
         if labels is None:
             return nn.functional.linear(self.norm(x), self.head_weight())
         h = self.norm(x).flatten(0, 1)
-        return linear_cross_entropy(h, self.head_weight(), labels.flatten(), chunk=self.loss_chunk)
+        return self.loss_head(h, self.head_weight(), labels.flatten())

@@ -10,23 +10,32 @@ x [B, T, dim] -> q [B, T, H, D], k, v [B, T, Hkv, D] -> ctx.run("sparse", ..., p
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from functools import lru_cache
 
-from models.ops.attention import MaskSpec, attention
+from models.ops.attention import MaskSpec, attention, attention_ref
 from models.ops.documents import causal_pairs
-from models.registry import register_kind, register_mixer
+from models.registry import options_of, register_kind, register_mixer, register_options
 from models.s2_pattern import check_sparse_options, s2_pattern
 from models.softmax_attention import SoftmaxAttention
 
 
-@register_kind("sparse")
+def _pattern_mask(ctx, pattern, causal, window) -> MaskSpec:
+    check_sparse_options(pattern, causal)
+    d = ctx.docs
+    return MaskSpec(d.index, d.index, d.doc, d.doc, causal, window, pattern)
+
+
+def local_sparse_attention_ref(q, k, v, ctx, *, pattern=None, causal=True, window=None, scale=None):
+    """The naive reference of the sparse kind: dense masked scores, the pattern in the mask."""
+    return attention_ref(q, k, v, _pattern_mask(ctx, pattern, causal, window), scale)[0]
+
+
+@register_kind("sparse", reference=local_sparse_attention_ref)
 def local_sparse_attention(q, k, v, ctx, *, pattern=None, causal=True, window=None, scale=None):
     """Block-sparse attention under the per-KV-head ``pattern`` and the document mask of the
     tokens ``ctx`` holds. q [B, T, H, D], k, v [B, T, Hkv, D] -> o [B, T, H, D]."""
-    check_sparse_options(pattern, causal)
-    d = ctx.docs
-    mask = MaskSpec(d.index, d.index, d.doc, d.doc, causal, window, pattern)
-    return attention(q, k, v, mask, scale, ctx.block)[0]
+    return attention(q, k, v, _pattern_mask(ctx, pattern, causal, window), scale, ctx.block)[0]
 
 
 @lru_cache(maxsize=4096)
@@ -35,19 +44,46 @@ def _density(pattern, seq_len: int) -> float:
     return pattern.density(seq_len)
 
 
+@register_options("s2")
+@dataclass
+class S2Options:
+    """The settings model.s2_<field> (None there: the default here). Per KV head a strided
+    subset of key blocks plus ``local`` local blocks (models/s2_pattern.py)."""
+
+    block: int = 64  # tokens per block (>= 16)
+    stride: int = 8  # each head sees every stride-th key block (1: dense)
+    local: int = 1  # local blocks every head sees (the diagonal block included)
+    dense_heads: list[int] = field(default_factory=list)  # KV heads that stay dense
+    offsets: list[int] | None = None  # explicit per-KV-head offsets (default h * max(1, stride // Hkv))
+    homogeneous: bool = False  # every head the same offset
+    layer_offset: int | None = None  # None: the layer index
+
+    def validate(self, cfg) -> None:
+        if self.local < 1:
+            raise ValueError(f"model.s2_local={self.local} must be >= 1 (every token sees its own block)")
+        if any(mixer_uses_s2(m) for m in cfg.mixer_pattern):  # builds (and checks) the pattern; warns
+            layer_pattern(cfg, 0)  # if heads leave blocks unseen
+
+
+def mixer_uses_s2(name: str) -> bool:
+    from models.registry import mixer_class
+
+    return issubclass(mixer_class(name), S2Attention)
+
+
 def layer_pattern(cfg, layer: int, check_coverage: bool = True):
     """The S2 pattern of layer ``layer`` from the model.s2_* settings (layer offset: the layer
     index unless model.s2_layer_offset fixes it)."""
-    off = layer if cfg.s2_layer_offset is None else cfg.s2_layer_offset
+    o = options_of(cfg, "s2")
     return s2_pattern(
-        block=cfg.s2_block,
-        stride=cfg.s2_stride,
-        local=cfg.s2_local,
+        block=o.block,
+        stride=o.stride,
+        local=o.local,
         n_kv_heads=cfg.n_kv_heads,
-        layer_offset=off,
-        offsets=cfg.s2_offsets,
-        dense_heads=tuple(cfg.s2_dense_heads),
-        homogeneous=cfg.s2_homogeneous,
+        layer_offset=layer if o.layer_offset is None else o.layer_offset,
+        offsets=o.offsets,
+        dense_heads=tuple(o.dense_heads),
+        homogeneous=o.homogeneous,
         check_coverage=check_coverage,
     )
 

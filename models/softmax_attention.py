@@ -7,20 +7,29 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.ops.attention import MaskSpec, attention, check_inputs
+from models.ops.attention import MaskSpec, attention, attention_ref, check_inputs
 from models.ops.documents import causal_pairs
 from models.registry import register_kind, register_mixer
 from models.rope import apply_rotary
 
 
-@register_kind("softmax")
+def _doc_mask(ctx, causal, window, pattern=None) -> MaskSpec:
+    d = ctx.docs
+    return MaskSpec(d.index, d.index, d.doc, d.doc, causal, window, pattern)
+
+
+def local_softmax_attention_ref(q, k, v, ctx, *, causal=True, window=None, scale=None):
+    """The naive reference of the softmax kind: the dense [B, H, T, T] masked scores."""
+    check_inputs(q, k, window)
+    return attention_ref(q, k, v, _doc_mask(ctx, causal, window), scale)[0]
+
+
+@register_kind("softmax", reference=local_softmax_attention_ref)
 def local_softmax_attention(q, k, v, ctx, *, causal=True, window=None, scale=None):
     """Block-sparse attention over the tokens ``ctx`` holds, under their document mask.
     q [B, T, H, D], k, v [B, T, Hkv, D] -> o [B, T, H, D]."""
     check_inputs(q, k, window)
-    d = ctx.docs
-    mask = MaskSpec(d.index, d.index, d.doc, d.doc, causal, window)
-    return attention(q, k, v, mask, scale, ctx.block)[0]
+    return attention(q, k, v, _doc_mask(ctx, causal, window), scale, ctx.block)[0]
 
 
 @register_mixer("softmax")

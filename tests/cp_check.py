@@ -5,7 +5,8 @@ the strategy forward and backward, and compares its shard of o, dq, dk, dv with 
 reference computed on the whole row. Returns the max errors per case. ``cases_for`` is the
 common case matrix (packed documents crossing ranks, GQA, windows, lengths that are not a
 multiple of the kernel block); ``run_cp`` spawns real gloo processes (a world of one runs
-in this process).
+in this process). ``model_cells`` / ``check_model``: every registered mixer in a tiny model
+under every strategy of its kind, against the same model on one device.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from models.ops.documents import doc_ids
 from parallel.context import CPContext
 from parallel.mesh import build_subgroups
 from parallel.spawn import run_distributed
-from parallel.strategies import build_strategy
+from parallel.strategies import STRATEGIES, build_strategy, strategy_names
 
 
 def make_case(seed, b, n, h, hkv, d, doc_lens, dtype=torch.float64):
@@ -95,3 +96,67 @@ def run_cp(fn, world, *args):
 def check_layouts(rank, world, strategy, cases):
     """Both layouts in one spawn (each spawn costs seconds)."""
     return [e for layout in ("contiguous", "zigzag") for e in check_strategy(rank, world, strategy, layout, cases)]
+
+
+def model_cells() -> list[tuple[str, str, str]]:
+    """(mixer, strategy, layout) for every registered mixer, every multi-rank strategy serving
+    its kind and every layout that strategy takes (the registries' whole product)."""
+    from models.registry import MIXERS, mixer_kinds
+
+    mixer_kinds()  # loads the registry
+    return [
+        (mixer, name, layout)
+        for mixer in sorted(MIXERS)
+        for name in strategy_names(MIXERS[mixer].kind)
+        if STRATEGIES[name].kinds  # ``local`` serves one rank only
+        for layout in STRATEGIES[name].layouts
+    ]
+
+
+def _model_batch(n, b=2, vocab=61, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, n), generator=g)
+    labels = torch.randint(0, vocab, (b, n), generator=g)
+    cu = torch.tensor(sorted({0, 3, 4, n // 3, n - 5, n, n + 1, n + n // 2, 2 * n}))  # docs cross ranks
+    flat = torch.arange(b * n)
+    pos = (flat - cu[torch.searchsorted(cu, flat, right=True) - 1]).view(b, n)
+    return {"input_ids": ids, "labels": labels, "positions": pos, "cu_seqlens": cu}
+
+
+def _loss_and_grads(model, batch, ctx, group):
+    """The summed next-token CE of ``batch`` (this rank's tokens) and every gradient, summed over
+    the ranks of ``group`` (None: one device)."""
+    model.zero_grad(set_to_none=True)
+    loss = model(batch["input_ids"], batch["positions"], ctx, labels=batch["labels"])
+    loss.backward()
+    stats = torch.cat([loss.detach()[None]] + [p.grad.flatten() for p in model.parameters()])
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+    return stats
+
+
+def check_model(rank, world, cells, n=128, block=16):
+    """For each (mixer, strategy, layout): the max error of the CP loss and gradients (fp64)
+    against the same model on one device holding the whole batch."""
+    from models import ModelConfig, Transformer
+    from models.context import SingleDeviceContext
+    from parallel.sharding import shard_batch
+
+    group = dist.group.WORLD
+    batch = _model_batch(n)
+    errs, subgroups = [], {}
+    for mixer, name, layout in cells:
+        torch.manual_seed(0)
+        cfg = ModelConfig(
+            dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, mixer_pattern=[mixer], s2_block=16, s2_stride=2
+        )
+        model = Transformer(cfg).double()
+        ref = _loss_and_grads(model, batch, SingleDeviceContext(2, n, batch["cu_seqlens"], block), None)
+        strat = build_strategy(name, cfg.kind_of(0))
+        for u in strat.subgroup_sizes(world, cfg.n_heads):
+            if u not in subgroups:  # every rank walks the same cells: the same collectives
+                subgroups.update(build_subgroups(group, world, [u]))
+        ctx = CPContext(strat, group, rank, world, layout, n, 2, batch["cu_seqlens"], block, subgroups)
+        got = _loss_and_grads(model, shard_batch(batch, rank, world, layout), ctx, group)
+        errs.append((mixer, name, layout, (got - ref).abs().max().item()))
+    return errs

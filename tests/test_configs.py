@@ -123,6 +123,20 @@ def test_every_group_option_composes(group):
         (["trainer.max_skips=0"], "trainer.max_skips=0 must be >= 1"),
         (["trainer.loss_chunk_tokens=-1"], "trainer.loss_chunk_tokens=-1 must be >= 0"),
         (["trainer.peak_tflops=0"], "trainer.peak_tflops=0.0 must be > 0"),
+        (["trainer.engine.name=fast"], "trainer.engine.name='fast' is unknown: choose one of"),
+        (["trainer.engine.build_ops=true"], "trainer.engine.build_ops is a setting of the deepspeed engine, which"),
+        (["+parallel.cp.options.softmax.regather=1"], "parallel.cp.options.softmax.regather=1 must be true or false"),
+        (["+parallel.cp.options.softmax.gather=some"], "parallel.cp.options.softmax.gather='some' is unknown"),
+        (["+parallel.cp.options.softmax.gathr=all"], r"has \['gathr'\], which strategy 'allgather' does not take"),
+        (
+            ["model.mixer_pattern=[gla]", "parallel.cp.strategies.linear=lasp1"]
+            + ["+parallel.cp.options.linear.recompute=2"],
+            "parallel.cp.options.linear.recompute=2 must be true or false",
+        ),
+        (
+            ["parallel.cp.strategies.softmax=usp", "+parallel.cp.options.softmax.ulysses_size=x"],
+            "parallel.cp.options.softmax.ulysses_size='x' must be an int or null",
+        ),
     ],
 )
 def test_bad_values_have_clear_errors(overrides, message):
@@ -144,10 +158,10 @@ def test_unknown_key_is_rejected():
         _compose(["+optim.lrr=1"])
 
 
-def test_deprecated_strategy_keys_still_select_strategies():
-    with pytest.warns(FutureWarning, match="is deprecated: use parallel.cp.strategies"):
-        cfg = _compose(["parallel.cp.strategy=ring", "parallel.cp.linear_strategy=lasp1"])
-    assert cfg.parallel.cp.strategies == {"softmax": "ring", "linear": "lasp1"}
+def test_removed_strategy_aliases_are_rejected():
+    for key in ("strategy", "linear_strategy"):  # the old aliases of parallel.cp.strategies.<kind>
+        with pytest.raises(ValueError, match=f"parallel.cp.{key} is not a setting.*parallel.cp has: size, strategies"):
+            _compose([f"+parallel.cp.{key}=ring"])
 
 
 def test_strategies_follow_the_model_kinds():
@@ -193,4 +207,4 @@ def test_loss_chunk_reaches_the_model():
     from trainer.train import build_model
 
     cfg = _compose(["trainer.loss_chunk_tokens=24", "model.n_layers=1"])
-    assert build_model(cfg, torch.device("cpu")).loss_chunk == 24
+    assert build_model(cfg, torch.device("cpu")).loss_head.keywords == {"chunk": 24}

@@ -13,6 +13,7 @@ import torch
 
 from parallel.spawn import run_distributed
 from tests.test_train_e2e import CONF, TINY, _train
+from trainer.engines import ENGINES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gloo]
 
@@ -153,11 +154,25 @@ def _export_zero3_to_hf(tmp_path):
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
-@needs_accelerate
-def test_accelerate_matches_native_and_resumes_exactly(tmp_path):
-    runs = [[f"trainer.run_dir={tmp_path / 'native'}"]] + _engine_runs(tmp_path, "acc", ["engine=accelerate"])
+DEDICATED = {"native", "deepspeed"}  # the reference, and the engine with its own test (ZeRO stages) above
+
+
+@pytest.mark.parametrize("name", sorted(set(ENGINES) - DEDICATED))
+def test_engine_matches_native_and_resumes_exactly(name, tmp_path):
+    """Every other registered engine (trainer/engines) with its default settings: a new engine is
+    compared here without editing this file."""
+    from trainer.engines import check_engine
+
+    try:
+        check_engine(_cfg([f"trainer.engine.name={name}"]))
+    except ValueError as e:
+        if "package" not in str(e):
+            raise
+        pytest.skip(str(e))  # its package is not installed
+    engine = [f"trainer.engine.name={name}"]
+    runs = [[f"trainer.run_dir={tmp_path / 'native'}"]] + _engine_runs(tmp_path, name, engine)
     out = run_distributed(_runs, 2, runs, timeout=300)[0]
-    _check(out[0], out[1:], tmp_path, "acc")
+    _check(out[0], out[1:], tmp_path, name)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,6 +7,7 @@ import torch
 
 from models import ModelConfig, Transformer
 from models.ops.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from trainer.parallelize import apply_loss_head
 
 
 def _inputs(n=37, dim=16, vocab=50, seed=0):
@@ -61,7 +62,7 @@ def test_model_loss_with_chunks_is_exact(tied):
     labels[:, -1] = -100
     out = []
     for chunk in (0, 10):  # 42 tokens: chunks of 10, 10, 10, 10, 2
-        model.loss_chunk = chunk
+        apply_loss_head(model, chunk)
         model.zero_grad(set_to_none=True)
         loss = model(ids, labels=labels)
         loss.backward()
@@ -81,7 +82,7 @@ def test_bf16_autocast_path_runs_close_to_unchunked():
     ids, labels = torch.randint(0, 300, (2, 50)), torch.randint(0, 300, (2, 50))
     out = []
     for chunk in (0, 16):
-        model.loss_chunk = chunk
+        apply_loss_head(model, chunk)
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(ids, labels=labels)

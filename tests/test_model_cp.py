@@ -100,3 +100,15 @@ def test_context_attention_checks_its_inputs():
             ctx.attention(q[:, :12], q, q)
         with pytest.raises(ValueError, match=r"k has shape \(2, 8, 4, 8\)"):
             ctx.linear_attention(q, q[:, :8], q)
+
+
+def test_every_mixer_under_every_strategy_of_its_kind():
+    """The registries' whole product (tests/cp_check.py model_cells) in one spawn: a new mixer,
+    kind or strategy is checked here without editing this file."""
+    from tests.cp_check import check_model, model_cells
+
+    cells = model_cells()
+    assert {c[1] for c in cells} >= {"allgather", "lasp2"}
+    for per_rank in run_distributed(check_model, 2, cells, timeout=600):
+        bad = [e for e in per_rank if not e[3] < 1e-9]
+        assert not bad, bad

@@ -7,7 +7,6 @@ rank with the same message instead of hanging a collective.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,21 +22,8 @@ class CPConfig:
     layout: str = "zigzag"  # contiguous | zigzag
     block: int = 256  # attention kernel block size
     # strategy options per mixer kind, e.g. {softmax: {ulysses_size: 2}, linear: {recompute: false}}
+    # (each strategy's Options dataclass, parallel/strategies/*.py, lists its keys and defaults)
     options: dict[str, Any] = field(default_factory=lambda: {"softmax": {}, "linear": {}})
-    strategy: str | None = None  # deprecated alias of strategies.softmax
-    linear_strategy: str | None = None  # deprecated alias of strategies.linear
-
-    def __post_init__(self):
-        for old, kind in (("strategy", "softmax"), ("linear_strategy", "linear")):
-            value = getattr(self, old)
-            if value is not None:
-                warnings.warn(
-                    f"parallel.cp.{old} is deprecated: use parallel.cp.strategies.{kind}={value}",
-                    FutureWarning,
-                    stacklevel=2,
-                )
-                self.strategies = {**self.strategies, kind: value}
-                setattr(self, old, None)
 
 
 @dataclass
@@ -94,9 +80,11 @@ def _deepspeed_defaults() -> dict[str, Any]:
 @dataclass
 class EngineConfig:
     """The training engine (trainer/engines), chosen with the group ``engine=NAME`` or
-    ``trainer.engine.name=NAME``."""
+    ``trainer.engine.name=NAME``. Every other field belongs to the engines that list it in their
+    ``settings``; changing one while another engine runs is an error, not silently ignored."""
 
-    name: str = "native"  # native (DDP / FSDP2 per parallel.dp_mode) | deepspeed | accelerate
+    name: str = "native"  # a registered engine (trainer/engines): native (DDP / FSDP2 per
+    # parallel.dp_mode) | deepspeed | accelerate
     # DeepSpeed's JSON config as a Hydra node, every key an override, e.g.
     # trainer.engine.deepspeed.zero_optimization.stage=3. No "optimizer" section: the torch
     # AdamW of optim.* (or give one with "torch_adam": true); no "scheduler": optim.* schedules.
@@ -160,8 +148,9 @@ class StageConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     train_params: list[str] = field(default_factory=list)  # fnmatch patterns of parameter names
     # that train (e.g. ["*.q_map.*", "*.k_map.*"]); empty: all
-    objective: str = "lm"  # lm (next-token loss) | attention_transfer (each linear layer's output
-    # matches the softmax attention of its own projections, MSE, layer-wise; LoLCATs stage 1)
+    objective: str = "next_token"  # a registered objective (trainer/objectives): next_token (alias
+    # lm) | attention_transfer (each linear layer's output matches the softmax attention of its
+    # own projections, MSE, layer-wise; LoLCATs stage 1)
     optimizer: str = "reset"  # reset | keep (carry AdamW moments of same-name, same-shape params)
     expand_kv: bool = True  # new k/v projections wider than the previous stage's (GQA softmax ->
     # linear mixers, which have no GQA) start as each kv head repeated; false: fresh init
@@ -278,11 +267,9 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"optim.grad_clip={o.grad_clip} must be >= 0: give the max gradient norm, or 0 to turn clipping off"
         )
     _choice("trainer.nonfinite", t.nonfinite, ("stop", "skip"))
-    _choice("trainer.engine.name", t.engine.name, ("native", "deepspeed", "accelerate"))
-    if t.engine.name != "native":
-        from trainer.engines import check_engine
+    from trainer.engines import check_engine
 
-        check_engine(cfg)
+    check_engine(cfg)  # the name, then the engine's own checks
     _choice("trainer.precision", t.precision, ("fp32", "bf16"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     for name, val in (
@@ -343,24 +330,24 @@ def reject_unknown_keys(node, schema: type, prefix: str) -> None:
 def cp_strategies(cfg: TrainConfig, extra_kinds: tuple[str, ...] = ()) -> dict:
     """{mixer kind: strategy} for the kinds the model uses, from ``parallel.cp.strategies`` and
     ``parallel.cp.options``; ValueError naming the setting for an unknown kind or strategy."""
-    from models.mixers import KINDS
+    from models.registry import mixer_kinds
     from parallel.strategies import build_strategies
 
-    cp = cfg.parallel.cp
+    kinds, cp = mixer_kinds(), cfg.parallel.cp
     for setting, keys in (("parallel.cp.strategies", cp.strategies), ("parallel.cp.options", cp.options)):
         for key in keys:
-            if key not in KINDS:
+            if key not in kinds:
                 hint = (
                     f"; options are per mixer kind now: use parallel.cp.options.softmax.{key}"
                     if setting.endswith("options")
                     else ""
                 )
-                raise ValueError(f"{setting} has {key!r}, which is not a mixer kind: use one of {sorted(KINDS)}{hint}")
+                raise ValueError(f"{setting} has {key!r}, which is not a mixer kind: use one of {kinds}{hint}")
     for kind, opts in cp.options.items():
         if opts is not None and not isinstance(opts, dict):
             raise ValueError(
                 f"parallel.cp.options.{kind}={opts!r} must be a mapping of strategy "
                 f"options, e.g. parallel.cp.options.{kind}={{}}"
             )
-    kinds = cfg.model.kinds() + [k for k in extra_kinds if k not in cfg.model.kinds()]
-    return build_strategies(cp.strategies, cp.options, kinds)
+    used = cfg.model.kinds() + [k for k in extra_kinds if k not in cfg.model.kinds()]
+    return build_strategies(cp.strategies, cp.options, used)

@@ -26,8 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from trainer.config import StageConfig, TrainConfig, reject_unknown_keys
-
-OBJECTIVES = ("lm", "attention_transfer")
+from trainer.objectives import objective_class
 
 
 @dataclasses.dataclass
@@ -64,24 +63,14 @@ def plan(cfg: TrainConfig) -> list[Stage]:
             raise ValueError(f"{where}.overrides: {str(msg).splitlines()[0]}: fix the value") from None
         if spec.steps < 1:
             raise ValueError(f"{where}.steps={spec.steps} must be >= 1")
-        if spec.objective not in OBJECTIVES:
-            raise ValueError(f"{where}.objective={spec.objective!r} is unknown: choose one of {OBJECTIVES}")
+        objective_class(spec.objective, where).check(stage_cfg, where)  # trainer/objectives
         if spec.optimizer not in ("reset", "keep"):
             raise ValueError(f"{where}.optimizer={spec.optimizer!r} is unknown: choose reset or keep")
         if spec.lora_rank < 0:
             raise ValueError(f"{where}.lora_rank={spec.lora_rank} must be >= 0 (0: no LoRA)")
-        if spec.objective == "attention_transfer" and "linear" not in stage_cfg.model.kinds():
-            raise ValueError(
-                f"{where}.objective=attention_transfer needs linear layers: set "
-                "overrides.model.mixer_pattern, e.g. [linear, linear, linear, softmax]"
-            )
         out.append(Stage(i, spec, stage_cfg, offset, len(cfg.recipe.stages), True))
         offset += spec.steps
     return out
-
-
-def stage_of(stages: list[Stage], index: int) -> Stage:
-    return stages[min(index, len(stages) - 1)]
 
 
 @torch.no_grad()

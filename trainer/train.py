@@ -26,14 +26,15 @@ from models.lora import attach_lora, merge_lora_state
 from parallel.data_parallel import full_state_dict
 from parallel.mesh import Mesh, env_ranks, init_mesh
 from trainer import checkpoint, stages
-from trainer.batching import batch_loss, build_loaders, prepare_batch
+from trainer.batching import build_loaders, prepare_batch
 from trainer.config import TrainConfig, conf_dir, cp_strategies, register_schema, reject_unknown_keys, validate
-from trainer.distill import AttentionTransfer, transfer_loss_value
-from trainer.engines import build_engine
+from trainer.engines import Engine, build_engine
 from trainer.eval_report import write_report
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsLogger, device_peak_flops, matmul_params, rank_batch_flops
+from trainer.objectives import Objective, build_objective, objective_class
 from trainer.optim import build_scheduler
+from trainer.parallelize import apply_activation_checkpointing, apply_loss_head
 
 
 def to_config(cfg: DictConfig) -> TrainConfig:
@@ -107,9 +108,11 @@ def build_model(cfg: TrainConfig, device: torch.device, expand_kv: bool = True) 
 
 
 def _with_trainer_settings(model: Transformer, cfg: TrainConfig) -> Transformer:
-    """The trainer.* settings the model reads at run time (every model the trainer builds)."""
-    model.checkpoint_layers = cfg.trainer.activation_checkpointing
-    model.loss_chunk = cfg.trainer.loss_chunk_tokens
+    """What the trainer applies to every model it builds, from outside (trainer/parallelize.py):
+    the loss head of trainer.loss_chunk_tokens, activation checkpointing if asked for."""
+    apply_loss_head(model, cfg.trainer.loss_chunk_tokens)
+    if cfg.trainer.activation_checkpointing:
+        apply_activation_checkpointing(model)
     return model
 
 
@@ -132,9 +135,10 @@ def _stage_model(st: stages.Stage, device: torch.device, prev: dict | None) -> T
 
 def _stage_mesh(st: stages.Stage, mesh: Mesh | None) -> tuple[Mesh, dict]:
     """(mesh, {mixer kind: strategy}) for a stage; a new mesh only when the CP size (or a
-    strategy's sub-groups) change between stages. Attention transfer also runs softmax."""
+    strategy's sub-groups) change between stages. The stage's objective may run more kinds
+    (attention transfer runs softmax)."""
     cfg = st.cfg
-    strategies = cp_strategies(cfg, ("softmax",) if st.spec.objective == "attention_transfer" else ())
+    strategies = cp_strategies(cfg, objective_class(st.spec.objective).extra_kinds)
     sizes = [u for s in strategies.values() for u in s.subgroup_sizes(cfg.parallel.cp.size, cfg.model.n_heads)]
     if mesh is not None and mesh.cp == cfg.parallel.cp.size and set(sizes) <= set(mesh.subgroups):
         return mesh, strategies
@@ -186,13 +190,63 @@ class _Run:
     stopped: bool = False  # a preemption signal (agreed by every rank) stopped the run
 
 
+@dataclasses.dataclass
+class _StageRun:
+    """One stage in progress: what its set-up built and the counters its steps update."""
+
+    st: stages.Stage
+    mesh: Mesh
+    strategies: dict
+    engine: Engine
+    objective: Objective
+    scheduler: object
+    loaders: tuple  # (train, val, tokenizer)
+    n_matmul: int
+    peak: float | None  # per-device peak FLOP/s (MFU); None: unknown
+    autocast: object
+    end: int  # the global step this stage stops at in this invocation
+    tag: dict  # {"stage": name} in a recipe, else empty
+    console: object
+    bar: object = None
+    train_iter: object = None
+    last: dict = dataclasses.field(default_factory=dict)  # the last logged metrics
+    window: list = dataclasses.field(default_factory=list)  # step losses since the last log
+    skips: int = 0  # non-finite steps skipped
+    t0: float = 0.0
+    tokens_since: int = 0
+    flops_since: float = 0.0
+
+
 def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: dict | None, resume: int | None):
     """Train one stage from ``run.step`` to its end (or ``run.end``). Returns (the finished
     stage's weights and optimizer for the next stage, or None when stopped early; the last
     metrics)."""
+    sr = _set_up_stage(run, st, mesh, strategies, prev, resume)
+    if resume is None and (st.index == 0 or st.staged):  # the starting point of the stage
+        _evaluate(run, sr, at="start")
+    sr.t0 = time.perf_counter()
+    while run.step < sr.end:
+        train_loss, grad_norm, bad, stop = _train_step(run, sr)
+        _log_step(run, sr, train_loss, grad_norm, bad)
+        _evaluate_and_save(run, sr, stop)
+        if stop:
+            run.stopped = True
+            if mesh.is_main:
+                print(f"[longctx] preempted: checkpoint written at step {run.step}")
+            break
+    if sr.bar is not None:
+        sr.bar.close()
+    if run.step < st.end:
+        return None, sr.last
+    weights = full_state_dict(sr.engine.module)  # collective under FSDP
+    if st.spec.lora_rank > 0:
+        weights = merge_lora_state(weights, st.spec.lora_alpha / st.spec.lora_rank)
+    return {"weights": weights, "model": sr.engine.module, "optimizer": sr.engine.optimizer}, sr.last
+
+
+def _set_up_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev, resume) -> _StageRun:
+    """Data, model, engine, objective, schedule; the resumed (or seeded) state; the banner."""
     cfg, t, spec, rank = st.cfg, st.cfg.trainer, st.spec, mesh.rank
-    staged = st.staged
-    transfer = spec.objective == "attention_transfer"
     train_loader, val_loader, tokenizer = build_loaders(cfg, mesh)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
@@ -204,20 +258,18 @@ def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: 
     n_matmul = matmul_params(model)  # before the engine wraps (or shards) it
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = build_engine(cfg, model, mesh)  # native (DDP / FSDP2), deepspeed or accelerate
-    dp_model, optimizer = engine.model, engine.optimizer
     if spec.optimizer == "keep" and prev is not None and resume is None:
-        stages.carry_optimizer_state(prev["optimizer"], prev["model"], optimizer, engine.module)
-    scheduler = build_scheduler(optimizer, spec.steps, cfg.optim)
+        stages.carry_optimizer_state(prev["optimizer"], prev["model"], engine.optimizer, engine.module)
+    scheduler = build_scheduler(engine.optimizer, spec.steps, cfg.optim)
     if resume is not None:
         run.step = checkpoint.load(run.run_dir, resume, engine, scheduler, train_loader, rank)
     else:
         torch.manual_seed(t.seed + rank + 1000 * st.index)
-    tag = {"stage": spec.name} if staged else {}
     if mesh.is_main:
         tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * t.grad_accum * mesh.dp
         print(
             f"[longctx] run_dir={run.run_dir} "
-            + (f"stage {st.index + 1}/{st.count} {spec.name} ({spec.objective}) " if staged else "")
+            + (f"stage {st.index + 1}/{st.count} {spec.name} ({spec.objective}) " if st.staged else "")
             + f"world={mesh.world_size} dp={mesh.dp} cp={mesh.cp} "
             f"strategies={','.join(f'{k}:{s.name}' for k, s in strategies.items())} "
             f"layout={cfg.parallel.cp.layout} "
@@ -226,116 +278,133 @@ def _run_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, prev: 
             + f" tokens/step={tokens_per_step}"
             + (f" resumed from step {run.step}" if resume else "")
         )
-    peak = device_peak_flops(mesh.device, t.peak_tflops)
-    autocast = torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-    train_iter = iter(train_loader)
-    bar = _progress(t, run.step - st.offset, mesh)
-    console = bar.write if bar is not None else print
-    last, window, skips = {}, [], 0
-    if resume is None and (st.index == 0 or staged):  # the starting point of the stage
-        ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)
-        run.logger.log(run.step, {**tag, **({"at": "start"} if staged else {}), **ev}, console=console)
-        if staged and mesh.is_main:
-            write_report(os.path.join(run.run_dir, "eval"), f"{spec.name}_start", ev, plots=False)
-    t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
-    end = min(st.end, run.end)
-    step = run.step
-    while step < end:
-        dp_model.train()
-        loss_sum, count_sum = 0.0, 0
-        for micro in range(t.grad_accum):
-            batch, ctx = prepare_batch(next(train_iter), cfg, mesh, strategies)
-            last_micro = micro == t.grad_accum - 1
-            with engine.no_sync(not last_micro), autocast:
-                if transfer:  # layer-wise MSE to the softmax teacher, no next-token loss
-                    with AttentionTransfer(model, cfg.model.sliding_window) as at:
-                        dp_model(batch["input_ids"], batch["positions"], ctx)
-                    loss = at.loss()
-                    ce_sum, count = transfer_loss_value(loss), 1
-                else:
-                    ce = dp_model(batch["input_ids"], batch["positions"], ctx, labels=batch["labels"])
-                    loss, ce_sum, count = batch_loss(ce, batch["labels"], mesh)
-                engine.backward(loss, last_micro)  # divides by grad_accum
-            loss_sum += ce_sum
-            count_sum += count
-            tokens_since += batch["input_ids"].numel()
-            flops_since += rank_batch_flops(cfg.model, n_matmul, batch, mesh.cp)  # from its documents
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")  # 0: off
-        grad_norm = engine.clip_grad_norm(max_norm)  # None: DeepSpeed clips inside step()
-        train_loss = loss_sum / max(count_sum, 1)
-        # one all-reduce per step: a non-finite loss or grad norm on any rank, a preemption signal
-        finite = math.isfinite(train_loss) and (grad_norm is None or math.isfinite(grad_norm))
-        bad, stop = _any_rank((not finite, run.preempt.flag), mesh)
-        if bad:
-            skips += 1
-            norm = float("nan") if grad_norm is None else grad_norm
-            _check_nonfinite(t, step + 1, skips, train_loss, norm, run.run_dir)
-        else:  # skip: drop the update, keep the data order
-            engine.step()
-        if grad_norm is None:  # reported after the step: stop before anything is saved
-            grad_norm = engine.grad_norm()
-            if not bad and not math.isfinite(grad_norm):
-                _check_nonfinite(t, step + 1, skips + 1, train_loss, grad_norm, run.run_dir)
-        scheduler.step()
-        engine.zero_grad()
-        step += 1
-        run.step = step
-        run.history.append(train_loss)
-        if not bad:
-            window.append(train_loss)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.4f}")
-        if step % t.log_every == 0 or step == end:
-            dt = time.perf_counter() - t0
-            # every rank holds distinct tokens (its CP shard of its dp rows): world x local tokens
-            tok_s = tokens_since * mesh.world_size / max(dt, 1e-9)
-            last = {
-                **tag,
-                ("transfer_mse" if transfer else "loss"): sum(window) / len(window) if window else float("nan"),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": tok_s,
-            }  # loss: mean since last log
-            if skips:
-                last["skipped_steps"] = skips
-            window = []
-            if peak:  # every rank's rows differ in their documents: sum the FLOPs over the world
-                flops = _sum_ranks(flops_since, mesh)
-                last["tflops_per_device"] = flops / max(dt, 1e-9) / mesh.world_size / 1e12
-                last["mfu"] = flops / (max(dt, 1e-9) * peak * mesh.world_size)
-            if mesh.device.type == "cuda":
-                last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            run.logger.log(step, last, console=console)
-            t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
-        if (t.eval_every and (step - st.offset) % t.eval_every == 0) or step == st.end:
-            ev = evaluate(dp_model, val_loader, tokenizer, cfg, mesh, strategies)
-            run.logger.log(step, {**tag, **({"at": "end"} if staged and step == st.end else {}), **ev}, console=console)
-            last.update(ev)
-            if staged and step == st.end and mesh.is_main:
-                write_report(os.path.join(run.run_dir, "eval"), spec.name, ev)
-        if (t.save_every and step % t.save_every == 0) or step == end or stop:
-            meta = {
-                "stage": st.index,
-                "stage_name": spec.name,
-                "stage_step": step - st.offset,
-                "stage_spec": OmegaConf.to_container(OmegaConf.structured(spec)),
-                "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-            }
-            checkpoint.save(run.run_dir, step, engine, scheduler, train_loader, rank, t.keep_checkpoints, meta)
-        if stop:
-            run.stopped = True
-            if mesh.is_main:
-                print(f"[longctx] preempted: checkpoint written at step {step}")
-            break
-    if bar is not None:
-        bar.close()
-    if step < st.end:
-        return None, last
-    weights = full_state_dict(engine.module)  # collective under FSDP
-    if spec.lora_rank > 0:
-        weights = merge_lora_state(weights, spec.lora_alpha / spec.lora_rank)
-    return {"weights": weights, "model": engine.module, "optimizer": optimizer}, last
+    sr = _StageRun(
+        st=st,
+        mesh=mesh,
+        strategies=strategies,
+        engine=engine,
+        objective=build_objective(cfg, model, mesh, spec.objective),
+        scheduler=scheduler,
+        loaders=(train_loader, val_loader, tokenizer),
+        n_matmul=n_matmul,
+        peak=device_peak_flops(mesh.device, t.peak_tflops),
+        autocast=torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"),
+        end=min(st.end, run.end),
+        tag={"stage": spec.name} if st.staged else {},
+        console=print,
+    )
+    sr.train_iter = iter(train_loader)
+    sr.bar = _progress(t, run.step - st.offset, mesh)
+    sr.console = sr.bar.write if sr.bar is not None else print
+    return sr
+
+
+def _train_step(run: _Run, sr: _StageRun) -> tuple[float, float, bool, bool]:
+    """One optimizer step over trainer.grad_accum micro-batches: the objective's loss, backward,
+    clipping, the step (skipped when non-finite on any rank). Returns (train value, grad norm,
+    skipped, stop requested by a signal)."""
+    cfg, t, mesh, engine = sr.st.cfg, sr.st.cfg.trainer, sr.mesh, sr.engine
+    engine.model.train()
+    loss_sum, count_sum = 0.0, 0
+    for micro in range(t.grad_accum):
+        batch, ctx = prepare_batch(next(sr.train_iter), cfg, mesh, sr.strategies)
+        last_micro = micro == t.grad_accum - 1
+        with engine.no_sync(not last_micro), sr.autocast:
+            loss, value_sum, count = sr.objective.loss(engine.model, batch, ctx)
+            engine.backward(loss, last_micro)  # divides by grad_accum
+        loss_sum += value_sum
+        count_sum += count
+        sr.tokens_since += batch["input_ids"].numel()
+        sr.flops_since += rank_batch_flops(cfg.model, sr.n_matmul, batch, mesh.cp)  # from its documents
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")  # 0: off
+    grad_norm = engine.clip_grad_norm(max_norm)  # None: DeepSpeed clips inside step()
+    train_loss = loss_sum / max(count_sum, 1)
+    # one all-reduce per step: a non-finite loss or grad norm on any rank, a preemption signal
+    finite = math.isfinite(train_loss) and (grad_norm is None or math.isfinite(grad_norm))
+    bad, stop = _any_rank((not finite, run.preempt.flag), mesh)
+    step = run.step + 1
+    if bad:
+        sr.skips += 1
+        norm = float("nan") if grad_norm is None else grad_norm
+        _check_nonfinite(t, step, sr.skips, train_loss, norm, run.run_dir)
+    else:  # skip: drop the update, keep the data order
+        engine.step()
+    if grad_norm is None:  # reported after the step: stop before anything is saved
+        grad_norm = engine.grad_norm()
+        if not bad and not math.isfinite(grad_norm):
+            _check_nonfinite(t, step, sr.skips + 1, train_loss, grad_norm, run.run_dir)
+    sr.scheduler.step()
+    engine.zero_grad()
+    run.step = step
+    run.history.append(train_loss)
+    return train_loss, grad_norm, bad, stop
+
+
+def _log_step(run: _Run, sr: _StageRun, train_loss: float, grad_norm: float, bad: bool) -> None:
+    """The progress bar every step; every trainer.log_every steps (and at the stage's end) the
+    means since the last log, throughput and MFU into metrics.jsonl."""
+    t, mesh, step = sr.st.cfg.trainer, sr.mesh, run.step
+    if not bad:
+        sr.window.append(train_loss)
+    if sr.bar is not None:
+        sr.bar.update(1)
+        sr.bar.set_postfix(loss=f"{train_loss:.4f}")
+    if not (step % t.log_every == 0 or step == sr.end):
+        return
+    dt = time.perf_counter() - sr.t0
+    # every rank holds distinct tokens (its CP shard of its dp rows): world x local tokens
+    tok_s = sr.tokens_since * mesh.world_size / max(dt, 1e-9)
+    sr.last = {
+        **sr.tag,
+        sr.objective.metric: sum(sr.window) / len(sr.window) if sr.window else float("nan"),
+        "lr": sr.scheduler.get_last_lr()[0],
+        "grad_norm": float(grad_norm),
+        "tokens_per_s": tok_s,
+    }  # the objective's value: mean since last log
+    if sr.skips:
+        sr.last["skipped_steps"] = sr.skips
+    sr.window = []
+    if sr.peak:  # every rank's rows differ in their documents: sum the FLOPs over the world
+        flops = _sum_ranks(sr.flops_since, mesh)
+        sr.last["tflops_per_device"] = flops / max(dt, 1e-9) / mesh.world_size / 1e12
+        sr.last["mfu"] = flops / (max(dt, 1e-9) * sr.peak * mesh.world_size)
+    if mesh.device.type == "cuda":
+        sr.last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    run.logger.log(step, sr.last, console=sr.console)
+    sr.t0, sr.tokens_since, sr.flops_since = time.perf_counter(), 0, 0.0
+
+
+def _evaluate(run: _Run, sr: _StageRun, at: str | None) -> dict:
+    """Held-out evaluation logged at ``run.step``; ``at`` ("start" / "end") marks a recipe stage's
+    boundaries, whose evaluations also go into the run's eval report."""
+    st, mesh = sr.st, sr.mesh
+    _, val_loader, tokenizer = sr.loaders
+    ev = evaluate(sr.engine.model, val_loader, tokenizer, st.cfg, mesh, sr.strategies)
+    marked = {"at": at} if st.staged and at is not None else {}
+    run.logger.log(run.step, {**sr.tag, **marked, **ev}, console=sr.console)
+    if marked and mesh.is_main:
+        name = st.spec.name if at == "end" else f"{st.spec.name}_{at}"
+        write_report(os.path.join(run.run_dir, "eval"), name, ev, **({"plots": False} if at == "start" else {}))
+    return ev
+
+
+def _evaluate_and_save(run: _Run, sr: _StageRun, stop: bool) -> None:
+    """Evaluate every trainer.eval_every stage steps and at the stage's end; checkpoint every
+    trainer.save_every steps, at the end of this invocation and when a signal stops the run."""
+    st, t, step = sr.st, sr.st.cfg.trainer, run.step
+    if (t.eval_every and (step - st.offset) % t.eval_every == 0) or step == st.end:
+        sr.last.update(_evaluate(run, sr, "end" if step == st.end else None))
+    if (t.save_every and step % t.save_every == 0) or step == sr.end or stop:
+        meta = {
+            "stage": st.index,
+            "stage_name": st.spec.name,
+            "stage_step": step - st.offset,
+            "stage_spec": OmegaConf.to_container(OmegaConf.structured(st.spec)),
+            "config": OmegaConf.to_container(OmegaConf.structured(st.cfg)),
+        }
+        train_loader = sr.loaders[0]
+        rank, keep = sr.mesh.rank, t.keep_checkpoints
+        checkpoint.save(run.run_dir, step, sr.engine, sr.scheduler, train_loader, rank, keep, meta)
 
 
 def _any_rank(flags: tuple, mesh: Mesh) -> list[bool]:

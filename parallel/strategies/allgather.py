@@ -153,16 +153,20 @@ def need_matrix(ctx, causal: bool, window: int | None) -> list[list[bool]]:
     return need
 
 
+@dataclass
+class AllGatherOptions:
+    gather: str = "needed"  # needed (only the chunks this rank's queries see) | all
+    regather: bool = True  # gather K/V again in backward instead of keeping them
+
+    def validate(self, where: str) -> None:
+        if self.gather not in ("needed", "all"):
+            raise ValueError(f"{where}.gather={self.gather!r} is unknown: choose needed or all")
+
+
 @register("allgather", default="softmax")
 class AllGatherKV(SoftmaxStrategy):
     kinds = ("softmax", "sparse")  # S2 layers too: it gathers dense K/V, the mask applies the pattern
-
-    def __init__(self, gather: str = "needed", regather: bool = True):
-        if gather not in ("needed", "all"):
-            raise ValueError(f"parallel.cp.options.softmax.gather={gather!r} is unknown: choose needed or all")
-        if not isinstance(regather, bool):
-            raise ValueError(f"parallel.cp.options.softmax.regather={regather!r} must be true or false")
-        self.gather, self.regather = gather, regather
+    Options = AllGatherOptions
 
     def exchange(self, ctx, causal: bool, window: int | None) -> Exchange:
         """Who sends K/V to whom in this layer (no communication)."""

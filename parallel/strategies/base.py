@@ -9,7 +9,10 @@ world of one never reaches a strategy: the context runs the kind's single-device
 Registering: ``@register("name")`` on a subclass of the kind's base (``SoftmaxStrategy``,
 ``LinearStrategy``); ``default="softmax"`` makes it that kind's default when
 ``parallel.cp.strategies`` does not name one. A strategy that also serves another kind (e.g. a
-softmax strategy that accepts a sparse pattern) lists it in ``kinds``. Every strategy states
+softmax strategy that accepts a sparse pattern) lists it in ``kinds``. Its settings
+(``parallel.cp.options.<kind>.<key>``) are the fields of its ``Options`` dataclass, defaults
+there once: ``build_strategy`` rejects unknown keys and wrong types from it, ``Options.validate``
+checks values, and the constructor sets each field as an attribute. Every strategy states
 the bytes one rank receives in one layer's forward by its formula,
 ``forward_bytes(LayerShape)``, which the tests and benchmarks check against the bytes
 ``parallel.comm`` counts.
@@ -17,7 +20,9 @@ the bytes one rank receives in one layer's forward by its formula,
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 
 from models.ops.attention import check_inputs
@@ -62,13 +67,69 @@ class LayerShape:
     pattern: object | None = None  # the layer's block pattern (sparse kind), for S2 byte formulas
 
 
+@dataclass
+class NoOptions:
+    """The options of a strategy that takes none; a strategy's own ``Options`` dataclass lists its
+    fields with their defaults and may check values in ``validate(where)``."""
+
+    def validate(self, where: str) -> None:
+        """Raise ValueError naming ``{where}.<field>`` for a bad value (types are checked already)."""
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an int", float: "a number", str: "a string"}
+
+
+def _type_ok(value, hint) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+def _type_words(hint) -> str:
+    args = [h for h in typing.get_args(hint) if h is not type(None)] or [hint]
+    words = " or ".join(_TYPE_WORDS.get(h, getattr(h, "__name__", str(h))) for h in args)
+    return words + (" or null" if type(None) in typing.get_args(hint) else "")
+
+
 class Strategy:
     """Base of all strategies. Subclasses set ``kinds`` (via their kind's base; an empty tuple
-    means any kind on one rank) and implement ``__call__`` and ``forward_bytes``."""
+    means any kind on one rank), ``Options`` (a dataclass, when they take any) and implement
+    ``__call__`` and ``forward_bytes``."""
 
     name = "base"
     kinds: tuple[str, ...] = ()
     layouts = ("contiguous", "zigzag")
+    Options: type = NoOptions
+
+    def __init__(self, **options):
+        opts = self.check_options(options, self.kind)
+        for f in dataclasses.fields(opts):
+            setattr(self, f.name, getattr(opts, f.name))
+
+    @classmethod
+    def check_options(cls, options: dict, kind: str | None):
+        """``cls.Options`` built from ``options``; ValueError naming parallel.cp.options.<kind>.<key>
+        for an unknown key, a wrong type or a bad value."""
+        where = f"parallel.cp.options.{kind or '<kind>'}"
+        hints = typing.get_type_hints(cls.Options)
+        unknown = set(options) - set(hints)
+        if unknown:
+            raise ValueError(
+                f"{where} has {sorted(unknown)}, which strategy {cls.name!r} does not take: "
+                f"its options are {sorted(hints) or 'none'}"
+            )
+        for key, value in options.items():
+            if not _type_ok(value, hints[key]):
+                raise ValueError(f"{where}.{key}={value!r} must be {_type_words(hints[key])}")
+        opts = cls.Options(**options)
+        opts.validate(where)
+        return opts
 
     @property
     def kind(self) -> str | None:
@@ -129,6 +190,13 @@ class SoftmaxStrategy(Strategy):
         raise NotImplementedError
 
 
+@dataclass
+class LASPOptions(NoOptions):
+    """The options of the LASP strategies (lasp1, lasp2)."""
+
+    recompute: bool = True  # keep only the layer inputs for backward, recompute the state terms
+
+
 class LinearStrategy(Strategy):
     """Linear attention: q, k [B, C, H, Dk], v [B, C, H, Dv], g [B, C, H], gk [B, C, H, Dk]
     (local shards) -> o [B, C, H, Dv], exact against the single-device op on the whole row."""
@@ -157,14 +225,7 @@ def build_strategy(name: str, kind: str | None = None, **options) -> Strategy:
         served = " and ".join(cls.kinds) if cls is not None else ""
         what = "is unknown" if cls is None else f"serves {served} layers, not {kind} ones"
         raise ValueError(f"{setting}={name!r} {what}: choose one of {choices}")
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
-    unknown = set(options) - accepted
-    if unknown:
-        raise ValueError(
-            f"parallel.cp.options.{kind or '<kind>'} has {sorted(unknown)}, which "
-            f"strategy {name!r} does not take: its options are "
-            f"{sorted(accepted) or 'none'}"
-        )
+    cls.check_options(options, kind or (cls.kinds[0] if cls.kinds else None))  # errors name the kind
     return cls(**options)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -198,24 +199,34 @@ class CADAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+@dataclass
+class CADOptions:
+    min_shard: int = 128  # tokens, the smallest piece the planner cuts
+    tolerance: float = 1.1  # target max / mean attention load
+    ping_pong: bool = False  # two nano-batches, communication overlapped
+
+    def validate(self, where: str) -> None:
+        if self.min_shard < 1:
+            raise ValueError(f"{where}.min_shard={self.min_shard!r} must be an int >= 1, e.g. 128")
+        if not self.tolerance >= 1.0:
+            raise ValueError(f"{where}.tolerance={self.tolerance!r} must be >= 1.0, e.g. 1.1")
+
+
 @register("cad")
 class CAD(SoftmaxStrategy):
-    """Options: ``min_shard`` (tokens, smallest piece the planner cuts), ``tolerance`` (target
-    max / mean attention load), ``ping_pong`` (two nano-batches, communication overlapped).
+    """Core attention disaggregation; options: ``CADOptions`` (``min_shard``: tokens, smallest
+    piece the planner cuts; ``tolerance``: target max / mean attention load; ``ping_pong``: two
+    nano-batches, communication overlapped).
 
     Between calls the strategy keeps only a cache of plans keyed by everything a plan depends
     on (so :meth:`plan` of the same batch and layer shape is the plan a call ran), and
     ``timing``: seconds spent waiting on its all-to-alls and in the kernel, added up over calls
     until the caller resets it (bench/cad_overlap.py); nothing it computes reads either."""
 
-    def __init__(self, min_shard: int = 128, tolerance: float = 1.1, ping_pong: bool = False):
-        if not isinstance(min_shard, int) or min_shard < 1:
-            raise ValueError(f"parallel.cp.options.softmax.min_shard={min_shard!r} must be an int >= 1, e.g. 128")
-        if not tolerance >= 1.0:
-            raise ValueError(f"parallel.cp.options.softmax.tolerance={tolerance!r} must be >= 1.0, e.g. 1.1")
-        if not isinstance(ping_pong, bool):
-            raise ValueError(f"parallel.cp.options.softmax.ping_pong={ping_pong!r} must be true or false")
-        self.min_shard, self.tolerance, self.ping_pong = min_shard, tolerance, ping_pong
+    Options = CADOptions
+
+    def __init__(self, **options):
+        super().__init__(**options)  # min_shard, tolerance, ping_pong
         self._cache: dict = {}  # (plan_cad arguments) -> (plan, routes); the newest few
         self.timing = {"wait_s": 0.0, "compute_s": 0.0}  # accumulated, for the overlap measure
 

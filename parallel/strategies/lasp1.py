@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from parallel import comm
-from parallel.strategies.base import LayerShape, LinearStrategy, register
+from parallel.strategies.base import LASPOptions, LayerShape, LinearStrategy, register
 from parallel.strategies.lasp_common import intra_linear_attention, state_bytes, state_term, summarize
 
 
@@ -60,8 +60,7 @@ class LASP1(LinearStrategy):
 
     layouts = ("contiguous",)
 
-    def __init__(self, recompute: bool = True):
-        self.recompute = bool(recompute)
+    Options = LASPOptions
 
     def linear_attention(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
         """q, k [B, C, H, Dk], v [B, C, H, Dv], g [B, C, H], gk [B, C, H, Dk] -> o [B, C, H, Dv]."""

@@ -59,7 +59,7 @@ from models.ops.linear_attention import (
     segment_transfer,
 )
 from parallel import comm
-from parallel.strategies.base import LayerShape, LinearStrategy, register
+from parallel.strategies.base import LASPOptions, LayerShape, LinearStrategy, register
 from parallel.strategies.lasp_common import (
     cut,
     intra_linear_attention,
@@ -194,8 +194,7 @@ class LASP2(LinearStrategy):
 
     layouts = ("contiguous", "zigzag")
 
-    def __init__(self, recompute: bool = True):
-        self.recompute = bool(recompute)
+    Options = LASPOptions
 
     def linear_attention(self, q, k, v, ctx, *, g=None, gk=None, scale=1.0, chunk_size=64, impl="auto"):
         """q, k [B, C, H, Dk], v [B, C, H, Dv], g [B, C, H], gk [B, C, H, Dk] -> o [B, C, H, Dv],

@@ -12,9 +12,8 @@ head slice (R_j = the j-th member of every U_g). Per layer:
 Hkv' = lcm(Hkv, u) when u does not divide Hkv (kv heads replicated, as in ulysses.py).
 Exact for any layout: the ring masks use the explicit row positions of each U_g's tokens.
 
-Configuration: ``ulysses_size``, a constructor option (``parallel.cp.options:
-{ulysses_size: 2}``); None picks gcd(cp, n_heads), the largest Ulysses degree the head
-count allows (fewest bytes; the ring takes the rest).
+Configuration: ``ulysses_size``, an option (``parallel.cp.options.softmax.ulysses_size=2``);
+None picks gcd(cp, n_heads), the largest Ulysses degree the head count allows (fewest bytes; the ring takes the rest).
 
 Receives per rank and layer in forward: (u-1)/u * B*C*D*e * 2 * (H + Hkv') for the two
 all-to-alls plus (r-1) * 2 * B*C*Hkv'*D*e for the ring.
@@ -23,6 +22,7 @@ all-to-alls plus (r-1) * 2 * B*C*Hkv'*D*e for the ring.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -31,14 +31,19 @@ from parallel.strategies.ring import RingSpec, ring_attention
 from parallel.strategies.ulysses import HeadToSeq, check_heads, held_kv_heads, kv_heads_for, row_order, scatter_heads
 
 
+@dataclass
+class USPOptions:
+    ulysses_size: int | None = None  # the Ulysses degree u (ring degree cp / u); None: gcd(cp, n_heads)
+
+    def validate(self, where: str) -> None:
+        if self.ulysses_size is not None and self.ulysses_size < 1:
+            raise ValueError(f"{where}.ulysses_size={self.ulysses_size} must be >= 1, or null for gcd(cp, n_heads)")
+
+
 @register("usp")
 class USP(SoftmaxStrategy):
     kinds = ("softmax", "sparse")  # S2 layers: the ring masks know the global KV heads held
-    ulysses_size: int | None = None
-
-    def __init__(self, ulysses_size: int | None = None):
-        if ulysses_size is not None:
-            self.ulysses_size = ulysses_size
+    Options = USPOptions
 
     def degree(self, cp: int, n_heads: int) -> int:
         return self.ulysses_size if self.ulysses_size is not None else math.gcd(cp, n_heads)

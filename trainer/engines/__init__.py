@@ -8,7 +8,9 @@
     engine.save(path) / engine.load(path)      # model + optimizer, collective
 
 Engines (``trainer.engine.name``, or the group ``engine=NAME``): ``native`` (DDP or FSDP2 per
-``parallel.dp_mode``), ``deepspeed`` (ZeRO 0-3), ``accelerate``. Context parallelism lives in
+``parallel.dp_mode``), ``deepspeed`` (ZeRO 0-3), ``accelerate``. A new engine is one file whose
+``Engine`` subclass is decorated ``@register_engine("name")`` (with its local checks in the
+classmethod ``check(cfg)``), plus its import line at the bottom of this file. Context parallelism lives in
 the model's context object, so an engine only decides how gradients are reduced -- always over
 the whole dp x cp world -- and how state is saved. Loss convention, the same for every engine:
 ``backward`` gets each micro-batch's loss scaled by ``world_size / global token count``
@@ -22,7 +24,16 @@ import contextlib
 
 import torch
 
-ENGINES = ("native", "deepspeed", "accelerate")
+ENGINES: dict[str, type] = {}  # trainer.engine.name -> Engine subclass
+
+
+def register_engine(name: str):
+    def wrap(cls):
+        cls.name = name
+        ENGINES[name] = cls
+        return cls
+
+    return wrap
 
 
 class Engine:
@@ -30,12 +41,34 @@ class Engine:
     ``optimizer`` the torch optimizer the LR schedule drives."""
 
     name = "engine"
+    # how this engine shards model and optimizer state (named when parallel.dp_mode asks for the
+    # native engine's FSDP); None: the engine honours parallel.dp_mode itself
+    shards_with: str | None = "its own ZeRO settings"
+    settings: tuple[str, ...] = ()  # the trainer.engine.* fields (EngineConfig) this engine reads
     model: torch.nn.Module
     module: torch.nn.Module
     optimizer: torch.optim.Optimizer
 
     def __init__(self, grad_accum: int):
         self.grad_accum = grad_accum
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Local checks of the engine's settings (before any collective); ValueError naming the
+        setting. Subclasses extend it."""
+        engine, defaults = cfg.trainer.engine, type(cfg.trainer.engine)()
+        for key in vars(defaults):  # another engine's setting, changed, would be silently ignored
+            if key != "name" and key not in cls.settings and getattr(engine, key) != getattr(defaults, key):
+                owners = [n for n, e in ENGINES.items() if key in e.settings]
+                raise ValueError(
+                    f"trainer.engine.{key} is a setting of the {' / '.join(owners)} engine, which "
+                    f"trainer.engine.name={cls.name} ignores: remove it, or set trainer.engine.name={owners[0]}"
+                )
+        if cls.shards_with is not None and cfg.parallel.dp_mode != "ddp":
+            raise ValueError(
+                f"parallel.dp_mode={cfg.parallel.dp_mode!r} belongs to the native engine: with "
+                f"trainer.engine.name={cls.name} leave it at ddp and shard with {cls.shards_with}"
+            )
 
     def no_sync(self, active: bool):
         """Skip gradient reduction for this micro-batch (all but the last of a step)."""
@@ -66,44 +99,20 @@ class Engine:
         raise NotImplementedError
 
 
+def engine_class(name: str) -> type:
+    if name not in ENGINES:
+        raise ValueError(f"trainer.engine.name={name!r} is unknown: choose one of {tuple(ENGINES)}")
+    return ENGINES[name]
+
+
 def build_engine(cfg, model: torch.nn.Module, mesh) -> Engine:
-    name = cfg.trainer.engine.name
-    if name == "native":
-        from trainer.engines.native import NativeEngine
-
-        return NativeEngine(cfg, model, mesh)
-    if name == "deepspeed":
-        from trainer.engines.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, model, mesh)
-    if name == "accelerate":
-        from trainer.engines.accelerate import AccelerateEngine
-
-        return AccelerateEngine(cfg, model, mesh)
-    raise ValueError(f"trainer.engine.name={name!r} is unknown: choose one of {ENGINES}")
+    """The engine ``trainer.engine.name`` wrapping ``model`` (and building its optimizer)."""
+    return engine_class(cfg.trainer.engine.name)(cfg, model, mesh)
 
 
 def check_engine(cfg) -> None:
     """Local checks of the engine settings (before any collective); ValueError naming the setting."""
-    name = cfg.trainer.engine.name
-    if name == "native":
-        return
-    if cfg.parallel.dp_mode != "ddp":
-        zero3 = "Accelerate's FSDP plugin"
-        if name == "deepspeed":
-            zero3 = "trainer.engine.deepspeed.zero_optimization.stage=3"
-        raise ValueError(
-            f"parallel.dp_mode={cfg.parallel.dp_mode!r} belongs to the native engine: with "
-            f"trainer.engine.name={name} leave it at ddp and shard with {zero3}"
-        )
-    if name == "deepspeed":
-        from trainer.engines.deepspeed import check
-
-        check(cfg)
-    else:
-        from trainer.engines.accelerate import check
-
-        check(cfg)
+    engine_class(cfg.trainer.engine.name).check(cfg)
 
 
 def require(module: str, extra: str, setting: str) -> None:
@@ -111,3 +120,6 @@ def require(module: str, extra: str, setting: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise ValueError(f"{setting} needs the {module} package: pip install -e '.[{extra}]', or choose another engine")
+
+
+from trainer.engines import accelerate, deepspeed, native  # noqa: E402, F401  (registration)

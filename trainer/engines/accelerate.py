@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from trainer.engines import Engine, require
+from trainer.engines import Engine, register_engine, require
 from trainer.optim import build_optimizer
 
 STATE = "accelerate"  # the engine's sub-directory inside a longctx checkpoint directory
@@ -44,8 +44,14 @@ def check(cfg) -> None:
         )
 
 
+@register_engine("accelerate")
 class AccelerateEngine(Engine):
-    name = "accelerate"
+    shards_with = "Accelerate's FSDP plugin"
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        check(cfg)
 
     def __init__(self, cfg, model, mesh):
         super().__init__(cfg.trainer.grad_accum)

@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from trainer.engines import Engine, require
+from trainer.engines import Engine, register_engine, require
 from trainer.optim import build_optimizer
 
 TAG = "deepspeed"  # the engine's sub-directory inside a longctx checkpoint directory
@@ -148,8 +148,15 @@ def guard_jit_builds(allow: bool) -> None:
         ds_comm.build_shm_op = lambda: None  # torch.distributed serves every collective
 
 
+@register_engine("deepspeed")
 class DeepSpeedEngine(Engine):
-    name = "deepspeed"
+    shards_with = "trainer.engine.deepspeed.zero_optimization.stage=3"
+    settings = ("deepspeed", "build_ops")
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        check(cfg)
 
     def __init__(self, cfg, model, mesh):
         super().__init__(cfg.trainer.grad_accum)

@@ -13,12 +13,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from parallel.data_parallel import no_sync, unwrap, wrap_data_parallel
-from trainer.engines import Engine
+from trainer.engines import Engine, register_engine
 from trainer.optim import build_optimizer
 
 
+@register_engine("native")
 class NativeEngine(Engine):
-    name = "native"
+    shards_with = None  # DDP or FSDP2, per parallel.dp_mode
 
     def __init__(self, cfg, model, mesh):
         super().__init__(cfg.trainer.grad_accum)
