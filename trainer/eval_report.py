@@ -44,7 +44,7 @@ def plot_summaries(summaries: dict[str, dict], out_dir: str, prefix: str = "") -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[longctx] matplotlib is not installed (pip install 'longctx[bench]'): no plots")
+        print("[longctx] matplotlib is not installed (pip install -e '.[bench]'): no plots")
         return []
     os.makedirs(out_dir, exist_ok=True)
     files = []

@@ -174,7 +174,7 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
     from omegaconf import OmegaConf
 
     from models import Transformer
-    from trainer import checkpoint, init_from
+    from trainer import init_from
     from trainer.config import TrainConfig, reject_unknown_keys
 
     extra = OmegaConf.from_dotlist(overrides)
@@ -182,7 +182,9 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     base = OmegaConf.structured(TrainConfig)
     if init_from.is_run_dir(path):
-        meta, state = checkpoint.load_run_weights(path)
+        from trainer.export import run_weights
+
+        meta, state = run_weights(path)  # native or DeepSpeed
         saved = OmegaConf.create(meta.get("config", {}))
         saved.pop("recipe", None)
         saved.pop("init_from", None)  # the weights are the run's own
