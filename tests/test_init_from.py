@@ -99,3 +99,14 @@ def test_an_explicit_shape_that_differs_is_one_line(tmp_path):
         from trainer.init_from import resolve
 
         resolve(_cfg(tmp_path / "hf"), named={"attention_bias"})
+
+
+def test_every_stage_builds_on_the_checkpoints_model(tmp_path):
+    from trainer.config import StageConfig
+
+    _checkpoint("llama_theta_eps", tmp_path / "hf")
+    cfg = _cfg(tmp_path / "hf")
+    rope = {"type": "yarn", "factor": 2.0, "original_max_position": 64}
+    cfg.recipe.stages = [StageConfig(name="extend", steps=1, overrides={"model": {"rope": rope}})]
+    model = stages.plan(cfg)[0].cfg.model
+    assert (model.rope.type, model.rope.theta, model.norm_eps, model.ffn_dim) == ("yarn", 5e5, 1e-6, 96)

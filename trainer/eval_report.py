@@ -50,14 +50,13 @@ def plot_summaries(summaries: dict[str, dict], out_dir: str, prefix: str = "") -
     files = []
     curves = {k: s["loss_by_position"] for k, s in summaries.items() if "loss_by_position" in s}
     if curves:
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+        fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110, layout="constrained")
         for label, c in curves.items():
             mids = [(a + b) / 2 for a, b in zip(c["edges"], c["edges"][1:])]
             ax.plot(mids, c["loss"], marker="o", ms=3, label=label)
         ax.set(xlabel="position in document (tokens)", ylabel="held-out loss (nats/token)", xscale="log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # off the curves
         files.append(os.path.join(out_dir, f"{prefix}loss_by_position.png"))
         fig.savefig(files[-1])
         plt.close(fig)

@@ -46,8 +46,9 @@ class Stage:
 
 
 def plan(cfg: TrainConfig) -> list[Stage]:
-    """The stages of ``cfg`` (one implicit stage without a recipe); ValueError naming the setting
-    for a bad stage (checked on every rank before any collective)."""
+    """The stages of ``cfg`` (one implicit stage without a recipe), each on the model a Hugging
+    Face ``init_from`` defines (trainer/init_from.py); ValueError naming the setting for a bad
+    stage (checked on every rank before any collective)."""
     from trainer import init_from
 
     cfg = init_from.resolve(cfg)  # a Hugging Face init_from defines the model of every stage
