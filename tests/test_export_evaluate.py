@@ -113,6 +113,8 @@ def test_export_of_a_deepspeed_run(tmp_path, monkeypatch):
     main([run, out, "--model-type", "mistral"])
     assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "mistral"
     _reload_matches(run, out, transformers)
+    run_distributed(_evaluate, 1, [run, "--out", str(tmp_path / "report")] + EVAL)  # its run dir evaluates too
+    assert json.load(open(tmp_path / "report" / "ds.json"))["passkey"]["lengths"] == [128]
 
 
 def test_export_without_a_checkpoint_is_one_line(tmp_path, capsys):

@@ -168,7 +168,8 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
     builds it in training: trainer/init_from.py), ``key=value`` overrides on top.
 
     A run dir's CP size becomes the largest that divides ``world_size`` (a run trained with
-    CP=2 evaluates on one process) unless ``parallel.cp.size`` is among the overrides."""
+    CP=2 evaluates on one process) unless ``parallel.cp.size`` is among the overrides; its
+    engine (DeepSpeed, Accelerate) is not needed, and a GPU run evaluates on a machine without."""
     import math
 
     from omegaconf import OmegaConf
@@ -190,6 +191,8 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
         saved.pop("init_from", None)  # the weights are the run's own
         base = OmegaConf.merge(base, saved)
         cfg = OmegaConf.to_object(OmegaConf.merge(base, extra))
+        if "trainer.device" not in keys and cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+            cfg.trainer.device = "auto"  # trained on GPUs, evaluated here
         cp = cfg.parallel.cp.size
         if "parallel.cp.size" not in keys and world_size % cp:
             cfg.parallel.cp.size = math.gcd(cp, world_size)
@@ -209,6 +212,7 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
         cfg = init_from.resolve(cfg, named=named)
         _, state = load_hf_checkpoint(path)
     cfg.recipe.stages = []
+    cfg.trainer.engine = type(cfg.trainer.engine)()  # no engine evaluates: the plain model does
     model = Transformer(cfg.model)
     model.load_state_dict(state, strict=True)
     return cfg, model
