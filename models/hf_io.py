@@ -5,6 +5,8 @@ Plain PyTorch + safetensors + json: reads and writes the Hugging Face on-disk fo
 without importing ``transformers`` or ``torch.distributed``.
 
     config_from_hf(hf_config_dict)           -> ModelConfig
+    read_hf_config(path)                     -> (ModelConfig, the fields config.json defines)
+    merge_config(checkpoint, user, explicit) -> (ModelConfig to build, the overrides applied)
     load_hf_checkpoint(path)                 -> (ModelConfig, state_dict in our names)
     load_hf_model(path, **overrides)         -> Transformer
     save_hf_checkpoint(model, path, model_type="llama")
@@ -230,6 +232,79 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         sliding_window=_sliding_window_from_hf(hf, model_type),
         rope=_rope_from_hf(hf),
     )
+
+
+# ModelConfig fields every supported config.json defines (config_from_hf reads them); the
+# others (non-attention mixers, linear_*, init_std, ...) are longctx's own settings
+HF_FIELDS = (
+    "vocab_size",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "ffn_dim",
+    "norm_eps",
+    "tie_embeddings",
+    "attention_bias",
+    "sliding_window",
+    "rope",
+)
+# fields that change which tensors exist or their shapes: an override can not load the weights
+_SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
+_SHAPE_FIELDS += ("tie_embeddings", "attention_bias")
+
+
+def read_hf_config(path: str) -> tuple[ModelConfig, tuple[str, ...]]:
+    """(ModelConfig, the ModelConfig fields the checkpoint defines) from ``path/config.json``."""
+    config_file = os.path.join(os.fspath(path), _CONFIG)
+    if not os.path.isfile(config_file):
+        raise _missing(os.fspath(path), f"{_CONFIG} is missing")
+    with open(config_file) as f:
+        hf = json.load(f)
+    return config_from_hf(hf), HF_FIELDS + tuple(_s2_from_hf(hf))
+
+
+def _effective(cfg: ModelConfig, name: str):
+    return {"head_dim": cfg.hd, "ffn_dim": cfg.ffn}.get(name, getattr(cfg, name))
+
+
+def merge_config(
+    checkpoint: ModelConfig, user: ModelConfig, explicit: set[str], defined: tuple[str, ...] = HF_FIELDS
+) -> tuple[ModelConfig, list[str]]:
+    """The model to build from a checkpoint: every field the checkpoint ``defined`` from it, the
+    user's ``explicit`` settings on top, every other field from ``user``.
+
+    ``explicit``: ModelConfig field names the user set (``rope`` or ``rope.theta`` style for the
+    RoPE settings). Returns (config, ``name=value`` of each explicit setting that differs from
+    the checkpoint). ValueError when an explicit setting changes a parameter's shape.
+    """
+    out, overridden = {}, []
+    for name in defined:
+        ours, theirs = getattr(user, name), getattr(checkpoint, name)
+        if name == "rope":
+            rope = {}
+            for f in dataclasses.fields(RopeConfig):
+                mine, ckpt = getattr(ours, f.name), getattr(theirs, f.name)
+                use = "rope" in explicit or f"rope.{f.name}" in explicit
+                rope[f.name] = mine if use else ckpt
+                if use and mine != ckpt:
+                    overridden.append(f"rope.{f.name}={mine}")
+            out["rope"] = RopeConfig(**rope)
+            continue
+        if name not in explicit:
+            out[name] = theirs
+            continue
+        if name in _SHAPE_FIELDS and _effective(user, name) != _effective(checkpoint, name):
+            raise ValueError(
+                f"model.{name}={ours} differs from the checkpoint's {_effective(checkpoint, name)}, "
+                f"which its weights need: remove model.{name} from your settings (command line, "
+                "experiment or model group) to take the checkpoint's"
+            )
+        out[name] = ours
+        if ours != theirs:
+            overridden.append(f"{name}={ours}")
+    return dataclasses.replace(user, **out), overridden
 
 
 def _rope_to_hf(rope: RopeConfig, head_dim: int) -> dict:

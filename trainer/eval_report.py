@@ -44,39 +44,57 @@ def plot_summaries(summaries: dict[str, dict], out_dir: str, prefix: str = "") -
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[longctx] matplotlib is not installed (pip install 'longctx[bench]'): no plots")
+        print("[longctx] matplotlib is not installed (pip install -e '.[bench]'): no plots")
         return []
     os.makedirs(out_dir, exist_ok=True)
     files = []
     curves = {k: s["loss_by_position"] for k, s in summaries.items() if "loss_by_position" in s}
     if curves:
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=110)
+        fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110, layout="constrained")
         for label, c in curves.items():
             mids = [(a + b) / 2 for a, b in zip(c["edges"], c["edges"][1:])]
             ax.plot(mids, c["loss"], marker="o", ms=3, label=label)
         ax.set(xlabel="position in document (tokens)", ylabel="held-out loss (nats/token)", xscale="log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # off the curves
         files.append(os.path.join(out_dir, f"{prefix}loss_by_position.png"))
         fig.savefig(files[-1])
         plt.close(fig)
     grids = {k: s["passkey"] for k, s in summaries.items() if s.get("passkey", {}).get("accuracy")}
     if grids:
-        fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids) + 0.8, 2.8), dpi=110, squeeze=False)
-        for ax, (label, g) in zip(axes[0], grids.items()):
-            acc = [[float("nan") if v is None else v for v in row] for row in g["accuracy"]]
-            im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
-            ax.set_xticks(range(len(g["depths"])), [f"{d:g}" for d in g["depths"]], fontsize=7)
-            ax.set_yticks(range(len(g["lengths"])), [str(n) for n in g["lengths"]], fontsize=7)
-            ax.set(title=label, xlabel="needle depth")
-            ax.title.set_fontsize(8)
-        axes[0][0].set_ylabel("context length")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="passkey accuracy")
         files.append(os.path.join(out_dir, f"{prefix}passkey_heatmap.png"))
-        fig.savefig(files[-1])
-        plt.close(fig)
-    return files
+        _heatmaps(plt, grids, files[-1])
+        return files
+
+
+def _heatmaps(plt, grids: dict[str, dict], path: str) -> None:
+    """Passkey accuracy, one lengths x depths panel per summary, at most 3 panels a row (a
+    readable page-width figure); the length labels only on each row's first panel, the value written in every cell."""
+    rows = -(-len(grids) // 3)
+    cols = -(-len(grids) // rows)
+    g0 = next(iter(grids.values()))
+    w = 0.6 * len(g0["depths"]) + 1.0  # inches per panel: room for the cells and their values
+    h = 0.5 * len(g0["lengths"]) + 1.2
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(w * cols + 1.2, h * rows + 0.6), dpi=120, squeeze=False, sharey=True, layout="constrained"
+    )
+    for ax, (label, g) in zip(axes.flat, grids.items()):
+        acc = [[float("nan") if v is None else v for v in row] for row in g["accuracy"]]
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        for i, row in enumerate(acc):
+            for j, v in enumerate(row):
+                if v == v:  # not nan
+                    ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=8, color="w" if v < 0.6 else "k")
+        ax.set_xticks(range(len(g["depths"])), [f"{d:g}" for d in g["depths"]], fontsize=8)
+        ax.set_yticks(range(len(g["lengths"])), [str(n) for n in g["lengths"]], fontsize=8)
+        ax.set_title(label, fontsize=9)
+    for ax in axes.flat[len(grids) :]:
+        ax.set_visible(False)
+    fig.supxlabel("needle depth (fraction of the context)", fontsize=9)
+    fig.supylabel("context length (tokens)", fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.9, label="passkey accuracy")
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def write_report(out_dir: str, name: str, metrics: dict, plots: bool = True) -> dict:

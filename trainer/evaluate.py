@@ -162,35 +162,83 @@ def evaluate(model, val_loader, tokenizer, cfg, mesh, strategies) -> dict:
 # --------------------------------------------------------------------------- entry point
 
 
-def load_for_eval(path: str, overrides: list[str]):
+def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
     """(TrainConfig, Transformer) from a longctx run dir (its newest complete checkpoint and
-    the settings of its stage) or a Hugging Face directory, ``key=value`` overrides on top."""
+    the settings of its stage) or a Hugging Face directory (its architecture, as ``init_from``
+    builds it in training: trainer/init_from.py), ``key=value`` overrides on top.
+
+    A run dir's CP size becomes the largest that divides ``world_size`` (a run trained with
+    CP=2 evaluates on one process) unless ``parallel.cp.size`` is among the overrides; its
+    engine (DeepSpeed, Accelerate) is not needed, and a GPU run evaluates on a machine without."""
+    import math
+
     from omegaconf import OmegaConf
 
     from models import Transformer
-    from trainer import checkpoint
+    from trainer import init_from
     from trainer.config import TrainConfig, reject_unknown_keys
 
-    base = OmegaConf.structured(TrainConfig)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        meta, state = checkpoint.load_run_weights(path)
-        saved = OmegaConf.create(meta.get("config", {}))
-        saved.pop("recipe", None)
-        base = OmegaConf.merge(base, saved)
-    else:
-        import dataclasses
-
-        from models.hf_io import load_hf_checkpoint
-
-        hf_cfg, state = load_hf_checkpoint(path)
-        base = OmegaConf.merge(base, {"model": dataclasses.asdict(hf_cfg)})
     extra = OmegaConf.from_dotlist(overrides)
     reject_unknown_keys(extra, TrainConfig, "")
-    cfg = OmegaConf.to_object(OmegaConf.merge(base, extra))
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    base = OmegaConf.structured(TrainConfig)
+    if init_from.is_run_dir(path):
+        from trainer.export import run_weights
+
+        meta, state = run_weights(path)  # native or DeepSpeed
+        saved = OmegaConf.create(meta.get("config", {}))
+        saved.pop("recipe", None)
+        saved.pop("init_from", None)  # the weights are the run's own
+        base = OmegaConf.merge(base, saved)
+        cfg = OmegaConf.to_object(OmegaConf.merge(base, extra))
+        if "trainer.device" not in keys and cfg.trainer.device == "cuda" and not torch.cuda.is_available():
+            cfg.trainer.device = "auto"  # trained on GPUs, evaluated here
+        cp = cfg.parallel.cp.size
+        if "parallel.cp.size" not in keys and world_size % cp:
+            cfg.parallel.cp.size = math.gcd(cp, world_size)
+            if env_rank() == 0:
+                print(
+                    f"[longctx] {path} was trained with parallel.cp.size={cp}: evaluating with "
+                    f"parallel.cp.size={cfg.parallel.cp.size} on {world_size} process(es) "
+                    "(set parallel.cp.size to choose)",
+                    flush=True,
+                )
+    else:
+        from models.hf_io import load_hf_checkpoint
+
+        cfg = OmegaConf.to_object(OmegaConf.merge(base, extra))
+        cfg.init_from = path
+        named = {k[len("model.") :] for k in keys if k.startswith("model.")}
+        cfg = init_from.resolve(cfg, named=named)
+        _, state = load_hf_checkpoint(path)
     cfg.recipe.stages = []
+    cfg.trainer.engine = type(cfg.trainer.engine)()  # no engine evaluates: the plain model does
     model = Transformer(cfg.model)
     model.load_state_dict(state, strict=True)
     return cfg, model
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _plot(paths: list[str], out: str) -> None:
+    """--plot: the summaries drawn together; without matplotlib one line naming the fix."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(
+            "[longctx] error: --plot needs matplotlib, which is not installed: pip install -e '.[bench]' "
+            "(or pip install matplotlib)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    summaries = {}
+    for p in paths:
+        with open(p) as f:
+            summaries[os.path.splitext(os.path.basename(p))[0]] = json.load(f)
+    for f in plot_summaries(summaries, out):
+        print(f)
 
 
 def main(argv=None) -> None:
@@ -200,9 +248,7 @@ def main(argv=None) -> None:
     ap.add_argument("--plot", action="store_true", help="paths are summary JSON files: plot them together")
     args = ap.parse_intermixed_args(argv)
     if args.plot:
-        summaries = {os.path.splitext(os.path.basename(p))[0]: json.load(open(p)) for p in args.paths}
-        for f in plot_summaries(summaries, args.out or "."):
-            print(f)
+        _plot(args.paths, args.out or ".")
         return
     path, overrides = args.paths[0], args.paths[1:]
     from parallel.mesh import env_ranks, init_mesh
@@ -210,7 +256,7 @@ def main(argv=None) -> None:
     from trainer.config import cp_strategies, validate
 
     try:
-        cfg, model = load_for_eval(path, overrides)
+        cfg, model = load_for_eval(path, overrides, env_ranks()[2])
         validate(cfg, env_ranks()[2])
     except ValueError as e:
         print(f"[longctx] error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 
 import torch
 from omegaconf import OmegaConf
@@ -44,8 +45,12 @@ class Stage:
 
 
 def plan(cfg: TrainConfig) -> list[Stage]:
-    """The stages of ``cfg`` (one implicit stage without a recipe); ValueError naming the setting
-    for a bad stage (checked on every rank before any collective)."""
+    """The stages of ``cfg`` (one implicit stage without a recipe), each on the model a Hugging
+    Face ``init_from`` defines (trainer/init_from.py); ValueError naming the setting for a bad
+    stage (checked on every rank before any collective)."""
+    from trainer import init_from
+
+    cfg = init_from.resolve(cfg)  # a Hugging Face init_from defines the model of every stage
     if not cfg.recipe.stages:
         return [Stage(0, StageConfig(name="train", steps=cfg.trainer.steps), cfg, 0)]
     base = OmegaConf.structured(cfg)
@@ -74,23 +79,68 @@ def plan(cfg: TrainConfig) -> list[Stage]:
 
 
 @torch.no_grad()
-def carry_weights(src: dict[str, torch.Tensor], model: torch.nn.Module, expand_kv: bool = True) -> dict[str, int]:
+def carry_weights(
+    src: dict[str, torch.Tensor], model: torch.nn.Module, expand_kv: bool = True, where: str | None = "weights carried"
+) -> dict[str, int]:
     """Copy ``src`` (parameter name -> tensor) into ``model`` by the rules of the module
-    docstring; returns counts {copied, expanded, new, dropped}."""
+    docstring; returns counts {copied, expanded, new, dropped}. Unless ``where`` is None, a
+    model that changed (anything expanded, new or dropped) is reported on rank 0 in one line:
+    the counts and the names (layer indices folded, ``carry_report``)."""
     counts = {"copied": 0, "expanded": 0, "new": 0, "dropped": 0}
+    names: dict[str, list[str]] = {k: [] for k in counts}
     params = dict(model.named_parameters())
     for name, p in params.items():
         old = src.get(name)
         if old is not None and old.shape == p.shape:
             p.copy_(old)
-            counts["copied"] += 1
+            kind = "copied"
         elif old is not None and expand_kv and _expandable(name, old, p):
             p.copy_(_expand_heads(old, p.shape[0] // old.shape[0], model.cfg.hd))
-            counts["expanded"] += 1
+            kind = "expanded"
         else:
-            counts["new"] += 1
-    counts["dropped"] = sum(1 for k in src if k not in params)
+            kind = "new"
+        counts[kind] += 1
+        names[kind].append(name)
+    names["dropped"] = [k for k in src if k not in params]
+    counts["dropped"] = len(names["dropped"])
+    if where is not None and (counts["expanded"] or counts["new"] or counts["dropped"]):
+        from parallel.mesh import env_ranks
+
+        if env_ranks()[0] == 0:
+            print(f"[longctx] {where}: {carry_report(names, dict(params), src)}", flush=True)
     return counts
+
+
+def carry_report(names: dict[str, list[str]], params: dict, src: dict) -> str:
+    """``copied 30 (1.2M), expanded 6 (...): layers.{0,1,2}.mixer.k_proj.weight, ...; new ...``:
+    counts, parameter totals and names with the layer indices folded (at most 6 per kind)."""
+    parts = []
+    for kind, found in names.items():
+        if not found:
+            continue
+        numel = sum((src if kind == "dropped" else params)[n].numel() for n in found)
+        part = f"{kind} {len(found)} ({numel / 1e6:.3g}M)"
+        if kind != "copied":
+            folded = _fold(found)
+            part += ": " + ", ".join(folded[:6]) + (f" and {len(folded) - 6} more" if len(folded) > 6 else "")
+        parts.append(part)
+    return "; ".join(parts)
+
+
+def _fold(names: list[str]) -> list[str]:
+    """['layers.0.a', 'layers.2.a', 'norm.w'] -> ['layers.{0,2}.a', 'norm.w'] (first-seen order)."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        m = re.match(r"layers\.(\d+)\.(.*)", n)
+        key, idx = (m[2], m[1]) if m else (n, None)
+        groups.setdefault(key, []).append(idx)
+    out = []
+    for key, idx in groups.items():
+        if idx == [None]:
+            out.append(key)
+        else:
+            out.append(f"layers.{idx[0]}.{key}" if len(idx) == 1 else f"layers.{{{','.join(idx)}}}.{key}")
+    return out
 
 
 def _expandable(name: str, old: torch.Tensor, new: torch.Tensor) -> bool:

@@ -25,7 +25,7 @@ from models import Transformer
 from models.lora import attach_lora, merge_lora_state
 from parallel.data_parallel import full_state_dict
 from parallel.mesh import Mesh, env_ranks, init_mesh
-from trainer import checkpoint, stages
+from trainer import checkpoint, init_from, stages
 from trainer.batching import build_loaders, prepare_batch
 from trainer.config import TrainConfig, conf_dir, cp_strategies, register_schema, reject_unknown_keys, validate
 from trainer.engines import Engine, build_engine
@@ -75,33 +75,30 @@ def _resolve_run_dir(cfg: TrainConfig, mesh: Mesh) -> str:
 
 def build_model(cfg: TrainConfig, device: torch.device, expand_kv: bool = True) -> Transformer:
     """The first stage's model: from a Hugging Face directory or a longctx run dir (``init_from``),
-    or freshly initialised (seeded with trainer.seed)."""
+    or freshly initialised (seeded with trainer.seed). A Hugging Face directory defines the
+    architecture, explicit settings on top (trainer/init_from.py); ``cfg.model`` becomes the model
+    built, so checkpoints and exports record it."""
     torch.manual_seed(cfg.trainer.seed)
-    if cfg.init_from is not None and os.path.isdir(os.path.join(cfg.init_from, "checkpoints")):
+    if cfg.init_from is not None and init_from.is_run_dir(cfg.init_from):
         _, state = checkpoint.load_run_weights(cfg.init_from)  # another longctx run
+        init_from.warn_mixer_pattern(cfg)
         model = Transformer(cfg.model)
-        counts = stages.carry_weights(state, model, expand_kv)
+        counts = stages.carry_weights(state, model, expand_kv, f"init_from={cfg.init_from}")
         if counts["copied"] + counts["expanded"] == 0:
             raise ValueError(f"init_from={cfg.init_from!r} shares no parameter with this model: check model.*")
     elif cfg.init_from is not None:
         from models.hf_io import load_hf_checkpoint
 
+        cfg.model = init_from.resolve(cfg, log=False).model  # as stages.plan resolved it
         try:
-            hf_cfg, state = load_hf_checkpoint(cfg.init_from)
+            _, state = load_hf_checkpoint(cfg.init_from)
         except ValueError as e:
             raise ValueError(f"init_from={cfg.init_from!r}: {e}, or set init_from=null to train from scratch") from None
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads"):
-            if getattr(hf_cfg, name) != getattr(cfg.model, name):
-                raise ValueError(
-                    f"model.{name}={getattr(cfg.model, name)} differs from the checkpoint "
-                    f"in init_from ({getattr(hf_cfg, name)}): set model.{name}="
-                    f"{getattr(hf_cfg, name)} or use a matching model config"
-                )
         model = Transformer(cfg.model)
         if all(block.mixer.hf_attention for block in model.layers.values()):
             model.load_state_dict(state, strict=True)
         else:  # converting (e.g. recipe=linearize): carried as between stages
-            stages.carry_weights(state, model, expand_kv)
+            stages.carry_weights(state, model, expand_kv, f"init_from={cfg.init_from}")
     else:
         model = Transformer(cfg.model)
     return _with_trainer_settings(model, cfg).to(device)
@@ -148,7 +145,8 @@ def _stage_mesh(st: stages.Stage, mesh: Mesh | None) -> tuple[Mesh, dict]:
 def train(cfg: TrainConfig) -> dict:
     preempt = _Preemption()  # first: a signal must never kill us
     rank, _, world = env_ranks()
-    validate(cfg, world)  # before any collective can hang
+    if cfg.init_from is None:  # else the checkpoint's architecture is resolved by stages.plan first
+        validate(cfg, world)  # before any collective can hang
     plan = stages.plan(cfg)  # every stage's settings, checked too
     for st in plan:
         validate(st.cfg, world)
