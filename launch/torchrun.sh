@@ -10,7 +10,8 @@
 # first host of SLURM_JOB_NODELIST, else localhost; port 29500), PYTHON (default: the active venv's
 # python, else .venv/ of this checkout, else python3: see launch/python.sh), MAX_RESTARTS
 # (default 0: torchrun restarts every worker from the last checkpoint this many times after a
-# failure), LOCAL_ADDR (this node's address for the rendezvous; default: its hostname's).
+# failure), LOCAL_ADDR (this node's address for the rendezvous; default: its hostname's),
+# RDZV_CONF (torchrun's --rdzv_conf for several nodes).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 
@@ -38,6 +39,9 @@ else
 fi
 if [[ -n "${LOCAL_ADDR:-}" ]]; then
   rdzv+=(--local_addr "$LOCAL_ADDR")
+fi
+if [[ -n "${RDZV_CONF:-}" ]]; then  # e.g. is_host=false: the rendezvous store runs elsewhere
+  rdzv+=(--rdzv_conf "$RDZV_CONF")
 fi
 
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
