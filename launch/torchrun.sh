@@ -40,6 +40,9 @@ fi
 if [[ -n "${LOCAL_ADDR:-}" ]]; then
   rdzv+=(--local_addr "$LOCAL_ADDR")
 fi
+# workers get a store of their own per restart: sharing the agents' store, a restarted node can
+# read the address a peer had before the restart (its restart count differs; pytorch#135712)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 if [[ -n "${RDZV_CONF:-}" ]]; then  # e.g. is_host=false: the rendezvous store runs elsewhere
   rdzv+=(--rdzv_conf "$RDZV_CONF")
 fi
