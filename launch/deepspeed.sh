@@ -7,10 +7,13 @@
 #                                                             hostfile of "host slots=N" lines
 #
 # Environment: NPROC_PER_NODE (default: GPUs on this node, else 2), HOSTFILE, MASTER_ADDR /
-# MASTER_PORT (default: localhost / 29500), DEEPSPEED (default: deepspeed).
+# MASTER_PORT (default: localhost / 29500), PYTHON (default: the active venv's python, else .venv/
+# of this checkout, else python3: see launch/python.sh; DeepSpeed starts every rank with it),
+# DEEPSPEED (default: PYTHON -m deepspeed.launcher.runner).
 # --no_local_rank: the launcher otherwise appends --local_rank=N, which is not a Hydra override;
 # the entry point reads RANK / LOCAL_RANK / WORLD_SIZE, which the launcher sets.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   default_nproc=$(nvidia-smi -L | wc -l)
@@ -20,7 +23,11 @@ fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$default_nproc}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-DEEPSPEED=${DEEPSPEED:-deepspeed}
+if [[ -n "${DEEPSPEED:-}" ]]; then
+  launcher=("$DEEPSPEED")
+else
+  launcher=("$PYTHON" -m deepspeed.launcher.runner)
+fi
 
 args=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank --module)
 if [[ -n "${HOSTFILE:-}" ]]; then
@@ -31,4 +38,4 @@ else
   args=(--num_gpus "$NPROC_PER_NODE" "${args[@]}")
 fi
 
-exec "$DEEPSPEED" "${args[@]}" trainer.train trainer.engine.name=deepspeed "$@"
+exec "${launcher[@]}" "${args[@]}" trainer.train trainer.engine.name=deepspeed "$@"

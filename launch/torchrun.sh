@@ -7,8 +7,13 @@
 #
 # Environment: NPROC_PER_NODE (default: GPUs on this node, else 2), NNODES (default 1 or
 # SLURM_NNODES), NODE_RANK (default 0 or SLURM_NODEID), MASTER_ADDR / MASTER_PORT (default:
-# first host of SLURM_JOB_NODELIST, else localhost; port 29500), PYTHON (default python).
+# first host of SLURM_JOB_NODELIST, else localhost; port 29500), PYTHON (default: the active venv's
+# python, else .venv/ of this checkout, else python3: see launch/python.sh), MAX_RESTARTS
+# (default 0: torchrun restarts every worker from the last checkpoint this many times after a
+# failure), LOCAL_ADDR (this node's address for the rendezvous; default: its hostname's),
+# RDZV_CONF (torchrun's --rdzv_conf for several nodes).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/python.sh"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   default_nproc=$(nvidia-smi -L | wc -l)
@@ -26,13 +31,21 @@ if [[ -z "${MASTER_ADDR:-}" ]]; then
   fi
 fi
 MASTER_PORT=${MASTER_PORT:-29500}
-PYTHON=${PYTHON:-python}
 
 if [[ "$NNODES" -gt 1 ]]; then
   rdzv=(--rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${SLURM_JOB_ID:-longctx}")
 else
   rdzv=(--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 fi
+if [[ -n "${LOCAL_ADDR:-}" ]]; then
+  rdzv+=(--local_addr "$LOCAL_ADDR")
+fi
+# workers get a store of their own per restart: sharing the agents' store, a restarted node can
+# read the address a peer had before the restart (its restart count differs; pytorch#135712)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+if [[ -n "${RDZV_CONF:-}" ]]; then  # e.g. is_host=false: the rendezvous store runs elsewhere
+  rdzv+=(--rdzv_conf "$RDZV_CONF")
+fi
 
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
-  --nproc_per_node "$NPROC_PER_NODE" "${rdzv[@]}" -m trainer.train "$@"
+  --nproc_per_node "$NPROC_PER_NODE" --max_restarts "${MAX_RESTARTS:-0}" "${rdzv[@]}" -m trainer.train "$@"

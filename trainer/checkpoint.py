@@ -213,6 +213,19 @@ def read_meta(run_dir: str, step: int) -> dict:
         return json.load(f).get("meta", {})
 
 
+def check_resume(run_dir: str, step: int, cfg) -> list[str]:
+    """Compare the settings checkpoint ``step`` was written with (its meta's ``config``) with
+    ``cfg`` (the TrainConfig of the stage it resumes): ValueError naming each changed model.*
+    setting (its weights would not fit, or would compute something else); a notice line for
+    each other changed setting."""
+    from omegaconf import OmegaConf
+
+    from trainer.run_checks import check_resume_config
+
+    saved = read_meta(run_dir, step).get("config")
+    return check_resume_config(saved, OmegaConf.to_container(OmegaConf.structured(cfg)), step)
+
+
 def newest_complete(run_dir: str) -> str | None:
     """Non-collective: the newest checkpoint directory of ``run_dir`` whose every file matches
     its manifest (for reading weights out of another run), or None."""

@@ -86,12 +86,14 @@ class MetricsLogger:
     """One JSON row per log call in ``metrics.jsonl``. On resume from step S (``resumed_from``)
     the rows after S (and a stage's start evaluation at S), written by the run that crashed, move
     to ``metrics.superseded.jsonl`` and a
-    ``{"step": S, "resumed_from": S}`` row marks the restart, so the file holds one curve."""
+    ``{"step": S, "resumed_from": S}`` row marks the restart, so the file holds one curve. A run
+    that starts from scratch (``resumed_from=None``) over the rows of one that died before its
+    first checkpoint supersedes them all (marked ``resumed_from: 0``)."""
 
     def __init__(self, run_dir: str, cfg_dict: dict, is_main: bool, wandb_cfg, resumed_from: int | None = None):
         self.is_main = is_main
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        if is_main and resumed_from is not None:
+        if is_main and (resumed_from is not None or os.path.exists(self.path)):
             self._supersede(resumed_from)
         self.wandb = None
         if is_main and wandb_cfg.wandb and wandb_cfg.wandb_mode != "disabled":
@@ -108,14 +110,22 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
-    def _supersede(self, step: int) -> None:
+    def _supersede(self, resumed: int | None) -> None:
         rows = open(self.path).read().splitlines() if os.path.exists(self.path) else []
+        if resumed is None and not any(line.strip() for line in rows):
+            return  # an empty file: nothing to supersede, nothing to mark
+        step = 0 if resumed is None else resumed
         keep, old = [], []
         for line in rows:
             try:
                 row = json.loads(line)
-                # a stage's start evaluation at the resumed step came after that step's checkpoint
-                later = row.get("step", 0) > step or (row.get("step") == step and row.get("at") == "start")
+                # a stage's start evaluation at the resumed step came after that step's checkpoint;
+                # from scratch, every row is the dead run's (its step-0 evaluation is redone too)
+                later = (
+                    resumed is None
+                    or row.get("step", 0) > step
+                    or (row.get("step") == step and row.get("at") == "start")
+                )
                 (old if later else keep).append(line)
             except ValueError:  # a row cut short by the crash
                 old.append(line)

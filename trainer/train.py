@@ -25,7 +25,7 @@ from models import Transformer
 from models.lora import attach_lora, merge_lora_state
 from parallel.data_parallel import full_state_dict
 from parallel.mesh import Mesh, env_ranks, init_mesh
-from trainer import checkpoint, init_from, stages
+from trainer import checkpoint, init_from, run_checks, stages
 from trainer.batching import build_loaders, prepare_batch
 from trainer.config import TrainConfig, conf_dir, cp_strategies, register_schema, reject_unknown_keys, validate
 from trainer.engines import Engine, build_engine
@@ -63,6 +63,7 @@ class _Preemption:
 def _resolve_run_dir(cfg: TrainConfig, mesh: Mesh) -> str:
     if cfg.trainer.run_dir is not None:
         run_dir = cfg.trainer.run_dir
+        run_checks.check_run_dir(run_dir)  # every rank, before the collective below
     else:
         from hydra.core.hydra_config import HydraConfig
 
@@ -144,6 +145,7 @@ def _stage_mesh(st: stages.Stage, mesh: Mesh | None) -> tuple[Mesh, dict]:
 
 def train(cfg: TrainConfig) -> dict:
     preempt = _Preemption()  # first: a signal must never kill us
+    started = time.perf_counter()
     rank, _, world = env_ranks()
     if cfg.init_from is None:  # else the checkpoint's architecture is resolved by stages.plan first
         validate(cfg, world)  # before any collective can hang
@@ -157,6 +159,10 @@ def train(cfg: TrainConfig) -> dict:
         for line in skipped:
             print(f"[longctx] {line}", flush=True)
     first = checkpoint.read_meta(run_dir, resume).get("stage", 0) if resume is not None else 0
+    if resume is not None:  # a changed architecture stops here, other changed settings are listed
+        for line in checkpoint.check_resume(run_dir, resume, plan[first].cfg):
+            if mesh.is_main:
+                print(f"[longctx] {line}", flush=True)
     logger = MetricsLogger(
         run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), mesh.is_main, cfg.logger, resumed_from=resume
     )
@@ -172,7 +178,11 @@ def train(cfg: TrainConfig) -> dict:
         if prev is None or run.stopped:  # stopped inside the stage (stop_after) or by a signal
             break
     logger.close()
-    return {"step": run.step, "history": run.history, "run_dir": run_dir, **last}
+    out = {"step": run.step, "history": run.history, "run_dir": run_dir, **last}
+    if mesh.is_main:
+        took = time.perf_counter() - started
+        print(run_checks.summary_line(out, took, run_dir, checkpoint.newest_saved(run_dir)), flush=True)
+    return out
 
 
 @dataclasses.dataclass
@@ -450,6 +460,7 @@ register_schema()
 
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    log = _run_log()
     try:
         train(to_config(cfg))
     except ValueError as e:  # configuration / checkpoint / divergence errors: one clear line
@@ -461,6 +472,17 @@ def _hydra_main(cfg: DictConfig) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        if log is not None:
+            log.close()
+
+
+def _run_log() -> run_checks.RunLog | None:
+    """Rank 0 copies what it prints into the Hydra output dir's train.log (the run dir, see main)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if env_ranks()[0] != 0 or not HydraConfig.initialized() or HydraConfig.get().output_subdir is None:
+        return None
+    return run_checks.RunLog(os.path.join(HydraConfig.get().runtime.output_dir, "train.log"))
 
 
 def _lowest_failing_rank() -> bool:
@@ -479,7 +501,15 @@ def _lowest_failing_rank() -> bool:
 
 
 def main() -> None:
-    if env_ranks()[0] != 0:  # one run dir, chosen by rank 0: the others create no Hydra dir
+    try:  # before Hydra: it would train the default for an unknown optional group, or mkdir the run dir
+        run_checks.check_command_line(sys.argv[1:], conf_dir())
+    except ValueError as e:
+        if env_ranks()[0] == 0:
+            print(f"[longctx] error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if env_ranks()[0] == 0:
+        sys.argv += run_checks.hydra_dir_overrides(sys.argv[1:])
+    else:  # one run dir, chosen by rank 0: the others create no Hydra dir
         sys.argv += [
             "hydra.run.dir=.",
             "hydra.output_subdir=null",

@@ -38,6 +38,42 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
+SAMPLE_BYTES = 1 << 16  # the head of each data file checked for binary content
+MAX_UNDECODABLE = 0.01  # more than this fraction of bytes that are not UTF-8: not a text file
+_REPLACEMENT = "\ufffd".encode()
+
+
+def binary_reason(data: bytes) -> str | None:
+    """Why ``data`` (a file or its head) is not UTF-8 text, or None. A NUL byte (executables,
+    archives, UTF-16) or more than 1% undecodable bytes (random data, another encoding) is
+    binary; a few stray bytes in real text are not (read with replacement characters)."""
+    if b"\x00" in data:
+        return "it holds NUL bytes"
+    if not data:
+        return None
+    text = data.decode("utf-8", errors="replace")
+    if len(data) == SAMPLE_BYTES:  # a multi-byte character cut by the sample's end is not an error
+        text = text.rstrip("\ufffd")
+    bad = text.count("\ufffd") - data.count(_REPLACEMENT)  # U+FFFD written in the file is text
+    if bad > MAX_UNDECODABLE * len(data):
+        return f"{100 * bad / len(data):.0f}% of its bytes are not UTF-8"
+    return None
+
+
+def check_text_file(path: str, data: bytes | None = None) -> None:
+    """ValueError unless ``path`` (its first SAMPLE_BYTES, or ``data``) is UTF-8 text: a binary
+    file in data.paths is a wrong path, never something to train on."""
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read(SAMPLE_BYTES)
+    why = binary_reason(data)
+    if why is not None:
+        raise ValueError(
+            f"data.paths: {path} is not a text file ({why}): remove it or point data.paths at "
+            "UTF-8 .txt/.jsonl files only"
+        )
+
+
 class StdlibSource:
     """Every ``.py`` file of the Python standard library (the directory of ``os.__file__``),
     minus ``site-packages``, ``test``/``tests``, ``idlelib`` and ``lib2to3`` subtrees; one
@@ -68,7 +104,9 @@ class StdlibSource:
 
 class TextFilesSource:
     """Local ``.txt`` files (one document each) and ``.jsonl`` files (each non-blank line's
-    ``"text"`` field is one document), or directories searched recursively for them."""
+    ``"text"`` field is one document), or directories searched recursively for them. A file that
+    is not UTF-8 text (``binary_reason``) is refused with a ValueError naming it, not skipped: it
+    means data.paths points at something else than the corpus meant."""
 
     def __init__(self, paths: list[str], split: str = "train", val_fraction: float = 0.02):
         if isinstance(paths, str):
@@ -78,6 +116,7 @@ class TextFilesSource:
         entries, keys = [], []  # entry: (file, byte offset of the jsonl line or -1)
         for given in paths:
             for path, rel in self._files(given):
+                check_text_file(path)  # the head of each file: a binary one stops the run here
                 if path.endswith(".txt"):
                     entries.append((path, -1))
                     keys.append(rel)
@@ -116,11 +155,13 @@ class TextFilesSource:
 
     def __getitem__(self, i: int) -> str:
         path, offset = self.entries[i]
-        if offset < 0:
-            return _read_text(path)
         with open(path, "rb") as f:
-            f.seek(offset)
-            line = f.readline().decode("utf-8", errors="replace")
+            f.seek(max(offset, 0))
+            data = f.read() if offset < 0 else f.readline()
+        check_text_file(path, data)  # binary past the head checked at start
+        line = data.decode("utf-8", errors="replace")
+        if offset < 0:
+            return line
         try:
             text = json.loads(line)["text"]
         except (ValueError, KeyError, TypeError):
