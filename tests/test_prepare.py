@@ -35,7 +35,7 @@ def make_corpus(d, docs=DOCS, table=True):
 
         pq.write_table(pa.table({"text": docs[::-1]}), d / "a.parquet", row_group_size=2)
         datasets.Dataset.from_dict({"text": docs[1:]}).save_to_disk(str(d / "c_hf"))
-        order = docs[::-1] + order[:len(docs) - 3] + docs[1:] + docs[:3]  # a.parquet, b.jsonl, c_hf, sub/
+        order = docs[::-1] + order[: len(docs) - 3] + docs[1:] + docs[:3]  # a.parquet, b.jsonl, c_hf, sub/
     return order
 
 
@@ -64,7 +64,9 @@ def test_hf_tokenizer_and_dtype(tmp_path):
     vocab = {w: i for i, w in enumerate(["[UNK]", "</s>", "hello", "world", "."])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(str(tmp_path / "t"))
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(
+        str(tmp_path / "t")
+    )
     tok = build_tokenizer("hf", str(tmp_path / "t"))
     texts = ["hello world .", "world hello", "nope ."]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -113,7 +115,9 @@ def test_bad_inputs_have_one_line_errors(tmp_path):
     with pytest.raises(PrepareError, match="is empty"):
         prepare([str(tmp_path / "empty")], out, workers=0, progress=False)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
-    with pytest.raises(PrepareError, match="bad.jsonl at byte 15: each line must be a JSON object with a string 'text'"):
+    with pytest.raises(
+        PrepareError, match="bad.jsonl at byte 15: each line must be a JSON object with a string 'text'"
+    ):
         prepare([str(tmp_path / "bad.jsonl")], str(tmp_path / "o2"), workers=0, progress=False)
     make_corpus(tmp_path / "c")
     with pytest.raises(PrepareError, match="has no column 'body'"):
@@ -139,17 +143,24 @@ def test_cli_prints_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     bad = subprocess.run(
         [sys.executable, "-m", "trainer.prepare", "/nonexistent/x", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
     assert "longctx-prepare: error: input '/nonexistent/x' does not exist" in bad.stderr
     make_corpus(tmp_path / "c", table=False)
     ok = subprocess.run(
         [sys.executable, "-m", "trainer.prepare", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--workers", "1"],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert ok.returncode == 0 and "7 documents" in ok.stdout, ok.stderr
     ver = subprocess.run(
-        [sys.executable, "-m", "trainer.prepare", "--verify", str(tmp_path / "o")], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "trainer.prepare", "--verify", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert ver.returncode == 0 and ": ok" in ver.stdout

@@ -129,7 +129,9 @@ def _hf_inputs(path: str, name: str, text_field: str) -> list[dict]:
                 f"(it has {', '.join(part.column_names)}): pass --text-field"
             )
         label = f"{name}[{split}]" if split else name
-        out.append({"name": label, "kind": "hf", "path": path, "split": split, "rows": len(part), "bytes": _nbytes(part)})
+        out.append(
+            {"name": label, "kind": "hf", "path": path, "split": split, "rows": len(part), "bytes": _nbytes(part)}
+        )
     return out
 
 
@@ -263,7 +265,9 @@ def _init_worker(tokenizer: str, tokenizer_path, inputs, text_field, dtype, coun
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # parallel across processes instead
     tok = build_tokenizer(tokenizer, tokenizer_path)
-    _W.update(tok=tok, byte=isinstance(tok, ByteTokenizer), inputs=inputs, field=text_field, dtype=dtype, counters=counters)
+    _W.update(
+        tok=tok, byte=isinstance(tok, ByteTokenizer), inputs=inputs, field=text_field, dtype=dtype, counters=counters
+    )
 
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
@@ -559,7 +563,8 @@ def main(argv: list[str] | None = None) -> None:
         dt = time.perf_counter() - t0
         print(
             f"[prepare] {a.out}: {m['docs']} documents, {m['tokens']} tokens ({m['dtype']}) in {len(m['shards'])} "
-            f"shards, {m['input_bytes'] / 1e6:.1f} MB read in {dt:.1f}s ({m['tokens'] / max(dt, 1e-9) / 1e6:.2f}M tokens/s)"
+            f"shards, {m['input_bytes'] / 1e6:.1f} MB read in {dt:.1f}s "
+            f"({m['tokens'] / max(dt, 1e-9) / 1e6:.2f}M tokens/s)"
         )
     except ValueError as e:  # PrepareError, PreparedDataError, tokenizer settings: one line
         print(f"longctx-prepare: error: {e}", file=sys.stderr)
