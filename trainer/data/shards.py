@@ -117,6 +117,9 @@ class PreparedCorpus:
     def __getstate__(self):  # DataLoader workers reopen the memmaps themselves
         return {**self.__dict__, "_open": OrderedDict()}
 
+    def __deepcopy__(self, memo):  # read-only: copies of a loader share it
+        return self
+
     def _shard(self, i: int):
         """(tokens memmap, boundaries memmap, tags memmap) of shard i, checked against its manifest entry."""
         if i in self._open:
