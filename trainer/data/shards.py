@@ -26,6 +26,7 @@ import numpy as np
 MANIFEST = "manifest.json"
 FORMAT = "longctx-prepared-1"
 _OPEN_SHARDS = 64  # memmaps kept open per corpus (each holds a file descriptor)
+_DROP_EVERY = 256  # document reads between dropping this process's mapped pages (see _drop_pages)
 
 
 class PreparedDataError(ValueError):
@@ -113,6 +114,7 @@ class PreparedCorpus:
         self.n_tokens = sum(s[3] for s in self.shards)
         self.eos_id = int(self.tokenizer["eos_id"])
         self._open: OrderedDict = OrderedDict()
+        self._reads = 0
 
     def __getstate__(self):  # DataLoader workers reopen the memmaps themselves
         return {**self.__dict__, "_open": OrderedDict()}
@@ -142,6 +144,23 @@ class PreparedCorpus:
             self._open.popitem(last=False)
         return self._open[i]
 
+    def _drop_pages(self) -> None:
+        """Unmap the pages read so far (MADV_DONTNEED; they stay in the kernel's page cache and fault
+        back in cheaply). Without it every page a read touched (and the kernel's read-around) counts
+        in this process's RSS until the shard closes, and RSS grows with the corpus read."""
+        import mmap
+
+        for arrays in self._open.values():
+            for a in arrays:
+                m = getattr(a, "_mmap", None)
+                if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+                    m.madvise(mmap.MADV_DONTNEED)
+
+    def _count_read(self) -> None:
+        self._reads += 1
+        if self._reads % _DROP_EVERY == 0:
+            self._drop_pages()
+
     def locate(self, g: int) -> tuple[int, int]:
         """(shard, document index within it) of global document g."""
         if not 0 <= g < self.n_docs:
@@ -152,6 +171,7 @@ class PreparedCorpus:
     def doc_len(self, g: int) -> int:
         i, d = self.locate(g)
         idx = self._shard(i)[1]
+        self._count_read()
         return int(idx[d + 1]) - int(idx[d])
 
     def tokens(self, g: int, a: int = 0, b: int | None = None) -> np.ndarray:
@@ -160,7 +180,9 @@ class PreparedCorpus:
         ids, idx, _ = self._shard(i)
         start, end = int(idx[d]), int(idx[d + 1])
         b = end - start if b is None else b
-        return np.asarray(ids[start + a : start + b], dtype=np.int64)
+        out = np.array(ids[start + a : start + b], dtype=np.int64)  # a copy: the pages may be dropped
+        self._count_read()
+        return out
 
     def tag(self, g: int) -> str:
         i, d = self.locate(g)
