@@ -377,10 +377,12 @@ def prepare(
     shard_bytes: int = 256 << 20,
     progress: bool | None = None,
     max_shards: int | None = None,
+    stats: dict | None = None,
 ) -> dict:
     """Prepare ``inputs`` into ``out`` (resuming a run there); returns the manifest.
     ``workers``: tokenizer processes (None: one per CPU; 0: in this process).
-    ``max_shards``: stop after writing this many shards (the run is unfinished: no manifest)."""
+    ``max_shards``: stop after writing this many shards (the run is unfinished: no manifest).
+    ``stats``: filled with this run's work: {"tokens", "shards", "seconds"} (a resumed run skips some)."""
     from trainer.data.tokenizer import build_tokenizer
 
     if not inputs:
@@ -441,6 +443,8 @@ def prepare(
                     bar.update(counters, shard_done=True)
     finally:
         bar.close()
+        if stats is not None:
+            stats.update(tokens=counters[1].value, shards=len(jobs), seconds=time.perf_counter() - bar.t0)
     if len(entries) < len(chunks):
         return {}
     shards = [entries[i] for i in range(len(chunks))]
@@ -558,13 +562,19 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not a.out:
             raise PrepareError("--out is required: the directory to write the shards to")
-        t0 = time.perf_counter()
-        m = prepare(a.inputs, a.out, a.tokenizer, a.tokenizer_path, a.text_field, a.workers, int(a.shard_mb * 2**20))
-        dt = time.perf_counter() - t0
+        run: dict = {}
+        m = prepare(
+            a.inputs, a.out, a.tokenizer, a.tokenizer_path, a.text_field, a.workers, int(a.shard_mb * 2**20), stats=run
+        )
+        done = (
+            f"this run tokenized {run['tokens']} tokens ({run['shards']} shards) in {run['seconds']:.1f}s: "
+            f"{run['tokens'] / max(run['seconds'], 1e-9) / 1e6:.2f}M tokens/s"
+            if run
+            else "already prepared"
+        )
         print(
             f"[prepare] {a.out}: {m['docs']} documents, {m['tokens']} tokens ({m['dtype']}) in {len(m['shards'])} "
-            f"shards, {m['input_bytes'] / 1e6:.1f} MB read in {dt:.1f}s "
-            f"({m['tokens'] / max(dt, 1e-9) / 1e6:.2f}M tokens/s)"
+            f"shards from {m['input_bytes'] / 1e6:.1f} MB; {done}"
         )
     except ValueError as e:  # PrepareError, PreparedDataError, tokenizer settings: one line
         print(f"longctx-prepare: error: {e}", file=sys.stderr)
