@@ -256,3 +256,18 @@ def test_training_from_prepared_data_resumes_bit_exact(tmp_path):
     second = run_distributed(_train, 2, common + [f"trainer.run_dir={b}"])
     assert first[0]["step"] == 3 and second[0]["step"] == 6
     assert first[0]["history"] + second[0]["history"] == full[0]["history"]
+
+
+def test_mixture_composes_from_an_override(tmp_path):
+    from tests.test_configs import _compose
+    from trainer.config import validate
+
+    a, _ = _corpus(tmp_path, "a", 5, 1, 20)
+    b, _ = _corpus(tmp_path, "b", 5, 1, 20)
+    first = f"{{name: a, paths: [{a}], weight: 0.4, long_ratio: 0.5, long_min_tokens: 8}}"
+    ov = f"data.sources=[{first}, {{name: b, paths: [{b}]}}]"
+    cfg = _compose(["data=prepared", ov])
+    validate(cfg, world_size=1)
+    assert [s["name"] for s in cfg.data.sources] == ["a", "b"]
+    with pytest.raises(ValueError, match="data=prepared needs data.paths .* or data.sources"):
+        validate(_compose(["data=prepared"]), world_size=1)
