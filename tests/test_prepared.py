@@ -4,6 +4,7 @@ exact resume mid-epoch (in process and with DataLoader workers), clear errors.""
 
 import io
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -236,15 +237,17 @@ def test_bad_settings_raise(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.gloo
 def test_training_from_prepared_data_resumes_bit_exact(tmp_path):
-    """dp=2 ranks, best_fit rows built by a DataLoader worker: stopping and resuming gives the
-    uninterrupted run's losses (the data position is in the checkpoint)."""
+    """dp=2 ranks, a two-source mixture, best_fit rows: stopping and resuming gives the
+    uninterrupted run's losses (the data position is in the checkpoint); the evaluation reports
+    each source's held-out loss."""
     from parallel.spawn import run_distributed
     from tests.test_train_e2e import _train
 
-    path, _ = _corpus(tmp_path, "c", 80, 0, 200)
+    a, _ = _corpus(tmp_path, "a", 60, 0, 200, seed=1)
+    b, _ = _corpus(tmp_path, "b", 40, 0, 300, seed=2, letter="z")
     common = [
         "data=prepared",
-        f"data.paths=[{path}]",
+        f"data.sources=[{{name: a, paths: [{a}], weight: 0.6}}, {{name: b, paths: [{b}], weight: 0.4}}]",
         "data.packing=best_fit",
         "data.num_workers=1",
         "trainer.steps=6",
@@ -256,6 +259,10 @@ def test_training_from_prepared_data_resumes_bit_exact(tmp_path):
     second = run_distributed(_train, 2, common + [f"trainer.run_dir={b}"])
     assert first[0]["step"] == 3 and second[0]["step"] == 6
     assert first[0]["history"] + second[0]["history"] == full[0]["history"]
+    evals = [m for m in map(json.loads, open(os.path.join(a, "metrics.jsonl"))) if "val_loss" in m]
+    assert len(evals) >= 2
+    for m in evals:  # the held-out loss of each source of the mixture, around the overall one
+        assert min(m["val_loss/a"], m["val_loss/b"]) <= m["val_loss"] <= max(m["val_loss/a"], m["val_loss/b"])
 
 
 def test_mixture_composes_from_an_override(tmp_path):

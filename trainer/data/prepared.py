@@ -259,9 +259,11 @@ class RowPlanner:
         return {st.name: x / total for st, x in zip(self.streams, self.seen)}
 
 
-def build_row(plan, corpora: list[PreparedCorpus], seq_len: int) -> dict:
-    """One row's tensors (as trainer/data/packing.py) from its pieces; padding after them."""
+def build_row(plan, corpora: list[PreparedCorpus], seq_len: int, sources: bool = False) -> dict:
+    """One row's tensors (as trainer/data/packing.py) from its pieces; padding after them.
+    ``sources``: also ``source`` [N] int64, each token's source index (-1 on padding)."""
     x = np.full(seq_len, corpora[0].eos_id, np.int64)
+    tag = np.full(seq_len, -1, np.int64)
     y = np.full(seq_len, -100, np.int64)
     pos = np.zeros(seq_len, np.int64)
     cu, t = [0], 0
@@ -273,18 +275,21 @@ def build_row(plan, corpora: list[PreparedCorpus], seq_len: int) -> dict:
             tail = [c.eos_id, -100][max(a - length, 0) : b + 1 - length]
             ext = np.concatenate([ext, np.asarray(tail, np.int64)])
         k = b - a
-        x[t : t + k], y[t : t + k], pos[t : t + k] = ext[:k], ext[1 : k + 1], np.arange(k)
+        x[t : t + k], y[t : t + k], pos[t : t + k], tag[t : t + k] = ext[:k], ext[1 : k + 1], np.arange(k), s
         t += k
         cu.append(t)
     if t < seq_len:
         pos[t:] = np.arange(seq_len - t)
         cu.append(seq_len)
-    return {
+    row = {
         "input_ids": torch.from_numpy(x),
         "labels": torch.from_numpy(y),
         "positions": torch.from_numpy(pos),
         "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
     }
+    if sources:
+        row["source"] = torch.from_numpy(tag)
+    return row
 
 
 class _Batches(torch.utils.data.IterableDataset):
@@ -315,6 +320,8 @@ class PreparedLoader:
         self.fingerprint = fingerprint or {}
         self.rows = 0  # rows this rank has consumed
         self._it = None
+        self.source_names = [st.name for st in planner.streams]
+        self.tag_sources = False  # batches carry ``source`` [B, N] (the evaluation's loss per source)
 
     def _plan_batch(self):
         plans = []
@@ -326,7 +333,7 @@ class PreparedLoader:
         return plans
 
     def _build(self, plans):
-        return collate([build_row(p, self.corpora, self.planner.seq_len) for p in plans])
+        return collate([build_row(p, self.corpora, self.planner.seq_len, self.tag_sources) for p in plans])
 
     def __iter__(self):
         return self
@@ -486,4 +493,6 @@ def build_prepared_loaders(d, tokenizer, dp_rank: int, dp_size: int):
         }
         return PreparedLoader(planner, corpora, dp_rank, dp_size, d.micro_batch, workers, fingerprint)
 
-    return loader("train", d.seed, d.num_workers), loader("val", d.seed + 1, 0)
+    train, val = loader("train", d.seed, d.num_workers), loader("val", d.seed + 1, 0)
+    val.tag_sources = len(specs) > 1
+    return train, val
