@@ -69,9 +69,16 @@ def test_hash_and_permutation():
     assert [Permutation(1000, 1)(i) for i in range(10)] != [Permutation(1000, 2)(i) for i in range(10)]
 
 
-def _drawn(planner):
-    """Wrap each stream's next_doc to record the documents drawn, in order."""
-    order = []
+def _saved(state) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
+
+
+def _drawn(planner, order=None):
+    """Wrap each stream's next_doc to record the documents drawn, in order (into ``order``)."""
+    order = [] if order is None else order
     for s, st in enumerate(planner.streams):
 
         def wrapped(st=st, s=s, f=st.next_doc):
@@ -124,7 +131,13 @@ def test_best_fit_keeps_documents_whole(tmp_path):
     planner = RowPlanner([DocStream(corpus, "train", 0.1, 0)], [1.0], n, "best_fit")
     order = _drawn(planner)
     pieces = {}
-    for _ in range(400):
+    for i in range(400):
+        if i == 200:  # resume half way: the waiting documents travel in the state
+            sd = planner.state_dict()
+            assert planner.pool and sd["pool"]
+            planner = RowPlanner([DocStream(corpus, "train", 0.1, 0)], [1.0], n, "best_fit")
+            planner.load_state_dict(torch.load(_saved(sd), weights_only=True))
+            _drawn(planner, order)
         plan = planner.next_plan()
         row = build_row(plan, [corpus], n)
         _check_row(row, n)
