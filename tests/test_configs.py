@@ -79,7 +79,7 @@ def test_bad_recipe_values_have_clear_errors(overrides, message):
 
 
 @pytest.mark.parametrize("group", ["model", "parallel", "data", "optim", "trainer", "logger", "engine"])
-def test_every_group_option_composes(group):
+def test_every_group_option_composes(group, tmp_path):
     if group == "engine":
         pytest.importorskip("deepspeed", reason="engine=deepspeed needs deepspeed (the test extra)")
         pytest.importorskip("accelerate", reason="engine=accelerate needs accelerate (the test extra)")
@@ -87,6 +87,12 @@ def test_every_group_option_composes(group):
         overrides = [f"{group}={option}"]
         if group == "data" and option == "files":
             overrides.append(f"data.paths=[{CONF}]")
+        if group == "data" and option == "prepared":
+            from trainer.prepare import prepare
+
+            (tmp_path / "doc.txt").write_text("a document")
+            prepare([str(tmp_path / "doc.txt")], str(tmp_path / "prepared"), workers=0, progress=False)
+            overrides.append(f"data.paths=[{tmp_path / 'prepared'}]")
         cfg = _compose(overrides)
         validate(cfg, world_size=cfg.parallel.cp.size)
 

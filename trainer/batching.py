@@ -17,6 +17,11 @@ def build_loaders(cfg, mesh):
 
     d = cfg.data
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path)
+    if d.source == "prepared":  # memory-mapped shards (python -m trainer.prepare)
+        from trainer.data.prepared import build_prepared_loaders
+
+        train, val = build_prepared_loaders(d, tokenizer, mesh.dp_rank, mesh.dp)
+        return train, val, tokenizer
 
     def source(split):
         if d.source == "stdlib":
@@ -36,6 +41,12 @@ def build_loaders(cfg, mesh):
         PackedDataset(source("val"), tokenizer, d.seq_len, d.seed + 1), mesh.dp_rank, mesh.dp, d.micro_batch
     )
     return train, val, tokenizer
+
+
+def data_metrics(loader) -> dict:
+    """What the data loader reports for the log (prepared data: the realised token share of each
+    source, the padding share, the share of documents cut); {} for the text loaders."""
+    return loader.metrics() if hasattr(loader, "metrics") else {}
 
 
 def prepare_batch(batch: dict, cfg, mesh, strategies: dict):

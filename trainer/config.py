@@ -34,7 +34,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | files
+    source: str = "stdlib"  # stdlib | files | prepared (python -m trainer.prepare; trainer/data/prepared.py)
     paths: list[str] = field(default_factory=list)
     tokenizer: str = "byte"  # byte | hf
     tokenizer_path: str | None = None
@@ -48,6 +48,10 @@ class DataConfig:
     # up- (or down-)sampling them, ProLong-style (e.g. 0.6); None: the corpus as it is
     passkey_fraction: float = 0.0  # synthetic passkey documents added, per corpus document
     passkey_doc_chars: list[int] = field(default_factory=lambda: [256, 512])  # their lengths (drawn)
+    # prepared data: a mixture [{name, paths, weight, long_ratio, long_min_tokens}]; empty: data.paths
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    packing: str = "stream"  # stream (documents cut at row ends) | best_fit (whole documents, padded rows)
+    num_workers: int = 2  # DataLoader worker processes building prepared batches (0: in the trainer)
 
 
 @dataclass
@@ -235,7 +239,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                     msg = msg.replace("data.seq_len", f"each {which} length")
                     msg = f"trainer.{which}_lengths has {length}: " + msg
                 raise ValueError(msg) from None
-    _choice("data.source", d.source, ("stdlib", "files"))
+    _choice("data.source", d.source, ("stdlib", "files", "prepared"))
+    from trainer.data.prepared import check_config
+
+    check_config(d)
     _choice("data.tokenizer", d.tokenizer, ("byte", "hf"))
     if d.tokenizer == "hf" and (not d.tokenizer_path or not os.path.isdir(d.tokenizer_path)):
         raise ValueError(

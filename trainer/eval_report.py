@@ -28,6 +28,9 @@ def summarize(metrics: dict) -> dict:
             "depths": depths,
             "accuracy": [[cells.get((n, d)) for d in depths] for n in lengths] if depths else [],
         }
+    by_source = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("val_loss/")}
+    if by_source:  # a prepared-data mixture: the held-out loss of each source
+        out["val_loss_by_source"] = by_source
     mqar = {int(m[1]): v for k, v in metrics.items() if (m := re.fullmatch(r"mqar@(\d+)", k))}
     if mqar:
         out["mqar"] = mqar

@@ -8,6 +8,7 @@ context parallelism for lengths one rank cannot hold):
     python -m trainer.evaluate --plot SUMMARY.json [SUMMARY.json ...] --out DIR   # compare
 
 Metric names (flat, as in metrics.jsonl): ``val_loss``, ``val_loss@pos{lo}-{hi}``,
+``val_loss/{source}`` (each source of a prepared-data mixture, data.sources),
 ``passkey@{L}`` (mean over depths), ``passkey@{L}@{depth}``, ``mqar@{L}``.
 """
 
@@ -61,9 +62,12 @@ def depths_of(cfg) -> list[float]:
 
 
 @torch.no_grad()
-def heldout_loss(model, loader, cfg, mesh, strategies, buckets: int = 0):
+def heldout_loss(model, loader, cfg, mesh, strategies, buckets: int = 0, per_source: dict | None = None):
     """Mean next-token loss over ``trainer.eval_batches`` validation batches (the same rows every
-    time); with ``buckets`` > 0 also (edges, loss per position bucket)."""
+    time); with ``buckets`` > 0 also (edges, loss per position bucket). ``per_source``: filled with
+    {source name: loss} when the batches carry ``source`` (a prepared-data mixture)."""
+    names = getattr(loader, "source_names", [])
+    by_source = torch.zeros(2, max(len(names), 1), dtype=torch.float64, device=mesh.device)
     start = copy.deepcopy(loader.state_dict())  # every evaluation sees the same rows
     it = iter(loader)
     edges = position_edges(cfg.data.seq_len, buckets) if buckets else [0, cfg.data.seq_len]
@@ -74,7 +78,13 @@ def heldout_loss(model, loader, cfg, mesh, strategies, buckets: int = 0):
         labels = batch["labels"].flatten()
         ce = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=-100, reduction="none")
         sums += bucket_sums(ce, batch["positions"].flatten(), labels != -100, edges)
+        if "source" in batch:  # per source: the same sums, bucketed by each token's source
+            src = batch["source"].flatten().to(ce.device)
+            by_source += bucket_sums(ce, src, (labels != -100) & (src >= 0), list(range(len(names) + 1)))
     dist.all_reduce(sums)  # every rank's tokens (dp rows, cp shards)
+    if per_source is not None and len(names) > 1:
+        dist.all_reduce(by_source)
+        per_source.update({n: (by_source[0, i] / by_source[1, i].clamp_min(1)).item() for i, n in enumerate(names)})
     loader.load_state_dict(start)
     total = (sums[0].sum() / sums[1].sum().clamp_min(1)).item()
     per_bucket = (sums[0] / sums[1].clamp_min(1)).tolist()
@@ -140,12 +150,14 @@ def evaluate(model, val_loader, tokenizer, cfg, mesh, strategies) -> dict:
     """Every configured evaluation, as flat metrics (module docstring)."""
     t = cfg.trainer
     model.eval()
+    per_source = {}
     if t.eval_position_buckets:
-        loss, edges, per = heldout_loss(model, val_loader, cfg, mesh, strategies, t.eval_position_buckets)
+        loss, edges, per = heldout_loss(model, val_loader, cfg, mesh, strategies, t.eval_position_buckets, per_source)
         out = {"val_loss": loss}
         out.update({f"val_loss@pos{lo}-{hi}": v for lo, hi, v in zip(edges, edges[1:], per)})
     else:
-        out = {"val_loss": heldout_loss(model, val_loader, cfg, mesh, strategies)}
+        out = {"val_loss": heldout_loss(model, val_loader, cfg, mesh, strategies, per_source=per_source)}
+    out.update({f"val_loss/{name}": v for name, v in per_source.items()})  # a prepared-data mixture
     for length in t.passkey_lengths:
         if not t.passkey_depths:
             out[f"passkey@{length}"] = passkey_accuracy(model, tokenizer, length, cfg, mesh, strategies)

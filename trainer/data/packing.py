@@ -140,7 +140,7 @@ def collate(rows: list[dict]) -> dict:
     """Stack B rows of N tokens: input_ids/labels/positions [B, N] int64; cu_seqlens int32
     over the flattened B*N tokens (row b's offsets + b*N; ends with B*N)."""
     n = rows[0]["input_ids"].shape[0]
-    out = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels", "positions")}
+    out = {k: torch.stack([r[k] for r in rows]) for k in rows[0] if k != "cu_seqlens"}  # + any other [N] key
     cu = [r["cu_seqlens"][:-1] + b * n for b, r in enumerate(rows)]
     out["cu_seqlens"] = torch.cat(cu + [torch.tensor([len(rows) * n], dtype=torch.int32)])
     return out
