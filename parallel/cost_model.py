@@ -275,10 +275,8 @@ def compute_balance(spec: RunSpec, layer: int, strat) -> float:
     if spec.cp == 1 or kind == "linear" or strat.name == "ulysses":
         return 1.0
     window = spec.model.sliding_window if kind != "linear" else None
-    cu = cu_seqlens(spec)
     if strat.name == "cad":
-        plan = strat._plan_of(cu, spec.batch, spec.seq_len, spec.cp, spec.layout, True, window, 1, 1)
-        return plan.balance()
+        return _cad(spec, strat)[0]
     loads = _home_loads(spec.docs, spec.batch, spec.seq_len, spec.cp, spec.layout, window)
     if strat.name == "usp":
         u = strat.degree(spec.cp, spec.model.n_heads)
@@ -294,6 +292,41 @@ def _home_loads(docs: tuple, batch: int, seq_len: int, cp: int, layout: str, win
     return plan_cad(cu, batch, seq_len, cp, layout, window=window, tolerance=math.inf).home_load
 
 
+def allgather_sources(spec: RunSpec, strat) -> int:
+    """The most other ranks' K/V chunks a rank receives under all-gather's gather="needed":
+    the strategy's own need matrix (causal prefix, window, shared documents) for this batch."""
+    from parallel.context import CPContext
+    from parallel.strategies.allgather import need_matrix
+
+    window = spec.model.sliding_window
+    key = (spec.docs, spec.batch, spec.seq_len, spec.cp, spec.layout, window)
+    if key not in _NEED:
+        ctx = CPContext(strat, None, 0, spec.cp, spec.layout, spec.seq_len, spec.batch, cu_seqlens(spec))
+        need = need_matrix(ctx, True, window)
+        _NEED[key] = max(sum(row) - 1 for row in need)
+    return _NEED[key]
+
+
+_NEED: dict = {}
+_CAD: dict = {}
+
+
+def _cad(spec: RunSpec, strat) -> tuple[float, int]:
+    """(compute balance of CAD's plan, bytes its busiest rank receives: ``forward_bytes_of``)."""
+    cfg, window = spec.model, spec.model.sliding_window
+    shape = LayerShape(
+        spec.batch, spec.seq_len, spec.cp, cfg.n_heads, cfg.n_kv_heads, cfg.hd, spec.elem_bytes, spec.layout
+    )
+    key = (shape, spec.docs, window, strat.min_shard, strat.tolerance, strat.ping_pong)
+    if key not in _CAD:
+        cu = cu_seqlens(spec)
+        plan = strat._plan_of(
+            cu, spec.batch, spec.seq_len, spec.cp, spec.layout, True, window, cfg.n_heads, 2 * cfg.n_kv_heads
+        )
+        _CAD[key] = (plan.balance(), strat.forward_bytes_of(shape, cu, window=window))
+    return _CAD[key]
+
+
 def _bytes(spec: RunSpec, layer: int, strat) -> tuple[int, int, int]:
     """(forward, backward, of which overlapped-able ring part) bytes one rank receives."""
     if spec.cp == 1:
@@ -301,11 +334,14 @@ def _bytes(spec: RunSpec, layer: int, strat) -> tuple[int, int, int]:
     shape = layer_shape(spec, layer)
     kind = spec.model.kind_of(layer)
     if strat.name == "cad":
-        window = spec.model.sliding_window
-        fwd = strat.forward_bytes_of(shape, cu_seqlens(spec), window=window)
+        fwd = _cad(spec, strat)[1]
     else:
         fwd = strat.forward_bytes(shape)
+    if strat.name == "allgather" and strat.gather == "needed":
+        fwd = fwd * allgather_sources(spec, strat) // max(1, spec.cp - 1)
     if hasattr(strat, "backward_bytes"):
+        if strat.name == "allgather":
+            return fwd, (2 if strat.regather else 1) * fwd, 0
         return fwd, strat.backward_bytes(shape), 0
     if strat.name == "lasp2":
         return fwd, int(fwd * shape.head_dim / (shape.head_dim + 1)), fwd
