@@ -125,3 +125,14 @@ def run(conf: str, out: str) -> list[dict]:
     with open(os.path.join(out, "linear_cp.csv")) as f:
         rows += compare(list(csv.DictReader(f)), cluster, 4, 4, 32, kind="linear", layout="contiguous")
     return rows
+
+
+def main(argv=None):
+    """The same as ``python -m bench.plan --calibrate [--out DIR]``."""
+    from bench.plan import main as plan_main
+
+    plan_main(["--calibrate", *(argv or [])])
+
+
+if __name__ == "__main__":
+    main()

@@ -205,3 +205,14 @@ def table(cases: list[Case]) -> str:
         status = "reproduced (within 10%)" if c.reproduced else f"not reproduced: {c.why}"
         lines.append(f"| {c.name} | {c.published:.3g}{c.unit} | {c.predicted:.3g}{c.unit} | {c.ratio:.2f} | {status} |")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    """Print the table (the same as ``python -m bench.plan --reproduce``)."""
+    from trainer.config import conf_dir
+
+    print(table(all_cases(conf_dir())))
+
+
+if __name__ == "__main__":
+    main()
