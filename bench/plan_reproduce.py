@@ -144,9 +144,10 @@ def distca(conf: str) -> list[Case]:
             "h200 profile, Llama-3-8B, 512K tokens of the prolong mix, cp 16 x dp 32",
             "DistCA, arXiv 2510.18121 (abstract: 'up to 1.35x')",
             False,
-            "'up to' over its best case: the paper's baselines also straggle across DP and "
-            "pipeline stages (different documents per replica), which one CP group's model cannot "
-            "see; the gain here is the attention imbalance of one synthetic mix only",
+            "the model predicts more: its baseline is all-gather KV in the zigzag placement with no "
+            "per-document balancing, weaker than DistCA's (variable-length chunking, per-document CP), "
+            "and the synthetic mix is not the paper's data; DP / pipeline stragglers, which DistCA also "
+            "removes, are outside one CP group's model",
         )
     ]
 
