@@ -80,3 +80,32 @@ def test_plan_command_names_unknown_clusters():
 
     with pytest.raises(ValueError, match="cluster='tpu' has no profile: choose one of"):
         main(["cluster=tpu"])
+
+
+def test_auto_resolves_composes_and_validates_the_quickstart():
+    """parallel.cp.strategies.softmax=auto composes; resolve_auto (called before validation)
+    replaces it by a registered strategy, logged with its prediction; the result validates."""
+    from hydra import compose, initialize_config_dir
+
+    from parallel.auto import check_prediction, cluster_for_device, resolve_auto
+    from trainer.config import validate
+    from trainer.train import to_config
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = to_config(
+            compose(config_name="train", overrides=["experiment=quickstart", "parallel.cp.strategies.softmax=auto"])
+        )
+    cfg.parallel.cp.size = 2
+    chosen = resolve_auto(cfg, 2, cluster_for_device(CONF, None))
+    assert chosen["softmax"]["cluster"] == "cpu" and chosen["softmax"]["step_s"] > 0
+    assert cfg.parallel.cp.strategies["softmax"] == chosen["softmax"]["strategy"] != "auto"
+    assert set(chosen["softmax"]["considered"]) >= {"allgather", "ring", "ulysses"}
+    validate(cfg, world_size=2)
+    assert check_prediction(1.0, 1.2) is None and "1.50x" in check_prediction(1.0, 1.5)
+
+
+def test_cluster_for_device_names():
+    from parallel.auto import cluster_for_device
+
+    assert cluster_for_device(CONF, "NVIDIA H100 80GB HBM3").name == "h100"
+    assert cluster_for_device(CONF, "NVIDIA A100-SXM4-80GB").name == "a100"
