@@ -17,7 +17,7 @@ import os
 
 from bench.cp import make_inputs, parse_spec
 from models.config import ModelConfig
-from parallel.cost_model import RunSpec, layer_cost, load_cluster
+from parallel.cost_model import RunSpec, attention_saved_bytes, layer_cost, load_cluster
 
 TIME_FACTOR = 3.0  # softmax strategies: predicted / measured within [1/3, 3] on this shared 2-core machine
 # Linear strategies are predicted 3-10x too fast: the linear mixers' core_flops (the MFU count)
@@ -61,7 +61,8 @@ def predict_row(row: dict, cluster, heads: int, kv_heads: int, head_dim: int, ki
         dtype="fp32",
     )
     c = layer_cost(cluster, spec, 0, params=0)
-    return dict(predicted_ms=round((c.time_s - c.gemm_s) * 1e3, 2), predicted_bytes=c.fwd_bytes)
+    mem = attention_saved_bytes(spec, 0) / 2**20 if mixer == "softmax" else None
+    return dict(predicted_ms=round((c.time_s - c.gemm_s) * 1e3, 2), predicted_bytes=c.fwd_bytes, predicted_mem_mb=mem)
 
 
 def compare(rows: list[dict], cluster, heads, kv_heads, head_dim, kind="softmax", layout="zigzag") -> list[dict]:
@@ -84,6 +85,8 @@ def compare(rows: list[dict], cluster, heads, kv_heads, head_dim, kind="softmax"
                 measured_bytes=int(r["bytes_per_rank"]),
                 predicted_bytes=p["predicted_bytes"],
                 bytes_equal=int(r["bytes_per_rank"]) == p["predicted_bytes"],
+                measured_mem_mb=float(r["peak_mem_mb"]),
+                predicted_mem_mb=None if p["predicted_mem_mb"] is None else round(p["predicted_mem_mb"], 2),
             )
         )
     return out

@@ -311,8 +311,9 @@ _NEED: dict = {}
 _CAD: dict = {}
 
 
-def _cad(spec: RunSpec, strat) -> tuple[float, int]:
-    """(compute balance of CAD's plan, bytes its busiest rank receives: ``forward_bytes_of``)."""
+def _cad(spec: RunSpec, strat) -> tuple[float, int, int]:
+    """(compute balance of CAD's plan, bytes its busiest rank receives: ``forward_bytes_of``,
+    most bytes a rank holds for attention: ``CADPlan.memory``)."""
     cfg, window = spec.model, spec.model.sliding_window
     shape = LayerShape(
         spec.batch, spec.seq_len, spec.cp, cfg.n_heads, cfg.n_kv_heads, cfg.hd, spec.elem_bytes, spec.layout
@@ -323,7 +324,8 @@ def _cad(spec: RunSpec, strat) -> tuple[float, int]:
         plan = strat._plan_of(
             cu, spec.batch, spec.seq_len, spec.cp, spec.layout, True, window, cfg.n_heads, 2 * cfg.n_kv_heads
         )
-        _CAD[key] = (plan.balance(), strat.forward_bytes_of(shape, cu, window=window))
+        held = max(plan.memory(r, cfg.n_heads, cfg.n_kv_heads, cfg.hd, spec.elem_bytes) for r in range(spec.cp))
+        _CAD[key] = (plan.balance(), strat.forward_bytes_of(shape, cu, window=window), held)
     return _CAD[key]
 
 
@@ -424,23 +426,42 @@ def layer_cost(cluster: Cluster, spec: RunSpec, layer: int, params: int | None =
 
 
 # ----------------------------------------------------------------------------- memory
-def activation_bytes(spec: RunSpec, layer: int) -> int:
-    """Bytes block ``layer`` keeps for backward on one rank (no checkpointing), per token in
-    the compute dtype: the block input, both norm outputs (3 x dim), q, k, v and the
-    attention output (2 H D + 2 Hkv D; linear mixers: Hkv = H), the MLP's gate, up, activation
-    and down input (4 x ffn); plus the strategy's extra (all-gather without regather keeps
-    the K/V of the whole row it gathered)."""
+def attention_saved_bytes(spec: RunSpec, layer: int) -> int:
+    """Bytes the core op of a softmax / sparse layer keeps for backward on the busiest rank: q
+    and o [C, H, D], k and v [C, Hkv', D] in the compute dtype and the fp32 log-sum-exp [H, C]
+    (the kernel's saved tensors; bench.cp's ``peak_mem_mb`` on CPU). Hkv' = Hkv, or the
+    replicated count when Ulysses / USP must split fewer KV heads than ranks (the head-sharded
+    [N, H/P] tensors hold as much as the sequence-sharded ones); all-gather without regather
+    also keeps the gathered K/V; CAD: its plan's Q, O and attended K/V (``CADPlan.memory``)."""
+    from parallel.strategies.ulysses import kv_heads_for
+
     cfg = spec.model
-    kind = cfg.kind_of(layer)
-    hkv = cfg.n_heads if kind == "linear" else cfg.n_kv_heads
-    per_token = 3 * cfg.dim + 2 * cfg.n_heads * cfg.hd + 2 * hkv * cfg.hd + 4 * cfg.ffn
     tokens = spec.batch * spec.seq_len // spec.cp
-    extra = 0
-    if spec.cp > 1 and kind != "linear":
-        strat = spec.strategy(kind)
-        if strat.name == "allgather" and not strat.regather:
-            extra = 2 * spec.batch * spec.seq_len * hkv * cfg.hd  # the gathered K/V (gather="all" bound)
-    return (per_token * tokens + extra) * spec.elem_bytes
+    lse = cfg.n_heads * tokens * max(4, spec.elem_bytes)
+    hkv = cfg.n_kv_heads
+    strat = spec.strategy(cfg.kind_of(layer)) if spec.cp > 1 else None
+    if strat is not None and strat.name == "cad":
+        return _cad(spec, strat)[2] + lse
+    if strat is not None and strat.name in ("ulysses", "usp"):
+        u = spec.cp if strat.name == "ulysses" else strat.degree(spec.cp, cfg.n_heads)
+        hkv = kv_heads_for(cfg.n_heads, cfg.n_kv_heads, u)
+    held = (2 * cfg.n_heads + 2 * hkv) * cfg.hd * tokens * spec.elem_bytes + lse
+    if strat is not None and strat.name == "allgather" and not strat.regather:
+        held += 2 * spec.batch * spec.seq_len * hkv * cfg.hd * spec.elem_bytes  # gather="all" bound
+    return held
+
+
+def activation_bytes(spec: RunSpec, layer: int) -> int:
+    """Bytes block ``layer`` keeps for backward on one rank (no checkpointing): the block
+    input, both norm outputs (3 x dim per token), the MLP's gate, up, activation and down input
+    (4 x ffn per token) in the compute dtype, plus the core op's (``attention_saved_bytes``;
+    linear mixers: q, k, v, o, 4 H D per token)."""
+    cfg = spec.model
+    tokens = spec.batch * spec.seq_len // spec.cp
+    block = (3 * cfg.dim + 4 * cfg.ffn) * tokens * spec.elem_bytes
+    if cfg.kind_of(layer) == "linear":
+        return block + 4 * cfg.n_heads * cfg.hd * tokens * spec.elem_bytes
+    return block + attention_saved_bytes(spec, layer)
 
 
 def memory(cluster: Cluster, spec: RunSpec, n_params: int) -> tuple[int, dict]:
