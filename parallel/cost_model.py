@@ -1,0 +1,564 @@
+"""A cost model of one training step under context parallelism, per layer and per rank, for
+every registered CP strategy. Pure arithmetic: it imports nothing from ``torch.distributed``
+and runs no collective, so a cluster not yet booked can be planned on a laptop.
+
+What it counts, and where each number comes from (one source of truth each):
+    core FLOPs    the mixer's own ``core_flops(cfg, layer, doc_lens)`` (the MFU count: pairs
+                  the mask allows per document, causal, windowed, sparse pattern), times the
+                  compute balance of the strategy: max / mean over ranks of the pairs each rank
+                  computes (``parallel.cad_plan``: the layout's placement, or CAD's plan)
+    GEMM FLOPs    6 x the block's parameters x the rank's tokens (fwd + bwd; 8 x with
+                  activation checkpointing, which recomputes the forward)
+    bytes         the strategy's own ``forward_bytes(LayerShape)`` (CAD: ``forward_bytes_of``
+                  the batch's documents), the formulas the gloo tests check against
+                  ``parallel.comm``'s counts; backward bytes from ``backward_bytes`` where the
+                  strategy states it, else the ratio in ``BACKWARD`` (why beside each)
+    memory        parameters, gradients and Adam states, the activations a block keeps for
+                  backward (per token, listed in ``activation_bytes``), the strategy's extra
+                  (all-gather without regather keeps the gathered K/V) and the logits
+    time          FLOPs / (peak x achieved fraction) of the cluster profile; bytes / link
+                  bandwidth + steps x latency; combined by the overlap rule of each strategy
+                  (``OVERLAP``): communication that runs under the core op costs
+                  max(core, comm), otherwise core + comm. GEMMs never hide communication.
+
+Shapes: N = seq_len tokens per row, B rows per micro-batch (one CP group holds them), P = cp
+ranks per CP group, C = N / P tokens per rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields, replace
+from functools import lru_cache
+
+import torch
+
+from models.config import ModelConfig
+from models.mixers import mixer_class
+from parallel.cad_plan import plan_cad
+from parallel.strategies import STRATEGIES, LayerShape, build_strategy
+
+# Communication under the core op? "overlap": the strategy issues its collective and computes
+# meanwhile (ring: next K/V block in flight during this block; LASP-2: the state all-gather
+# during the intra-chunk work, lasp2.py; CAD with ping_pong: one nano-batch's all-to-all under
+# the other's attention). "serial": the core op needs the data first (all-gather KV, Ulysses'
+# all-to-alls, S2's tile exchange, CAD without ping-pong) or the chain is sequential (LASP-1:
+# rank r waits for r-1's state).
+OVERLAP = {
+    "allgather": "serial",
+    "ring": "overlap",
+    "ulysses": "serial",
+    "usp": "mixed",  # Ulysses all-to-alls serial, its ring part overlapped
+    "cad": "serial",  # "overlap" with ping_pong (see layer_cost)
+    "lasp2": "overlap",
+    "lasp1": "serial",
+    "s2": "serial",
+    "local": "serial",
+}
+
+# Backward bytes / forward bytes, where the strategy does not state backward_bytes:
+BACKWARD = {
+    "ring": 2.0,  # K/V travel the ring again with the dK/dV accumulators (ring.py, notes)
+    "ulysses": 1.0,  # the same all-to-alls reversed: dO in, dq/dk/dv back
+    "cad": 1.0,  # dO out to the computing ranks, dQ and dK/dV back: the forward's rows
+    "lasp1": 1.0,  # dL/dS travels the chain back: one state per hop
+    "s2": 1.0,  # dK/dV of every received tile back to its owner
+    "local": 0.0,
+}
+# lasp2 (fused path): all-gathers dL/dS_in only, the states without the decay vector:
+# Dv / (Dv + 1) of the forward (lasp2.py). usp: Ulysses part 1x, ring part 2x.
+
+# Ring-style strategies: every step waits for the slowest link of the ring, which crosses
+# nodes once the group does; collectives take each peer's bytes over its own link.
+RING_LIKE = {"ring", "lasp1"}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A hardware profile (conf/cluster/*.yaml; each value's source is written beside it)."""
+
+    name: str
+    peak_tflops: dict  # dtype -> dense peak TFLOP/s per device (bf16, fp32)
+    gemm_fraction: float  # achieved / peak for large GEMMs
+    attention_fraction: float  # achieved / peak for the fused attention kernels (fwd + bwd)
+    hbm_gib: float  # device memory
+    intra_node_gbps: float  # GB/s one device receives over the node's links (per direction)
+    inter_node_gbps: float  # GB/s one device receives from other nodes (its NIC share)
+    intra_node_latency_us: float  # per message inside a node
+    inter_node_latency_us: float  # per message across nodes
+    gpus_per_node: int
+    usable_memory_fraction: float = 0.9  # what the allocator leaves usable (fragmentation, workspace)
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Cluster:
+        """Build from a yaml mapping; unknown or missing keys raise one line naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"cluster profile {d.get('name')!r} has unknown keys {sorted(unknown)}: remove them")
+        missing = {f.name for f in fields(cls) if f.default is MISSING} - set(d)
+        if missing:
+            raise ValueError(f"cluster profile {d.get('name')!r} lacks {sorted(missing)}: add them")
+        c = cls(**d)
+        c.check()
+        return c
+
+    def check(self) -> None:
+        for key in ("gemm_fraction", "attention_fraction", "usable_memory_fraction"):
+            v = getattr(self, key)
+            if not 0 < v <= 1:
+                raise ValueError(f"cluster {self.name}: {key}={v} must be in (0, 1]")
+        for key in ("hbm_gib", "intra_node_gbps", "inter_node_gbps", "gpus_per_node"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"cluster {self.name}: {key}={getattr(self, key)} must be > 0")
+        if not self.peak_tflops or min(self.peak_tflops.values()) <= 0:
+            raise ValueError(f"cluster {self.name}: peak_tflops needs positive entries, e.g. {{bf16: 989}}")
+
+    def peak(self, dtype: str) -> float:
+        if dtype not in self.peak_tflops:
+            raise ValueError(f"cluster {self.name} has no peak for dtype {dtype!r}: give peak_tflops.{dtype}")
+        return self.peak_tflops[dtype] * 1e12
+
+    def link(self, group: int, ring_like: bool) -> tuple[float, float]:
+        """(seconds per byte, seconds per message) of a collective over ``group`` consecutive
+        ranks (a CP group fills nodes first). A collective receives (group - g) / (group - 1) of
+        its bytes from other nodes (g = ranks per node in the group) and the rest over NVLink,
+        both at once; a ring step waits for its slowest hop."""
+        g = min(group, self.gpus_per_node)
+        if group <= g:
+            return 1 / (self.intra_node_gbps * 1e9), self.intra_node_latency_us * 1e-6
+        if ring_like:
+            return 1 / (self.inter_node_gbps * 1e9), self.inter_node_latency_us * 1e-6
+        cross = (group - g) / (group - 1)
+        per_byte = max(cross / self.inter_node_gbps, (1 - cross) / self.intra_node_gbps) / 1e9
+        return per_byte, self.inter_node_latency_us * 1e-6
+
+
+@dataclass
+class RunSpec:
+    """What one step trains and how it is parallelised.
+
+    ``doc_lens``: document lengths of one row (sum = seq_len); None: one document per row.
+    ``strategies`` / ``options``: per mixer kind, as ``parallel.cp.strategies`` / ``options``.
+    ``dp``: data-parallel replicas (each a CP group of ``cp`` ranks); ``fsdp``: parameters,
+    gradients and optimizer states sharded over all ``dp * cp`` ranks."""
+
+    model: ModelConfig
+    seq_len: int
+    cp: int = 1
+    strategies: dict = field(default_factory=lambda: {"softmax": "allgather", "linear": "lasp2", "sparse": "s2"})
+    options: dict = field(default_factory=dict)
+    layout: str = "zigzag"
+    batch: int = 1
+    doc_lens: tuple | None = None
+    dp: int = 1
+    fsdp: bool = False
+    activation_checkpointing: bool = False
+    loss_chunk: int = 0
+    dtype: str = "bf16"
+
+    @property
+    def elem_bytes(self) -> int:
+        return {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}[self.dtype]
+
+    @property
+    def docs(self) -> tuple:
+        return tuple(self.doc_lens) if self.doc_lens else (self.seq_len,)
+
+    def strategy_name(self, kind: str) -> str:
+        from parallel.strategies import DEFAULTS
+
+        return self.strategies.get(kind) or DEFAULTS[kind]
+
+    def strategy(self, kind: str):
+        return build_strategy(self.strategy_name(kind), kind, **dict(self.options.get(kind) or {}))
+
+
+@dataclass
+class LayerCost:
+    """One layer on the busiest rank (all times in seconds, fwd + bwd unless named)."""
+
+    layer: int
+    kind: str
+    strategy: str
+    gemm_flops: float
+    core_flops: float  # this rank's, balance included
+    balance: float
+    fwd_bytes: int
+    bwd_bytes: int
+    gemm_s: float
+    core_s: float
+    comm_s: float
+    time_s: float
+    overlap: str
+
+
+@dataclass
+class StepCost:
+    layers: list
+    head_s: float
+    dp_exposed_s: float
+    step_s: float
+    tokens_per_s: float  # whole cluster
+    model_flops: float  # per step, all ranks (MFU numerator: 6 N_matmul T + core, trainer/metrics)
+    mfu: float
+    memory_bytes: int  # per device
+    memory_parts: dict
+    fits: bool
+    world: int
+
+    def summary(self) -> dict:
+        comm = sum(c.comm_s for c in self.layers)
+        core = sum(c.core_s for c in self.layers)
+        gemm = sum(c.gemm_s for c in self.layers) + self.head_s
+        return dict(
+            step_s=self.step_s,
+            tokens_per_s=self.tokens_per_s,
+            mfu=self.mfu,
+            memory_gib=self.memory_bytes / 2**30,
+            fits=self.fits,
+            gemm_s=gemm,
+            core_s=core,
+            comm_s=comm,
+        )
+
+
+# ----------------------------------------------------------------------------- shapes
+def layer_params(cfg: ModelConfig, layer: int) -> int:
+    """Parameters of block ``layer`` (its mixer, MLP and norms), counted on the meta device."""
+    from models.llama import Block
+
+    with torch.device("meta"):
+        block = Block(cfg, layer)
+    return sum(p.numel() for p in block.parameters())
+
+
+def layer_shape(spec: RunSpec, layer: int) -> LayerShape:
+    """The ``LayerShape`` the strategy's byte formula takes for this layer."""
+    cfg, kind = spec.model, spec.model.kind_of(layer)
+    pattern = None
+    if kind == "sparse":
+        from models.s2_attention import layer_pattern
+
+        pattern = layer_pattern(cfg, layer, check_coverage=False)
+    linear = kind == "linear"
+    return LayerShape(
+        batch=spec.batch,
+        seq_len=spec.seq_len,
+        cp=spec.cp,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_heads if linear else cfg.n_kv_heads,
+        head_dim=cfg.hd,
+        elem_bytes=spec.elem_bytes,
+        layout=spec.layout,
+        pattern=pattern,
+    )
+
+
+def cu_seqlens(spec: RunSpec) -> torch.Tensor:
+    """Document starts of the [B, N] batch (every row the same documents), [n + 1]."""
+    starts, off = [0], 0
+    for _ in range(spec.batch):
+        for n in spec.docs:
+            off += int(n)
+            starts.append(off)
+    return torch.tensor(starts, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- per layer
+def compute_balance(spec: RunSpec, layer: int, strat) -> float:
+    """max / mean over CP ranks of the (query, key) pairs each computes (1.0 for linear
+    mixers: their work is per token). Sequence-sharded strategies compute in the layout's
+    placement; Ulysses spreads heads (balanced); USP sums its Ulysses groups; CAD plans."""
+    kind = spec.model.kind_of(layer)
+    if spec.cp == 1 or kind == "linear" or strat.name == "ulysses":
+        return 1.0
+    window = spec.model.sliding_window if kind != "linear" else None
+    if strat.name == "cad":
+        return _cad(spec, strat)[0]
+    loads = _home_loads(spec.docs, spec.batch, spec.seq_len, spec.cp, spec.layout, window)
+    if strat.name == "usp":
+        u = strat.degree(spec.cp, spec.model.n_heads)
+        loads = [sum(loads[g : g + u]) for g in range(0, spec.cp, u)]
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean > 0 else 1.0
+
+
+@lru_cache(maxsize=256)
+def _home_loads(docs: tuple, batch: int, seq_len: int, cp: int, layout: str, window) -> list[int]:
+    """Pairs each rank computes in the layout's own placement (ring, all-gather, USP)."""
+    cu = cu_seqlens(RunSpec(ModelConfig(), seq_len, batch=batch, doc_lens=docs))
+    return plan_cad(cu, batch, seq_len, cp, layout, window=window, tolerance=math.inf).home_load
+
+
+def allgather_sources(spec: RunSpec, strat) -> int:
+    """The most other ranks' K/V chunks a rank receives under all-gather's gather="needed":
+    the strategy's own need matrix (causal prefix, window, shared documents) for this batch."""
+    from parallel.context import CPContext
+    from parallel.strategies.allgather import need_matrix
+
+    window = spec.model.sliding_window
+    key = (spec.docs, spec.batch, spec.seq_len, spec.cp, spec.layout, window)
+    if key not in _NEED:
+        ctx = CPContext(strat, None, 0, spec.cp, spec.layout, spec.seq_len, spec.batch, cu_seqlens(spec))
+        need = need_matrix(ctx, True, window)
+        _NEED[key] = max(sum(row) - 1 for row in need)
+    return _NEED[key]
+
+
+_NEED: dict = {}
+_CAD: dict = {}
+
+
+def _cad(spec: RunSpec, strat) -> tuple[float, int, int]:
+    """(compute balance of CAD's plan, bytes its busiest rank receives: ``forward_bytes_of``,
+    most bytes a rank holds for attention: ``CADPlan.memory``)."""
+    cfg, window = spec.model, spec.model.sliding_window
+    shape = LayerShape(
+        spec.batch, spec.seq_len, spec.cp, cfg.n_heads, cfg.n_kv_heads, cfg.hd, spec.elem_bytes, spec.layout
+    )
+    key = (shape, spec.docs, window, strat.min_shard, strat.tolerance, strat.ping_pong)
+    if key not in _CAD:
+        cu = cu_seqlens(spec)
+        plan = strat._plan_of(
+            cu, spec.batch, spec.seq_len, spec.cp, spec.layout, True, window, cfg.n_heads, 2 * cfg.n_kv_heads
+        )
+        held = max(plan.memory(r, cfg.n_heads, cfg.n_kv_heads, cfg.hd, spec.elem_bytes) for r in range(spec.cp))
+        _CAD[key] = (plan.balance(), strat.forward_bytes_of(shape, cu, window=window), held)
+    return _CAD[key]
+
+
+def _bytes(spec: RunSpec, layer: int, strat) -> tuple[int, int, int]:
+    """(forward, backward, of which overlapped-able ring part) bytes one rank receives."""
+    if spec.cp == 1:
+        return 0, 0, 0
+    shape = layer_shape(spec, layer)
+    kind = spec.model.kind_of(layer)
+    if strat.name == "cad":
+        fwd = _cad(spec, strat)[1]
+    else:
+        fwd = strat.forward_bytes(shape)
+    if strat.name == "allgather" and strat.gather == "needed":
+        fwd = fwd * allgather_sources(spec, strat) // max(1, spec.cp - 1)
+    if hasattr(strat, "backward_bytes"):
+        if strat.name == "allgather":
+            return fwd, (2 if strat.regather else 1) * fwd, 0
+        return fwd, strat.backward_bytes(shape), 0
+    if strat.name == "lasp2":
+        return fwd, int(fwd * shape.head_dim / (shape.head_dim + 1)), fwd
+    if strat.name == "usp":
+        u = strat.degree(spec.cp, shape.n_heads)
+        uly = strat.forward_bytes(replace(shape, cp=u, seq_len=shape.seq_len * u // spec.cp))
+        ring = fwd - uly
+        return fwd, uly + 2 * ring, ring
+    if kind == "linear" and strat.name not in BACKWARD:
+        raise ValueError(f"the cost model has no backward rule for strategy {strat.name!r}: add it to BACKWARD")
+    return fwd, int(fwd * BACKWARD.get(strat.name, 1.0)), 0
+
+
+def _comm_seconds(cluster: Cluster, spec: RunSpec, strat, nbytes: int, ring_part: int = 0) -> tuple[float, float]:
+    """(serial seconds, overlappable seconds) of ``nbytes`` for one direction of one layer."""
+    if nbytes == 0:
+        return 0.0, 0.0
+    p = spec.cp
+    name = strat.name
+    if name == "usp":
+        u = strat.degree(p, spec.model.n_heads)
+        per_byte_u, lat_u = cluster.link(u, False)
+        # the ring groups take every u-th rank: they span nodes once the CP group does
+        per_byte_r, lat_r = cluster.link(p, True) if p > cluster.gpus_per_node else cluster.link(p // u, True)
+        uly = (nbytes - ring_part) * per_byte_u + (u - 1) * lat_u * 2
+        ring = ring_part * per_byte_r + (p // u - 1) * lat_r
+        return uly, ring
+    per_byte, lat = cluster.link(p, name in RING_LIKE)
+    steps = (p - 1) * (2 if name == "ulysses" else 1)  # Ulysses: two all-to-alls per direction
+    t = nbytes * per_byte + steps * lat
+    if name == "lasp1":  # the chain: P-1 sequential hops of one state each
+        t = nbytes * per_byte * (p - 1) + steps * lat
+    overlapped = OVERLAP.get(name) == "overlap" or (name == "cad" and getattr(strat, "ping_pong", False))
+    return (0.0, t) if overlapped else (t, 0.0)
+
+
+def layer_cost(cluster: Cluster, spec: RunSpec, layer: int, params: int | None = None) -> LayerCost:
+    """Costs of ``layer`` on the busiest rank of a CP group, fwd + bwd."""
+    cfg = spec.model
+    kind = cfg.kind_of(layer)
+    strat = spec.strategy(kind) if spec.cp > 1 else build_strategy("local")
+    params = layer_params(cfg, layer) if params is None else params
+    tokens = spec.batch * spec.seq_len / spec.cp
+    recompute = spec.activation_checkpointing
+    gemm_flops = (8 if recompute else 6) * params * tokens
+    core_total = mixer_class(cfg.mixer_of(layer)).core_flops(cfg, layer, list(spec.docs)) * spec.batch
+    balance = compute_balance(spec, layer, strat)
+    core_flops = core_total * balance / spec.cp * (4 / 3 if recompute else 1)
+    peak = cluster.peak(spec.dtype)
+    gemm_s = gemm_flops / (peak * cluster.gemm_fraction)
+    core_s = core_flops / (peak * cluster.attention_fraction)
+    fwd_b, bwd_b, ring_b = _bytes(spec, layer, strat)
+    bwd_ring = 2 * ring_b if strat.name == "usp" else ring_b
+    f_serial, f_over = _comm_seconds(cluster, spec, strat, fwd_b, ring_b)
+    b_serial, b_over = _comm_seconds(cluster, spec, strat, bwd_b, bwd_ring)
+    passes = [(1 / 3, f_serial, f_over), (2 / 3, b_serial, b_over)]
+    if recompute:  # the recomputed forward exchanges again
+        passes.append((1 / 3, f_serial, f_over))
+    core_one = core_total * balance / spec.cp * 1.0 / (peak * cluster.attention_fraction)
+    time_core = sum(max(share * core_one, over) + serial for share, serial, over in passes)
+    comm_s = sum(serial + over for _, serial, over in passes)
+    overlap = OVERLAP.get(strat.name, "serial")
+    if strat.name == "cad" and getattr(strat, "ping_pong", False):
+        overlap = "overlap"
+    return LayerCost(
+        layer=layer,
+        kind=kind,
+        strategy=strat.name,
+        gemm_flops=gemm_flops,
+        core_flops=core_flops,
+        balance=balance,
+        fwd_bytes=fwd_b,
+        bwd_bytes=bwd_b,
+        gemm_s=gemm_s,
+        core_s=core_s,
+        comm_s=comm_s,
+        time_s=gemm_s + time_core,
+        overlap=overlap,
+    )
+
+
+# ----------------------------------------------------------------------------- memory
+def attention_saved_bytes(spec: RunSpec, layer: int) -> int:
+    """Bytes the core op of a softmax / sparse layer keeps for backward on the busiest rank: q
+    and o [C, H, D], k and v [C, Hkv', D] in the compute dtype and the fp32 log-sum-exp [H, C]
+    (the kernel's saved tensors; bench.cp's ``peak_mem_mb`` on CPU). Hkv' = Hkv, or the
+    replicated count when Ulysses / USP must split fewer KV heads than ranks (the head-sharded
+    [N, H/P] tensors hold as much as the sequence-sharded ones); all-gather without regather
+    also keeps the gathered K/V; CAD: its plan's Q, O and attended K/V (``CADPlan.memory``)."""
+    from parallel.strategies.ulysses import kv_heads_for
+
+    cfg = spec.model
+    tokens = spec.batch * spec.seq_len // spec.cp
+    lse = cfg.n_heads * tokens * max(4, spec.elem_bytes)
+    hkv = cfg.n_kv_heads
+    strat = spec.strategy(cfg.kind_of(layer)) if spec.cp > 1 else None
+    if strat is not None and strat.name == "cad":
+        return _cad(spec, strat)[2] + lse
+    if strat is not None and strat.name in ("ulysses", "usp"):
+        u = spec.cp if strat.name == "ulysses" else strat.degree(spec.cp, cfg.n_heads)
+        hkv = kv_heads_for(cfg.n_heads, cfg.n_kv_heads, u)
+    held = (2 * cfg.n_heads + 2 * hkv) * cfg.hd * tokens * spec.elem_bytes + lse
+    if strat is not None and strat.name == "allgather" and not strat.regather:
+        held += 2 * spec.batch * spec.seq_len * hkv * cfg.hd * spec.elem_bytes  # gather="all" bound
+    return held
+
+
+def activation_bytes(spec: RunSpec, layer: int) -> int:
+    """Bytes block ``layer`` keeps for backward on one rank (no checkpointing): the block
+    input, both norm outputs (3 x dim per token), the MLP's gate, up, activation and down input
+    (4 x ffn per token) in the compute dtype, plus the core op's (``attention_saved_bytes``;
+    linear mixers: q, k, v, o, 4 H D per token)."""
+    cfg = spec.model
+    tokens = spec.batch * spec.seq_len // spec.cp
+    block = (3 * cfg.dim + 4 * cfg.ffn) * tokens * spec.elem_bytes
+    if cfg.kind_of(layer) == "linear":
+        return block + 4 * cfg.n_heads * cfg.hd * tokens * spec.elem_bytes
+    return block + attention_saved_bytes(spec, layer)
+
+
+def memory(cluster: Cluster, spec: RunSpec, n_params: int) -> tuple[int, dict]:
+    """(bytes per device, parts). States: fp32 parameters, gradients and two Adam moments,
+    16 bytes per parameter (longctx keeps fp32 masters under bf16 autocast), sharded over
+    dp * cp with FSDP. Activations: every block's (``activation_bytes``), or with activation
+    checkpointing each block's input plus one block's full set during its recompute.
+    Logits: fp32 [tokens, vocab] and its gradient, or ``loss_chunk`` tokens at a time."""
+    cfg = spec.model
+    states = 16 * n_params / (spec.dp * spec.cp if spec.fsdp else 1)
+    per_layer = [activation_bytes(spec, i) for i in range(cfg.n_layers)]
+    tokens = spec.batch * spec.seq_len // spec.cp
+    if spec.activation_checkpointing:
+        acts = cfg.n_layers * tokens * cfg.dim * spec.elem_bytes + max(per_layer)
+    else:
+        acts = sum(per_layer)
+    logit_tokens = min(spec.loss_chunk, tokens) if spec.loss_chunk else tokens
+    logits = 2 * logit_tokens * cfg.vocab_size * 4
+    parts = dict(states=int(states), activations=int(acts), logits=int(logits))
+    return sum(parts.values()), parts
+
+
+# ----------------------------------------------------------------------------- the step
+def _block_params(cfg: ModelConfig) -> list[int]:
+    """Parameters per block, built once per distinct mixer (blocks of one mixer are equal)."""
+    seen: dict[str, int] = {}
+    out = []
+    for i in range(cfg.n_layers):
+        name = cfg.mixer_of(i)
+        if name not in seen:
+            seen[name] = layer_params(cfg, i)
+        out.append(seen[name])
+    return out
+
+
+def step_cost(cluster: Cluster, spec: RunSpec) -> StepCost:
+    """Predicted step (one micro-batch per CP group, fwd + bwd + the DP gradient reduction)."""
+    cfg = spec.model
+    for kind in cfg.kinds():
+        if spec.cp > 1:
+            spec.strategy(kind).check(
+                n_heads=cfg.n_heads,
+                n_kv_heads=cfg.n_heads if kind == "linear" else cfg.n_kv_heads,
+                cp=spec.cp,
+                seq_len=spec.seq_len,
+                layout=spec.layout,
+            )
+    blocks = _block_params(cfg)
+    cache: dict = {}
+    layers = []
+    for i in range(cfg.n_layers):
+        key = (cfg.mixer_of(i), cfg.kind_of(i) == "sparse" and i)  # sparse layers differ in offset
+        if key not in cache:
+            cache[key] = layer_cost(cluster, spec, i, blocks[i])
+        layers.append(replace(cache[key], layer=i))
+    tokens = spec.batch * spec.seq_len / spec.cp
+    peak = cluster.peak(spec.dtype)
+    head_params = cfg.vocab_size * cfg.dim
+    head_s = 6 * head_params * tokens / (peak * cluster.gemm_fraction)
+    total = sum(blocks) + head_params * (1 if cfg.tie_embeddings else 2) + cfg.dim
+    matmul = total - (0 if cfg.tie_embeddings else head_params)
+    world = spec.dp * spec.cp
+    # DP: a ring all-reduce of the bf16 gradients (2 (dp-1)/dp of them), overlapped with the
+    # backward (DDP buckets); only what outlasts the backward shows
+    dp_exposed = 0.0
+    if spec.dp > 1:
+        per_byte, lat = cluster.link(world, True)
+        ar = 2 * (spec.dp - 1) / spec.dp * 2 * total * per_byte + 2 * (spec.dp - 1) * lat
+        bwd = sum(c.time_s for c in layers) * 2 / 3
+        dp_exposed = max(0.0, ar - bwd)
+    step = sum(c.time_s for c in layers) + head_s + dp_exposed
+    core = sum(mixer_class(cfg.mixer_of(i)).core_flops(cfg, i, list(spec.docs)) for i in range(cfg.n_layers))
+    flops = (6 * matmul * spec.seq_len + core) * spec.batch * spec.dp
+    mem, parts = memory(cluster, spec, total)
+    return StepCost(
+        layers=layers,
+        head_s=head_s,
+        dp_exposed_s=dp_exposed,
+        step_s=step,
+        tokens_per_s=spec.batch * spec.seq_len * spec.dp / step,
+        model_flops=flops,
+        mfu=flops / (step * world * peak),
+        memory_bytes=mem,
+        memory_parts=parts,
+        fits=mem <= cluster.hbm_gib * 2**30 * cluster.usable_memory_fraction,
+        world=world,
+    )
+
+
+def registered_strategies(kind: str) -> list[str]:
+    """Strategies the model can cost for mixer kind ``kind`` (all registered but ``local``)."""
+    return sorted(n for n, cls in STRATEGIES.items() if kind in cls.kinds)
+
+
+def load_cluster(path: str) -> Cluster:
+    """The profile in the yaml file ``path`` (conf/cluster/<name>.yaml)."""
+    import yaml
+
+    with open(path) as f:
+        return Cluster.from_dict(yaml.safe_load(f))
