@@ -26,7 +26,7 @@ from models.lora import attach_lora, merge_lora_state
 from parallel.data_parallel import full_state_dict
 from parallel.mesh import Mesh, env_ranks, init_mesh
 from trainer import checkpoint, init_from, run_checks, stages
-from trainer.batching import build_loaders, prepare_batch
+from trainer.batching import build_loaders, data_metrics, prepare_batch
 from trainer.config import TrainConfig, conf_dir, cp_strategies, register_schema, reject_unknown_keys, validate
 from trainer.engines import Engine, build_engine
 from trainer.eval_report import write_report
@@ -147,6 +147,7 @@ def train(cfg: TrainConfig) -> dict:
     preempt = _Preemption()  # first: a signal must never kill us
     started = time.perf_counter()
     rank, _, world = env_ranks()
+    chosen = _resolve_auto(cfg, world)  # parallel.cp.strategies.<kind>=auto, before validation
     if cfg.init_from is None:  # else the checkpoint's architecture is resolved by stages.plan first
         validate(cfg, world)  # before any collective can hang
     plan = stages.plan(cfg)  # every stage's settings, checked too
@@ -167,6 +168,15 @@ def train(cfg: TrainConfig) -> dict:
         run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)), mesh.is_main, cfg.logger, resumed_from=resume
     )
     run = _Run(run_dir, logger, preempt, step=resume or 0, history=[])
+    for kind, c in chosen.items():
+        run.predicted_step_s = c["step_s"]  # the last choice's prediction includes the earlier ones
+        if mesh.is_main:
+            print(
+                f"[longctx] parallel.cp.strategies.{kind}=auto chose {c['strategy']} (cost model, {c['cluster']} "
+                f"profile): predicted step {c['step_s']:.3g} s, {c['tokens_per_s']:.3g} tokens/s, MFU {c['mfu']:.2f}, "
+                f"{c['memory_gib']:.2f} GiB per device; considered {c['considered']}",
+                flush=True,
+            )
     stop_after = cfg.trainer.stop_after
     run.end = plan[-1].end if stop_after is None else min(plan[-1].end, run.step + stop_after)
     prev, last = None, {}
@@ -185,6 +195,17 @@ def train(cfg: TrainConfig) -> dict:
     return out
 
 
+def _resolve_auto(cfg: TrainConfig, world: int) -> dict:
+    """Each ``parallel.cp.strategies.<kind>=auto`` replaced by the cost model's choice for this
+    run's shape on this machine's cluster profile (parallel/auto.py); {} when none is auto."""
+    if "auto" not in dict(cfg.parallel.cp.strategies).values():
+        return {}
+    from parallel.auto import cluster_for_device, resolve_auto
+
+    gpu = cfg.trainer.device != "cpu" and torch.cuda.is_available()
+    return resolve_auto(cfg, world, cluster_for_device(conf_dir(), torch.cuda.get_device_name() if gpu else None))
+
+
 @dataclasses.dataclass
 class _Run:
     """What the stages of one run share."""
@@ -196,6 +217,7 @@ class _Run:
     history: list
     end: int = 0  # the global step this invocation stops at
     stopped: bool = False  # a preemption signal (agreed by every rank) stopped the run
+    predicted_step_s: float | None = None  # the cost model's step time (strategies=auto), checked once
 
 
 @dataclasses.dataclass
@@ -221,6 +243,7 @@ class _StageRun:
     window: list = dataclasses.field(default_factory=list)  # step losses since the last log
     skips: int = 0  # non-finite steps skipped
     t0: float = 0.0
+    steps_since: int = 0
     tokens_since: int = 0
     flops_since: float = 0.0
 
@@ -354,12 +377,20 @@ def _log_step(run: _Run, sr: _StageRun, train_loss: float, grad_norm: float, bad
     t, mesh, step = sr.st.cfg.trainer, sr.mesh, run.step
     if not bad:
         sr.window.append(train_loss)
+    sr.steps_since += 1
     if sr.bar is not None:
         sr.bar.update(1)
         sr.bar.set_postfix(loss=f"{train_loss:.4f}")
     if not (step % t.log_every == 0 or step == sr.end):
         return
     dt = time.perf_counter() - sr.t0
+    if run.predicted_step_s and step - sr.st.offset > t.log_every:  # after the first window (warm-up)
+        from parallel.auto import check_prediction
+
+        warning = check_prediction(run.predicted_step_s, dt / max(sr.steps_since, 1))
+        run.predicted_step_s = None  # once
+        if warning and mesh.is_main:
+            sr.console(f"[longctx] warning: {warning}")
     # every rank holds distinct tokens (its CP shard of its dp rows): world x local tokens
     tok_s = sr.tokens_since * mesh.world_size / max(dt, 1e-9)
     sr.last = {
@@ -369,6 +400,7 @@ def _log_step(run: _Run, sr: _StageRun, train_loss: float, grad_norm: float, bad
         "grad_norm": float(grad_norm),
         "tokens_per_s": tok_s,
     }  # the objective's value: mean since last log
+    sr.last.update(data_metrics(sr.loaders[0]))  # prepared data: realised share per source
     if sr.skips:
         sr.last["skipped_steps"] = sr.skips
     sr.window = []
@@ -379,7 +411,7 @@ def _log_step(run: _Run, sr: _StageRun, train_loss: float, grad_norm: float, bad
     if mesh.device.type == "cuda":
         sr.last["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     run.logger.log(step, sr.last, console=sr.console)
-    sr.t0, sr.tokens_since, sr.flops_since = time.perf_counter(), 0, 0.0
+    sr.t0, sr.steps_since, sr.tokens_since, sr.flops_since = time.perf_counter(), 0, 0, 0.0
 
 
 def _evaluate(run: _Run, sr: _StageRun, at: str | None) -> dict:
