@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from parallel.spawn import _free_port
+from parallel.mesh import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -122,7 +122,7 @@ RESTART = [False, True]
 @pytest.mark.parametrize("kill", RESTART)
 def test_two_torchrun_agents_train_with_cp_across_nodes(tmp_path, kill):
     run = str(tmp_path / "run")
-    port = _free_port()
+    port = free_port()
     agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
     agent += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"t{port}"]
     agent += ["--rdzv_conf", "is_host=false", "--local_addr", "127.0.0.1", "--max_restarts", "1"]
@@ -166,7 +166,7 @@ exit $rc
 @pytest.mark.parametrize("kill", RESTART)
 def test_slurm_sbatch_with_a_stand_in_srun(tmp_path, kill):
     run = str(tmp_path / "run")
-    port = _free_port()
+    port = free_port()
     store = _store(port)  # noqa: F841 -- lives until the test ends
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -175,7 +175,7 @@ def test_slurm_sbatch_with_a_stand_in_srun(tmp_path, kill):
     env = _env(
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         SLURM_NNODES="2",
-        SLURM_JOB_ID=str(_free_port()),
+        SLURM_JOB_ID=str(free_port()),
         SLURM_JOB_NODELIST="localhost",
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
