@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 
 PARTIAL_SUFFIX = ".part"  # names of files still being written end with this; readers skip them
 
@@ -24,3 +25,12 @@ def write_atomic(path: str, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def crc32_file(path: str) -> str:
+    """The CRC-32 of a file's bytes as 8 hex digits, read 4 MiB at a time (manifests)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"

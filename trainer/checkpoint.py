@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import warnings
-import zlib
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from models.files import PARTIAL_SUFFIX, write_atomic
+from models.files import PARTIAL_SUFFIX, crc32_file, write_atomic
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -41,16 +40,8 @@ class CheckpointError(ValueError):
     """A checkpoint could not be written or no complete one can be resumed (one-line message)."""
 
 
-def _crc32(path: str) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
-
-
 def _describe(paths: list[str], root: str) -> dict:
-    return {os.path.relpath(p, root): {"size": os.path.getsize(p), "crc32": _crc32(p)} for p in paths}
+    return {os.path.relpath(p, root): {"size": os.path.getsize(p), "crc32": crc32_file(p)} for p in paths}
 
 
 def _all_gather(obj) -> list:
@@ -176,7 +167,7 @@ def _problems(ckpt: str, rank: int, world: int) -> tuple[str | None, int | None]
             return f"{name} is missing", saved_world
         if os.path.getsize(path) != files[name]["size"]:
             return f"{name} has {os.path.getsize(path)} bytes, the manifest says {files[name]['size']}", saved_world
-        if _crc32(path) != files[name]["crc32"]:
+        if crc32_file(path) != files[name]["crc32"]:
             return f"{name} fails its checksum", saved_world
     return None, saved_world
 

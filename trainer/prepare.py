@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from models.files import crc32_file
 from trainer.data.shards import (
     FORMAT,
     MANIFEST,
@@ -320,19 +321,11 @@ def write_shard(out: str, index: int, chunk: Chunk) -> dict:
     for ext, arr in ((".idx.npy", np.asarray(offsets, np.int64)), (".src.npy", np.asarray(tags, np.uint32))):
         with open(base + ext + ".tmp", "wb") as f:
             np.save(f, arr)
-        entry["crc32"][ext[1:4]] = _crc(base + ext + ".tmp")
+        entry["crc32"][ext[1:4]] = crc32_file(base + ext + ".tmp")
     for ext in (".bin", ".idx.npy", ".src.npy"):
         os.replace(base + ext + ".tmp", base + ext)
     _write_json(base + ".json", entry)
     return entry
-
-
-def _crc(path: str) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
 
 
 def _write_json(path: str, obj) -> None:
@@ -539,7 +532,7 @@ def verify(path: str) -> dict:
     for s in m["shards"]:
         base = os.path.join(path, s["name"])
         for key, ext in (("bin", ".bin"), ("idx", ".idx.npy"), ("src", ".src.npy")):
-            if not os.path.exists(base + ext) or _crc(base + ext) != s["crc32"][key]:
+            if not os.path.exists(base + ext) or crc32_file(base + ext) != s["crc32"][key]:
                 raise PreparedDataError(f"{base}{ext} is missing or fails its checksum: prepare the corpus again")
     return m
 
