@@ -69,7 +69,8 @@ def _hf_llama(path, theta=5e5, eps=1e-6):
 def _reload_matches(run, out, transformers):
     """The export in ``out`` loads in transformers with the logits of the run's weights."""
     from models import Transformer
-    from trainer.export import model_config, run_weights
+    from trainer.checkpoint import load_run_weights as run_weights
+    from trainer.export import model_config
 
     meta, weights = run_weights(run)
     ours = Transformer(model_config(meta))

@@ -228,16 +228,31 @@ def newest_complete(run_dir: str) -> str | None:
 
 def load_run_weights(run_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """Non-collective: (meta, model state dict) of the newest complete checkpoint of a longctx
-    run dir, LoRA factors merged into their weights. ValueError when there is none."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
+    run dir, whichever engine wrote it (DCP or DeepSpeed), LoRA factors merged into their
+    weights. ValueError naming the problem when there is none."""
     from models.lora import merge_lora_state
 
     ckpt = newest_complete(run_dir)
     if ckpt is None:
-        raise ValueError(f"{run_dir!r} holds no complete longctx checkpoint (checkpoints/step_*/manifest.json)")
+        raise ValueError(
+            f"{run_dir!r} holds no complete longctx checkpoint (checkpoints/step_*/manifest.json): "
+            "give a run dir of trainer.train with trainer.save_every > 0 or a finished run"
+        )
     with open(os.path.join(ckpt, MANIFEST)) as f:
         meta = json.load(f).get("meta", {})
+    weights = _deepspeed_weights(ckpt)
+    if weights is None:
+        weights = _dcp_weights(ckpt)
+    stage = meta.get("stage_spec", {})
+    if stage.get("lora_rank", 0) > 0:
+        weights = merge_lora_state(weights, stage["lora_alpha"] / stage["lora_rank"])
+    return meta, weights
+
+
+def _dcp_weights(ckpt: str) -> dict[str, torch.Tensor]:
+    """The model's tensors of a native (DCP) checkpoint, read in this one process."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     layout = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
     state = {
         key: torch.empty(m.size, dtype=m.properties.dtype)
@@ -247,11 +262,18 @@ def load_run_weights(run_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=ckpt, no_dist=True)
-    weights = {k[len("model.") :]: v for k, v in state.items()}
-    stage = meta.get("stage_spec", {})
-    if stage.get("lora_rank", 0) > 0:
-        weights = merge_lora_state(weights, stage["lora_alpha"] / stage["lora_rank"])
-    return meta, weights
+    return {k[len("model.") :]: v for k, v in state.items()}
+
+
+def _deepspeed_weights(ckpt: str) -> dict[str, torch.Tensor] | None:
+    """The whole fp32 weights of a DeepSpeed (any ZeRO stage) checkpoint; None for another engine's."""
+    from trainer.engines.deepspeed import TAG
+
+    if not os.path.isdir(os.path.join(ckpt, TAG)):
+        return None
+    from trainer.engines.deepspeed import consolidated_state_dict
+
+    return {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
 
 
 def load(run_dir: str, step: int, engine, scheduler, loader, rank: int) -> int:

@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from parallel.mesh import env_ranks
 from trainer.batching import prepare_batch
 from trainer.eval_report import plot_summaries, summarize, write_report
+from trainer.run_checks import override_keys
 
 # --------------------------------------------------------------------------- pure parts
 
@@ -192,12 +194,12 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
 
     extra = OmegaConf.from_dotlist(overrides)
     reject_unknown_keys(extra, TrainConfig, "")
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    keys = override_keys(overrides)
     base = OmegaConf.structured(TrainConfig)
     if init_from.is_run_dir(path):
-        from trainer.export import run_weights
+        from trainer.checkpoint import load_run_weights
 
-        meta, state = run_weights(path)  # native or DeepSpeed
+        meta, state = load_run_weights(path)  # native or DeepSpeed
         saved = OmegaConf.create(meta.get("config", {}))
         saved.pop("recipe", None)
         saved.pop("init_from", None)  # the weights are the run's own
@@ -208,7 +210,7 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
         cp = cfg.parallel.cp.size
         if "parallel.cp.size" not in keys and world_size % cp:
             cfg.parallel.cp.size = math.gcd(cp, world_size)
-            if env_rank() == 0:
+            if env_ranks()[0] == 0:
                 print(
                     f"[longctx] {path} was trained with parallel.cp.size={cp}: evaluating with "
                     f"parallel.cp.size={cfg.parallel.cp.size} on {world_size} process(es) "
@@ -228,10 +230,6 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
     model = Transformer(cfg.model)
     model.load_state_dict(state, strict=True)
     return cfg, model
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def _plot(paths: list[str], out: str) -> None:
@@ -263,7 +261,7 @@ def main(argv=None) -> None:
         _plot(args.paths, args.out or ".")
         return
     path, overrides = args.paths[0], args.paths[1:]
-    from parallel.mesh import env_ranks, init_mesh
+    from parallel.mesh import init_mesh
     from trainer.batching import build_loaders
     from trainer.config import cp_strategies, validate
 

@@ -12,40 +12,9 @@ for a sliding window, llama otherwise. No process group is needed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-import torch
-
 from models.config import ModelConfig
-
-
-def run_weights(run_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(meta, whole parameters by name) of the newest complete checkpoint of ``run_dir``, whichever
-    engine wrote it; ValueError naming the problem."""
-    from trainer import checkpoint
-
-    ckpt = checkpoint.newest_complete(run_dir)
-    if ckpt is None:
-        raise ValueError(
-            f"{run_dir!r} holds no complete longctx checkpoint (checkpoints/step_*/manifest.json): "
-            "give a run dir of trainer.train with trainer.save_every > 0 or a finished run"
-        )
-    from trainer.engines.deepspeed import TAG
-
-    if not os.path.isdir(os.path.join(ckpt, TAG)):
-        return checkpoint.load_run_weights(run_dir)
-    from models.lora import merge_lora_state
-    from trainer.engines.deepspeed import consolidated_state_dict
-
-    with open(os.path.join(ckpt, checkpoint.MANIFEST)) as f:
-        meta = json.load(f).get("meta", {})
-    weights = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
-    stage = meta.get("stage_spec", {})
-    if stage.get("lora_rank", 0) > 0:
-        weights = merge_lora_state(weights, stage["lora_alpha"] / stage["lora_rank"])
-    return meta, weights
 
 
 def model_config(meta: dict) -> ModelConfig:
@@ -71,7 +40,7 @@ def export(run_dir: str, out_dir: str, model_type: str | None = None) -> str:
     from models.hf_io import save_hf_checkpoint
     from trainer import checkpoint
 
-    meta, weights = run_weights(run_dir)
+    meta, weights = checkpoint.load_run_weights(run_dir)  # native or DeepSpeed
     cfg = model_config(meta)
     model = Transformer(cfg)
     try:

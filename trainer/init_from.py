@@ -27,12 +27,10 @@ def _hydra_model_keys() -> set[str]:
         return set()
     if not HydraConfig.initialized():
         return set()
-    keys = set()
-    for item in HydraConfig.get().overrides.task:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key.startswith("model."):
-            keys.add(key[len("model.") :])
-    return keys
+    from trainer.run_checks import override_keys
+
+    keys = override_keys(list(HydraConfig.get().overrides.task))
+    return {key[len("model.") :] for key in keys if key.startswith("model.")}
 
 
 def explicit_model_keys(model: ModelConfig, named: set[str] | None = None) -> set[str]:

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from models.files import crc32_file
+from models.files import crc32_file, write_atomic
 from trainer.data.shards import (
     FORMAT,
     MANIFEST,
@@ -329,11 +329,11 @@ def write_shard(out: str, index: int, chunk: Chunk) -> dict:
 
 
 def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    write_atomic(path, write)  # fsynced, renamed over path: a reader sees the old file or the new one
 
 
 def _work(args):

@@ -37,6 +37,11 @@ def _overrides(argv: list[str]):
             yield key.lstrip("+~").split("@")[0], value
 
 
+def override_keys(argv: list[str]) -> set[str]:
+    """The setting each ``key=value`` Hydra override names (``+``/``~`` and ``@package`` stripped)."""
+    return {key for key, _ in _overrides(argv)}
+
+
 def check_group_choices(argv: list[str], conf: str) -> None:
     """ValueError for ``group=option`` naming no file of the group (Hydra skips an unknown
     option of an ``optional`` default, e.g. ``experiment=quickstrat``, and trains the default
