@@ -161,11 +161,51 @@ def test_best_fit_keeps_documents_whole(tmp_path):
     assert 0 < m["data_cut_share"] < 0.6 and 0 <= m["data_pad_share"] < 0.2
 
 
+def test_grouped_batches_rows_of_similar_work_into_steps(tmp_path):
+    """grouped: best_fit's rows, window by window, reordered so that each step's rows are
+    consecutive in attention work (no two steps of a window interleave), the steps in a seeded
+    order; fewer waits for the busiest rank of a step than best_fit (bench.packing)."""
+    from bench.packing import measure
+    from trainer.data.prepared import GROUP_STEPS
+
+    n, group = 96, 3
+    path, _ = _corpus(tmp_path, "c", 300, 0, 100)  # a few longer than a row: cut as best_fit cuts them
+    corpus = PreparedCorpus([path])
+
+    def work(plan):
+        return sum((b - a) ** 2 for _, _, a, b in plan)
+
+    ref = RowPlanner([DocStream(corpus, "train", 0.1, 0)], [1.0], n, "best_fit")
+    grouped = RowPlanner([DocStream(corpus, "train", 0.1, 0)], [1.0], n, "grouped", group, seed=5)
+    window = GROUP_STEPS * group
+    orders, windows = [], []
+    for _ in range(2):
+        expect = [ref.next_plan() for _ in range(window)]
+        got = [grouped.next_plan() for _ in range(window)]
+        assert sorted(got) == sorted(expect)  # the same rows: same cuts, same padding
+        steps = [[work(p) for p in got[i : i + group]] for i in range(0, window, group)]
+        for i, x in enumerate(steps):
+            for y in steps[i + 1 :]:
+                assert max(x) <= min(y) or max(y) <= min(x)  # steps do not interleave in work
+        assert len({w for s in steps for w in s}) > group  # (the corpus gives rows of different work)
+        orders.append([max(s) for s in steps])
+        windows.append(got)
+    assert orders[0] != sorted(orders[0], reverse=True)  # steps shuffled, not sorted by work
+    assert (grouped.pad, grouped.cut, grouped.docs) == (ref.pad, ref.cut, ref.docs)
+    again = RowPlanner([DocStream(corpus, "train", 0.1, 0)], [1.0], n, "grouped", group, seed=5)
+    assert [again.next_plan() for _ in range(2 * window)] == windows[0] + windows[1]  # deterministic per seed
+    other = RowPlanner([DocStream(corpus, "train", 0.1, 0)], [1.0], n, "grouped", group, seed=6)
+    assert [other.next_plan() for _ in range(window)] != windows[0]
+    waits = {p: measure(corpus, n, p, dp=4, cp=1) for p in ("best_fit", "grouped")}
+    assert waits["grouped"]["dp_wait"] < waits["best_fit"]["dp_wait"]
+    assert waits["grouped"]["pad_pct"] == waits["best_fit"]["pad_pct"]
+
+
 def test_mixture_weights_are_realised_and_deterministic(tmp_path):
     a, _ = _corpus(tmp_path, "a", 60, 10, 200, seed=1)
     b, _ = _corpus(tmp_path, "b", 60, 50, 400, seed=2)
     sources = [{"name": "a", "paths": [a], "weight": 0.7}, {"name": "b", "paths": [b], "weight": 0.3}]
-    for packing in ("stream", "best_fit"):
+    for packing in ("stream", "best_fit", "grouped"):
         train, _ = build_prepared_loaders(_cfg(sources=sources, packing=packing), TOK, 0, 1)
         first = [next(train) for _ in range(800)]  # best_fit's pool (256 documents) lags the mix
         shares = train.metrics()
@@ -186,7 +226,7 @@ def test_long_documents_are_upsampled(tmp_path):
         assert share == pytest.approx(ratio, abs=0.04)
 
 
-@pytest.mark.parametrize("packing", ["stream", "best_fit"])
+@pytest.mark.parametrize("packing", ["stream", "best_fit", "grouped"])
 @pytest.mark.parametrize("workers,dp_rank,dp_size", [(0, 0, 1), (2, 1, 2)])
 def test_resume_mid_epoch_is_exact(tmp_path, packing, workers, dp_rank, dp_size):
     path, _ = _corpus(tmp_path, "c", 40, 0, 120)
@@ -230,6 +270,8 @@ def test_bad_settings_raise(tmp_path):
         check_config(_cfg(source="files", sources=[{"paths": [path]}]))
     with pytest.raises(ValueError, match="data.packing=best_fit needs prepared data"):
         check_config(_cfg(source="stdlib", packing="best_fit"))
+    with pytest.raises(ValueError, match="data.packing=grouped needs prepared data"):
+        check_config(_cfg(source="stdlib", packing="grouped"))
     with pytest.raises(ValueError, match="data.sources\\[0\\] has \\['wieght'\\]"):
         check_config(_cfg(sources=[{"paths": [path], "wieght": 2}]))
     with pytest.raises(ValueError, match="data.sources\\[0\\].weight=0.0 must be > 0"):
@@ -245,6 +287,9 @@ def test_bad_settings_raise(tmp_path):
     other, _ = build_prepared_loaders(_cfg(paths=[path], seq_len=16), TOK, 0, 1)
     with pytest.raises(ValueError, match="resume with the same data settings"):
         other.load_state_dict(sd)
+    grouped = build_prepared_loaders(_cfg(paths=[path], packing="grouped"), TOK, 0, 2)[0].state_dict()
+    with pytest.raises(ValueError, match="with packing=grouped the same dp x data.micro_batch"):
+        build_prepared_loaders(_cfg(paths=[path], packing="grouped"), TOK, 0, 1)[0].load_state_dict(grouped)
 
 
 @pytest.mark.e2e

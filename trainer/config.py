@@ -50,7 +50,9 @@ class DataConfig:
     passkey_doc_chars: list[int] = field(default_factory=lambda: [256, 512])  # their lengths (drawn)
     # prepared data: a mixture [{name, paths, weight, long_ratio, long_min_tokens}]; empty: data.paths
     sources: list[dict[str, Any]] = field(default_factory=list)
-    packing: str = "stream"  # stream (documents cut at row ends) | best_fit (whole documents, padded rows)
+    # stream (documents cut at row ends) | best_fit (whole documents, padded rows) | grouped (best_fit's
+    # rows, grouped by attention work into steps so that data-parallel ranks wait less on each other)
+    packing: str = "stream"
     num_workers: int = 2  # DataLoader worker processes building prepared batches (0: in the trainer)
 
 

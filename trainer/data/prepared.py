@@ -18,6 +18,14 @@ attention segment (cu_seqlens) with positions from 0:
   best_fit  documents whole: each row is filled from a pool of ``POOL`` waiting documents with
             the longest that still fits, until none fits; the rest is padding (label -100).
             Only documents longer than a row are cut: into full rows, their tail joins the pool.
+  grouped   best_fit's rows, grouped by attention work into steps: a window of ``GROUP_STEPS``
+            steps' rows (a step: the dp x micro_batch rows trained at once) is sorted by the
+            pairs its documents attend (sum of piece length squared), cut into steps of
+            consecutive rows, and the steps are emitted in a seeded order. The ranks of a step then
+            hold rows of similar attention work (a row of one long document beside rows of long
+            documents, rows of short ones together), so no rank waits on another's longer
+            attention (varlen / CAD keep each row's work; this balances the rows between ranks).
+            Same rows, cuts and padding as best_fit; only their order changes, within a window.
 Labels are the next token of the same document (-100 at its eos and on padding).
 
 Rows go to data-parallel ranks round robin (global row i to rank i % dp), ``micro_batch`` per
@@ -41,8 +49,9 @@ import torch
 from trainer.data.packing import collate
 from trainer.data.shards import PreparedCorpus, PreparedDataError
 
-PACKINGS = ("stream", "best_fit")
+PACKINGS = ("stream", "best_fit", "grouped")
 POOL = 256  # best_fit: documents waiting for a row
+GROUP_STEPS = 32  # grouped: steps per window (more: better grouped, rows reordered further)
 _M64 = (1 << 64) - 1
 _SOURCE_KEYS = {"name", "paths", "weight", "long_ratio", "long_min_tokens"}
 
@@ -166,8 +175,17 @@ class RowPlanner:
     """The mixture and the packer: ``next_plan()`` -> the next global row as pieces
     [(source, document, start, end)] over the document's L + 1 positions. Reads lengths only."""
 
-    def __init__(self, streams: list[DocStream], weights: list[float], seq_len: int, packing: str):
+    def __init__(
+        self,
+        streams: list[DocStream],
+        weights: list[float],
+        seq_len: int,
+        packing: str,
+        group_rows: int = 1,
+        seed: int = 0,
+    ):
         self.streams, self.seq_len, self.packing = streams, seq_len, packing
+        self.group_rows, self.seed = group_rows, seed  # grouped: rows per step (dp x micro_batch)
         total = float(sum(weights))
         self.weights = [w / total for w in weights]
         self.taken = [0] * len(streams)  # tokens of documents drawn, per source (the mixture's clock)
@@ -177,6 +195,8 @@ class RowPlanner:
         self.pool: list = []  # best_fit: sorted [length, seq, source, doc, start]
         self.ready: list = []  # best_fit: [source, doc, start, stop] full-row chunks of long documents
         self.seq = 0
+        self.queue: list = []  # grouped: the window's rows still to emit, in emit order
+        self.windows = 0  # grouped: windows planned so far (each window's step order is seeded by it)
 
     def _draw(self):
         t = sum(self.taken)
@@ -188,7 +208,10 @@ class RowPlanner:
         return s, g, length
 
     def next_plan(self) -> list[tuple[int, int, int, int]]:
-        plan = self._stream() if self.packing == "stream" else self._best_fit()
+        if self.packing == "grouped":
+            plan = self._grouped()
+        else:
+            plan = self._stream() if self.packing == "stream" else self._best_fit()
         used = 0
         for s, _, a, b in plan:
             self.seen[s] += b - a
@@ -240,8 +263,22 @@ class RowPlanner:
             space -= length
         return out
 
+    def _grouped(self):
+        if not self.queue:
+            rows = [self._best_fit() for _ in range(GROUP_STEPS * self.group_rows)]
+            work = [sum((b - a) ** 2 for _, _, a, b in plan) for plan in rows]
+            ranked = sorted(range(len(rows)), key=lambda i: (-work[i], i))  # most work first, stable
+            order = Permutation(GROUP_STEPS, _mix(self.seed) + self.windows)
+            self.windows += 1
+            for k in range(GROUP_STEPS):
+                step = order(k)
+                self.queue += [
+                    [list(p) for p in rows[i]] for i in ranked[step * self.group_rows : (step + 1) * self.group_rows]
+                ]
+        return [tuple(p) for p in self.queue.pop(0)]
+
     def state_dict(self) -> dict:
-        keys = ("taken", "seen", "rows", "pad", "docs", "cut", "current", "pool", "ready", "seq")
+        keys = ("taken", "seen", "rows", "pad", "docs", "cut", "current", "pool", "ready", "seq", "queue", "windows")
         return {
             "streams": [st.state_dict() for st in self.streams],
             **copy.deepcopy({k: getattr(self, k) for k in keys}),
@@ -383,7 +420,7 @@ class PreparedLoader:
             raise ValueError(
                 f"the data loader state was saved with {saved} but the data is now {self.fingerprint}: "
                 "resume with the same data settings (data.paths / data.sources, data.seq_len, data.seed, "
-                "data.packing, data.val_fraction)"
+                "data.packing, data.val_fraction; with packing=grouped the same dp x data.micro_batch)"
             )
         self.planner.load_state_dict(sd["prepared"])
         self.rows = int(sd["rows"])
@@ -483,7 +520,8 @@ def build_prepared_loaders(d, tokenizer, dp_rank: int, dp_size: int):
             )
             for i, (s, c) in enumerate(zip(specs, corpora))
         ]
-        planner = RowPlanner(streams, [s["weight"] for s in specs], d.seq_len, d.packing)
+        group_rows = dp_size * d.micro_batch  # the rows of one step, across the data-parallel ranks
+        planner = RowPlanner(streams, [s["weight"] for s in specs], d.seq_len, d.packing, group_rows, seed)
         fingerprint = {
             "sources": [[s["name"], s["weight"], c.n_docs, c.n_tokens] for s, c in zip(specs, corpora)],
             "seq_len": d.seq_len,
@@ -491,6 +529,8 @@ def build_prepared_loaders(d, tokenizer, dp_rank: int, dp_size: int):
             "packing": d.packing,
             "val_fraction": d.val_fraction,
         }
+        if d.packing == "grouped":  # a step's rows are grouped across dp ranks: the grouping needs dp
+            fingerprint["group_rows"] = group_rows
         return PreparedLoader(planner, corpora, dp_rank, dp_size, d.micro_batch, workers, fingerprint)
 
     train, val = loader("train", d.seed, d.num_workers), loader("val", d.seed + 1, 0)
