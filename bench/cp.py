@@ -325,7 +325,12 @@ def main(argv=None):
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     args.strategies = args.strategies or [s for s in strategy_names("softmax") if s != "local"]
-    write_outputs(with_scaling(run_worlds(bench_rank, args.world_sizes, args)), args.out, "cp", plot)
+    from bench.plan_calibrate import PREDICTED_COLUMNS, with_predictions
+    from bench.runner import COLUMNS
+
+    rows = with_scaling(run_worlds(bench_rank, args.world_sizes, args))
+    rows = with_predictions(rows, args.heads, args.kv_heads, args.head_dim, layout=args.layout)  # the cost model
+    write_outputs(rows, args.out, "cp", plot, COLUMNS + PREDICTED_COLUMNS)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -80,7 +81,10 @@ def _run_cell(strat, layout, tensors, cu, rank, world, args, device):
         options.update(chunk_size=args.chunk_size, impl="chunk")
     else:
         options.update(causal=True, window=None)
-    t, received, peak, got = measure_cell(ctx, strat.kind, inputs, options, do[:, idx].to(device), args.repeats, device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    t, received, peak, got = measure_cell(
+        ctx, strat.kind, inputs, options, do[:, idx].to(device), args.repeats, device, clock
+    )
     if strat.kind == "linear":
         work = float(len(idx))
     else:
@@ -201,9 +205,20 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=512, help="softmax kernel block")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: CPU time of each process (a shared machine's wall clock also measures its neighbours)",
+    )
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
-    write_outputs(with_scaling(run_worlds(bench_rank, args.world_sizes, args)), args.out, "linear_cp", plot)
+    from bench.plan_calibrate import PREDICTED_COLUMNS, with_predictions
+    from bench.runner import COLUMNS
+
+    rows = with_scaling(run_worlds(bench_rank, args.world_sizes, args))
+    rows = with_predictions(rows, args.heads, args.heads, args.head_dim, "linear", args.layout)  # the cost model
+    write_outputs(rows, args.out, "linear_cp", plot, COLUMNS + PREDICTED_COLUMNS)
 
 
 if __name__ == "__main__":

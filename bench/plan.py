@@ -111,14 +111,15 @@ def main(argv=None):
         print(table(all_cases(conf_dir())))
         return
     if args.calibrate:
-        from bench.plan_calibrate import TIME_FACTOR, order_agreement, run
+        from bench.plan_calibrate import TIME_FACTOR, order_agreement, run, time_ratios
 
         rows = run(conf_dir(), args.out)
         print_table(rows, list(rows[0]))
+        spans = "; ".join(f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in sorted(time_ratios(rows).items()))
         print(
             f"bytes equal in {sum(r['bytes_equal'] for r in rows)}/{len(rows)} rows; strategy pairs "
             f"measured >1.25x apart ordered as measured: {order_agreement(rows, 1.25):.0%}; "
-            f"stated time factor (softmax): {TIME_FACTOR}"
+            f"predicted / measured time: {spans} (stated factor: {TIME_FACTOR})"
         )
         return
     from parallel.planner import plan, why

@@ -19,10 +19,81 @@ from bench.cp import make_inputs, parse_spec
 from models.config import ModelConfig
 from parallel.cost_model import RunSpec, attention_saved_bytes, layer_cost, load_cluster
 
-TIME_FACTOR = 3.0  # softmax strategies: predicted / measured within [1/3, 3] on this shared 2-core machine
-# Linear strategies are predicted 3-10x too fast: the linear mixers' core_flops (the MFU count)
-# counts the state update and readout only, not the intra-chunk quadratic part of the chunked op,
-# and the CPU op is far from its FLOP rate; their bytes are exact, their time is not calibrated.
+TIME_FACTOR = 3.0  # predicted / measured within [1/3, 3] on this shared 2-core machine
+# Linear strategies: the cost model times the chunked op by its executed matmuls, its elementwise
+# passes and its chunk scan (parallel/cost_model.py linear_core_seconds), each rate measured by a
+# micro-benchmark (conf/cluster/cpu.yaml), not by the MFU count of the mixer.
+PREDICTED_COLUMNS = ["predicted_ms", "predicted_bytes"]
+
+
+def bench_profile() -> str | None:
+    """The cluster profile of this machine: ``cpu``, or the GPU's (h100, h200, a100, h800; None
+    for another GPU: the benchmark then prints no prediction)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    return next((p for p in ("h100", "h200", "a100", "h800") if p in name), None)
+
+
+def with_predictions(rows, heads, kv_heads, head_dim, kind="softmax", layout="zigzag") -> list[dict]:
+    """``rows`` of bench.cp / bench.linear_cp with the cost model's ``predicted_ms`` (the layer's
+    core op, fwd + bwd, slowest rank) and ``predicted_bytes`` (forward, per rank) beside the
+    measured ones; blank for peers and where no profile fits this machine."""
+    from trainer.config import conf_dir
+
+    profile = bench_profile()
+    cluster = load_cluster(os.path.join(conf_dir(), "cluster", f"{profile}.yaml")) if profile else None
+    out = []
+    for r in rows:
+        r = dict(r, predicted_ms="", predicted_bytes="")
+        if cluster is not None and not str(r["strategy"]).startswith("peer:"):
+            p = predict_row(dict(r, layout=layout), cluster, heads, kv_heads, head_dim, kind)
+            r.update(predicted_ms=p["predicted_ms"], predicted_bytes=p["predicted_bytes"])
+        out.append(r)
+    return out
+
+
+def predict_sparse(rows, args) -> list[dict]:
+    """bench.sparse_cp rows with predictions: ``dense_pred_ms`` and ``s2_pred_ms`` (one device),
+    ``s2_cp_pred_ms`` and ``bytes_s2_pred`` (the CP world), from the S2 mixer's own FLOP count
+    over its pattern and the s2 strategy's byte formula."""
+    profile = bench_profile()
+    if profile is None:
+        return rows
+    from trainer.config import conf_dir
+
+    cluster = load_cluster(os.path.join(conf_dir(), "cluster", f"{profile}.yaml"))
+    base = dict(vocab_size=32, dim=args.heads * args.head_dim, n_layers=1, n_heads=args.heads)
+    base.update(n_kv_heads=args.kv_heads, head_dim=args.head_dim)
+    out = []
+    for r in rows:
+        import warnings
+
+        with warnings.catch_warnings():  # patterns whose KV heads do not cover the stride: local blocks do
+            warnings.simplefilter("ignore", UserWarning)
+            sparse = ModelConfig(
+                **base, mixer_pattern=["s2"], s2_block=args.block, s2_stride=int(r["stride"]), s2_local=args.local
+            )
+            dense = ModelConfig(**base)
+            n = int(r["seq_len"])
+            r = dict(r, dense_pred_ms=_core_ms(cluster, dense, n)[0], s2_pred_ms=_core_ms(cluster, sparse, n)[0])
+            if r.get("world_size") not in (None, ""):
+                t, b = _core_ms(cluster, sparse, n, int(r["world_size"]))
+                r.update(s2_cp_pred_ms=t, bytes_s2_pred=b)
+        out.append(r)
+    return out
+
+
+def _core_ms(cluster, cfg, n: int, world: int = 1) -> tuple[float, int]:
+    """(core op ms fwd + bwd, forward bytes per rank) of one layer of ``cfg`` at N = ``n``."""
+    spec = RunSpec(cfg, n, cp=world, strategies={"sparse": "s2"}, layout="zigzag", dtype="fp32")
+    c = layer_cost(cluster, spec, 0, params=0)
+    return round((c.time_s - c.gemm_s) * 1e3, 1), c.fwd_bytes
+
+
+SPARSE_PREDICTED = ["dense_pred_ms", "s2_pred_ms", "s2_cp_pred_ms", "bytes_s2_pred"]
 
 
 def _doc_lens(n: int, mask: str) -> tuple:
@@ -92,6 +163,16 @@ def compare(rows: list[dict], cluster, heads, kv_heads, head_dim, kind="softmax"
     return out
 
 
+def time_ratios(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """{"softmax" | "linear": (min, max) of predicted / measured time} over ``rows``."""
+    out: dict = {}
+    for r in rows:
+        kind = "linear" if str(r["strategy"]).split(":")[0] in ("lasp1", "lasp2") else "softmax"
+        lo, hi = out.get(kind, (float("inf"), 0.0))
+        out[kind] = (min(lo, r["time_ratio"]), max(hi, r["time_ratio"]))
+    return out
+
+
 def order_agreement(rows: list[dict], apart: float = 1.0) -> float:
     """Fraction of strategy pairs (same world, length, mask) measured more than ``apart`` x apart
     that the model orders as measured (1.0: every pair; e.g. 1.25: pairs the noise of a shared
@@ -121,7 +202,8 @@ def run(conf: str, out: str) -> list[dict]:
     cluster = load_cluster(os.path.join(conf, "cluster", "cpu.yaml"))
     common = ["--world-sizes", "2", "4", "--seq-lens", "2048", "4096", "--repeats", "3", "--out", out]
     cp.main(common + ["--masks", "causal", "docs", "--no-peers"])
-    linear_cp.main(common + ["--masks", "causal", "--strategies", "lasp2", "lasp1"])
+    # CPU time per process: on a shared machine the wall clock also times the neighbours
+    linear_cp.main(common + ["--masks", "causal", "docs", "--strategies", "lasp2", "lasp1", "--clock", "cpu"])
     rows = []
     with open(os.path.join(out, "cp.csv")) as f:
         rows += compare(list(csv.DictReader(f)), cluster, 4, 2, 32)

@@ -211,7 +211,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.timer = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = merge(run_worlds(bench_rank, [1, args.world], args))
-    write_outputs(rows, args.out, "sparse_cp", plot, COLUMNS)
+    from bench.plan_calibrate import SPARSE_PREDICTED, predict_sparse
+
+    rows = predict_sparse(rows, args)  # the cost model's times and bytes beside the measured ones
+    write_outputs(rows, args.out, "sparse_cp", plot, COLUMNS + SPARSE_PREDICTED)
 
 
 if __name__ == "__main__":

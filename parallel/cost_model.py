@@ -58,7 +58,7 @@ OVERLAP = {
 
 # Backward bytes / forward bytes, where the strategy does not state backward_bytes:
 BACKWARD = {
-    "ring": 2.0,  # K/V travel the ring again with the dK/dV accumulators (ring.py, notes)
+    "ring": 2.0,  # (unused: _bytes counts K/V again plus the dK/dV accumulators in fp32, ring.py)
     "ulysses": 1.0,  # the same all-to-alls reversed: dO in, dq/dk/dv back
     "cad": 1.0,  # dO out to the computing ranks, dQ and dK/dV back: the forward's rows
     "lasp1": 1.0,  # dL/dS travels the chain back: one state per hop
@@ -67,6 +67,13 @@ BACKWARD = {
 }
 # lasp2 (fused path): all-gathers dL/dS_in only, the states without the decay vector:
 # Dv / (Dv + 1) of the forward (lasp2.py). usp: Ulysses part 1x, ring part 2x.
+
+# Ring-style softmax strategies (ring, USP's ring part) merge each step's partial result on the
+# compute stream, in the accumulation dtype a = max(4, element bytes) (parallel/strategies/ring.py):
+# forward merge_lse (o * w, o_i * w_i, their sum: 7 accesses per output element), backward dq += and
+# the travelling dK/dV accumulator += (3 accesses per element each); K/V cast up to a each step when
+# stored narrower. Memory-bound: bytes / memory_gbps, serial (never under the exchange).
+MERGE_FWD_ACCESSES, MERGE_BWD_ACCESSES = 7, 3
 
 # Ring-style strategies: every step waits for the slowest link of the ring, which crosses
 # nodes once the group does; collectives take each peer's bytes over its own link.
@@ -87,6 +94,10 @@ class Cluster:
     intra_node_latency_us: float  # per message inside a node
     inter_node_latency_us: float  # per message across nodes
     gpus_per_node: int
+    memory_gbps: float  # device memory bandwidth of elementwise passes (the unfused linear op's)
+    linear_fused: bool  # the linear op runs as fused kernels (fla on CUDA): no elementwise passes to memory
+    op_overhead_us: float  # one small op / kernel launch
+    linear_call_us: float  # fixed cost of one fwd + bwd call of the chunked linear op
     usable_memory_fraction: float = 0.9  # what the allocator leaves usable (fragmentation, workspace)
     source: str = ""
 
@@ -109,7 +120,7 @@ class Cluster:
             v = getattr(self, key)
             if not 0 < v <= 1:
                 raise ValueError(f"cluster {self.name}: {key}={v} must be in (0, 1]")
-        for key in ("hbm_gib", "intra_node_gbps", "inter_node_gbps", "gpus_per_node"):
+        for key in ("hbm_gib", "intra_node_gbps", "inter_node_gbps", "gpus_per_node", "memory_gbps"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"cluster {self.name}: {key}={getattr(self, key)} must be > 0")
         if not self.peak_tflops or min(self.peak_tflops.values()) <= 0:
@@ -266,6 +277,36 @@ def cu_seqlens(spec: RunSpec) -> torch.Tensor:
     return torch.tensor(starts, dtype=torch.int64)
 
 
+# ----------------------------------------------------------------------------- the linear op
+# The chunked linear-attention op (models/ops/linear_attention/chunk.py; fla's chunk kernels on
+# CUDA compute the same tiles), per token and head, fwd + bwd, with C the chunk and D the head dim:
+#   matmuls   forward 4 (scores q k^T and A v: C x D each; readout q S_in and state k^T v: D x D
+#             each, 2 FLOPs a multiply-add), backward 10 (scores and states recomputed, dA, dq,
+#             dk, dv, dS): 14 C D + 14 D^2 FLOPs, the C x C tile computed whole (masked after)
+#   passes    the unfused torch op's elementwise traffic in fp32 elements: over the [C, C] tile
+#             23 (decay built twice: difference, clamp, exp, tril; the score and dA products),
+#             over the [C, D] rows 42 (chunked copies, decayed q and k, the db chain, unchunking)
+#   scan      12 small ops per chunk (3 scans: forward, recomputed, reverse; per chunk 3 views
+#             and one multiply-add), sequential
+#   call      a fixed cost per fwd + bwd call (autograd, the op's setup)
+LINEAR_MATMUL = 14
+LINEAR_TILE_PASSES, LINEAR_ROW_PASSES, LINEAR_SCAN_OPS = 23, 42, 12
+
+
+def linear_core_seconds(cluster: Cluster, cfg: ModelConfig, rows: int, tokens: int, dtype: str) -> float:
+    """fwd + bwd seconds of the chunked linear op on ``rows`` rows of ``tokens`` tokens each (one
+    rank's share): executed matmul FLOPs at the attention rate, plus (unfused op) its elementwise
+    passes at ``memory_gbps`` and its chunk scan at ``op_overhead_us`` per op, plus one call."""
+    c, d, h = cfg.linear_chunk_size or 64, cfg.hd, cfg.n_heads
+    chunks = rows * math.ceil(tokens / c)
+    th = chunks * c * h  # token-heads, padded to whole chunks
+    t = th * LINEAR_MATMUL * (c * d + d * d) / (cluster.peak(dtype) * cluster.attention_fraction)
+    if not cluster.linear_fused:
+        t += th * (LINEAR_TILE_PASSES * c + LINEAR_ROW_PASSES * d) * 4 / (cluster.memory_gbps * 1e9)
+        t += chunks * LINEAR_SCAN_OPS * cluster.op_overhead_us * 1e-6
+    return t + cluster.linear_call_us * 1e-6
+
+
 # ----------------------------------------------------------------------------- per layer
 def compute_balance(spec: RunSpec, layer: int, strat) -> float:
     """max / mean over CP ranks of the (query, key) pairs each computes (1.0 for linear
@@ -347,14 +388,37 @@ def _bytes(spec: RunSpec, layer: int, strat) -> tuple[int, int, int]:
         return fwd, strat.backward_bytes(shape), 0
     if strat.name == "lasp2":
         return fwd, int(fwd * shape.head_dim / (shape.head_dim + 1)), fwd
+    acc = max(4, spec.elem_bytes)
+    if strat.name == "ring":  # K/V again (P - 1 hops), then the fp32 dK/dV accumulators (P hops)
+        return fwd, int(fwd + fwd * spec.cp * acc // ((spec.cp - 1) * spec.elem_bytes)), 0
     if strat.name == "usp":
         u = strat.degree(spec.cp, shape.n_heads)
         uly = strat.forward_bytes(replace(shape, cp=u, seq_len=shape.seq_len * u // spec.cp))
-        ring = fwd - uly
-        return fwd, uly + 2 * ring, ring
+        ring, r = fwd - uly, spec.cp // u
+        ring_bwd = ring + (ring * r * acc // ((r - 1) * spec.elem_bytes) if r > 1 else 0)
+        return fwd, uly + ring_bwd, ring
     if kind == "linear" and strat.name not in BACKWARD:
         raise ValueError(f"the cost model has no backward rule for strategy {strat.name!r}: add it to BACKWARD")
     return fwd, int(fwd * BACKWARD.get(strat.name, 1.0)), 0
+
+
+def merge_seconds(cluster: Cluster, spec: RunSpec, layer: int, strat) -> tuple[float, float]:
+    """(forward, backward) seconds a ring-style softmax strategy spends merging partial results
+    and accumulating gradients, per layer on one rank (see MERGE_FWD_ACCESSES); 0 for the others."""
+    if spec.cp == 1 or strat.name not in ("ring", "usp") or spec.model.kind_of(layer) == "linear":
+        return 0.0, 0.0
+    cfg, e = spec.model, spec.elem_bytes
+    a = max(4, e)
+    steps = spec.cp if strat.name == "ring" else spec.cp // strat.degree(spec.cp, cfg.n_heads)
+    if steps <= 1:
+        return 0.0, 0.0
+    tokens = spec.batch * spec.seq_len // spec.cp  # as many elements on a USP rank (u x tokens, H / u heads)
+    out, kv = tokens * cfg.n_heads * cfg.hd, 2 * tokens * cfg.n_kv_heads * cfg.hd
+    cast = kv * (e + a) if e < a else 0
+    fwd = steps * (out * MERGE_FWD_ACCESSES * a + cast)
+    bwd = steps * ((out + kv) * MERGE_BWD_ACCESSES * a + cast)
+    bw = cluster.memory_gbps * 1e9
+    return fwd / bw, bwd / bw
 
 
 def _comm_seconds(cluster: Cluster, spec: RunSpec, strat, nbytes: int, ring_part: int = 0) -> tuple[float, float]:
@@ -403,7 +467,13 @@ def layer_cost(cluster: Cluster, spec: RunSpec, layer: int, params: int | None =
     if recompute:  # the recomputed forward exchanges again
         passes.append((1 / 3, f_serial, f_over))
     core_one = core_total * balance / spec.cp * 1.0 / (peak * cluster.attention_fraction)
+    if kind == "linear":  # the op's executed work, not the MFU count (see linear_core_seconds)
+        core_one = linear_core_seconds(cluster, cfg, spec.batch, spec.seq_len // spec.cp, spec.dtype)
+        core_s = core_one * (4 / 3 if recompute else 1)
+    merge_f, merge_b = merge_seconds(cluster, spec, layer, strat)
     time_core = sum(max(share * core_one, over) + serial for share, serial, over in passes)
+    time_core += merge_f * (2 if recompute else 1) + merge_b
+    core_s += merge_f * (2 if recompute else 1) + merge_b
     comm_s = sum(serial + over for _, serial, over in passes)
     overlap = OVERLAP.get(strat.name, "serial")
     if strat.name == "cad" and getattr(strat, "ping_pong", False):

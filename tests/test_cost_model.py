@@ -62,16 +62,70 @@ def test_unfit_configuration_is_refused_with_the_setting():
 
 
 def test_reproductions_hold():
-    """A change to the model, a profile or a strategy's formula that moves a reproduced figure
-    out of tolerance, or makes an unexplained one, fails here."""
-    for case in plan_reproduce.all_cases(CONF):
+    """Every figure's predicted / published ratio stays in its documented band (10% for the
+    reproduced ones; the others' bands are in bench/plan_reproduce.py beside their reasons): a
+    change to the model, a profile or a strategy's formula that moves any of them fails here."""
+    cases = plan_reproduce.all_cases(CONF)
+    for case in cases:
+        lo, hi = case.tolerance
+        assert lo <= case.ratio <= hi, f"{case.name}: ratio {case.ratio:.3g} left its band [{lo}, {hi}]"
         if case.expect_reproduced:
-            assert case.reproduced, f"{case.name}: predicted {case.predicted:.3g} vs published {case.published:.3g}"
-        else:
+            assert case.reproduced and not case.assumed, case.name
+        elif not case.reproduced or case.assumed:
             assert case.why, f"{case.name} is not reproduced and does not say why"
-    by_name = {c.name: c for c in plan_reproduce.all_cases(CONF)}
-    ring = by_name["ring-flash-attn: plain ring, % of ideal"]
-    zig = by_name["ring-flash-attn: zigzag ring, % of ideal"]
-    assert zig.predicted > ring.predicted  # zigzag balances causal work
-    assert by_name["DistCA: CAD over all-gather KV, end-to-end"].predicted > 1.0
-    assert by_name["LASP-2 over LASP-1 at 2048K, speed-up %"].predicted > 0
+    by_name = {c.name: c for c in cases}
+    for gpu in ("H800", "A100"):
+        ring = by_name[f"ring-flash-attn 8x{gpu}: plain ring, % of ideal"]
+        zig = by_name[f"ring-flash-attn 8x{gpu}: zigzag ring, % of ideal"]
+        assert zig.predicted > ring.predicted  # zigzag balances causal work
+    assert sum(c.reproduced and not c.assumed for c in cases) >= 6
+
+
+def _matmul_flops(fn) -> int:
+    """Matmul FLOPs ``fn`` executes, from the profiler's bmm / baddbmm_ / mm calls and their shapes
+    (torch's FlopCounterMode skips the in-place baddbmm_ the chunked op accumulates with)."""
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:
+        fn()
+    total = 0
+    for e in prof.events():
+        shapes = [s for s in e.input_shapes if s]
+        if e.name in ("aten::bmm", "aten::mm"):
+            a, b = shapes[:2]
+            total += 2 * (a[0] if len(a) == 3 else 1) * a[-2] * a[-1] * b[-1]
+        elif e.name in ("aten::baddbmm_", "aten::baddbmm", "aten::addmm"):
+            a, b = shapes[1:3]
+            total += 2 * (a[0] if len(a) == 3 else 1) * a[-2] * a[-1] * b[-1]
+    return total
+
+
+@pytest.mark.parametrize("d,c", [(16, 64), (32, 64), (16, 32)])
+def test_linear_op_time_counts_its_executed_matmuls(d, c):
+    """The cost model times the chunked linear op by the matmuls it runs (14 C D + 14 D^2 per
+    token and head, fwd + bwd: intra-chunk tiles, readout, state, their gradients), not by the
+    mixer's MFU count (12 D^2): with the passes and the scan off (a fused profile), its time is
+    exactly that count at the attention rate plus one call."""
+    import torch
+
+    from models.ops.linear_attention.chunk import chunk_linear_attention
+    from parallel.cost_model import LINEAR_MATMUL, linear_core_seconds
+
+    n, h = 512, 2
+    q, k, v = (torch.randn(1, n, h, d, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(1, n, h) * 0.1).requires_grad_()
+
+    def step():
+        o = chunk_linear_attention(q, k, v, g=g, chunk_size=c)[0]
+        o.backward(torch.randn_like(o))
+
+    counted = _matmul_flops(step)
+    assert counted == n * h * LINEAR_MATMUL * (c * d + d * d)
+    cl = load_cluster(os.path.join(CONF, "cluster", "a100.yaml"))
+    cfg = ModelConfig(
+        vocab_size=8, dim=h * d, n_layers=1, n_heads=h, head_dim=d, mixer_pattern=["linear"], linear_chunk_size=c
+    )
+    rate = cl.peak("fp32") * cl.attention_fraction
+    assert linear_core_seconds(cl, cfg, 1, n, "fp32") == pytest.approx(counted / rate + cl.linear_call_us * 1e-6)
+    cpu = load_cluster(os.path.join(CONF, "cluster", "cpu.yaml"))  # unfused: passes and scan on top
+    assert linear_core_seconds(cpu, cfg, 1, n, "fp32") > counted / (cpu.peak("fp32") * cpu.attention_fraction)
