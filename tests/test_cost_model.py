@@ -129,3 +129,50 @@ def test_linear_op_time_counts_its_executed_matmuls(d, c):
     assert linear_core_seconds(cl, cfg, 1, n, "fp32") == pytest.approx(counted / rate + cl.linear_call_us * 1e-6)
     cpu = load_cluster(os.path.join(CONF, "cluster", "cpu.yaml"))  # unfused: passes and scan on top
     assert linear_core_seconds(cpu, cfg, 1, n, "fp32") > counted / (cpu.peak("fp32") * cpu.attention_fraction)
+
+
+def _fwd_bwd_bytes(rank, world, name, options, n, dtype):
+    """(forward, backward) bytes this rank receives for one attention layer of strategy ``name``."""
+    import torch
+    import torch.distributed as dist
+
+    from parallel import comm
+    from parallel.context import CPContext
+    from parallel.mesh import build_subgroups
+
+    strat = build_strategy(name, **options)
+    sizes = strat.subgroup_sizes(world, 4)
+    subgroups = build_subgroups(dist.group.WORLD, world, sizes) if sizes else {}
+    ctx = CPContext(strat, dist.group.WORLD, rank, world, "zigzag", n, 1, torch.tensor([0, n]), 16, subgroups)
+    g = torch.Generator().manual_seed(0)
+    q, do = (torch.randn(1, n, 4, 8, generator=g, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(1, n, 2, 8, generator=g, dtype=dtype) for _ in range(2))
+    idx = ctx.local_index
+    ql, kl, vl = (t[:, idx].clone().requires_grad_() for t in (q, k, v))
+    comm.COUNTER.reset()
+    o = ctx.attention(ql, kl, vl, causal=True, window=None)
+    fwd = comm.COUNTER.total_received
+    (o * do[:, idx]).sum().backward()
+    return fwd, comm.COUNTER.total_received - fwd
+
+
+@pytest.mark.gloo
+def test_backward_bytes_are_counted_bytes():
+    """The cost model's backward bytes (ring: K/V again plus the dK/dV accumulators in the
+    accumulation dtype, P hops; the others' stated rules) equal what parallel.comm counts."""
+    import torch
+
+    from parallel.cost_model import _bytes
+    from parallel.spawn import run_distributed
+
+    cfg = ModelConfig(vocab_size=8, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8)
+    n = 64
+    for name, options in (("ring", {}), ("allgather", {}), ("ulysses", {}), ("usp", {"ulysses_size": 2})):
+        for world in (2, 4):
+            if name == "usp" and world == 2:
+                continue
+            counted = run_distributed(_fwd_bwd_bytes, world, name, options, n, torch.float32)
+            spec = RunSpec(cfg, n, cp=world, strategies={"softmax": name}, options={"softmax": options}, dtype="fp32")
+            fwd, bwd, _ = _bytes(spec, 0, spec.strategy("softmax"))
+            assert max(c[0] for c in counted) == fwd, (name, world)
+            assert max(c[1] for c in counted) == bwd, (name, world, counted, bwd)
