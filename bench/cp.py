@@ -84,7 +84,7 @@ def pairs_per_query(pos, cu, window):
     return seen.clamp(max=window) if window else seen
 
 
-def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, repeats, device):
+def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, repeats, device, clock=time.perf_counter):
     group = dist.group.WORLD if world > 1 else None
     sizes = strategy.subgroup_sizes(world, q.shape[2]) if world > 1 else []
     subgroups = build_subgroups(group, world, sizes) if sizes else {}
@@ -92,7 +92,7 @@ def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, rep
     idx = ctx.local_index
     inputs = {n: t[:, idx].to(device).requires_grad_() for n, t in zip("qkv", (q, k, v))}
     t, received, peak, got = measure_cell(
-        ctx, "softmax", inputs, dict(causal=True, window=window), do[:, idx].to(device), repeats, device
+        ctx, "softmax", inputs, dict(causal=True, window=window), do[:, idx].to(device), repeats, device, clock
     )
     qi, frac = strategy.work_queries(ctx, q.shape[2], k.shape[2], causal=True, window=window)
     work = float(pairs_per_query(qi, cu, window).sum()) * frac
@@ -202,8 +202,9 @@ def bench_rank(rank, world, args):
                     strat.check(n_heads=args.heads, n_kv_heads=args.kv_heads, cp=world, seq_len=n, layout=args.layout)
                 except ValueError:
                     continue
+                clock = time.process_time if args.clock == "cpu" else time.perf_counter
                 t, recv, peak, got, idx, work = _run_cell(
-                    strat, q, k, v, do, cu, window, rank, world, args.layout, args.block, args.repeats, device
+                    strat, q, k, v, do, cu, window, rank, world, args.layout, args.block, args.repeats, device, clock
                 )
                 err = max((g.float().cpu() - r[:, idx]).abs().max().item() for g, r in zip(got, ref))
                 s = gather_stats(torch.tensor([t, recv, peak, err, work], dtype=torch.float64), world)
@@ -322,6 +323,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-peers", dest="peers", action="store_false")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: CPU time of each process")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     args.strategies = args.strategies or [s for s in strategy_names("softmax") if s != "local"]

@@ -200,9 +200,9 @@ def run(conf: str, out: str) -> list[dict]:
     from bench import cp, linear_cp
 
     cluster = load_cluster(os.path.join(conf, "cluster", "cpu.yaml"))
+    # CPU time of each process (--clock cpu): on a shared machine the wall clock also times the neighbours
     common = ["--world-sizes", "2", "4", "--seq-lens", "2048", "4096", "--repeats", "3", "--out", out]
-    cp.main(common + ["--masks", "causal", "docs", "--no-peers"])
-    # CPU time per process: on a shared machine the wall clock also times the neighbours
+    cp.main(common + ["--masks", "causal", "docs", "--no-peers", "--clock", "cpu"])
     linear_cp.main(common + ["--masks", "causal", "docs", "--strategies", "lasp2", "lasp1", "--clock", "cpu"])
     rows = []
     with open(os.path.join(out, "cp.csv")) as f:
