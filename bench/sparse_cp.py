@@ -63,7 +63,14 @@ def _inputs(n, args, seed=0):
 
 
 def _pattern(stride, args):
-    return s2_pattern(block=args.block, stride=stride, local=args.local, n_kv_heads=args.kv_heads, check_coverage=False)
+    return s2_pattern(
+        block=args.block,
+        stride=stride,
+        local=args.local,
+        n_kv_heads=args.kv_heads,
+        n_heads=args.heads,
+        check_coverage=False,
+    )
 
 
 def _one_device(q, k, v, do, cu, options, args, device):
@@ -94,8 +101,9 @@ def bench_rank(rank, world, args):
                 path = os.path.join(args.out, f"ref_s2_{n}_{stride}.pt")
                 t, got = _one_device(q, k, v, do, cu, options, args, device)
                 torch.save([g.detach().cpu() for g in got], path)
+                bound = pattern.bind(cu, 1, n)  # per-document blocks: the batch's document starts
                 sparse_pairs = planned_pairs(
-                    MaskSpec(pos, pos, doc, doc, True, None, pattern), args.block, args.heads, args.kv_heads
+                    MaskSpec(pos, pos, doc, doc, True, None, bound), args.block, args.heads, args.kv_heads
                 )
                 row.update(
                     flop_density=round(sparse_pairs / dense_pairs, 4),

@@ -169,6 +169,9 @@ def _sliding_window_from_hf(hf: dict, model_type: str) -> int | None:
 
 S2_KEY = "longctx_s2"  # config.json entry of an S2 model: its mixer pattern and s2_* settings
 _S2_FIELDS = ("block", "stride", "local", "dense_heads", "offsets", "homogeneous", "layer_offset")
+_S2_FIELDS += ("n_dense_heads", "head_step", "doc_blocks")
+# a config.json written before head_step / doc_blocks existed meant these (and layer_offset None: the layer index)
+_S2_LEGACY = {"head_step": "spread", "doc_blocks": "row"}
 
 
 def _s2_to_hf(cfg: ModelConfig) -> dict:
@@ -190,7 +193,11 @@ def _s2_from_hf(hf: dict) -> dict:
     unknown = sorted(set(s2) - {"mixer_pattern", *_S2_FIELDS})
     if unknown:
         raise ValueError(f"config.json {S2_KEY} has unknown keys {unknown}: expected mixer_pattern and {_S2_FIELDS}")
+    if "head_step" not in s2:  # an older longctx export: keep the pattern it trained with
+        s2 = {**_S2_LEGACY, **s2, "layer_offset": "layer" if s2.get("layer_offset") is None else s2["layer_offset"]}
     out = {f"s2_{f}": s2[f] for f in _S2_FIELDS if f in s2}
+    if out.get("s2_layer_offset") is not None:
+        out["s2_layer_offset"] = str(out["s2_layer_offset"])
     if "mixer_pattern" in s2:
         out["mixer_pattern"] = list(s2["mixer_pattern"])
     return out

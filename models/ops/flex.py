@@ -42,17 +42,20 @@ def mask_mod_for(mask, n_heads: int, n_kv: int, device):
     pat, groups = mask.pattern, n_heads // n_kv
     qpos, kpos = mask.q_pos.to(device), mask.k_pos.to(device)
     qdoc, kdoc = mask.q_doc.to(device), mask.k_doc.to(device)
+    rows = max(qdoc.shape[0], kdoc.shape[0])  # pattern blocks per row ([1, T] for row blocks)
+    qblk = pat.blocks(mask.q_pos, mask.q_doc).expand(rows, -1).to(device)
+    kblk = pat.blocks(mask.k_pos, mask.k_doc).expand(rows, -1).to(device)
     head = torch.tensor([mask.global_head(h // groups) for h in range(n_heads)], device=device)
     offsets = torch.tensor(pat.offsets, device=device)
     dense = torch.tensor(pat.dense, device=device)
-    window, blk, stride, local = mask.window, pat.block, pat.stride, pat.local
+    window, stride, local = mask.window, pat.stride, pat.local
 
     def mask_mod(b, h, q_idx, kv_idx):
         i, j = qpos[q_idx], kpos[kv_idx]
         ok = (qdoc[b, q_idx] == kdoc[b, kv_idx]) & (j <= i)
         if window is not None:
             ok = ok & (i - j < window)
-        bi, bj, hk = i // blk, j // blk, head[h]
+        bi, bj, hk = qblk[b, q_idx], kblk[b, kv_idx], head[h]
         return ok & (dense[hk] | (bi - bj < local) | ((bj + offsets[hk]) % stride == 0))
 
     return mask_mod

@@ -36,7 +36,7 @@ def _fold_kv_grad(g: torch.Tensor, groups: int) -> torch.Tensor:
 def _tile_mask(mask: MaskSpec, qs: slice, kidx: torch.Tensor, b: int, head: int | None) -> torch.Tensor:
     """bool [tq, tk]: the token mask of one tile, with the group's block pattern if any."""
     allowed = mask.allowed(qs, kidx, b)
-    return allowed if head is None else allowed & mask.pattern_allowed(qs, kidx, head)
+    return allowed if head is None else allowed & mask.pattern_allowed(qs, kidx, head, b)
 
 
 def pattern_forward(

@@ -56,10 +56,13 @@ class MaskSpec:
     def global_head(self, local: int) -> int:
         return local if self.kv_heads is None else self.kv_heads[local]
 
-    def pattern_allowed(self, qs: slice, kidx: torch.Tensor, head: int) -> torch.Tensor:
-        """bool [tq, tk]: the block pattern of global KV head ``head`` at token level."""
-        blk = self.pattern.block
-        return self.pattern.active(self.q_pos[qs][:, None] // blk, self.k_pos[kidx][None, :] // blk, head)
+    def pattern_allowed(self, qs: slice, kidx: torch.Tensor, head: int, b: int = 0) -> torch.Tensor:
+        """bool [tq, tk]: the block pattern of global KV head ``head`` at token level, row b
+        (a per-document pattern's blocks depend on the row's documents)."""
+        row = torch.tensor([b])
+        qb = self.pattern.blocks(self.q_pos[qs], self.q_doc[b : b + 1, qs], row)[0]
+        kb = self.pattern.blocks(self.k_pos[kidx], self.k_doc[b : b + 1, kidx], row)[0]
+        return self.pattern.active(qb[:, None], kb[None, :], head)
 
     def allowed(self, qs: slice, kidx: torch.Tensor, b: int) -> torch.Tensor:
         """Boolean mask [tq, tk] for queries ``qs`` and key indices ``kidx`` of row b."""
@@ -125,17 +128,23 @@ def may_attend(mask: MaskSpec, block: int, n_kv: int = 1) -> bool:
     return bool(block_candidates(mask, block, block).any())
 
 
-def _tile_blocks(pos: torch.Tensor, tile: int, blk: int) -> torch.Tensor:
-    """[n_tiles, m] int64: the distinct pattern blocks (pos // blk) of each tile of ``tile``
-    consecutive entries of ``pos``, padded with -1."""
-    t = pos.shape[0]
+def _tile_blocks(blocks: torch.Tensor, tile: int) -> torch.Tensor:
+    """[R, n_tiles, m] int64: the distinct pattern blocks of each tile of ``tile`` consecutive
+    entries of ``blocks`` [R, T] (each token's pattern block), padded with -1."""
+    r, t = blocks.shape
     nt = (t + tile - 1) // tile
-    b = torch.cat([pos // blk, (pos[-1:] // blk).expand(nt * tile - t)]).view(nt, tile)
+    b = torch.cat([blocks, blocks[:, -1:].expand(r, nt * tile - t)], dim=1).view(r, nt, tile)
     srt = b.sort(-1).values
     new = torch.ones_like(srt, dtype=torch.bool)
-    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    out = torch.full((nt, int(new.sum(-1).max())), -1, dtype=torch.int64)
-    return out.scatter_(1, new.cumsum(-1) - 1, srt)
+    new[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    out = torch.full((r, nt, int(new.sum(-1).max())), -1, dtype=torch.int64, device=blocks.device)
+    return out.scatter_(2, new.cumsum(-1) - 1, srt)
+
+
+def token_blocks(mask: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [R, Tq], k [R, Tk]): the pattern block of every query and key (R = 1 for row blocks,
+    B for per-document blocks, which depend on each row's documents)."""
+    return mask.pattern.blocks(mask.q_pos, mask.q_doc), mask.pattern.blocks(mask.k_pos, mask.k_doc)
 
 
 def head_groups(mask: MaskSpec, n_kv: int) -> list[tuple[slice, int | None]]:
@@ -162,14 +171,11 @@ def tile_candidates(mask: MaskSpec, block: int, n_kv: int):
     ok = block_candidates(mask, block, block)  # [B, nq, nk]
     if mask.pattern is None:
         return groups, ok[:, None]
-    blk = mask.pattern.block
-    qs, ks = _tile_blocks(mask.q_pos, block, blk), _tile_blocks(mask.k_pos, block, blk)
-    valid = (qs[:, None, :, None] >= 0) & (ks[None, :, None, :] >= 0)
-    per_group = [
-        (mask.pattern.active(qs[:, None, :, None], ks[None, :, None, :], head) & valid).any(-1).any(-1)
-        for _, head in groups
-    ]
-    return groups, ok[:, None] & torch.stack(per_group)[None]
+    qb, kb = token_blocks(mask)
+    qs, ks = _tile_blocks(qb, block)[:, :, None, :, None], _tile_blocks(kb, block)[:, None, :, None, :]
+    valid = (qs >= 0) & (ks >= 0)  # [R, nq, nk, mq, mk]
+    per_group = [(mask.pattern.active(qs, ks, head) & valid).any(-1).any(-1) for _, head in groups]
+    return groups, ok[:, None] & torch.stack(per_group, 1)  # R = 1 or B rows broadcast
 
 
 def tile_plan(mask: MaskSpec, block: int, n_kv: int):
@@ -182,17 +188,20 @@ def tile_plan(mask: MaskSpec, block: int, n_kv: int):
     tile = mask.pattern.block if mask.pattern is not None else block
     tk = mask.k_pos.shape[0]
     if mask.pattern is not None:
-        q_multi = (_tile_blocks(mask.q_pos, tile, tile)[:, 1:] >= 0).any(-1).tolist()
-        k_multi = (_tile_blocks(mask.k_pos, tile, tile)[:, 1:] >= 0).any(-1)
+        qb, kb = token_blocks(mask)
+        q_multi = (_tile_blocks(qb, tile)[..., 1:] >= 0).any(-1)  # [R, nq]
+        k_multi = (_tile_blocks(kb, tile)[..., 1:] >= 0).any(-1)  # [R, nk]
     plan = []
-    for okb in ok:
+    for b, okb in enumerate(ok):
         per_group = []
         for okg in okb:
             rows = []
             for iq in range(okg.shape[0]):
                 ks = okg[iq].nonzero().flatten()
                 idx = (ks[:, None] * tile + torch.arange(tile)[None, :]).flatten()
-                masked = mask.pattern is not None and (q_multi[iq] or bool(k_multi[ks].any()))
+                masked = mask.pattern is not None and bool(
+                    q_multi[min(b, len(q_multi) - 1), iq] or k_multi[min(b, len(k_multi) - 1), ks].any()
+                )
                 rows.append((idx[idx < tk], masked))
             per_group.append(rows)
         plan.append(per_group)
