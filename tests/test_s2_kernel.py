@@ -199,3 +199,27 @@ def test_flex_mask_mod_matches_reference_on_cpu():
     fin = torch.isfinite(lse_r)
     assert (~fin).any() and torch.equal(fin, torch.isfinite(lse))  # some rows see no key
     assert (o - o_r).abs().max() < 1e-12 and (lse[fin] - lse_r[fin].float()).abs().max() < 1e-5
+
+
+def test_flex_block_mask_is_built_once_per_pattern_and_shape():
+    from models.ops import flex
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    pattern = s2_pattern(block=16, stride=2, local=1, n_kv_heads=2, check_coverage=False)
+    pos = torch.arange(64)
+    doc = torch.zeros(1, 64, dtype=torch.int64)
+    mask = MaskSpec(pos, pos, doc, doc, True, None, pattern.bind(None, 1, 64))
+    q, k = torch.randn(1, 64, 4, 8), torch.randn(1, 64, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = flex._block_mask(mask, 1, 4, 2, 64, 64, q.device)
+        again = flex._block_mask(MaskSpec(pos, pos, doc, doc, True, None, mask.pattern), 1, 4, 2, 64, 64, q.device)
+        other = flex._block_mask(mask, 1, 4, 2, 64, 64, q.device) is first
+        o1, _ = flex.flex_attention(q, k, k, mask)
+        o2, _ = flex.flex_attention(q, k, k, mask)
+    assert again is first and other  # the next layer's mask: same pattern, metadata and shape
+    assert torch.equal(o1, o2)
+    shifted = MaskSpec(pos, pos, doc, doc, True, 9, mask.pattern)  # a window: another mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert flex._block_mask(shifted, 1, 4, 2, 64, 64, q.device) is not first

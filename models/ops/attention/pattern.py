@@ -95,14 +95,22 @@ class _Plan:
         q_start, q_stop, q_lo = qt.start.tolist(), qt.stop.tolist(), qt.lo.tolist()
         k_start, k_stop, k_lo = kt.start.tolist(), kt.stop.tolist(), kt.lo.tolist()
         square_ok = mask.causal and mask.window is None and fused
-        self.device, self._qidx, self.rows = torch.device("cpu"), {}, []
+        self.device, self._qidx, self.rows, self.key_sets = torch.device("cpu"), {}, [], []
+        # the key indices of every item's wholly allowed tiles, in one gather
+        fulls = [full for per_group in plan for tiles in per_group for _, full, _ in tiles]
+        if fulls:
+            every = torch.cat(fulls)
+            owner = torch.repeat_interleave(torch.arange(len(fulls)), torch.tensor([len(f) for f in fulls]))
+            sizes = torch.zeros(len(fulls), dtype=torch.int64).index_add_(0, owner, (kt.stop - kt.start)[every])
+            keys = iter(kt.index(every).split(sizes.tolist()))
         for b, per_group in enumerate(plan):
             row = []
             for tiles in per_group:
                 items = []
                 for iq, full, part in tiles:
                     qs = slice(q_start[iq], q_stop[iq])
-                    kfull = kt.index(full) if full.numel() else None
+                    kfull = next(keys)
+                    kfull = kfull if full.numel() else None
                     square, kcut, allowed = None, None, None
                     if part.numel() == 1 and square_ok:
                         ik = int(part[0])
@@ -114,6 +122,7 @@ class _Plan:
                         kcut = kt.index(part)
                         allowed = mask.allowed(qs, kcut, b)
                     items.append((qs, kfull, square, kcut, allowed))
+                    self.key_sets.append(tuple(full.tolist()))  # which key tiles: shared sets batch together
                 row.append(items)
             self.rows.append(row)
 
@@ -174,6 +183,105 @@ def _pieces_forward(qb, kb, vb, item, scale, fused):
     return out
 
 
+class _Batches:
+    """The fused (CPU) form of a plan: every (query tile, head group) job of the wholly allowed
+    keys, and every causal square, batched by shape into few calls of the fused op. A batch
+    holds index tensors: query tokens [n, tq], query heads [n, Hq], key tokens [n, tk], KV heads
+    [n, Hkv]; the op sees q [n, Hq, tq, D] against k, v [n, Hkv, tk, D]."""
+
+    def __init__(self, plan: _Plan, groups_per_kv: int):
+        self.rows = []
+        key_sets = iter(plan.key_sets)
+        for row in plan.rows:
+            jobs: dict[tuple, list] = {}
+            for (hs, _), items in zip(plan.groups, row):
+                qh = torch.arange(hs.start * groups_per_kv, hs.stop * groups_per_kv)
+                kh = torch.arange(hs.start, hs.stop)
+                shared: dict[tuple, list] = {}  # query tiles with the same allowed key tiles: one job
+                for (qs, kfull, square, _, _), key_set in zip(items, key_sets):
+                    qtok = torch.arange(qs.start, qs.stop)
+                    if kfull is not None:
+                        shared.setdefault(key_set, [kfull, []])[1].append(qtok)
+                    if square is not None:
+                        ktok = torch.arange(square.start, square.stop)
+                        jobs.setdefault((len(qtok), len(ktok), len(qh), True), []).append((qtok, qh, ktok, kh))
+                for kfull, qtoks in shared.values():
+                    qtok = torch.cat(qtoks)
+                    jobs.setdefault((len(qtok), len(kfull), len(qh), False), []).append((qtok, qh, kfull, kh))
+            self.rows.append([(key[-1], *(torch.stack(x) for x in zip(*batch))) for key, batch in sorted(jobs.items())])
+
+
+def _gather(x: torch.Tensor, tok: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """x [T, H, ...] -> [n, len(heads), t, ...] at tokens tok [n, t] and heads heads [n, h]."""
+    return x[tok[:, :, None], heads[:, None, :]].transpose(1, 2)
+
+
+def _fused_forward(qa, ka, va, plan: _Plan, batches: _Batches, scale, o, lse):
+    """The fused CPU forward into o [B, Tq, H, D], lse [B, H, Tq] (0 / -inf where unwritten):
+    batched fused calls, then the cut tiles, all merged by log-sum-exp."""
+    groups = qa.shape[2] // ka.shape[2]
+    for b, (batch_row, row) in enumerate(zip(batches.rows, plan.rows)):
+        ob, lb = o[b], lse[b].t()  # [Tq, H, D], [Tq, H] views
+        for causal, qtok, qh, ktok, kh in batch_row:
+            o_t, lse_t = _FLASH_CPU(
+                _gather(qa[b], qtok, qh), _gather(ka[b], ktok, kh), _gather(va[b], ktok, kh), 0.0, causal, scale=scale
+            )  # [n, Hq, tq, D], [n, Hq, tq]
+            at = (qtok[:, :, None], qh[:, None, :])
+            merged = _merge_rows(ob[at], lb[at], o_t.transpose(1, 2), lse_t.transpose(1, 2))
+            ob[at], lb[at] = merged
+        for (hs, _), items in zip(plan.groups, row):
+            qh = slice(hs.start * groups, hs.stop * groups)
+            for qs, _, _, kcut, allowed in items:
+                if kcut is None:
+                    continue
+                kb, vb = ka[b, :, hs].index_select(0, kcut), va[b, :, hs].index_select(0, kcut)
+                o_t, lse_t = _masked_forward(qa[b, qs, qh], kb, vb, allowed, scale)
+                ob[qs, qh], lb[qs, qh] = _merge_rows(ob[qs, qh], lb[qs, qh], o_t, lse_t.t())
+
+
+def _merge_rows(o, lse, o_i, lse_i):
+    """Log-sum-exp merge with lse laid out like o without its last dim: o [..., D], lse [...]."""
+    new = torch.logaddexp(lse, lse_i)
+    safe = new.masked_fill(torch.isinf(new), 0.0)
+    return o * torch.exp(lse - safe).unsqueeze(-1) + o_i * torch.exp(lse_i - safe).unsqueeze(-1), new
+
+
+def _fused_backward(qa, ka, va, doa, oa, lse, delta, plan: _Plan, batches: _Batches, scale, dq, dk, dv):
+    """The fused CPU backward, accumulating into dq, dk, dv (index_put_ with accumulate)."""
+    groups = qa.shape[2] // ka.shape[2]
+    for b, (batch_row, row) in enumerate(zip(batches.rows, plan.rows)):
+        lb = lse[b].t()  # [Tq, H]
+        for causal, qtok, qh, ktok, kh in batch_row:
+            at_q, at_k = (qtok[:, :, None], qh[:, None, :]), (ktok[:, :, None], kh[:, None, :])
+            gq, gk, gv = _FLASH_CPU_BWD(
+                _gather(doa[b], qtok, qh), _gather(qa[b], qtok, qh), _gather(ka[b], ktok, kh),
+                _gather(va[b], ktok, kh), _gather(oa[b], qtok, qh), lb[at_q].transpose(1, 2), 0.0, causal,
+                scale=scale,
+            )  # fmt: skip
+            dq[b].index_put_(at_q, gq.transpose(1, 2), accumulate=True)
+            dk[b].index_put_(at_k, gk.transpose(1, 2), accumulate=True)
+            dv[b].index_put_(at_k, gv.transpose(1, 2), accumulate=True)
+        for (hs, _), items in zip(plan.groups, row):
+            qh = slice(hs.start * groups, hs.stop * groups)
+            for qs, _, _, kcut, allowed in items:
+                if kcut is None:
+                    continue
+                kb, vb = ka[b, :, hs].index_select(0, kcut), va[b, :, hs].index_select(0, kcut)
+                gq, gk, gv = _masked_backward(
+                    qa[b, qs, qh], kb, vb, doa[b, qs, qh], lse[b, qh, qs], delta[b, qh, qs], allowed, scale
+                )
+                dq[b, qs, qh] += gq
+                dk[b, :, hs].index_add_(0, kcut, gk)
+                dv[b, :, hs].index_add_(0, kcut, gv)
+
+
+def _batches_of(plan: _Plan, groups_per_kv: int) -> _Batches:
+    """The fused batches of a (CPU) plan, once per plan (forward and backward share them)."""
+    if getattr(plan, "_batches", None) is None:
+        plan._batches = _Batches(plan, groups_per_kv)
+    return plan._batches
+
+
 def _use_fused(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and _FLASH_CPU is not None
 
@@ -192,6 +300,9 @@ def pattern_forward(
     o = torch.zeros(bsz, tq, h, d, dtype=acc, device=q.device)
     lse = torch.full((bsz, h, tq), -math.inf, dtype=acc, device=q.device)
     plan = plan_of(mask, k.shape[2], q.device, fused)
+    if fused:
+        _fused_forward(qa, ka, va, plan, _batches_of(plan, groups), scale, o, lse)
+        return o.to(q.dtype), lse
     for b, row in enumerate(plan.rows):
         for (hs, _), items in zip(plan.groups, row):
             qh = slice(hs.start * groups, hs.stop * groups)  # the query heads of these kv heads
@@ -223,6 +334,9 @@ def pattern_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = 
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
     delta = (doa * oa).sum(-1).transpose(1, 2)  # [B, H, Tq]
     plan = plan_of(mask, k.shape[2], q.device, fused)
+    if fused:
+        _fused_backward(qa, ka, va, doa, oa, lse, delta, plan, _batches_of(plan, groups), scale, dq, dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     for b, row in enumerate(plan.rows):
         for (hs, _), items in zip(plan.groups, row):
             qh = slice(hs.start * groups, hs.stop * groups)

@@ -252,12 +252,11 @@ def tile_plan(mask: MaskSpec, n_kv: int):
     for okb in ok.cpu():
         per_group = []
         for okg in okb:
-            rows = []
-            for iq in okg.any(1).nonzero().flatten().tolist():
-                ks = okg[iq].nonzero().flatten()
-                part = cut[iq, ks]
-                rows.append((iq, ks[~part], ks[part]))
-            per_group.append(rows)
+            iq, ik = okg.nonzero().unbind(1)  # candidate pairs, by query tile then key tile
+            part = cut[iq, ik]
+            counts = torch.bincount(iq, minlength=len(qt)).tolist()
+            rows = enumerate(zip(ik.split(counts), part.split(counts)))
+            per_group.append([(q, ks[~p], ks[p]) for q, (ks, p) in rows if ks.numel()])
         plan.append(per_group)
     return groups, qt, kt, plan
 
