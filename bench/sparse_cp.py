@@ -10,7 +10,8 @@ For each stride and row length N (one document per row, causal, S2 pattern with
 ``--local`` local blocks of ``--block`` tokens, one offset per KV head):
   * one device: forward + backward time of one attention layer, dense vs S2 (median of
     --repeats), and the FLOP density: score entries the kernel computes for S2 over dense
-    (``models.ops.attention.planned_pairs``);
+    (``models.ops.attention.planned_pairs``); the target: S2 time / dense time <= 1.5 x density
+    (``target``, ``meets_target``);
   * CP world ``--world`` (real processes, zigzag): the S2-aware strategy ``s2`` -- its time, the
     bytes one rank receives in forward (measured by parallel.comm, max over ranks) and by its
     formula, against the formulas of the dense all-gather (``allgather``, gather=all) and
@@ -42,6 +43,8 @@ COLUMNS = [
     "dense_ms",
     "s2_ms",
     "s2_over_dense",
+    "target",
+    "meets_target",
     "world_size",
     "s2_cp_ms",
     "bytes_s2",
@@ -110,6 +113,8 @@ def bench_rank(rank, world, args):
                     dense_ms=round(dense_t * 1e3, 1),
                     s2_ms=round(t * 1e3, 1),
                     s2_over_dense=round(t / dense_t, 3),
+                    target=round(1.5 * sparse_pairs / dense_pairs, 3),  # time ratio <= 1.5 x FLOP density
+                    meets_target=t / dense_t <= 1.5 * sparse_pairs / dense_pairs,
                 )
                 rows.append(row)
                 continue

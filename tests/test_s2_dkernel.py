@@ -206,3 +206,67 @@ def test_an_unbound_per_document_pattern_says_how_to_bind_it():
     doc = torch.zeros(1, 20, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"bind it with pattern.bind\(cu_seqlens, batch, seq_len\)"):
         MaskSpec(pos, pos, doc, doc, True, None, pattern).pattern_allowed(slice(None), pos, 0)
+
+
+def phi3small_layout(n_heads, nb, *, stride, local, homo):
+    """[n_heads, nb, nb] bool: Phi-3-small's (and vLLM's) blocksparse rule per *query* head h:
+    causal blocks, the ``local`` most recent, else (j + h * max(1, stride // n_heads) + 1) % stride
+    == 0 (h = 0 for every head when homogeneous)."""
+    step = max(1, stride // n_heads)
+    i, j = torch.arange(nb)[:, None], torch.arange(nb)[None, :]
+    return torch.stack(
+        [(j <= i) & ((i - j < local) | ((j + (0 if homo else h * step) + 1) % stride == 0)) for h in range(n_heads)]
+    )
+
+
+@pytest.mark.filterwarnings("ignore:S2 pattern")  # Phi-3-small's layout leaves residues to other layers
+@pytest.mark.parametrize("n_kv,homo", [(4, False), (2, True)])
+def test_phi3small_settings_import_export(n_kv, homo, tmp_path):
+    import json
+    import os
+
+    from models import ModelConfig, Transformer
+    from models.hf_io import load_hf_model, save_hf_checkpoint
+    from models.s2_attention import layer_pattern
+
+    torch.manual_seed(0)
+    dense = Transformer(ModelConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=n_kv)).double()  # random weights
+    save_hf_checkpoint(dense, str(tmp_path / "dense"))
+    path = os.path.join(tmp_path, "dense", "config.json")
+    hf = json.load(open(path))
+    phi = dict(blocksparse_block_size=16, blocksparse_num_local_blocks=2, blocksparse_vert_stride=8,
+               blocksparse_homo_head_pattern=homo, dense_attention_every_n_layers=2)  # fmt: skip
+    json.dump({**hf, **phi}, open(path, "w"))
+    model = load_hf_model(str(tmp_path / "dense")).double()
+    cfg = model.cfg
+    assert cfg.mixer_pattern == ["s2", "softmax"] and [cfg.kind_of(i) for i in range(4)] == ["sparse", "softmax"] * 2
+    nb = 40
+    want = phi3small_layout(4, nb, stride=8, local=2, homo=homo)
+    for layer in (0, 2):  # the same layout in every sparse layer
+        got = ours(layer_pattern(cfg, layer, False), 4, nb)
+        assert torch.equal(got & torch.ones(nb, nb, dtype=torch.bool).tril(), want)
+    save_hf_checkpoint(model, str(tmp_path / "s2"))
+    out = json.load(open(os.path.join(tmp_path, "s2", "config.json")))
+    assert {k: out[k] for k in phi} == phi  # export writes Phi-3-small's keys back
+    back = load_hf_model(str(tmp_path / "s2"))
+    assert back.cfg.mixer_pattern == cfg.mixer_pattern and str(back.cfg.s2_layer_offset) == "1"
+    ids = torch.randint(0, 257, (1, 48))
+    assert (back.double()(ids) - model(ids)).abs().max() < 1e-12
+
+
+def test_phi3small_per_query_head_layout_under_gqa_is_refused():
+    from models.hf_io import _s2_from_phi3small
+
+    hf = dict(num_attention_heads=32, num_key_value_heads=8, blocksparse_vert_stride=8,
+              blocksparse_homo_head_pattern=False)  # fmt: skip
+    with pytest.raises(ValueError, match="per-KV-head S2 patterns cannot express"):
+        _s2_from_phi3small(hf)
+
+
+def test_an_older_longctx_export_keeps_its_pattern():
+    from models.hf_io import _s2_from_hf
+
+    old = {"longctx_s2": dict(mixer_pattern=["s2"], block=16, stride=4, local=1, dense_heads=[], offsets=None,
+                              homogeneous=False, layer_offset=None)}  # fmt: skip
+    got = _s2_from_hf(old)
+    assert got["s2_head_step"] == "spread" and got["s2_doc_blocks"] == "row" and got["s2_layer_offset"] == "layer"
