@@ -21,6 +21,7 @@ CUDA) runs masked matmul tiles. Masks and indices are built on q's device.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
@@ -145,18 +146,29 @@ class _Plan:
         return out
 
 
+_PLANS: OrderedDict = OrderedDict()  # (pattern, metadata, n_kv, fused) -> (metadata tensors, CPU plan)
+_PLAN_CACHE = 8
+
+
 def plan_of(mask: MaskSpec, n_kv: int, device, fused: bool) -> _Plan:
-    """The kernel's plan of ``mask``, once per mask (forward and backward share it), on
-    ``device``: indices and masks are built on CPU from the mask's metadata, then moved."""
-    cache = mask.__dict__.setdefault("_pattern_plans", {})
+    """The kernel's plan of ``mask`` on ``device``: built on CPU from the mask's metadata, once per
+    pattern, metadata and head count (the layers of one batch share their positions / documents
+    tensors and pattern, forward and backward their mask), then moved to the device once."""
+    tensors = (mask.q_pos, mask.k_pos, mask.q_doc, mask.k_doc)
+    key = (mask.pattern, mask.causal, mask.window, mask.kv_heads, *map(id, tensors), n_kv, fused)
+    hit = _PLANS.get(key)
+    if hit is None or not all(x is y for x, y in zip(hit[0], tensors)):  # ids of live tensors only
+        hit = (tensors, _Plan(mask, n_kv, fused), {})
+        _PLANS[key] = hit
+        while len(_PLANS) > _PLAN_CACHE:
+            _PLANS.popitem(last=False)
+    _PLANS.move_to_end(key)
     device = torch.device(device)
-    base = (n_kv, fused, "cpu")
-    if base not in cache:
-        cache[base] = _Plan(mask, n_kv, fused)
-    key = (n_kv, fused, str(device))
-    if key not in cache:
-        cache[key] = cache[base].to(device)
-    return cache[key]
+    if device.type == "cpu":
+        return hit[1]
+    if str(device) not in hit[2]:
+        hit[2][str(device)] = hit[1].to(device)
+    return hit[2][str(device)]
 
 
 def _pieces_forward(qb, kb, vb, item, scale, fused):
