@@ -10,7 +10,8 @@ For each stride and row length N (one document per row, causal, S2 pattern with
 ``--local`` local blocks of ``--block`` tokens, one offset per KV head):
   * one device: forward + backward time of one attention layer, dense vs S2 (median of
     --repeats), and the FLOP density: score entries the kernel computes for S2 over dense
-    (``models.ops.attention.planned_pairs``);
+    (``models.ops.attention.planned_pairs``); the target: S2 time / dense time <= 1.5 x density
+    (``target``, ``meets_target``);
   * CP world ``--world`` (real processes, zigzag): the S2-aware strategy ``s2`` -- its time, the
     bytes one rank receives in forward (measured by parallel.comm, max over ranks) and by its
     formula, against the formulas of the dense all-gather (``allgather``, gather=all) and
@@ -42,6 +43,8 @@ COLUMNS = [
     "dense_ms",
     "s2_ms",
     "s2_over_dense",
+    "target",
+    "meets_target",
     "world_size",
     "s2_cp_ms",
     "bytes_s2",
@@ -63,7 +66,14 @@ def _inputs(n, args, seed=0):
 
 
 def _pattern(stride, args):
-    return s2_pattern(block=args.block, stride=stride, local=args.local, n_kv_heads=args.kv_heads, check_coverage=False)
+    return s2_pattern(
+        block=args.block,
+        stride=stride,
+        local=args.local,
+        n_kv_heads=args.kv_heads,
+        n_heads=args.heads,
+        check_coverage=False,
+    )
 
 
 def _one_device(q, k, v, do, cu, options, args, device):
@@ -94,14 +104,17 @@ def bench_rank(rank, world, args):
                 path = os.path.join(args.out, f"ref_s2_{n}_{stride}.pt")
                 t, got = _one_device(q, k, v, do, cu, options, args, device)
                 torch.save([g.detach().cpu() for g in got], path)
+                bound = pattern.bind(cu, 1, n)  # per-document blocks: the batch's document starts
                 sparse_pairs = planned_pairs(
-                    MaskSpec(pos, pos, doc, doc, True, None, pattern), args.block, args.heads, args.kv_heads
+                    MaskSpec(pos, pos, doc, doc, True, None, bound), args.block, args.heads, args.kv_heads
                 )
                 row.update(
                     flop_density=round(sparse_pairs / dense_pairs, 4),
                     dense_ms=round(dense_t * 1e3, 1),
                     s2_ms=round(t * 1e3, 1),
                     s2_over_dense=round(t / dense_t, 3),
+                    target=round(1.5 * sparse_pairs / dense_pairs, 3),  # time ratio <= 1.5 x FLOP density
+                    meets_target=t / dense_t <= 1.5 * sparse_pairs / dense_pairs,
                 )
                 rows.append(row)
                 continue

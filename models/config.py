@@ -42,9 +42,12 @@ class ModelConfig:
     s2_stride: int | None = None  # each head sees every s2_stride-th key block (1: dense)
     s2_local: int | None = None  # local blocks every head sees (the diagonal block included)
     s2_dense_heads: list[int] | None = None  # KV heads that stay dense
+    s2_n_dense_heads: int | None = None  # DKernel's num_dense_heads: the last KV heads stay dense
     s2_offsets: list[int] | None = None  # explicit per-KV-head offsets
     s2_homogeneous: bool | None = None  # every head the same offset
-    s2_layer_offset: int | None = None  # None: the layer index
+    s2_head_step: str | None = None  # dkernel (step from the query heads) | spread (from the KV heads)
+    s2_layer_offset: str | None = None  # an integer for every layer (default 0) | layer (the layer index)
+    s2_doc_blocks: str | None = None  # document (blocks restart per document) | row
 
     def __post_init__(self):
         self.validate()

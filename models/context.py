@@ -30,9 +30,19 @@ class AttentionContext:
 
     docs: Documents
     block: int
+    cu_seqlens: torch.Tensor | None  # global document starts over the flattened [B * N] batch
+    batch_size: int
+    seq_len: int  # N, the global row length
 
     def run(self, kind: str, q, k, v, **options) -> torch.Tensor:
-        return local_op(kind)(q, k, v, self, **options)
+        return local_op(kind)(q, k, v, self, **self.bind(options))
+
+    def bind(self, options: dict) -> dict:
+        """The options of a ``ctx.run`` call for this batch: a per-document block pattern
+        (models/s2_pattern.py) learns the batch's document starts, once per batch."""
+        from models.s2_pattern import bind_pattern
+
+        return bind_pattern(options, self.docs, self.cu_seqlens, self.batch_size, self.seq_len)
 
     def attention(self, q, k, v, *, causal=True, window=None, scale=None):
         """q [B, T, H, D], k, v [B, T, Hkv, D] -> o [B, T, H, D]."""
@@ -49,4 +59,5 @@ class SingleDeviceContext(AttentionContext):
 
     def __init__(self, batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None = None, block: int = 256):
         self.block = block
+        self.cu_seqlens, self.batch_size, self.seq_len = cu_seqlens, batch_size, seq_len
         self.docs = Documents.of(cu_seqlens, batch_size, seq_len)

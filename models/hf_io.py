@@ -169,6 +169,9 @@ def _sliding_window_from_hf(hf: dict, model_type: str) -> int | None:
 
 S2_KEY = "longctx_s2"  # config.json entry of an S2 model: its mixer pattern and s2_* settings
 _S2_FIELDS = ("block", "stride", "local", "dense_heads", "offsets", "homogeneous", "layer_offset")
+_S2_FIELDS += ("n_dense_heads", "head_step", "doc_blocks")
+# a config.json written before head_step / doc_blocks existed meant these (and layer_offset None: the layer index)
+_S2_LEGACY = {"head_step": "spread", "doc_blocks": "row"}
 
 
 def _s2_to_hf(cfg: ModelConfig) -> dict:
@@ -183,14 +186,86 @@ def _s2_to_hf(cfg: ModelConfig) -> dict:
     return out
 
 
+# Phi-3-small's blocksparse settings (config.json keys): its layout is DKernel's rule with a
+# constant offset 1, (j + h * max(1, stride // n_heads) + 1) % stride for head h, per query head
+PHI3_KEYS = (
+    "blocksparse_block_size",
+    "blocksparse_num_local_blocks",
+    "blocksparse_vert_stride",
+    "blocksparse_homo_head_pattern",
+    "dense_attention_every_n_layers",
+)
+
+
+def _s2_from_phi3small(hf: dict) -> dict:
+    """The S2 settings (and mixer pattern) of a config.json with Phi-3-small's blocksparse keys:
+    layers (i + 1) % dense_attention_every_n_layers == 0 dense, the others S2 with its block,
+    local blocks and stride, step from the query heads, offset 1, blocks restarting per
+    sequence. Its layout is per *query* head: under GQA only the homogeneous one is a per-KV-head
+    pattern."""
+    if not any(k in hf for k in PHI3_KEYS):
+        return {}
+    heads = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    homo = bool(hf.get("blocksparse_homo_head_pattern", False))
+    if not homo and kv != heads:
+        raise ValueError(
+            f"config.json has Phi-3-small blocksparse heads with blocksparse_homo_head_pattern=false and "
+            f"{heads} query heads over {kv} KV heads: its layout differs between query heads that share "
+            "a KV head, which longctx's per-KV-head S2 patterns cannot express; use a homogeneous pattern "
+            "or as many KV heads as query heads"
+        )
+    every = int(hf.get("dense_attention_every_n_layers") or 0)
+    mixers = ["s2"] * (every - 1) + ["softmax"] if every > 1 else ["softmax" if every == 1 else "s2"]
+    return dict(
+        mixer_pattern=mixers,
+        s2_block=int(hf.get("blocksparse_block_size", 64)),
+        s2_local=int(hf.get("blocksparse_num_local_blocks", 4)),
+        s2_stride=int(hf.get("blocksparse_vert_stride", 4)),
+        s2_homogeneous=homo,
+        s2_head_step="dkernel",
+        s2_layer_offset="1",
+        s2_doc_blocks="document",
+    )
+
+
+def _s2_to_phi3small(cfg: ModelConfig) -> dict:
+    """Phi-3-small's blocksparse keys for config.json when the model's S2 layers are its layout
+    (offset 1, step from the query heads, per-document blocks, no dense heads or explicit
+    offsets, dense layers every n-th); {} otherwise (the longctx_s2 entry holds the settings)."""
+    from models.registry import options_of
+
+    o = options_of(cfg, "s2")
+    n = len(cfg.mixer_pattern)
+    every = n if cfg.mixer_pattern == ["s2"] * (n - 1) + ["softmax"] and n > 1 else None
+    if cfg.mixer_pattern == ["s2"]:
+        every = 0
+    same_heads = o.homogeneous or cfg.n_heads == cfg.n_kv_heads
+    plain = not o.dense_heads and not o.n_dense_heads and o.offsets is None
+    rule = o.head_step == "dkernel" and str(o.layer_offset) == "1" and o.doc_blocks == "document"
+    if every is None or not (same_heads and plain and rule):
+        return {}
+    return dict(
+        blocksparse_block_size=o.block,
+        blocksparse_num_local_blocks=o.local,
+        blocksparse_vert_stride=o.stride,
+        blocksparse_homo_head_pattern=bool(o.homogeneous),
+        dense_attention_every_n_layers=every,
+    )
+
+
 def _s2_from_hf(hf: dict) -> dict:
     s2 = hf.get(S2_KEY)
     if not s2:
-        return {}
+        return _s2_from_phi3small(hf)
     unknown = sorted(set(s2) - {"mixer_pattern", *_S2_FIELDS})
     if unknown:
         raise ValueError(f"config.json {S2_KEY} has unknown keys {unknown}: expected mixer_pattern and {_S2_FIELDS}")
+    if "head_step" not in s2:  # an older longctx export: keep the pattern it trained with
+        s2 = {**_S2_LEGACY, **s2, "layer_offset": "layer" if s2.get("layer_offset") is None else s2["layer_offset"]}
     out = {f"s2_{f}": s2[f] for f in _S2_FIELDS if f in s2}
+    if out.get("s2_layer_offset") is not None:
+        out["s2_layer_offset"] = str(out["s2_layer_offset"])
     if "mixer_pattern" in s2:
         out["mixer_pattern"] = list(s2["mixer_pattern"])
     return out
@@ -392,6 +467,7 @@ def config_to_hf(
     }
     if "s2" in cfg.mixer_pattern:
         hf[S2_KEY] = _s2_to_hf(cfg)
+        hf.update(_s2_to_phi3small(cfg))
     if model_type == "llama":
         hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
     elif model_type == "mistral":

@@ -16,7 +16,7 @@ from functools import lru_cache
 from models.ops.attention import MaskSpec, attention, attention_ref
 from models.ops.documents import causal_pairs
 from models.registry import options_of, register_kind, register_mixer, register_options
-from models.s2_pattern import check_sparse_options, s2_pattern
+from models.s2_pattern import DOC_BLOCKS, HEAD_STEPS, check_sparse_options, s2_pattern
 from models.softmax_attention import SoftmaxAttention
 
 
@@ -48,19 +48,40 @@ def _density(pattern, seq_len: int) -> float:
 @dataclass
 class S2Options:
     """The settings model.s2_<field> (None there: the default here). Per KV head a strided
-    subset of key blocks plus ``local`` local blocks (models/s2_pattern.py)."""
+    subset of key blocks plus ``local`` local blocks (models/s2_pattern.py). The defaults
+    reproduce DKernel's layout (and, with layer_offset 1, Phi-3-small's)."""
 
     block: int = 64  # tokens per block (>= 16)
     stride: int = 8  # each head sees every stride-th key block (1: dense)
     local: int = 1  # local blocks every head sees (the diagonal block included)
     dense_heads: list[int] = field(default_factory=list)  # KV heads that stay dense
-    offsets: list[int] | None = None  # explicit per-KV-head offsets (default h * max(1, stride // Hkv))
+    n_dense_heads: int = 0  # DKernel's num_dense_heads: the last KV heads stay dense
+    offsets: list[int] | None = None  # explicit per-KV-head offsets (default h * step + layer offset)
     homogeneous: bool = False  # every head the same offset
-    layer_offset: int | None = None  # None: the layer index
+    head_step: str = "dkernel"  # dkernel: step max(1, stride // n_heads); spread: max(1, stride // n_kv_heads)
+    layer_offset: int | str = 0  # a constant offset for every layer, or "layer": the layer index
+    doc_blocks: str = "document"  # document: block indices restart at every document; row: row blocks
+
+    def layer_offset_of(self, layer: int) -> int:
+        """The offset of layer ``layer`` (ValueError naming model.s2_layer_offset if malformed)."""
+        if self.layer_offset == "layer":
+            return layer
+        try:
+            return int(self.layer_offset)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"model.s2_layer_offset={self.layer_offset!r} must be an integer (one offset for every "
+                "layer, 0 as DKernel, 1 as Phi-3-small) or 'layer' (the layer index)"
+            ) from None
 
     def validate(self, cfg) -> None:
         if self.local < 1:
             raise ValueError(f"model.s2_local={self.local} must be >= 1 (every token sees its own block)")
+        if self.head_step not in HEAD_STEPS:
+            raise ValueError(f"model.s2_head_step={self.head_step!r} must be one of {HEAD_STEPS}")
+        if self.doc_blocks not in DOC_BLOCKS:
+            raise ValueError(f"model.s2_doc_blocks={self.doc_blocks!r} must be one of {DOC_BLOCKS}")
+        self.layer_offset_of(0)
         if any(mixer_uses_s2(m) for m in cfg.mixer_pattern):  # builds (and checks) the pattern; warns
             layer_pattern(cfg, 0)  # if heads leave blocks unseen
 
@@ -72,18 +93,22 @@ def mixer_uses_s2(name: str) -> bool:
 
 
 def layer_pattern(cfg, layer: int, check_coverage: bool = True):
-    """The S2 pattern of layer ``layer`` from the model.s2_* settings (layer offset: the layer
-    index unless model.s2_layer_offset fixes it)."""
+    """The S2 pattern of layer ``layer`` from the model.s2_* settings (layer offset: constant,
+    0 by default, or the layer index with model.s2_layer_offset=layer)."""
     o = options_of(cfg, "s2")
     return s2_pattern(
         block=o.block,
         stride=o.stride,
         local=o.local,
         n_kv_heads=cfg.n_kv_heads,
-        layer_offset=layer if o.layer_offset is None else o.layer_offset,
+        n_heads=cfg.n_heads,
+        head_step=o.head_step,
+        layer_offset=o.layer_offset_of(layer),
         offsets=o.offsets,
         dense_heads=tuple(o.dense_heads),
+        n_dense_heads=o.n_dense_heads,
         homogeneous=o.homogeneous,
+        doc_blocks=o.doc_blocks,
         check_coverage=check_coverage,
     )
 
@@ -96,8 +121,9 @@ class S2Attention(SoftmaxAttention):
     @staticmethod
     def core_flops(cfg, layer: int, doc_lens) -> float:
         """Each document's dense count (causal, windowed) scaled by the layer pattern's block
-        density over a row of the document's length (an estimate: a document that does not start
-        at a block boundary meets the pattern's blocks shifted)."""
+        density over a row of the document's length (exact at block level for per-document
+        blocks; an estimate for row blocks, where a document not starting at a block boundary
+        meets the pattern's blocks shifted)."""
         pattern = layer_pattern(cfg, layer, False)
         per_pair = 12 * cfg.n_heads * cfg.hd
         counts = Counter(int(n) for n in doc_lens)

@@ -73,7 +73,7 @@ class CPContext(AttentionContext):
                 f"parallel.cp.strategies.{kind} (this context has "
                 f"{ {k: s.name for k, s in self.strategies.items()} })"
             )
-        return strategy(q, k, v, self, **options)
+        return strategy(q, k, v, self, **self.bind(options))
 
     def _check_shapes(self, q, k, v) -> None:
         """Local shards must hold exactly this rank's C tokens of each of the B rows."""

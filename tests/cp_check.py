@@ -43,6 +43,8 @@ def reference(q, k, v, do, cu, causal, window, pattern=None):
     pos = torch.arange(n)
     doc = doc_ids(cu, torch.arange(b)[:, None] * n + pos[None, :])
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    if hasattr(pattern, "bind"):  # a per-document S2 pattern reads the batch's document starts
+        pattern = pattern.bind(cu, b, n)
     o, lse = attention_ref(q, k, v, MaskSpec(pos, pos, doc, doc, causal, window, pattern))
     (o * do).sum().backward()
     return o.detach(), q.grad, k.grad, v.grad

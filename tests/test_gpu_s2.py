@@ -19,7 +19,7 @@ def test_flex_s2_matches_fp64_reference():
     pos = torch.arange(t)
     doc = doc_ids(cu, torch.arange(b)[:, None] * t + pos[None])
     pattern = s2_pattern(block=64, stride=4, local=1, n_kv_heads=hkv, dense_heads=(3,))
-    mask = MaskSpec(pos, pos, doc, doc, True, None, pattern)
+    mask = MaskSpec(pos, pos, doc, doc, True, None, pattern.bind(cu, b, t))
     q, k, v = (torch.randn(b, t, n, d, device="cuda") for n in (h, hkv, hkv))
     do = torch.randn(b, t, h, d, device="cuda")
     leaves64 = [x.double().cpu().requires_grad_() for x in (q, k, v)]

@@ -16,14 +16,23 @@ from models.ops.documents import doc_ids
 from models.s2_pattern import BlockLayout, s2_pattern
 
 
-def brute_mask(n, b, cu, heads, n_kv, *, block, stride, local, offsets, dense, window):
-    """[B, H, n, n] bool from the definition, one token pair at a time."""
+def brute_mask(n, b, cu, heads, n_kv, *, block, stride, local, offsets, dense, window, per_document=True):
+    """[B, H, n, n] bool from the definition, one token pair at a time (block indices from the
+    start of each token's document in its row, or from the row start)."""
     doc = doc_ids(cu, torch.arange(b * n)).view(b, n).tolist()
+    first = [{} for _ in range(b)]  # row -> document id -> its first position in the row
+    for row in range(b):
+        for t in range(n):
+            first[row].setdefault(doc[row][t], t)
+
+    def blk(row, t):
+        return (t - first[row][doc[row][t]] if per_document else t) // block
+
     per_kv = [
         [
             [
                 j <= i
-                and (hk in dense or i // block - j // block < local or (j // block + offsets[hk]) % stride == 0)
+                and (hk in dense or blk(row, i) - blk(row, j) < local or (blk(row, j) + offsets[hk]) % stride == 0)
                 and doc[row][i] == doc[row][j]
                 and (window is None or i - j < window)
                 for j in range(n)
@@ -73,6 +82,7 @@ S2_CASES = [  # (heads, kv heads, stride, local, options, window, doc starts of 
     (6, 3, 2, 1, {"dense_heads": (1,)}, 37, [0, 20, 83, 100, 166]),
     (4, 2, 3, 1, {"homogeneous": True, "layer_offset": 1}, None, [0, 50, 83, 166]),
     (4, 4, 5, 1, {"offsets": [4, 0, 2, 1]}, 45, [0, 1, 2, 83, 166]),
+    (4, 2, 4, 2, {"layer_offset": 3, "doc_blocks": "row"}, None, [0, 5, 40, 83, 84, 130, 166]),  # row blocks
 ]
 
 
@@ -81,7 +91,7 @@ def test_s2_kernel_matches_brute_force(h, hkv, stride, local, opts, window, star
     n, b, block = 83, 2, 16  # 83: not a multiple of the block
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # some of these patterns leave residues uncovered on purpose
-        pattern = s2_pattern(block=block, stride=stride, local=local, n_kv_heads=hkv, **opts)
+        pattern = s2_pattern(block=block, stride=stride, local=local, n_kv_heads=hkv, n_heads=h, **opts)
     cu = torch.tensor(starts)
     allowed = brute_mask(
         n,
@@ -95,14 +105,15 @@ def test_s2_kernel_matches_brute_force(h, hkv, stride, local, opts, window, star
         offsets=pattern.offsets,
         dense={i for i, x in enumerate(pattern.dense) if x},
         window=window,
+        per_document=pattern.per_document,
     )
-    # the offsets themselves, from the definition
-    step = 0 if opts.get("homogeneous") else max(1, stride // hkv)
+    # the offsets themselves, from the definition (the step from the query heads)
+    step = 0 if opts.get("homogeneous") else max(1, stride // h)
     base = opts.get("offsets") or [hk * step for hk in range(hkv)]
     assert pattern.offsets == tuple((o + opts.get("layer_offset", 0)) % stride for o in base)
     pos = torch.arange(n)
     doc = doc_ids(cu, torch.arange(b)[:, None] * n + pos[None])
-    mask = MaskSpec(pos, pos, doc, doc, True, window, pattern)
+    mask = MaskSpec(pos, pos, doc, doc, True, window, pattern.bind(cu, b, n))
     q, k, v = _qkv(b, n, h, hkv)
     compare(q, k, v, mask, allowed, block=32)  # the kernel's tile is the pattern block whatever it is given
     o_ref, _ = attention_ref(q, k, v, mask)  # the reference the CP tests use agrees too
@@ -146,7 +157,7 @@ def test_work_is_proportional_to_active_blocks():
     tiles = 4 * 64 * 65 // 2 * block * block  # every causal tile pair once, whole
     for stride in (4, 8):
         pattern = s2_pattern(block=block, stride=stride, local=1, n_kv_heads=4, check_coverage=False)
-        sparse = planned_pairs(MaskSpec(pos, pos, doc, doc, True, None, pattern), block, 4, 4)
+        sparse = planned_pairs(MaskSpec(pos, pos, doc, doc, True, None, pattern.bind(None, 1, n)), block, 4, 4)
         active = pattern.density(n) * tiles  # active (head, block pair) triples x block^2
         assert sparse == round(active)  # no inactive tile is computed
         assert sparse < tiles * (1 / stride + 2 / 64)
@@ -176,7 +187,8 @@ def test_flex_mask_mod_matches_reference_on_cpu():
     q_pos = torch.cat([torch.arange(20, 50), torch.arange(80, 100)])
     k_pos = torch.arange(0, 70)
     cu = torch.tensor([0, 33, 35, 128])
-    mask = MaskSpec(q_pos, k_pos, doc_ids(cu, q_pos)[None], doc_ids(cu, k_pos)[None], True, 40, pattern)
+    bound = pattern.bind(cu, 1, 128)
+    mask = MaskSpec(q_pos, k_pos, doc_ids(cu, q_pos)[None], doc_ids(cu, k_pos)[None], True, 25, bound)
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, len(q_pos), 4, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(1, len(k_pos), 2, 8, generator=g, dtype=torch.float64) for _ in "kv")
@@ -187,3 +199,27 @@ def test_flex_mask_mod_matches_reference_on_cpu():
     fin = torch.isfinite(lse_r)
     assert (~fin).any() and torch.equal(fin, torch.isfinite(lse))  # some rows see no key
     assert (o - o_r).abs().max() < 1e-12 and (lse[fin] - lse_r[fin].float()).abs().max() < 1e-5
+
+
+def test_flex_block_mask_is_built_once_per_pattern_and_shape():
+    from models.ops import flex
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    pattern = s2_pattern(block=16, stride=2, local=1, n_kv_heads=2, check_coverage=False)
+    pos = torch.arange(64)
+    doc = torch.zeros(1, 64, dtype=torch.int64)
+    mask = MaskSpec(pos, pos, doc, doc, True, None, pattern.bind(None, 1, 64))
+    q, k = torch.randn(1, 64, 4, 8), torch.randn(1, 64, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = flex._block_mask(mask, 1, 4, 2, 64, 64, q.device)
+        again = flex._block_mask(MaskSpec(pos, pos, doc, doc, True, None, mask.pattern), 1, 4, 2, 64, 64, q.device)
+        other = flex._block_mask(mask, 1, 4, 2, 64, 64, q.device) is first
+        o1, _ = flex.flex_attention(q, k, k, mask)
+        o2, _ = flex.flex_attention(q, k, k, mask)
+    assert again is first and other  # the next layer's mask: same pattern, metadata and shape
+    assert torch.equal(o1, o2)
+    shifted = MaskSpec(pos, pos, doc, doc, True, 9, mask.pattern)  # a window: another mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert flex._block_mask(shifted, 1, 4, 2, 64, 64, q.device) is not first

@@ -18,16 +18,17 @@ backward returns dK / dV of every sent tile to its owner the same way. The kerne
 runs per group on its gathered keys, so each head's work and its received bytes follow
 its own pattern.
 
-Bytes received per rank in forward (single-document rows, no window; ``rank_forward_bytes``
-counts it exactly, at block level, independently of the exchange code):
-
-    sum over KV heads hk, ranks j != r, key blocks kb of j with kb <= Q_max(r) and
-    ((kb + off_hk) % s == 0 or some query block qb of r has qb - kb < local)
-    of b * 2 * B * D * e bytes,
-
-i.e. for the last rank of a contiguous layout about (N * (1/s) + (local - 1) * b) * Hkv tokens of
-K and V, against (P - 1) * C * Hkv for the dense all-gather: a fraction of about
-1/s + local * b / N of its volume (dense heads count as s = 1).
+Bytes received per rank in forward (``rank_forward_bytes`` counts them exactly, token by token
+from the pattern and the documents, independently of the exchange code): per KV head hk and
+rank j != r, every key tile of j's chunk (consecutive positions in one block of b tokens, one
+document and one pattern block of every row) holding a key k that some query q of r sees,
+i.e. in some row, q in k's document with k <= q (q - k < window) and
+    q's pattern block - k's < local, or (k's pattern block + off_hk) % s == 0, or hk dense,
+at 2 * B * D * e bytes per token. For single-document rows and whole-block chunks: for the last
+rank of a contiguous layout about (N * (1/s) + (local - 1) * b) * Hkv tokens of K and V, against
+(P - 1) * C * Hkv for the dense all-gather: a fraction of about 1/s + local * b / N of its
+volume (dense heads count as s = 1). Zigzag halves that are not whole blocks or documents
+that do not start at a block boundary add at most a partial tile per boundary.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from __future__ import annotations
 import torch
 
 from models.ops.attention import MaskSpec, attention, head_groups, tile_candidates
+from models.ops.attention.plan import pattern_tiles
+from models.ops.documents import row_doc_ids
 from models.s2_pattern import check_sparse_options
 from parallel import comm
 from parallel.sharding import local_index
@@ -43,13 +46,14 @@ from parallel.strategies.base import LayerShape, Strategy, register
 
 def needed_tiles(ctx, pattern, head: int, r: int, j: int, causal: bool, window) -> torch.Tensor:
     """Local indices (into rank j's chunk, ascending) of the keys rank r's queries may need
-    for global KV head ``head`` (whole tiles of ``pattern.block`` tokens). [n] int64"""
+    for global KV head ``head``: whole key tiles (models.ops.attention.Tiles: consecutive
+    positions in one pattern block and one document of every row), each holding a key some
+    query of r sees (block pattern, causality, window, documents, any batch row). [n] int64"""
     qi, ki = ctx.index_of(r), ctx.index_of(j)
     mask = MaskSpec(qi, ki, ctx.doc_of(qi), ctx.doc_of(ki), causal, window, pattern, (head,))
-    _, ok = tile_candidates(mask, pattern.block, 1)  # [B, 1, nq, nk]
-    tiles = ok.any(0).any(0).any(0).nonzero().flatten()
-    idx = (tiles[:, None] * pattern.block + torch.arange(pattern.block)[None, :]).flatten()
-    return idx[idx < ki.numel()]
+    _, ok = tile_candidates(mask, pattern.block, 1)  # [B, 1, nq, nk], exact at tile level
+    _, kt = pattern_tiles(mask)
+    return kt.index(ok.any(0).any(0).any(0).nonzero().flatten()).sort().values
 
 
 def exchange_plan(ctx, pattern, n_kv: int, causal: bool, window):
@@ -64,6 +68,12 @@ def exchange_plan(ctx, pattern, n_kv: int, causal: bool, window):
     return groups, recv, send
 
 
+def add_returned(grad: torch.Tensor, heads: slice, index: torch.Tensor, part: torch.Tensor) -> None:
+    """grad [2, B, C, Hkv, D] += the dK / dV ``part`` [2, B, n, |heads|, D] a peer returns for my
+    tokens ``index`` [n] (the send plan lives on CPU: moved to grad's device)."""
+    grad.narrow(3, heads.start, heads.stop - heads.start).index_add_(2, index.to(grad.device), part)
+
+
 class GatherBlocks(torch.autograd.Function):
     """kv [2, B, C, Hkv, D] -> per head group g: [2, B, T_g, |g|, D], the chunks of ranks
     0..P-1 in order (mine whole, the others' needed tokens). Backward: dK / dV of received
@@ -71,6 +81,7 @@ class GatherBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, kv, group, rank, world, groups, recv, send):
+        send = [{t: x.to(kv.device) for t, x in sg.items()} for sg in send]  # gather / index_add_ on kv's device
         fctx.group, fctx.rank, fctx.world, fctx.groups, fctx.recv, fctx.send = group, rank, world, groups, recv, send
         two, b, _, _, d = kv.shape
         sends = {
@@ -134,31 +145,56 @@ class GatherBlocks(torch.autograd.Function):
             off = 0
             for g, (hs, _) in enumerate(groups):
                 n, w = send[g][t].numel(), hs.stop - hs.start
-                part = buf[off : off + two * b * n * w * d].view(two, b, n, w, d)
-                grad[:, :, :, hs].index_add_(2, send[g][t], part)
+                add_returned(grad, hs, send[g][t], buf.narrow(0, off, two * b * n * w * d).view(two, b, n, w, d))
                 off += two * b * n * w * d
         return grad, None, None, None, None, None, None
 
 
-def rank_forward_bytes(shape: LayerShape, rank: int, causal: bool = True) -> int:
-    """Bytes rank ``rank`` receives in one forward (single-document rows, no window), counted
-    from the block pattern alone (see the module docstring); chunks are whole blocks."""
-    s, pat = shape, shape.pattern
-    blocks = [sorted(set((local_index(s.seq_len, r, s.cp, s.layout) // pat.block).tolist())) for r in range(s.cp)]
-    q_blocks = blocks[rank]
-    q_max = max(q_blocks)
+def _tile_ids(pos: torch.Tensor, doc: torch.Tensor, blk: torch.Tensor, block: int) -> torch.Tensor:
+    """[T] tile id of each entry of a chunk: a new tile at every break of consecutive positions,
+    row block, or document / pattern block of any row."""
+    new = torch.ones_like(pos, dtype=torch.bool)
+    new[1:] = (
+        (pos[1:] - pos[:-1] != 1)
+        | (pos[1:] // block != pos[:-1] // block)
+        | (doc[:, 1:] != doc[:, :-1]).any(0)
+        | (blk[:, 1:] != blk[:, :-1]).any(0)
+    )
+    return new.cumsum(0) - 1
+
+
+def rank_forward_bytes(shape: LayerShape, rank: int, causal: bool = True, cu_seqlens=None, window=None) -> int:
+    """Bytes rank ``rank`` receives in one forward, counted token by token from the pattern and
+    the documents (``cu_seqlens`` over the flattened [B * N] batch, None: one per row; see the
+    module docstring)."""
+    if not causal:
+        raise ValueError("strategy 's2' (S2) is causal only")
+    s, pat = shape, shape.pattern.bind(cu_seqlens, shape.batch, shape.seq_len)
+    n, b = s.seq_len, pat.block
+    cu = torch.arange(0, s.batch * n + 1, n) if cu_seqlens is None else cu_seqlens.to("cpu", torch.int64)
+    pos = torch.arange(n)
+    doc = row_doc_ids(cu, s.batch, n, pos)  # [B, N]
+    row0 = torch.arange(s.batch)[:, None] * n
+    start = (cu[doc] - row0).clamp(min=0)  # each token's document start in its row
+    end = (cu[doc + 1] - row0).clamp(max=n) - 1  # and its last position
+    blk = pat.blocks(pos, doc).expand(s.batch, n)  # [B, N] pattern block
+    mine = local_index(n, rank, s.cp, s.layout).sort().values
     total = 0
     for hk in range(s.n_kv_heads):
+        wide = pat.dense[hk] or pat.stride == 1
+        strided = ((blk + pat.offsets[hk]) % pat.stride == 0) | wide
+        hi = torch.where(strided, end, torch.minimum(end, start + (blk + pat.local) * b - 1))
+        if window is not None:
+            hi = torch.minimum(hi, pos + window - 1)
+        seen = torch.searchsorted(mine, hi, right=True) > torch.searchsorted(mine, pos.expand_as(hi))  # [B, N]
+        needed = seen.any(0)  # a key some query of mine sees, in any row
         for j in range(s.cp):
             if j == rank:
                 continue
-            for kb in blocks[j]:
-                if causal and kb > q_max:
-                    continue
-                strided = pat.dense[hk] or pat.stride == 1 or (kb + pat.offsets[hk]) % pat.stride == 0
-                near = any(kb <= qb < kb + pat.local for qb in q_blocks)
-                if strided or near:
-                    total += pat.block
+            idx = local_index(n, j, s.cp, s.layout)
+            tiles = _tile_ids(idx, doc[:, idx], blk[:, idx], b)
+            hit = torch.zeros(int(tiles[-1]) + 1, dtype=torch.bool).index_put_((tiles,), needed[idx], accumulate=True)
+            total += int(hit[tiles].sum())
     return total * 2 * s.batch * s.head_dim * s.elem_bytes
 
 
@@ -197,7 +233,13 @@ class S2Gather(Strategy):
         return torch.cat(outs, dim=2)
 
     def forward_bytes(self, shape: LayerShape) -> int:
-        """The most any rank receives (``rank_forward_bytes``); needs ``shape.pattern``."""
+        """The most any rank receives (``rank_forward_bytes``, one document per row); needs
+        ``shape.pattern``."""
+        return self.forward_bytes_of(shape, None)
+
+    def forward_bytes_of(self, shape: LayerShape, cu_seqlens, window=None) -> int:
+        """The most any rank receives for a batch with documents ``cu_seqlens`` (flattened
+        [B * N] starts, None: one per row) and a sliding ``window``."""
         if shape.pattern is None:
             raise ValueError("strategy 's2' counts bytes from the layer's pattern: set LayerShape.pattern")
-        return max(rank_forward_bytes(shape, r) for r in range(shape.cp))
+        return max(rank_forward_bytes(shape, r, True, cu_seqlens, window) for r in range(shape.cp))

@@ -24,8 +24,11 @@ def attention_ref(q, k, v, mask: MaskSpec, scale: float | None = None):
     kidx = torch.arange(k.shape[1])
     allowed = torch.stack([mask.allowed(slice(None), kidx, b) for b in range(bsz)])[:, None]  # [B, 1, Tq, Tk]
     if mask.pattern is not None:  # per query head: the pattern of its kv head
-        heads = [mask.pattern_allowed(slice(None), kidx, mask.global_head(hq // groups)) for hq in range(h)]
-        allowed = allowed & torch.stack(heads)[None]  # [B, H, Tq, Tk]
+        heads = [
+            torch.stack([mask.pattern_allowed(slice(None), kidx, mask.global_head(hq // groups), b) for hq in range(h)])
+            for b in range(bsz)
+        ]
+        allowed = allowed & torch.stack(heads)  # [B, H, Tq, Tk]
     s = s.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])

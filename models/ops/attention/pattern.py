@@ -3,71 +3,328 @@ models/s2_pattern.py), in plain PyTorch.
 
 Shapes: q [B, Tq, H, D], k, v [B, Tk, Hkv, D], o [B, Tq, H, D], lse [B, H, Tq] fp32/fp64.
 
-``MaskSpec.pattern`` adds, per KV head, ``pattern.active(i // b, j // b, hk)`` at block size
-b = ``pattern.block`` (``hk`` the *global* KV head: ``MaskSpec.kv_heads`` maps local KV heads to
-global ones when a strategy holds a slice of the heads, e.g. Ulysses). The kernel works per
-group of KV heads with the same layout and, with query tiles of ``pattern.block`` tokens,
-gathers for each tile only the key tiles the pattern and the mask leave non-empty
-(``tile_plan``): its work is proportional to the active blocks; inactive blocks are never
-computed.
+``MaskSpec.pattern`` adds, per KV head, ``pattern.active(blk(i), blk(j), hk)`` (``hk`` the *global*
+KV head: ``MaskSpec.kv_heads`` maps local KV heads to global ones when a strategy holds a slice
+of the heads, e.g. Ulysses). The kernel works per group of KV heads with the same layout, on the
+tile plan (plan.py ``tile_plan``): per query tile, the key tiles the pattern and the mask leave
+non-empty, split into those wholly allowed and those the token mask cuts (the diagonal, a
+window edge). Its work is proportional to the active blocks.
+
+On CPU each query tile gathers its wholly allowed key tiles into one call of PyTorch's fused
+flash attention (``aten._scaled_dot_product_flash_attention_for_cpu``: natively GQA, natural-log
+lse) and runs its diagonal tile in the same op, causal, when the two are the same positions;
+the pieces are merged by log-sum-exp. Backward calls the op's backward with the *merged* output
+and lse, which gives each piece's exact share. Anything else (windows, chunks from elsewhere,
+CUDA) runs masked matmul tiles. Masks and indices are built on q's device.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
 from models.ops.attention.plan import DEFAULT_BLOCK, MaskSpec, tile_plan
 from models.ops.common import acc_dtype
 
-
-def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[tk, Hkv, D] -> [H, tk, D] with each kv head repeated ``groups`` times."""
-    return x.repeat_interleave(groups, dim=1).transpose(0, 1) if groups > 1 else x.transpose(0, 1)
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _fold_kv_grad(g: torch.Tensor, groups: int) -> torch.Tensor:
-    """[H, tk, D] -> [tk, Hkv, D], summing the query heads that share a kv head."""
-    h, tk, d = g.shape
-    return g.reshape(h // groups, groups, tk, d).sum(1).transpose(0, 1)
+def _hf(x: torch.Tensor) -> torch.Tensor:
+    """[t, H, D] -> [1, H, t, D] view, the fused op's layout."""
+    return x.transpose(0, 1).unsqueeze(0)
 
 
-def _tile_mask(mask: MaskSpec, qs: slice, kidx: torch.Tensor, b: int, head: int | None) -> torch.Tensor:
-    """bool [tq, tk]: the token mask of one tile, with the group's block pattern if any."""
-    allowed = mask.allowed(qs, kidx, b)
-    return allowed if head is None else allowed & mask.pattern_allowed(qs, kidx, head)
+def _part(x: torch.Tensor, dim: int, s: slice) -> torch.Tensor:
+    """x narrowed to ``s`` along ``dim``: a view (plain indexing, ``x[s]``, is avoided in this
+    file so that the CUDA path also runs on fake CUDA tensors in the tests)."""
+    return x.narrow(dim, s.start, s.stop - s.start)
+
+
+def _merge(o, lse, o_i, lse_i):
+    """Log-sum-exp merge of two partial results over disjoint keys: o [t, H, D], lse [H, t]."""
+    new = torch.logaddexp(lse, lse_i)
+    safe = new.masked_fill(torch.isinf(new), 0.0)
+    w, w_i = torch.exp(lse - safe).t().unsqueeze(-1), torch.exp(lse_i - safe).t().unsqueeze(-1)
+    return o * w + o_i * w_i, new
+
+
+def _masked_forward(qt, kt, vt, allowed, scale):
+    """Softmax over one masked tile. qt [tq, H, D], kt, vt [tk, Hkv, D], allowed [tq, tk] bool.
+    Returns (o [tq, H, D], lse [H, tq]); rows seeing nothing: 0, -inf. GQA: the query heads of
+    one KV head stacked along rows."""
+    tq, h, d = qt.shape
+    hkv = kt.shape[1]
+    qh = qt.transpose(0, 1).reshape(hkv, h // hkv * tq, d)
+    s = torch.matmul(qh, kt.permute(1, 2, 0)).mul_(scale)  # [Hkv, g*tq, tk]
+    s.view(hkv, h // hkv, tq, -1).masked_fill_(torch.logical_not(allowed), -math.inf)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    p = s.sub_(lse.masked_fill(torch.isinf(lse), 0.0)).exp_()
+    o = torch.matmul(p, vt.transpose(0, 1))
+    return o.reshape(h, tq, d).transpose(0, 1), lse.reshape(h, tq)
+
+
+def _masked_backward(qt, kt, vt, dot, lse_t, delta_t, allowed, scale):
+    """Gradients of one masked tile from the merged lse_t [H, tq] and delta_t [H, tq].
+    Returns dq [tq, H, D], dk, dv [tk, Hkv, D]."""
+    tq, h, d = qt.shape
+    hkv = kt.shape[1]
+    rows = h // hkv * tq
+    qh = qt.transpose(0, 1).reshape(hkv, rows, d)
+    kh, vh = kt.transpose(0, 1), vt.transpose(0, 1)
+    doh = dot.transpose(0, 1).reshape(hkv, rows, d)
+    m = lse_t.reshape(hkv, rows, 1)
+    p = torch.matmul(qh, kh.transpose(1, 2)).mul_(scale).sub_(m.masked_fill(torch.isinf(m), 0.0)).exp_()
+    p.view(hkv, h // hkv, tq, -1).masked_fill_(torch.logical_not(allowed), 0.0)
+    dv = torch.matmul(p.transpose(1, 2), doh)
+    ds = torch.matmul(doh, vh.transpose(1, 2)).sub_(delta_t.reshape(hkv, rows, 1)).mul_(p)
+    dq = torch.matmul(ds, kh).mul_(scale).reshape(h, tq, d).transpose(0, 1)
+    dk = torch.matmul(ds.transpose(1, 2), qh).mul_(scale)
+    return dq, dk.transpose(0, 1), dv.transpose(0, 1)
+
+
+class _Plan:
+    """The tile plan as the kernel walks it: per row b and head group, per query tile, its query
+    slice, the wholly allowed key indices, and the cut keys (a fused causal square when they
+    are the query tile's own positions, else indices with their token mask). Built on CPU;
+    ``to(device)`` gives the copy whose indices and masks live on q's device."""
+
+    def __init__(self, mask: MaskSpec, n_kv: int, fused: bool):
+        self.groups, qt, kt, plan = tile_plan(mask, n_kv)
+        q_start, q_stop, q_lo = qt.start.tolist(), qt.stop.tolist(), qt.lo.tolist()
+        k_start, k_stop, k_lo = kt.start.tolist(), kt.stop.tolist(), kt.lo.tolist()
+        square_ok = mask.causal and mask.window is None and fused
+        self.device, self._qidx, self.rows, self.key_sets = torch.device("cpu"), {}, [], []
+        # the key indices of every item's wholly allowed tiles, in one gather
+        fulls = [full for per_group in plan for tiles in per_group for _, full, _ in tiles]
+        if fulls:
+            every = torch.cat(fulls)
+            owner = torch.repeat_interleave(torch.arange(len(fulls)), torch.tensor([len(f) for f in fulls]))
+            sizes = torch.zeros(len(fulls), dtype=torch.int64).index_add_(0, owner, (kt.stop - kt.start)[every])
+            keys = iter(kt.index(every).split(sizes.tolist()))
+        for b, per_group in enumerate(plan):
+            row = []
+            for tiles in per_group:
+                items = []
+                for iq, full, part in tiles:
+                    qs = slice(q_start[iq], q_stop[iq])
+                    kfull = next(keys)
+                    kfull = kfull if full.numel() else None
+                    square, kcut, allowed = None, None, None
+                    if part.numel() == 1 and square_ok:
+                        ik = int(part[0])
+                        if k_lo[ik] == q_lo[iq] and k_stop[ik] - k_start[ik] == qs.stop - qs.start:
+                            square = slice(k_start[ik], k_stop[ik])
+                    if part.numel() and square is None:
+                        # tiles lie in one pattern block and one document per row: the pattern
+                        # holds for the whole pair; only causality / the window cut tokens
+                        kcut = kt.index(part)
+                        allowed = mask.allowed(qs, kcut, b)
+                    items.append((qs, kfull, square, kcut, allowed))
+                    self.key_sets.append(tuple(full.tolist()))  # which key tiles: shared sets batch together
+                row.append(items)
+            self.rows.append(row)
+
+    def query_index(self, qs: slice) -> torch.Tensor:
+        """The query entries ``qs`` as an index on the plan's device."""
+        key = (qs.start, qs.stop)
+        if key not in self._qidx:
+            self._qidx[key] = torch.arange(qs.start, qs.stop, device=self.device)
+        return self._qidx[key]
+
+    def to(self, device) -> _Plan:
+        """A copy with every index and mask on ``device``."""
+        out = object.__new__(_Plan)
+        out.groups, out.device, out._qidx = self.groups, device, {}
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        out.rows = [
+            [[(qs, move(kf), sq, move(kc), move(al)) for qs, kf, sq, kc, al in items] for items in row]
+            for row in self.rows
+        ]
+        return out
+
+
+_PLANS: OrderedDict = OrderedDict()  # (pattern, metadata, n_kv, fused) -> (metadata tensors, CPU plan)
+_PLAN_CACHE = 8
+
+
+def plan_of(mask: MaskSpec, n_kv: int, device, fused: bool) -> _Plan:
+    """The kernel's plan of ``mask`` on ``device``: built on CPU from the mask's metadata, once per
+    pattern, metadata and head count (the layers of one batch share their positions / documents
+    tensors and pattern, forward and backward their mask), then moved to the device once."""
+    tensors = (mask.q_pos, mask.k_pos, mask.q_doc, mask.k_doc)
+    key = (mask.pattern, mask.causal, mask.window, mask.kv_heads, *map(id, tensors), n_kv, fused)
+    hit = _PLANS.get(key)
+    if hit is None or not all(x is y for x, y in zip(hit[0], tensors)):  # ids of live tensors only
+        hit = (tensors, _Plan(mask, n_kv, fused), {})
+        _PLANS[key] = hit
+        while len(_PLANS) > _PLAN_CACHE:
+            _PLANS.popitem(last=False)
+    _PLANS.move_to_end(key)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return hit[1]
+    if str(device) not in hit[2]:
+        hit[2][str(device)] = hit[1].to(device)
+    return hit[2][str(device)]
+
+
+def _pieces_forward(qb, kb, vb, item, scale, fused):
+    """(o [tq, H, D], lse [H, tq]) of one query tile over its keys: the wholly allowed keys and
+    a causal square in the fused op (CPU), cut keys as a masked tile; merged by log-sum-exp."""
+    qs, kfull, square, kcut, allowed = item
+    qt = _part(qb, 0, qs)
+    out = None
+    if kfull is not None:
+        kf, vf = kb.index_select(0, kfull), vb.index_select(0, kfull)
+        if fused:
+            o, lse = _FLASH_CPU(_hf(qt), _hf(kf), _hf(vf), 0.0, False, scale=scale)
+            out = (o.squeeze(0).transpose(0, 1), lse.squeeze(0))
+        else:
+            ones = torch.ones(qt.shape[0], kfull.shape[0], dtype=torch.bool, device=qt.device)
+            out = _masked_forward(qt, kf, vf, ones, scale)
+    if square is not None:
+        o, lse = _FLASH_CPU(_hf(qt), _hf(_part(kb, 0, square)), _hf(_part(vb, 0, square)), 0.0, True, scale=scale)
+        piece = (o.squeeze(0).transpose(0, 1), lse.squeeze(0))
+        out = piece if out is None else _merge(*out, *piece)
+    if kcut is not None:
+        piece = _masked_forward(qt, kb.index_select(0, kcut), vb.index_select(0, kcut), allowed, scale)
+        out = piece if out is None else _merge(*out, *piece)
+    return out
+
+
+class _Batches:
+    """The fused (CPU) form of a plan: every (query tile, head group) job of the wholly allowed
+    keys, and every causal square, batched by shape into few calls of the fused op. A batch
+    holds index tensors: query tokens [n, tq], query heads [n, Hq], key tokens [n, tk], KV heads
+    [n, Hkv]; the op sees q [n, Hq, tq, D] against k, v [n, Hkv, tk, D]."""
+
+    def __init__(self, plan: _Plan, groups_per_kv: int):
+        self.rows = []
+        key_sets = iter(plan.key_sets)
+        for row in plan.rows:
+            jobs: dict[tuple, list] = {}
+            for (hs, _), items in zip(plan.groups, row):
+                qh = torch.arange(hs.start * groups_per_kv, hs.stop * groups_per_kv)
+                kh = torch.arange(hs.start, hs.stop)
+                shared: dict[tuple, list] = {}  # query tiles with the same allowed key tiles: one job
+                for (qs, kfull, square, _, _), key_set in zip(items, key_sets):
+                    qtok = torch.arange(qs.start, qs.stop)
+                    if kfull is not None:
+                        shared.setdefault(key_set, [kfull, []])[1].append(qtok)
+                    if square is not None:
+                        ktok = torch.arange(square.start, square.stop)
+                        jobs.setdefault((len(qtok), len(ktok), len(qh), True), []).append((qtok, qh, ktok, kh))
+                for kfull, qtoks in shared.values():
+                    qtok = torch.cat(qtoks)
+                    jobs.setdefault((len(qtok), len(kfull), len(qh), False), []).append((qtok, qh, kfull, kh))
+            self.rows.append([(key[-1], *(torch.stack(x) for x in zip(*batch))) for key, batch in sorted(jobs.items())])
+
+
+def _gather(x: torch.Tensor, tok: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """x [T, H, ...] -> [n, len(heads), t, ...] at tokens tok [n, t] and heads heads [n, h]."""
+    return x[tok[:, :, None], heads[:, None, :]].transpose(1, 2)
+
+
+def _fused_forward(qa, ka, va, plan: _Plan, batches: _Batches, scale, o, lse):
+    """The fused CPU forward into o [B, Tq, H, D], lse [B, H, Tq] (0 / -inf where unwritten):
+    batched fused calls, then the cut tiles, all merged by log-sum-exp."""
+    groups = qa.shape[2] // ka.shape[2]
+    for b, (batch_row, row) in enumerate(zip(batches.rows, plan.rows)):
+        ob, lb = o[b], lse[b].t()  # [Tq, H, D], [Tq, H] views
+        for causal, qtok, qh, ktok, kh in batch_row:
+            o_t, lse_t = _FLASH_CPU(
+                _gather(qa[b], qtok, qh), _gather(ka[b], ktok, kh), _gather(va[b], ktok, kh), 0.0, causal, scale=scale
+            )  # [n, Hq, tq, D], [n, Hq, tq]
+            at = (qtok[:, :, None], qh[:, None, :])
+            merged = _merge_rows(ob[at], lb[at], o_t.transpose(1, 2), lse_t.transpose(1, 2))
+            ob[at], lb[at] = merged
+        for (hs, _), items in zip(plan.groups, row):
+            qh = slice(hs.start * groups, hs.stop * groups)
+            for qs, _, _, kcut, allowed in items:
+                if kcut is None:
+                    continue
+                kb, vb = ka[b, :, hs].index_select(0, kcut), va[b, :, hs].index_select(0, kcut)
+                o_t, lse_t = _masked_forward(qa[b, qs, qh], kb, vb, allowed, scale)
+                ob[qs, qh], lb[qs, qh] = _merge_rows(ob[qs, qh], lb[qs, qh], o_t, lse_t.t())
+
+
+def _merge_rows(o, lse, o_i, lse_i):
+    """Log-sum-exp merge with lse laid out like o without its last dim: o [..., D], lse [...]."""
+    new = torch.logaddexp(lse, lse_i)
+    safe = new.masked_fill(torch.isinf(new), 0.0)
+    return o * torch.exp(lse - safe).unsqueeze(-1) + o_i * torch.exp(lse_i - safe).unsqueeze(-1), new
+
+
+def _fused_backward(qa, ka, va, doa, oa, lse, delta, plan: _Plan, batches: _Batches, scale, dq, dk, dv):
+    """The fused CPU backward, accumulating into dq, dk, dv (index_put_ with accumulate)."""
+    groups = qa.shape[2] // ka.shape[2]
+    for b, (batch_row, row) in enumerate(zip(batches.rows, plan.rows)):
+        lb = lse[b].t()  # [Tq, H]
+        for causal, qtok, qh, ktok, kh in batch_row:
+            at_q, at_k = (qtok[:, :, None], qh[:, None, :]), (ktok[:, :, None], kh[:, None, :])
+            gq, gk, gv = _FLASH_CPU_BWD(
+                _gather(doa[b], qtok, qh), _gather(qa[b], qtok, qh), _gather(ka[b], ktok, kh),
+                _gather(va[b], ktok, kh), _gather(oa[b], qtok, qh), lb[at_q].transpose(1, 2), 0.0, causal,
+                scale=scale,
+            )  # fmt: skip
+            dq[b].index_put_(at_q, gq.transpose(1, 2), accumulate=True)
+            dk[b].index_put_(at_k, gk.transpose(1, 2), accumulate=True)
+            dv[b].index_put_(at_k, gv.transpose(1, 2), accumulate=True)
+        for (hs, _), items in zip(plan.groups, row):
+            qh = slice(hs.start * groups, hs.stop * groups)
+            for qs, _, _, kcut, allowed in items:
+                if kcut is None:
+                    continue
+                kb, vb = ka[b, :, hs].index_select(0, kcut), va[b, :, hs].index_select(0, kcut)
+                gq, gk, gv = _masked_backward(
+                    qa[b, qs, qh], kb, vb, doa[b, qs, qh], lse[b, qh, qs], delta[b, qh, qs], allowed, scale
+                )
+                dq[b, qs, qh] += gq
+                dk[b, :, hs].index_add_(0, kcut, gk)
+                dv[b, :, hs].index_add_(0, kcut, gv)
+
+
+def _batches_of(plan: _Plan, groups_per_kv: int) -> _Batches:
+    """The fused batches of a (CPU) plan, once per plan (forward and backward share them)."""
+    if getattr(plan, "_batches", None) is None:
+        plan._batches = _Batches(plan, groups_per_kv)
+    return plan._batches
+
+
+def _use_fused(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and _FLASH_CPU is not None
 
 
 def pattern_forward(
     q, k, v, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_forward`` for a mask with a per-head block pattern: per group of KV heads with
-    one layout, tiles of ``pattern.block`` queries against only their active key tiles."""
+    one layout, each query tile against only its active key tiles."""
     bsz, tq, h, d = q.shape
     groups = h // k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = acc_dtype(q)
+    fused = _use_fused(q)
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     o = torch.zeros(bsz, tq, h, d, dtype=acc, device=q.device)
     lse = torch.full((bsz, h, tq), -math.inf, dtype=acc, device=q.device)
-    runs, tile, plan = tile_plan(mask, block, k.shape[2])
-    for b in range(bsz):
-        for (hs, head), tiles in zip(runs, plan[b]):
+    plan = plan_of(mask, k.shape[2], q.device, fused)
+    if fused:
+        _fused_forward(qa, ka, va, plan, _batches_of(plan, groups), scale, o, lse)
+        return o.to(q.dtype), lse
+    for b, row in enumerate(plan.rows):
+        for (hs, _), items in zip(plan.groups, row):
             qh = slice(hs.start * groups, hs.stop * groups)  # the query heads of these kv heads
-            for iq, (kidx, masked) in enumerate(tiles):
-                if kidx.numel() == 0:
-                    continue
-                qs = slice(iq * tile, min(tq, (iq + 1) * tile))
-                allowed = _tile_mask(mask, qs, kidx, b, head if masked else None)  # [tq, tk]
-                qb = q[b, qs, qh].transpose(0, 1).to(acc)  # [h, tq, D]
-                kb = _expand_kv(k[b, kidx, hs].to(acc), groups)  # [h, tk, D]
-                vb = _expand_kv(v[b, kidx, hs].to(acc), groups)
-                s = torch.matmul(qb, kb.transpose(1, 2)) * scale  # [h, tq, tk]
-                s = s.masked_fill(~allowed, -math.inf)
-                m = torch.logsumexp(s, dim=-1)  # [h, tq]
-                p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
-                o[b, qs, qh] = torch.matmul(p, vb).transpose(0, 1)
-                lse[b, qh, qs] = m
+            qb, kb, vb = (_part(x.select(0, b), 1, s) for x, s in ((qa, qh), (ka, hs), (va, hs)))
+            ob, lseb = _part(o.select(0, b), 1, qh), _part(lse.select(0, b), 0, qh)
+            for item in items:
+                o_t, lse_t = _pieces_forward(qb, kb, vb, item, scale, fused)
+                qidx = plan.query_index(item[0])  # index_copy_, not copy_: it also runs on fake CUDA
+                ob.index_copy_(0, qidx, o_t)
+                lseb.index_copy_(1, qidx, lse_t)
     return o.to(q.dtype), lse
 
 
@@ -81,30 +338,51 @@ def pattern_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = 
     groups = h // k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = acc_dtype(q)
+    fused = _use_fused(q)
+    qa, ka, va, doa, oa = (x.to(acc) for x in (q, k, v, do, o))
+    lse = lse.to(acc)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
-    delta = (do.to(acc) * o.to(acc)).sum(-1).transpose(1, 2)  # [B, H, Tq]
-    runs, tile, plan = tile_plan(mask, block, k.shape[2])
-    for b in range(bsz):
-        for (hs, head), tiles in zip(runs, plan[b]):
+    delta = (doa * oa).sum(-1).transpose(1, 2)  # [B, H, Tq]
+    plan = plan_of(mask, k.shape[2], q.device, fused)
+    if fused:
+        _fused_backward(qa, ka, va, doa, oa, lse, delta, plan, _batches_of(plan, groups), scale, dq, dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    for b, row in enumerate(plan.rows):
+        for (hs, _), items in zip(plan.groups, row):
             qh = slice(hs.start * groups, hs.stop * groups)
-            for iq, (kidx, masked) in enumerate(tiles):
-                if kidx.numel() == 0:
-                    continue
-                qs = slice(iq * tile, min(tq, (iq + 1) * tile))
-                allowed = _tile_mask(mask, qs, kidx, b, head if masked else None)
-                qb = q[b, qs, qh].transpose(0, 1).to(acc)  # [h, tq, D]
-                kb = _expand_kv(k[b, kidx, hs].to(acc), groups)  # [h, tk, D]
-                vb = _expand_kv(v[b, kidx, hs].to(acc), groups)
-                dob = do[b, qs, qh].transpose(0, 1).to(acc)  # [h, tq, D]
-                m = lse[b, qh, qs]
-                s = torch.matmul(qb, kb.transpose(1, 2)) * scale
-                p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
-                p = p.masked_fill(~allowed, 0.0)
-                dp = torch.matmul(dob, vb.transpose(1, 2))  # [h, tq, tk]
-                ds = p * (dp - delta[b, qh, qs][..., None])
-                dq[b, qs, qh] += torch.matmul(ds, kb).transpose(0, 1) * scale
-                dk[b, :, hs].index_add_(0, kidx, _fold_kv_grad(torch.matmul(ds.transpose(1, 2), qb) * scale, groups))
-                dv[b, :, hs].index_add_(0, kidx, _fold_kv_grad(torch.matmul(p.transpose(1, 2), dob), groups))
+            qb, dob, ob, dqb = (_part(x.select(0, b), 1, qh) for x in (qa, doa, oa, dq))
+            kb, vb, dkb, dvb = (_part(x.select(0, b), 1, hs) for x in (ka, va, dk, dv))  # views: in place
+            lseb, deltab = _part(lse.select(0, b), 0, qh), _part(delta.select(0, b), 0, qh)
+            for qs, kfull, square, kcut, allowed in items:
+                qt, dot, ot, dqt = (_part(x, 0, qs) for x in (qb, dob, ob, dqb))
+                lse_t, delta_t = _part(lseb, 1, qs), _part(deltab, 1, qs)
+                if kfull is not None:
+                    kf, vf = kb.index_select(0, kfull), vb.index_select(0, kfull)
+                    if fused:
+                        gq, gk, gv = _FLASH_CPU_BWD(
+                            _hf(dot), _hf(qt), _hf(kf), _hf(vf), _hf(ot), lse_t.unsqueeze(0), 0.0, False, scale=scale
+                        )
+                        gq, gk, gv = (x.squeeze(0).transpose(0, 1) for x in (gq, gk, gv))
+                    else:
+                        ones = torch.ones(qt.shape[0], kfull.shape[0], dtype=torch.bool, device=q.device)
+                        gq, gk, gv = _masked_backward(qt, kf, vf, dot, lse_t, delta_t, ones, scale)
+                    dqt.add_(gq)
+                    dkb.index_add_(0, kfull, gk)
+                    dvb.index_add_(0, kfull, gv)
+                if square is not None:
+                    ks, vs = _part(kb, 0, square), _part(vb, 0, square)
+                    gq, gk, gv = _FLASH_CPU_BWD(
+                        _hf(dot), _hf(qt), _hf(ks), _hf(vs), _hf(ot), lse_t.unsqueeze(0), 0.0, True, scale=scale
+                    )
+                    dqt.add_(gq.squeeze(0).transpose(0, 1))
+                    _part(dkb, 0, square).add_(gk.squeeze(0).transpose(0, 1))
+                    _part(dvb, 0, square).add_(gv.squeeze(0).transpose(0, 1))
+                if kcut is not None:
+                    kc, vc = kb.index_select(0, kcut), vb.index_select(0, kcut)
+                    gq, gk, gv = _masked_backward(qt, kc, vc, dot, lse_t, delta_t, allowed, scale)
+                    dqt.add_(gq)
+                    dkb.index_add_(0, kcut, gk)
+                    dvb.index_add_(0, kcut, gv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -21,9 +21,11 @@ two pieces, so packed documents compute only their own blocks:
 Positions that break into very many runs (more than ``MAX_PIECES`` pairs) use the generic
 fixed-block plan (``active_blocks``).
 
-Tile plan (``tile_plan``, masks with a per-head block pattern, S2): per group of KV heads with
-the same layout, query tiles of ``pattern.block`` tokens against only the key tiles the pattern
-and the mask leave non-empty (``planned_pairs`` counts the work).
+Tile plan (``tile_plan``, masks with a per-head block pattern, S2): queries and keys split into
+tiles of at most ``pattern.block`` consecutive positions inside one pattern block and one
+document of every row (``Tiles``); per group of KV heads with the same layout, each query tile
+against only the key tiles the pattern and the mask leave non-empty, exactly
+(``planned_pairs`` counts the work).
 """
 
 from __future__ import annotations
@@ -56,10 +58,13 @@ class MaskSpec:
     def global_head(self, local: int) -> int:
         return local if self.kv_heads is None else self.kv_heads[local]
 
-    def pattern_allowed(self, qs: slice, kidx: torch.Tensor, head: int) -> torch.Tensor:
-        """bool [tq, tk]: the block pattern of global KV head ``head`` at token level."""
-        blk = self.pattern.block
-        return self.pattern.active(self.q_pos[qs][:, None] // blk, self.k_pos[kidx][None, :] // blk, head)
+    def pattern_allowed(self, qs: slice, kidx: torch.Tensor, head: int, b: int = 0) -> torch.Tensor:
+        """bool [tq, tk]: the block pattern of global KV head ``head`` at token level, row b
+        (a per-document pattern's blocks depend on the row's documents)."""
+        row = torch.tensor([b])
+        qb = self.pattern.blocks(self.q_pos[qs], self.q_doc[b : b + 1, qs], row)[0]
+        kb = self.pattern.blocks(self.k_pos[kidx], self.k_doc[b : b + 1, kidx], row)[0]
+        return self.pattern.active(qb[:, None], kb[None, :], head)
 
     def allowed(self, qs: slice, kidx: torch.Tensor, b: int) -> torch.Tensor:
         """Boolean mask [tq, tk] for queries ``qs`` and key indices ``kidx`` of row b."""
@@ -125,17 +130,65 @@ def may_attend(mask: MaskSpec, block: int, n_kv: int = 1) -> bool:
     return bool(block_candidates(mask, block, block).any())
 
 
-def _tile_blocks(pos: torch.Tensor, tile: int, blk: int) -> torch.Tensor:
-    """[n_tiles, m] int64: the distinct pattern blocks (pos // blk) of each tile of ``tile``
-    consecutive entries of ``pos``, padded with -1."""
+@dataclass(frozen=True)
+class Tiles:
+    """Tiles of a run of entries (queries or keys) for a mask with a block pattern: each tile
+    is consecutive entries at consecutive positions inside one pattern block and one document
+    of every batch row, and inside one row block of ``size`` tokens (so at most ``size``
+    entries). Its bounds are then exact, and a (query tile, key tile) pair is wholly in or out
+    of the pattern and of the document mask; only causality and a window cut tokens inside.
+
+    start, stop [n]  entry ranges        lo, hi [n]  first / last position
+    doc [B, n]       document per row    blk [R, n]  pattern block per row (R = 1 or B)
+    """
+
+    start: torch.Tensor
+    stop: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    doc: torch.Tensor
+    blk: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.start.shape[0]
+
+    def index(self, sel: torch.Tensor) -> torch.Tensor:
+        """Entry indices [m] of tiles ``sel`` (1-D tile ids), tile after tile."""
+        start, n = self.start[sel], (self.stop - self.start)[sel]
+        if n.numel() == 0:
+            return start
+        base = torch.repeat_interleave(start - torch.cumsum(n, 0) + n, n)
+        return base + torch.arange(int(n.sum()), device=base.device)
+
+
+def split_tiles(pos: torch.Tensor, doc: torch.Tensor, blk: torch.Tensor, size: int) -> Tiles:
+    """Tiles of entries at positions pos [T] with documents doc [B, T] and pattern blocks
+    blk [R, T]: a new tile wherever a run of positions, a row block of ``size``, a document or a
+    pattern block of any row changes."""
     t = pos.shape[0]
-    nt = (t + tile - 1) // tile
-    b = torch.cat([pos // blk, (pos[-1:] // blk).expand(nt * tile - t)]).view(nt, tile)
-    srt = b.sort(-1).values
-    new = torch.ones_like(srt, dtype=torch.bool)
-    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    out = torch.full((nt, int(new.sum(-1).max())), -1, dtype=torch.int64)
-    return out.scatter_(1, new.cumsum(-1) - 1, srt)
+    cut = torch.ones(t, dtype=torch.bool, device=pos.device)
+    cut[1:] = (
+        (pos[1:] != pos[:-1] + 1)
+        | (pos[1:] // size != pos[:-1] // size)
+        | (doc[:, 1:] != doc[:, :-1]).any(0).to(pos.device)
+        | (blk[:, 1:] != blk[:, :-1]).any(0).to(pos.device)
+    )
+    start = cut.nonzero().flatten()
+    stop = torch.cat([start[1:], start.new_tensor([t])])
+    return Tiles(start, stop, pos[start], pos[stop - 1], doc[:, start.to(doc.device)], blk[:, start.to(blk.device)])
+
+
+def token_blocks(mask: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [R, Tq], k [R, Tk]): the pattern block of every query and key (R = 1 for row blocks,
+    B for per-document blocks, which depend on each row's documents)."""
+    return mask.pattern.blocks(mask.q_pos, mask.q_doc), mask.pattern.blocks(mask.k_pos, mask.k_doc)
+
+
+def pattern_tiles(mask: MaskSpec) -> tuple[Tiles, Tiles]:
+    """(query tiles, key tiles) of a mask with a block pattern (``Tiles``, size pattern.block)."""
+    qb, kb = token_blocks(mask)
+    size = mask.pattern.block
+    return split_tiles(mask.q_pos, mask.q_doc, qb, size), split_tiles(mask.k_pos, mask.k_doc, kb, size)
 
 
 def head_groups(mask: MaskSpec, n_kv: int) -> list[tuple[slice, int | None]]:
@@ -152,64 +205,74 @@ def head_groups(mask: MaskSpec, n_kv: int) -> list[tuple[slice, int | None]]:
     return runs
 
 
+def _tile_pairs(mask: MaskSpec, qt: Tiles, kt: Tiles) -> torch.Tensor:
+    """[B, nq, nk] bool: (query tile, key tile) pairs of row b holding an allowed pair under
+    the token mask (documents, causality, window); exact, tiles having one document per row."""
+    ok = qt.doc[:, :, None] == kt.doc[:, None, :]
+    lo_q, hi_q, lo_k, hi_k = qt.lo[:, None], qt.hi[:, None], kt.lo[None, :], kt.hi[None, :]
+    if mask.causal:
+        ok = ok & (lo_k <= hi_q).to(ok.device)
+    if mask.window is not None:
+        ok = ok & (lo_q - hi_k < mask.window).to(ok.device)
+        if not mask.causal:
+            ok = ok & (lo_k - hi_q < mask.window).to(ok.device)
+    return ok
+
+
 def tile_candidates(mask: MaskSpec, block: int, n_kv: int):
     """(groups, ok): ``groups`` = head_groups; ``ok`` [B, G, nq, nk] bool, may query tile i and
-    key tile j of row b hold an allowed pair for the heads of group g. Tiles are ``block``
-    consecutive entries (``pattern.block`` when the mask has a pattern). Conservative."""
-    if mask.pattern is not None:
-        block = mask.pattern.block
+    key tile j of row b hold an allowed pair for the heads of group g. With a pattern the tiles
+    are ``pattern_tiles`` (exact: a candidate holds an allowed pair); without, ``block``
+    consecutive entries (conservative)."""
     groups = head_groups(mask, n_kv)
-    ok = block_candidates(mask, block, block)  # [B, nq, nk]
     if mask.pattern is None:
-        return groups, ok[:, None]
-    blk = mask.pattern.block
-    qs, ks = _tile_blocks(mask.q_pos, block, blk), _tile_blocks(mask.k_pos, block, blk)
-    valid = (qs[:, None, :, None] >= 0) & (ks[None, :, None, :] >= 0)
-    per_group = [
-        (mask.pattern.active(qs[:, None, :, None], ks[None, :, None, :], head) & valid).any(-1).any(-1)
-        for _, head in groups
-    ]
-    return groups, ok[:, None] & torch.stack(per_group)[None]
+        return groups, block_candidates(mask, block, block)[:, None]
+    qt, kt = pattern_tiles(mask)
+    ok = _tile_pairs(mask, qt, kt)
+    qb, kb = qt.blk[:, :, None], kt.blk[:, None, :]
+    per_group = [mask.pattern.active(qb, kb, head).to(ok.device) for _, head in groups]  # [R, nq, nk]
+    return groups, ok[:, None] & torch.stack(per_group, 1)
 
 
-def tile_plan(mask: MaskSpec, block: int, n_kv: int):
-    """(groups, tile, plan): ``plan[b][g][iq]`` = (key indices (1-D int64, possibly empty) the
-    kernel gathers for query tile ``iq`` of row b and head group g, whether the block pattern
-    must be applied token by token: only when the query tile or one of its key tiles spans
-    more than one pattern block; a single-block tile pair that is a candidate is wholly
-    active); ``tile`` the query tile size."""
-    groups, ok = tile_candidates(mask, block, n_kv)
-    tile = mask.pattern.block if mask.pattern is not None else block
-    tk = mask.k_pos.shape[0]
-    if mask.pattern is not None:
-        q_multi = (_tile_blocks(mask.q_pos, tile, tile)[:, 1:] >= 0).any(-1).tolist()
-        k_multi = (_tile_blocks(mask.k_pos, tile, tile)[:, 1:] >= 0).any(-1)
+def tile_plan(mask: MaskSpec, n_kv: int):
+    """(groups, q tiles, k tiles, plan) for a mask with a block pattern: ``plan[b][g]`` = list of
+    (query tile id, key tile ids whose pairs are all allowed, key tile ids the token mask cuts:
+    causality on the diagonal or a window edge) for row b and head group g, query tiles
+    without keys left out."""
+    groups, ok = tile_candidates(mask, 0, n_kv)
+    qt, kt = pattern_tiles(mask)
+    cut = torch.zeros(len(qt), len(kt), dtype=torch.bool)
+    if mask.causal:
+        cut |= kt.hi[None, :] > qt.lo[:, None]
+    if mask.window is not None:
+        cut |= qt.hi[:, None] - kt.lo[None, :] >= mask.window
+        if not mask.causal:
+            cut |= kt.hi[None, :] - qt.lo[:, None] >= mask.window
     plan = []
-    for okb in ok:
+    for okb in ok.cpu():
         per_group = []
         for okg in okb:
-            rows = []
-            for iq in range(okg.shape[0]):
-                ks = okg[iq].nonzero().flatten()
-                idx = (ks[:, None] * tile + torch.arange(tile)[None, :]).flatten()
-                masked = mask.pattern is not None and (q_multi[iq] or bool(k_multi[ks].any()))
-                rows.append((idx[idx < tk], masked))
-            per_group.append(rows)
+            iq, ik = okg.nonzero().unbind(1)  # candidate pairs, by query tile then key tile
+            part = cut[iq, ik]
+            counts = torch.bincount(iq, minlength=len(qt)).tolist()
+            rows = enumerate(zip(ik.split(counts), part.split(counts)))
+            per_group.append([(q, ks[~p], ks[p]) for q, (ks, p) in rows if ks.numel()])
         plan.append(per_group)
-    return groups, tile, plan
+    return groups, qt, kt, plan
 
 
-def _pattern_pairs(mask: MaskSpec, block: int, n_heads: int, n_kv: int) -> int:
+def _pattern_pairs(mask: MaskSpec, n_heads: int, n_kv: int) -> int:
     """(query head, query, key) score entries the kernel computes for this mask: its FLOPs are
     4 * D times this in forward (scores and values), twice that in backward."""
-    groups, tile, plan = tile_plan(mask, block, n_kv)
-    tq = mask.q_pos.shape[0]
+    groups, qt, kt, plan = tile_plan(mask, n_kv)
     per_kv = n_heads // n_kv
+    q_len, k_len = (qt.stop - qt.start).tolist(), (kt.stop - kt.start)
     total = 0
     for rows in plan:
         for (hs, _), tiles in zip(groups, rows):
-            for iq, (kidx, _) in enumerate(tiles):
-                total += (min(tq, (iq + 1) * tile) - iq * tile) * kidx.numel() * (hs.stop - hs.start) * per_kv
+            for iq, full, part in tiles:
+                keys = int(k_len[full].sum() + k_len[part].sum())
+                total += q_len[iq] * keys * (hs.stop - hs.start) * per_kv
     return total
 
 
@@ -333,5 +396,5 @@ def planned_pairs(mask: MaskSpec, block: int = DEFAULT_BLOCK, n_heads: int = 1, 
     a pattern the span plan computes exactly the allowed pairs (per head); with an S2 pattern,
     every active tile pair whole."""
     if patterned(mask):
-        return _pattern_pairs(mask, block, n_heads, n_kv)
+        return _pattern_pairs(mask, n_heads, n_kv)
     return _span_pairs(mask, block) * n_heads
