@@ -4,7 +4,9 @@ A mixer never knows whether it runs on one device or under context parallelism: 
 ``ctx.run(kind, q, k, v, **options)`` with its *local* tokens and gets the output for them.
 Kinds and their options:
 
-    softmax   q [B, T, H, D], k, v [B, T, Hkv, D]; causal, window, scale   -> o [B, T, H, D]
+    softmax   q [B, T, H, D], k, v [B, T, Hkv, D]; causal, window, scale, mask (a SliceMask
+              over the global row replacing the documents mask, ops/attention/slices.py)
+                                                                            -> o [B, T, H, D]
     linear    q, k [B, T, H, Dk], v [B, T, H, Dv]; g [B, T, H], gk [B, T, H, Dk], scale,
               chunk_size, impl                                              -> o [B, T, H, Dv]
     sparse    q [B, T, H, D], k, v [B, T, Hkv, D]; pattern (per-KV-head block pattern,

@@ -149,6 +149,30 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, window: int | None) -> None:
         )
 
 
+def check_mask(mask, q: torch.Tensor, batch: int, seq_len: int, causal: bool = True, window: int | None = None):
+    """A ``SliceMask`` given to softmax attention (``model.mask``) fits the batch: its rows, row
+    length and heads, no overlapping slices, and no causal / window setting beside it (the slices
+    say both). Checked once per mask object (before any collective)."""
+    if not isinstance(mask, SliceMask):
+        raise ValueError(f"mask must be a SliceMask (models/ops/attention/slices.py), got {type(mask).__name__}")
+    if window is not None:
+        raise ValueError(
+            f"model.sliding_window={window} cannot be combined with model.mask={mask.name}: "
+            "build the window into the mask (mask builder sliding_window or global_sliding_window)"
+        )
+    if not causal:
+        raise ValueError(f"causal=False beside model.mask={mask.name}: the mask's slices decide what is causal")
+    if mask.seq_len != seq_len:
+        raise ValueError(
+            f"model.mask={mask.name} covers rows of {mask.seq_len} tokens but the batch rows hold {seq_len} "
+            "(data.seq_len): build the mask for the batch's row length"
+        )
+    key = (batch, q.shape[2])
+    if getattr(mask, "_checked", None) != key:
+        mask.check(batch, q.shape[2])
+        object.__setattr__(mask, "_checked", key)  # frozen: a cache, not part of the value
+
+
 def _block_bounds(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block min and max of a 1-D (or [B, T]) tensor along its last dim."""
     t = x.shape[-1]
