@@ -184,6 +184,7 @@ class SoftmaxStrategy(Strategy):
     def __call__(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None, mask=None):
         check_inputs(q, k, window)
         if mask is not None:  # a SliceMask (models/ops/attention/slices.py) instead of documents
+            mask = ctx.slice_mask(mask, q.shape[2])
             check_mask(mask, q, ctx.batch_size, ctx.seq_len, causal, window)
             return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale, mask=mask)
         if pattern is None:

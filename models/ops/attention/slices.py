@@ -413,3 +413,99 @@ BUILDERS = {
     "longlora": longlora,
     "sinklora": sinklora,
 }
+
+
+# ----------------------------------------------------------------------------- from config
+# parameters a builder gets from the batch / the model rather than from model.mask_args
+_FROM_BATCH = {"n", "lengths", "n_heads"}
+
+
+def builder_params(name: str) -> list[str]:
+    """The parameters of builder ``name`` that ``model.mask_args`` sets."""
+    import inspect
+
+    return [p for p in inspect.signature(BUILDERS[name]).parameters if p not in _FROM_BATCH]
+
+
+def check_recipe(name: str, args: dict) -> None:
+    """ValueError naming model.mask / model.mask_args for an unknown builder or parameter."""
+    if name not in BUILDERS:
+        raise ValueError(f"model.mask={name!r} is unknown: choose one of {sorted(BUILDERS)}")
+    want = builder_params(name)
+    unknown = sorted(set(args) - set(want))
+    missing = sorted(set(want) - set(args))
+    if unknown or missing:
+        raise ValueError(
+            f"model.mask={name} takes model.mask_args {want}: "
+            + (f"unknown {unknown}" if unknown else "")
+            + ("; " if unknown and missing else "")
+            + (f"missing {missing}" if missing else "")
+        )
+
+
+@dataclass(frozen=True)
+class MaskRecipe:
+    """A mask chosen by configuration (``model.mask``, ``model.mask_args``), built per batch:
+    builders over one row take the row length, varlen ones each row's document lengths (from
+    the batch's ``cu_seqlens``), S^2 ones the model's head count."""
+
+    name: str
+    args: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def of(cls, name: str, args: dict | None = None) -> MaskRecipe:
+        args = dict(args or {})
+        check_recipe(name, args)
+        return cls(name, tuple(sorted((k, _freeze(v)) for k, v in args.items())))
+
+    def build(self, batch: int, seq_len: int, cu_seqlens, n_heads: int) -> SliceMask:
+        """The SliceMask of a [batch, seq_len] batch with document starts ``cu_seqlens`` (flat)."""
+        fn = BUILDERS[self.name]
+        args = {k: _thaw(v) for k, v in self.args}
+        params = inspect_params(fn)
+        if "n_heads" in params:
+            args["n_heads"] = n_heads
+        if "lengths" not in params:
+            rows = fn(seq_len, **args).rows if "n" in params else fn(**args).rows
+        else:
+            rows = []
+            for b in range(batch):
+                lengths = _row_lengths(cu_seqlens, b, seq_len)
+                row_args = dict(args)
+                if isinstance(row_args.get("prefixes"), int):  # one prefix length for every document
+                    row_args["prefixes"] = [min(row_args["prefixes"], x) for x in lengths]
+                rows.append(fn(lengths, **row_args).rows[0])
+            rows = tuple(rows[:1] if len(set(rows)) == 1 else rows)
+        mask = SliceMask(rows, seq_len, self.name)
+        ends = [max((max(s.q1, s.k1) for s in row), default=0) for row in rows]
+        if max(ends) > seq_len or (self.name in ("shared_question", "varlen_shared_question") and min(ends) != seq_len):
+            raise ValueError(
+                f"model.mask={self.name} with model.mask_args {dict(self.args)} covers {max(ends)} tokens, "
+                f"not the batch rows' {seq_len} (data.seq_len): make the lengths add up to it"
+            )
+        return mask
+
+
+def _freeze(v):
+    """Lists (Hydra ListConfig too) -> tuples, recursively: a recipe is hashable (plan caches)."""
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+        return v
+    return tuple(_freeze(x) for x in v)
+
+
+def _thaw(v):
+    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
+
+
+def inspect_params(fn) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(fn).parameters)
+
+
+def _row_lengths(cu_seqlens, b: int, seq_len: int) -> list[int]:
+    """Document lengths of row b (documents cut at the row's ends), from flat starts."""
+    lo, hi = b * seq_len, (b + 1) * seq_len
+    cu = [] if cu_seqlens is None else [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
+    starts = sorted({lo, hi} | {x for x in cu if lo < x < hi})
+    return [e - a for a, e in zip(starts, starts[1:])]
