@@ -430,22 +430,41 @@ def span_plan(mask: MaskSpec, b: int, n_heads: int | None = None) -> list[Piece]
     positions break into so many runs that the generic block plan is cheaper. ``n_heads``:
     local query heads (needed when slices apply to some heads only; None keeps every slice,
     with its global heads, which is enough to tell whether a pair of chunks meets)."""
-    qruns = sorted(_runs(mask.q_pos), key=lambda r: r[2])
-    kruns = sorted(_runs(mask.k_pos), key=lambda r: r[2])
-    qfirst, kfirst = [r[2] for r in qruns], [r[2] for r in kruns]
     pieces: list[Piece] = []
-    for s in mask.row_slices(b):
+    for s, qr, kr in _slice_runs(mask, b):
         heads = s.heads if n_heads is None else mask.local_heads(s.heads, n_heads)
         if heads == ():
             continue
+        t = s.clip(qr[2], qr[2] + qr[1], kr[2], kr[2] + kr[1])
+        if t is not None:
+            pieces += _cut_pieces(t, qr, kr, heads)
+        if len(pieces) > MAX_PIECES:
+            return None
+    return pieces
+
+
+def _slice_runs(mask: MaskSpec, b: int):
+    """(slice, query run, key run) for every run pair a slice of row b meets. A SliceMask's
+    positions are unique in a row (runs sorted by position never overlap); the documents
+    builder's slices are tied to their own same-document run pair (positions may repeat across
+    documents, e.g. CAD's calls over several batch rows)."""
+    if mask.slices is None:
+        lo = None if mask.window is None else -(mask.window - 1)
+        hi = 0 if mask.causal else (None if mask.window is None else mask.window - 1)
+        by_doc: dict[int, list] = {}
+        for kr in _runs(mask.k_pos, mask.k_doc[b]):
+            by_doc.setdefault(kr[3], []).append(kr)
+        for qr in _runs(mask.q_pos, mask.q_doc[b]):
+            for kr in by_doc.get(qr[3], ()):
+                yield Slice(qr[2], qr[2] + qr[1], kr[2], kr[2] + kr[1], lo, hi), qr, kr
+        return
+    qruns = sorted(_runs(mask.q_pos), key=lambda r: r[2])
+    kruns = sorted(_runs(mask.k_pos), key=lambda r: r[2])
+    qfirst, kfirst = [r[2] for r in qruns], [r[2] for r in kruns]
+    for s in mask.slices.row(b):
         for qr in _meeting(qruns, s.q0, s.q1, qfirst):
             for kr in _meeting(kruns, s.k0, s.k1, kfirst):
-                t = s.clip(qr[2], qr[2] + qr[1], kr[2], kr[2] + kr[1])
-                if t is not None:
-                    pieces += _cut_pieces(t, qr, kr, heads)
-            if len(pieces) > MAX_PIECES:
-                return None
-    return pieces
+                yield s, qr, kr
 
 
 def band_tiles(p: Piece, block: int):
