@@ -23,6 +23,12 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2 uses q/k/v biases
     mixer_pattern: list[str] = field(default_factory=lambda: ["softmax"])  # cycled over layers
     sliding_window: int | None = None  # softmax layers; None = full causal
+    # softmax layers' mask family instead of causal packed documents (ops/attention/slices.py):
+    # a builder name (prefix_lm, shared_question, block_causal, longlora, ...) and its parameters,
+    # e.g. model.mask=prefix_lm '+model.mask_args={prefix:128}' (+: new keys of the dict); None: causal
+    # packed documents
+    mask: str | None = None
+    mask_args: dict = field(default_factory=dict)
     rope: RopeConfig = field(default_factory=RopeConfig)
     init_std: float = 0.02
     # Mixer options, one flat key per field of the options dataclass its mixer module registers
@@ -74,6 +80,32 @@ class ModelConfig:
         """The mixer kinds the model's layers use, in layer order, each once."""
         return list(dict.fromkeys(self.kind_of(i) for i in range(self.n_layers)))
 
+    def _validate_mask(self) -> None:
+        from models.ops.attention.slices import check_recipe
+
+        if self.mask is None:
+            if self.mask_args:
+                raise ValueError(
+                    f"model.mask_args={dict(self.mask_args)} is set but model.mask is null: set model.mask"
+                )
+            return
+        check_recipe(self.mask, dict(self.mask_args))
+        if self.sliding_window is not None:
+            raise ValueError(
+                f"model.sliding_window={self.sliding_window} and model.mask={self.mask} are both set: "
+                "use the mask builder sliding_window (or global_sliding_window) instead"
+            )
+        if self.mask in ("longlora", "sinklora") and self.n_heads % 2:
+            raise ValueError(
+                f"model.mask={self.mask} shifts half of the heads: model.n_heads={self.n_heads} must be even"
+            )
+        other = sorted({m for m in self.mixer_pattern if mixer_class(m).kind not in ("softmax", "linear")})
+        if other:
+            raise ValueError(
+                f"model.mask={self.mask} applies to softmax layers; mixers {other} have their own masks: "
+                "drop model.mask or those mixers from model.mixer_pattern"
+            )
+
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads"):
             if getattr(self, name) < 1:
@@ -96,4 +128,5 @@ class ModelConfig:
             raise ValueError(f"model.rope.type={self.rope.type!r} is unknown: choose none, linear, ntk, yarn or llama3")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window={self.sliding_window} must be >= 1 or null")
+        self._validate_mask()
         validate_options(self)  # each mixer module checks its own model.<prefix>_* settings

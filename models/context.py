@@ -4,7 +4,10 @@ A mixer never knows whether it runs on one device or under context parallelism: 
 ``ctx.run(kind, q, k, v, **options)`` with its *local* tokens and gets the output for them.
 Kinds and their options:
 
-    softmax   q [B, T, H, D], k, v [B, T, Hkv, D]; causal, window, scale   -> o [B, T, H, D]
+    softmax   q [B, T, H, D], k, v [B, T, Hkv, D]; causal, window, scale, mask (a SliceMask
+              over the global row replacing the documents mask, or a MaskRecipe built per batch
+              by ``slice_mask``: ops/attention/slices.py)
+                                                                            -> o [B, T, H, D]
     linear    q, k [B, T, H, Dk], v [B, T, H, Dv]; g [B, T, H], gk [B, T, H, Dk], scale,
               chunk_size, impl                                              -> o [B, T, H, Dv]
     sparse    q [B, T, H, D], k, v [B, T, Hkv, D]; pattern (per-KV-head block pattern,
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from models.ops.attention.slices import SliceMask
 from models.ops.documents import Documents
 from models.registry import local_op
 
@@ -44,6 +48,17 @@ class AttentionContext:
 
         return bind_pattern(options, self.docs, self.cu_seqlens, self.batch_size, self.seq_len)
 
+    def slice_mask(self, mask, n_heads: int):
+        """A configured mask (``MaskRecipe``, model.mask) as the SliceMask of this batch (built
+        once per batch and head count, from ``batch_size``, ``seq_len`` and the global
+        ``cu_seqlens``); a SliceMask or None is returned as it is."""
+        if mask is None or isinstance(mask, SliceMask):
+            return mask
+        cache = self.__dict__.setdefault("_slice_masks", {})
+        if (mask, n_heads) not in cache:
+            cache[(mask, n_heads)] = mask.build(self.batch_size, self.seq_len, self.cu_seqlens, n_heads)
+        return cache[(mask, n_heads)]
+
     def attention(self, q, k, v, *, causal=True, window=None, scale=None):
         """q [B, T, H, D], k, v [B, T, Hkv, D] -> o [B, T, H, D]."""
         return self.run("softmax", q, k, v, causal=causal, window=window, scale=scale)
@@ -59,5 +74,6 @@ class SingleDeviceContext(AttentionContext):
 
     def __init__(self, batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None = None, block: int = 256):
         self.block = block
-        self.cu_seqlens, self.batch_size, self.seq_len = cu_seqlens, batch_size, seq_len
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.docs = Documents.of(cu_seqlens, batch_size, seq_len)
+        self.cu_seqlens = self.docs.cu_seqlens

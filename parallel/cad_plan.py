@@ -9,6 +9,12 @@ Terms (P ranks, a [B, N] batch of packed documents, row positions 0..N-1):
               document when not causal): each query token belongs to exactly one shard, so a
               shard's output needs no merge with other pieces
     cost      allowed (query, key) pairs of a shard; its forward FLOPs are 4 * cost * H * D
+
+With a ``SliceMask`` (any mask family, models/ops/attention/slices.py) segments are the row cut
+at every slice's query bounds, a shard's cost is the area of the slices over its queries (per
+head: a slice of some heads counts for those), never their bounding box, and its key range
+is the smallest range holding every key those slices allow (the K/V it receives: keys inside
+that range that no slice uses travel too, e.g. the middle blocks of causal_blockwise).
     home      the rank holding a token under the layout (parallel/sharding.py)
 
 Algorithm (greedy, after DistCA): start from the layout's own placement, each shard a run of
@@ -91,6 +97,7 @@ class CADPlan:
     home_load: list[int]
     load: list[int]
     seg_starts: torch.Tensor = field(repr=False)  # [n_seg] flat starts of the segments
+    mask: object | None = field(default=None, repr=False)  # the SliceMask planned for, or None (documents)
     _by_rank_cache: list | None = field(default=None, init=False, repr=False, compare=False)
     _received: list | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -251,16 +258,63 @@ def segments(cu_seqlens, batch: int, seq_len: int) -> list[tuple[int, int, int]]
     return [(a // seq_len, a % seq_len, a % seq_len + b - a) for a, b in zip(cu[:-1], cu[1:]) if b > a]
 
 
+class _DocCost:
+    """Keys and cost of queries [lo, hi) of a document segment (closed forms)."""
+
+    def __init__(self, causal: bool, window: int | None):
+        self.causal, self.window = causal, window
+
+    def keys(self, seg_i: int, seg, lo: int, hi: int) -> tuple[int, int]:
+        return key_range(lo, hi, seg[1], seg[2], self.causal, self.window)
+
+    def pairs(self, seg_i: int, seg, lo: int, hi: int) -> int:
+        return pair_count(lo, hi, seg[1], seg[2], self.causal, self.window)
+
+
+def mask_segments(mask, batch: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """Each row cut at every query bound of its slices: [(row, start, end)], in flat order."""
+    out = []
+    for b in range(batch):
+        cuts = sorted({0, seq_len} | {x for s in mask.row(b) for x in (s.q0, s.q1)})
+        out += [(b, a, e) for a, e in zip(cuts, cuts[1:]) if e > a]
+    return out
+
+
+class _SliceCost:
+    """Keys and cost of queries [lo, hi) of a segment under a SliceMask: the slices covering
+    the segment (each covers it whole, segments being cut at every slice bound), clipped."""
+
+    def __init__(self, mask, segs, n_heads: int):
+        self.n = mask.seq_len
+        self.per_seg = []
+        for row, a, e in segs:
+            cover = [s for s in mask.row(row) if s.q0 <= a and e <= s.q1]
+            self.per_seg.append([(s, n_heads if s.heads is None else len(s.heads)) for s in cover])
+
+    def _clipped(self, seg_i: int, lo: int, hi: int):
+        for s, w in self.per_seg[seg_i]:
+            t = s.clip(lo, hi, 0, self.n)
+            if t is not None:
+                yield t, w
+
+    def keys(self, seg_i: int, seg, lo: int, hi: int) -> tuple[int, int]:
+        spans = [(t.k0, t.k1) for t, _ in self._clipped(seg_i, lo, hi)]
+        return (min(a for a, _ in spans), max(b for _, b in spans)) if spans else (lo, lo)
+
+    def pairs(self, seg_i: int, seg, lo: int, hi: int) -> int:
+        return sum(t.area() * w for t, w in self._clipped(seg_i, lo, hi))
+
+
 class _Mover:
     """Scores and cuts shards for the greedy (bytes per pair of moving a piece to rank d)."""
 
-    def __init__(self, runs, qrow: int, kvrow: int, min_shard: int, causal: bool, window: int | None):
+    def __init__(self, runs, qrow: int, kvrow: int, min_shard: int, cost):
         self.runs, self.qrow, self.kvrow, self.min_shard = runs, qrow, kvrow, min_shard
-        self.causal, self.window = causal, window
+        self.cost = cost
 
     def piece(self, s: Shard, lo: int, hi: int, seg: tuple[int, int, int], rank: int) -> Shard:
-        klo, khi = key_range(lo, hi, seg[1], seg[2], self.causal, self.window)
-        cost = pair_count(lo, hi, seg[1], seg[2], self.causal, self.window)
+        klo, khi = self.cost.keys(s.seg, seg, lo, hi)
+        cost = self.cost.pairs(s.seg, seg, lo, hi)
         return replace(s, lo=lo, hi=hi, klo=klo, khi=khi, cost=cost, rank=rank)
 
     def bytes_to(self, s: Shard, d: int) -> int:
@@ -282,7 +336,7 @@ class _Mover:
             while lo_n < hi_n:  # the longest piece whose cost fits the room
                 mid = (lo_n + hi_n + 1) // 2
                 a, b = (s.lo, s.lo + mid) if head else (s.hi - mid, s.hi)
-                if pair_count(a, b, seg[1], seg[2], self.causal, self.window) <= room:
+                if self.cost.pairs(s.seg, seg, a, b) <= room:
                     lo_n = mid
                 else:
                     hi_n = mid - 1
@@ -307,19 +361,28 @@ def plan_cad(
     nanos: int = 1,
     qrow_bytes: int = 2,
     kvrow_bytes: int = 1,
+    mask=None,
+    n_heads: int = 1,
 ) -> CADPlan:
     """The CAD plan for a [B, N] batch with document starts ``cu_seqlens`` (flat, [n + 1]).
     ``qrow_bytes`` / ``kvrow_bytes``: relative bytes of one query row (Q or O: H heads) and one
-    key/value row (K and V: 2 Hkv heads), for choosing what to move; e.g. (H, 2 * Hkv)."""
+    key/value row (K and V: 2 Hkv heads), for choosing what to move; e.g. (H, 2 * Hkv).
+    ``mask``: a SliceMask replacing the documents (then ``cu_seqlens``, ``causal`` and ``window``
+    are not used), costed per head over ``n_heads`` query heads."""
     if min_shard < 1:
         raise ValueError(f"parallel.cp.options.softmax.min_shard={min_shard} must be >= 1: set it to e.g. 128")
     if tolerance < 1.0:
         raise ValueError(f"parallel.cp.options.softmax.tolerance={tolerance} must be >= 1.0: set it to e.g. 1.1")
     if nanos not in (1, 2):
         raise ValueError(f"nano-batches={nanos} must be 1 or 2 (parallel.cp.options.softmax.ping_pong)")
-    segs = segments(cu_seqlens, batch, seq_len)
+    if mask is None:
+        segs = segments(cu_seqlens, batch, seq_len)
+        cost = _DocCost(causal, window)
+    else:
+        segs = mask_segments(mask, batch, seq_len)
+        cost = _SliceCost(mask, segs, n_heads)
     runs = owner_runs(seq_len, world, layout)
-    mover = _Mover(runs, qrow_bytes, kvrow_bytes, min_shard, causal, window)
+    mover = _Mover(runs, qrow_bytes, kvrow_bytes, min_shard, cost)
     per_rank: list[list[Shard]] = [[] for _ in range(world)]
     grid = _Grid(seq_len, world, layout)
     for i, (row, start, end) in enumerate(segs):  # the layout's placement: one shard per chunk
@@ -353,7 +416,7 @@ def plan_cad(
         shards += _split_nanos(shards_r, nanos)
     shards.sort(key=lambda s: (s.row, s.lo))
     starts = torch.tensor([row * seq_len + start for row, start, _ in segs], dtype=torch.int64)
-    return CADPlan(world, batch, seq_len, layout, causal, window, shards, home, load, starts)
+    return CADPlan(world, batch, seq_len, layout, causal, window, shards, home, load, starts, mask)
 
 
 def _split_nanos(shards: list[Shard], nanos: int) -> list[Shard]:

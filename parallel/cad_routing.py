@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from models.ops.attention import MaskSpec
+from models.ops.attention.slices import SliceMask
 from models.ops.common import run_starts
 from parallel.cad_plan import CADPlan
 
@@ -65,7 +66,10 @@ def build_routes(plan: CADPlan, rank: int, nanos: int, kv_chunk: int = 2048) -> 
         (q_src, q_rows), (kv_src, kv_rows) = local_rows(q), local_rows(kv)
         q_slots = [(q_src == s).nonzero().flatten() for s in range(p)]
         kv_slots = [(kv_src == s).nonzero().flatten() for s in range(p)]
-        groups = kernel_groups(q, kv, plan.doc_of(q), plan.doc_of(kv), n, plan.causal, plan.window, kv_chunk)
+        if plan.mask is None:
+            groups = kernel_groups(q, kv, plan.doc_of(q), plan.doc_of(kv), n, plan.causal, plan.window, kv_chunk)
+        else:
+            groups = mask_kernel_groups(q, kv, plan.doc_of(q), n, plan.mask, kv_chunk)
         q_self, kv_self = q_rows[q_src == rank], kv_rows[kv_src == rank]
         routes.append(Route(q_send, kv_send, q_slots, kv_slots, q_self, kv_self, len(q), len(kv), groups))
     return routes
@@ -99,5 +103,33 @@ def kernel_groups(q, kv, q_doc, k_doc, n, causal, window, kv_chunk=2048, min_row
             chunks.append(
                 (a, b, MaskSpec(q[qa:qb] % n, kv[a:b] % n, q_doc[None, qa:qb], k_doc[None, a:b], causal, window))
             )
+        groups.append((qa, qb, chunks))
+    return groups
+
+
+def mask_kernel_groups(q, kv, q_seg, n, mask, kv_chunk=2048, min_rows=16):
+    """``kernel_groups`` under a SliceMask: one call per run of consecutive query positions of
+    one segment (short runs join the next one of the same row), against the key rows of its row
+    inside the smallest range holding every key its slices allow, in chunks of ``kv_chunk``.
+    The kernel applies the slices (explicit positions: keys of K_d the slices skip cost nothing)."""
+    cut = run_starts(q, q_seg)[1:]
+    row = q // n
+    starts = [0]
+    for c in cut.tolist():
+        if c - starts[-1] >= min_rows or int(row[c]) != int(row[starts[-1]]):
+            starts.append(c)
+    groups = []
+    for qa, qb in zip(starts, starts[1:] + [len(q)]):
+        b = int(row[qa])
+        lo, hi = int(q[qa]) % n, int(q[qb - 1]) % n + 1
+        spans = [(t.k0, t.k1) for s in mask.row(b) if (t := s.clip(lo, hi, 0, n)) is not None]
+        chunks = []
+        if spans:
+            ka = int(torch.searchsorted(kv, b * n + min(a for a, _ in spans)))
+            kb = int(torch.searchsorted(kv, b * n + max(e for _, e in spans)))
+            row_mask = SliceMask((mask.row(b),), n, mask.name)
+            for a in range(ka, kb, kv_chunk):
+                e = min(kb, a + kv_chunk)
+                chunks.append((a, e, MaskSpec(q[qa:qb] % n, kv[a:e] % n, slices=row_mask)))
         groups.append((qa, qb, chunks))
     return groups

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.ops.attention import MaskSpec, attention, attention_backward, attention_forward
+from models.ops.attention import MaskSpec, attention, attention_backward, attention_forward, may_attend
 from models.ops.common import run_starts
 from parallel import comm
 from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
@@ -132,10 +132,17 @@ def _runs(index: torch.Tensor) -> list[tuple[int, int]]:
     return [(int(index[s]), int(index[e])) for s, e in zip(starts, ends)]
 
 
-def need_matrix(ctx, causal: bool, window: int | None) -> list[list[bool]]:
+def need_matrix(ctx, causal: bool, window: int | None, mask=None) -> list[list[bool]]:
     """need[r][j]: can a query of rank r see a key of rank j? Conservative (bounds per run
-    of consecutive positions and per batch row), identical on every rank."""
+    of consecutive positions and per batch row), identical on every rank; with a ``SliceMask``
+    exact: some slice holds a pair of r's queries and j's keys."""
     p = ctx.world_size
+    if mask is not None:
+        index = [ctx.index_of(r) for r in range(p)]
+        return [
+            [r == j or may_attend(MaskSpec(index[r], index[j], slices=mask), ctx.block) for j in range(p)]
+            for r in range(p)
+        ]
     runs = [_runs(ctx.index_of(r)) for r in range(p)]
     bounds = torch.tensor([[lo, hi] for r in range(p) for lo, hi in runs[r]])
     docs = ctx.doc_of(bounds.flatten()).view(ctx.batch_size, -1, 2)  # [B, n_runs, 2]
@@ -168,24 +175,34 @@ class AllGatherKV(SoftmaxStrategy):
     kinds = ("softmax", "sparse")  # S2 layers too: it gathers dense K/V, the mask applies the pattern
     Options = AllGatherOptions
 
-    def exchange(self, ctx, causal: bool, window: int | None) -> Exchange:
+    def exchange(self, ctx, causal: bool, window: int | None, mask=None) -> Exchange:
         """Who sends K/V to whom in this layer (no communication)."""
         p, me = ctx.world_size, ctx.rank
         if self.gather == "all":
             return Exchange(ctx.group, me, tuple(range(p)), tuple(r for r in range(p) if r != me), True)
-        need = need_matrix(ctx, causal, window)
+        need = need_matrix(ctx, causal, window, mask)
         sources = tuple(j for j in range(p) if need[me][j])
         targets = tuple(r for r in range(p) if r != me and need[r][me])
         return Exchange(ctx.group, me, sources, targets, False)
 
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
-        ex = self.exchange(ctx, causal, window)
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None, mask=None):
+        ex = self.exchange(ctx, causal, window, mask)
         kv_index = torch.cat([ctx.index_of(j) for j in ex.sources])
-        mask = MaskSpec(ctx.local_index, kv_index, ctx.local_doc, ctx.doc_of(kv_index), causal, window, pattern)
+        if mask is not None:
+            mask = MaskSpec(ctx.local_index, kv_index, slices=mask)
+        else:
+            mask = MaskSpec(ctx.local_index, kv_index, ctx.local_doc, ctx.doc_of(kv_index), causal, window, pattern)
         if self.regather:
             return RegatherAttention.apply(q, k, v, ex, mask, scale, ctx.block)[0]
         kv = GatherKV.apply(torch.stack([k, v]), ex)  # [2, B, S*C, Hkv, D], kept for backward
         return attention(q, kv[0], kv[1], mask, scale, ctx.block)[0]
+
+    def needed_bytes(self, ctx, shape: LayerShape, mask=None, causal=True, window=None) -> int:
+        """Bytes rank ``ctx.rank`` receives in one layer's forward under ``gather="needed"``: one
+        K/V chunk per other rank its queries need (``need_matrix``)."""
+        need = need_matrix(ctx, causal, window, mask)[ctx.rank]
+        s = shape
+        return (sum(need) - 1) * 2 * s.batch * (s.seq_len // s.cp) * s.n_kv_heads * s.head_dim * s.elem_bytes
 
     def forward_bytes(self, shape: LayerShape) -> int:
         """The all-gather volume; ``gather="needed"`` receives at most this (exactly this on the

@@ -25,7 +25,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from models.ops.attention import check_inputs
+from models.ops.attention import check_inputs, check_mask
 from models.s2_pattern import check_sparse_options
 from parallel.sharding import check_divisible
 
@@ -175,12 +175,18 @@ class SoftmaxStrategy(Strategy):
 
     A softmax strategy that also lists ``sparse`` in its ``kinds`` serves S2 layers: its
     ``attention`` then takes ``pattern`` (a per-KV-head block pattern, models/s2_pattern.py)
-    and puts it into its masks (``MaskSpec.pattern``, with the global KV heads it holds)."""
+    and puts it into its masks (``MaskSpec.pattern``, with the global KV heads it holds).
+    ``mask``: a ``SliceMask`` over the global row (any mask family, slices.py) that replaces the
+    packed-documents mask; every softmax strategy takes it."""
 
     kinds = ("softmax",)
 
-    def __call__(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
+    def __call__(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None, mask=None):
         check_inputs(q, k, window)
+        if mask is not None:  # a SliceMask (models/ops/attention/slices.py) instead of documents
+            mask = ctx.slice_mask(mask, q.shape[2])
+            check_mask(mask, q, ctx.batch_size, ctx.seq_len, causal, window)
+            return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale, mask=mask)
         if pattern is None:
             return self.attention(q, k, v, ctx, causal=causal, window=window, scale=scale)
         check_sparse_options(pattern, causal)

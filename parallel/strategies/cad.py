@@ -81,6 +81,8 @@ def _fill(buf, slots, rows):
 def _group_forward(qg, kvd, hk, chunks, scale, block):
     """Queries qg [1, t, H, D] against their key chunks of kvd [1, Tk, 2 Hkv, D], merged by
     log-sum-exp in fp32 / fp64. -> (o [1, t, H, D] in qg.dtype, lse [1, H, t])."""
+    if not chunks:  # queries that see no key (a mask may leave rows empty): 0, lse -inf
+        return torch.zeros_like(qg), qg.new_full((1, qg.shape[2], qg.shape[1]), float("-inf"), dtype=acc_dtype(qg))
     if len(chunks) == 1:
         ka, kb, mask = chunks[0]
         return attention_forward(qg, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
@@ -230,12 +232,13 @@ class CAD(SoftmaxStrategy):
         self._cache: dict = {}  # (plan_cad arguments) -> (plan, routes); the newest few
         self.timing = {"wait_s": 0.0, "compute_s": 0.0}  # accumulated, for the overlap measure
 
-    def plan(self, ctx, causal=True, window=None, qrow_bytes=2, kvrow_bytes=1) -> CADPlan:
+    def plan(self, ctx, causal=True, window=None, qrow_bytes=2, kvrow_bytes=1, mask=None) -> CADPlan:
         """The plan of ``ctx``'s batch (cached; the same on every rank). A layer with H query
-        and Hkv key/value heads plans with ``qrow_bytes=H, kvrow_bytes=2 * Hkv``."""
-        return self._planned(ctx, causal, window, qrow_bytes, kvrow_bytes)[0]
+        and Hkv key/value heads plans with ``qrow_bytes=H, kvrow_bytes=2 * Hkv``; ``mask``: a
+        SliceMask (costed over H = ``qrow_bytes`` heads)."""
+        return self._planned(ctx, causal, window, qrow_bytes, kvrow_bytes, mask)[0]
 
-    def _plan_of(self, cu_seqlens, batch, seq_len, world, layout, causal, window, qrow_bytes, kvrow_bytes):
+    def _plan_of(self, cu_seqlens, batch, seq_len, world, layout, causal, window, qrow_bytes, kvrow_bytes, mask=None):
         """``plan_cad`` of one batch with this strategy's options (shard size, tolerance, nano-batches)."""
         return plan_cad(
             cu_seqlens,
@@ -250,11 +253,14 @@ class CAD(SoftmaxStrategy):
             nanos=2 if self.ping_pong else 1,
             qrow_bytes=qrow_bytes,
             kvrow_bytes=kvrow_bytes,
+            mask=mask,
+            n_heads=qrow_bytes,
         )
 
-    def _planned(self, ctx, causal, window, qrow_bytes, kvrow_bytes) -> tuple[CADPlan, list[Route]]:
-        cu = tuple(ctx.cu_seqlens.tolist())
+    def _planned(self, ctx, causal, window, qrow_bytes, kvrow_bytes, mask=None) -> tuple[CADPlan, list[Route]]:
+        cu = tuple(ctx.cu_seqlens.tolist()) if mask is None else ()
         key = (cu, ctx.batch_size, ctx.seq_len, ctx.world_size, ctx.layout, causal, window, qrow_bytes, kvrow_bytes)
+        key += (mask,)
         if key not in self._cache:
             plan = self._plan_of(*key)
             if ctx.rank == 0 and log.isEnabledFor(logging.INFO):  # the plan, before it runs
@@ -265,8 +271,8 @@ class CAD(SoftmaxStrategy):
             self._cache[key] = (plan, build_routes(plan, ctx.rank, 2 if self.ping_pong else 1, 4 * ctx.block))
         return self._cache[key]
 
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
-        plan, routes = self._planned(ctx, causal, window, q.shape[2], 2 * k.shape[2])
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, mask=None):
+        plan, routes = self._planned(ctx, causal, window, q.shape[2], 2 * k.shape[2], mask)
         if q.device.type != "cpu":
             routes = [r.to(q.device) for r in routes]
         return CADAttention.apply(q, k, v, routes, ctx.group, ctx.rank, scale, ctx.block, self.timing)
@@ -277,9 +283,9 @@ class CAD(SoftmaxStrategy):
         heads."""
         return self.plan(ctx, causal, window, n_heads, 2 * n_kv_heads).rows(ctx.rank)[0], 1.0
 
-    def plan_bytes(self, ctx, n_heads, n_kv_heads, head_dim, elem_bytes, causal=True, window=None) -> int:
+    def plan_bytes(self, ctx, n_heads, n_kv_heads, head_dim, elem_bytes, causal=True, window=None, mask=None) -> int:
         """Exact bytes this rank receives in one layer's forward for ``ctx``'s batch."""
-        plan = self.plan(ctx, causal, window, n_heads, 2 * n_kv_heads)
+        plan = self.plan(ctx, causal, window, n_heads, 2 * n_kv_heads, mask)
         return plan.bytes_received(ctx.rank, n_heads, n_kv_heads, head_dim, elem_bytes)
 
     def forward_bytes(self, shape: LayerShape) -> int:

@@ -55,8 +55,12 @@ class RingSpec:
     block: int = 256
     pattern: object | None = None  # per-KV-head block pattern (S2), or None
     kv_heads: tuple[int, ...] | None = None  # global KV head of each local one (None: all, in order)
+    slices: object | None = None  # a SliceMask over the global row, replacing the documents mask
+    q_heads: tuple[int, ...] | None = None  # global query head of each local one (None: all, in order)
 
     def mask(self, src: int) -> MaskSpec:
+        if self.slices is not None:
+            return MaskSpec(self.index[self.rank], self.index[src], slices=self.slices, q_heads=self.q_heads)
         return MaskSpec(
             self.index[self.rank],
             self.index[src],
@@ -162,11 +166,30 @@ def ring_attention(q, k, v, spec: RingSpec) -> torch.Tensor:
 class Ring(SoftmaxStrategy):
     kinds = ("softmax", "sparse")  # S2 layers: dense K/V travel, the masks apply the pattern
 
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None, mask=None):
         index = [ctx.index_of(r) for r in range(ctx.world_size)]
         docs = [ctx.doc_of(i) for i in index]
-        spec = RingSpec(ctx.group, ctx.rank, ctx.world_size, index, docs, causal, window, scale, ctx.block, pattern)
+        spec = RingSpec(
+            ctx.group, ctx.rank, ctx.world_size, index, docs, causal, window, scale, ctx.block, pattern, slices=mask
+        )
         return ring_attention(q, k, v, spec)
+
+    def computed_steps(self, ctx, mask=None, causal=True, window=None) -> list[int]:
+        """The ring steps whose block rank ``ctx.rank`` computes (the others are skipped: no
+        slice and no document meets that pair of chunks)."""
+        index = [ctx.index_of(r) for r in range(ctx.world_size)]
+        spec = RingSpec(
+            None,
+            ctx.rank,
+            ctx.world_size,
+            index,
+            [ctx.doc_of(i) for i in index],
+            causal,
+            window,
+            block=ctx.block,
+            slices=mask,
+        )
+        return [s for s in range(ctx.world_size) if may_attend(spec.mask((ctx.rank - s) % ctx.world_size), ctx.block)]
 
     def forward_bytes(self, shape: LayerShape) -> int:
         s = shape

@@ -139,13 +139,17 @@ class Ulysses(SoftmaxStrategy):
         super().check(n_heads=n_heads, n_kv_heads=n_kv_heads, cp=cp, **kw)
         check_heads("ulysses", n_heads, n_kv_heads, cp, "parallel.cp.size")
 
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None, mask=None):
         p = ctx.world_size
         check_heads("ulysses", q.shape[2], k.shape[2], p, "parallel.cp.size")
         order, pos = row_order([ctx.index_of(r) for r in range(p)])
-        doc = ctx.doc_of(pos)
-        heads = held_kv_heads(q.shape[2], k.shape[2], p, ctx.rank) if pattern is not None else None
-        mask = MaskSpec(pos, pos, doc, doc, causal, window, pattern, heads)
+        if mask is not None:  # this rank's query heads: [rank * H/P, (rank + 1) * H/P)
+            hq = q.shape[2] // p
+            mask = MaskSpec(pos, pos, slices=mask, q_heads=tuple(range(ctx.rank * hq, (ctx.rank + 1) * hq)))
+        else:
+            doc = ctx.doc_of(pos)
+            heads = held_kv_heads(q.shape[2], k.shape[2], p, ctx.rank) if pattern is not None else None
+            mask = MaskSpec(pos, pos, doc, doc, causal, window, pattern, heads)
         qh, kh, vh = scatter_heads(q, k, v, ctx.group, p, order)
         o = attention(qh, kh, vh, mask, scale, ctx.block)[0]  # [B, N, H/P, D]
         return HeadToSeq.apply(o, ctx.group, p, order)

@@ -63,7 +63,7 @@ class USP(SoftmaxStrategy):
         (cp / u)-rank ring groups at start-up."""
         return [self.degree(cp, n_heads)]
 
-    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None):
+    def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, pattern=None, mask=None):
         p = ctx.world_size
         self.check(n_heads=q.shape[2], n_kv_heads=k.shape[2], cp=p, seq_len=ctx.seq_len, layout=ctx.layout)
         u = self.degree(p, q.shape[2])
@@ -79,9 +79,12 @@ class USP(SoftmaxStrategy):
             return row_order([ctx.index_of(c) for c in members])
 
         order, _ = tokens(mesh.ulysses_members)
-        heads = None
+        heads = q_heads = None
         if pattern is not None:
             heads = held_kv_heads(q.shape[2], k.shape[2], u, mesh.ulysses_members.index(ctx.rank))
+        if mask is not None:  # the query heads of my Ulysses slot
+            hq, slot = q.shape[2] // u, mesh.ulysses_members.index(ctx.rank)
+            q_heads = tuple(range(slot * hq, (slot + 1) * hq))
         if u > 1:
             q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, u, order)
         index = [tokens(m)[1] for m in mesh.ring_members]
@@ -97,6 +100,8 @@ class USP(SoftmaxStrategy):
             ctx.block,
             pattern,
             heads,
+            mask,
+            q_heads,
         )
         o = ring_attention(q, k, v, spec)  # [B, u*C, H/u, D]
         return HeadToSeq.apply(o, mesh.ulysses_group, u, order) if u > 1 else o

@@ -22,11 +22,16 @@ import math
 
 import torch
 
-from models.ops.attention.plan import DEFAULT_BLOCK, MaskSpec, Piece, active_blocks, span_plan
+from models.ops.attention.plan import DEFAULT_BLOCK, MaskSpec, Piece, active_blocks, band_tiles, span_plan
 from models.ops.common import acc_dtype, merge_lse
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _per_kv(allowed: torch.Tensor, hkv: int) -> torch.Tensor:
+    """allowed [tq, tk] (every head) or [H, tq, tk] -> broadcastable to [Hkv, H / Hkv, tq, tk]."""
+    return allowed if allowed.dim() == 2 else allowed.view(hkv, -1, *allowed.shape[1:])
 
 
 def _tile_forward(qt, kt, vt, allowed, scale):
@@ -38,7 +43,7 @@ def _tile_forward(qt, kt, vt, allowed, scale):
     qh = qt.transpose(0, 1).reshape(hkv, h // hkv * tq, d) * scale  # [Hkv, g*tq, D]
     s = torch.matmul(qh, kt.permute(1, 2, 0))  # [Hkv, g*tq, tk]
     if allowed is not None:
-        s.view(hkv, h // hkv, tq, -1).masked_fill_(~allowed, -math.inf)
+        s.view(hkv, h // hkv, tq, -1).masked_fill_(~_per_kv(allowed, hkv), -math.inf)
     m = s.amax(-1, keepdim=True)
     if allowed is not None:
         m.masked_fill_(torch.isinf(m), 0.0)
@@ -61,44 +66,12 @@ def _tile_backward(qt, kt, vt, dot, lse_t, delta_t, allowed, scale):
     m = lse_t.reshape(hkv, rows, 1)
     p = torch.matmul(qh, kh.transpose(1, 2)).sub_(torch.where(torch.isinf(m), 0.0, m)).exp_()
     if allowed is not None:
-        p.view(hkv, h // hkv, tq, -1).masked_fill_(~allowed, 0.0)
+        p.view(hkv, h // hkv, tq, -1).masked_fill_(~_per_kv(allowed, hkv), 0.0)
     dv = torch.matmul(p.transpose(1, 2), doh)
     ds = torch.matmul(doh, vh.transpose(1, 2)).sub_(delta_t.reshape(hkv, rows, 1)).mul_(p)
     dq = torch.matmul(ds, kh).mul_(scale).reshape(h, tq, d).transpose(0, 1)
     dk = torch.matmul(ds.transpose(1, 2), qh)
     return dq, dk.transpose(0, 1), dv.transpose(0, 1)
-
-
-def _band_tiles(p: Piece, causal: bool, window: int | None, block: int, device):
-    """Tiles of a piece for the tile loop: (query slice, key slice, allowed or None), slices
-    relative to the piece. Keys are clipped to each tile's band; masks only where partial."""
-    tq, tk = p.qs.stop - p.qs.start, p.ks.stop - p.ks.start
-    if p.form == "causal":
-        causal, window = True, None
-    for t0 in range(0, tq, block):
-        t1 = min(tq, t0 + block)
-        if p.form == "full":
-            yield slice(t0, t1), slice(0, tk), None
-            continue
-        lo_i, hi_i = p.q0 + t0, p.q0 + t1 - 1  # tile's query positions
-        lo = p.k0 if window is None else max(p.k0, lo_i - window + 1)
-        hi = hi_i if causal else (hi_i + window - 1 if window is not None else p.k0 + tk - 1)
-        hi = min(hi, p.k0 + tk - 1)
-        if lo > hi:
-            continue
-        near_ok = (not causal) or hi <= lo_i
-        far = hi_i - lo if causal else max(hi_i - lo, hi - lo_i)
-        allowed = None
-        if not (near_ok and (window is None or far < window)):
-            qp = torch.arange(lo_i, hi_i + 1)[:, None]
-            kp = torch.arange(lo, hi + 1)[None, :]
-            allowed = torch.ones(qp.shape[0], kp.shape[1], dtype=torch.bool)
-            if causal:
-                allowed &= kp <= qp
-            if window is not None:
-                allowed &= ((qp - kp) if causal else (qp - kp).abs()) < window
-            allowed = allowed.to(device)
-        yield slice(t0, t1), slice(lo - p.k0, hi - p.k0 + 1), allowed
 
 
 def _fused(p: Piece, x: torch.Tensor) -> bool:
@@ -111,35 +84,40 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1)[None]
 
 
-def _piece_forward(qt, kt, vt, p: Piece, mask: MaskSpec, scale, block):
+def _fused_forward(qt, kt, vt, causal: bool, scale):
+    """The fused op on one piece: qt [tq, H, D], kt, vt [tk, Hkv, D] -> (o [tq, H, D], lse [H, tq]),
+    top-left causal when ``causal``."""
+    o, lse = _FLASH_CPU(_heads_first(qt), _heads_first(kt), _heads_first(vt), 0.0, causal, scale=scale)
+    return o[0].transpose(0, 1), lse[0]
+
+
+def _fused_backward(dot, qt, kt, vt, ot, lse_t, causal: bool, scale):
+    """Backward of :func:`_fused_forward` from the (merged) ot / lse_t [H, tq] -> (dq, dk, dv)."""
+    dq, dk, dv = _FLASH_CPU_BWD(
+        *(_heads_first(x) for x in (dot, qt, kt, vt, ot)), lse_t[None], 0.0, causal, scale=scale
+    )
+    return dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1)
+
+
+def _piece_forward(qt, kt, vt, p: Piece, scale, block):
     """(o [tq, H, D], lse [H, tq]) of one piece: fused op, or the tile loop."""
     if _fused(p, qt):
-        o, lse = _FLASH_CPU(_heads_first(qt), _heads_first(kt), _heads_first(vt), 0.0, p.form == "causal", scale=scale)
-        return o[0].transpose(0, 1), lse[0]
+        return _fused_forward(qt, kt, vt, p.form == "causal", scale)
     o = qt.new_zeros(qt.shape)
     lse = qt.new_full((qt.shape[1], qt.shape[0]), -math.inf)
-    for rs, ksl, allowed in _band_tiles(p, mask.causal, mask.window, block, qt.device):
+    for rs, ksl, allowed in band_tiles(p, block):
+        allowed = None if allowed is None else allowed.to(qt.device)
         o[rs], lse[:, rs] = _tile_forward(qt[rs], kt[ksl], vt[ksl], allowed, scale)
     return o, lse
 
 
-def _piece_backward(dot, qt, kt, vt, ot, lse_t, delta_t, p: Piece, mask: MaskSpec, scale, block):
+def _piece_backward(dot, qt, kt, vt, ot, lse_t, delta_t, p: Piece, scale, block):
     """(dq [tq, H, D], dk, dv [tk, Hkv, D]) of one piece from the merged ot / lse_t."""
     if _fused(p, qt):
-        dq, dk, dv = _FLASH_CPU_BWD(
-            _heads_first(dot),
-            _heads_first(qt),
-            _heads_first(kt),
-            _heads_first(vt),
-            _heads_first(ot),
-            lse_t[None],
-            0.0,
-            p.form == "causal",
-            scale=scale,
-        )
-        return dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1)
+        return _fused_backward(dot, qt, kt, vt, ot, lse_t, p.form == "causal", scale)
     dq, dk, dv = torch.zeros_like(qt), torch.zeros_like(kt), torch.zeros_like(vt)
-    for rs, ksl, allowed in _band_tiles(p, mask.causal, mask.window, block, qt.device):
+    for rs, ksl, allowed in band_tiles(p, block):
+        allowed = None if allowed is None else allowed.to(qt.device)
         gq, gk, gv = _tile_backward(qt[rs], kt[ksl], vt[ksl], dot[rs], lse_t[:, rs], delta_t[:, rs], allowed, scale)
         dq[rs] += gq
         dk[ksl] += gk
@@ -147,19 +125,47 @@ def _piece_backward(dot, qt, kt, vt, ot, lse_t, delta_t, p: Piece, mask: MaskSpe
     return dq, dk, dv
 
 
+def _head_index(heads, h: int, hkv: int):
+    """(query heads, kv heads) index tensors of a piece on local query heads ``heads`` (None: all
+    of them -> (None, None)). Whole GQA groups keep their kv heads once; otherwise every query
+    head gets its own copy of its kv head (kv index repeats; gradients are index-added)."""
+    if heads is None:
+        return None, None
+    g = h // hkv
+    qi = torch.tensor(heads, dtype=torch.int64)
+    kv = sorted(set(x // g for x in heads))
+    if len(heads) == len(kv) * g:  # whole groups, in order
+        return qi, torch.tensor(kv, dtype=torch.int64)
+    return qi, qi // g
+
+
 def _whole(plan: list[Piece] | None, tq: int, tk: int) -> bool:
     """Whether a row's plan is one piece over all its queries and keys."""
-    return plan is not None and len(plan) == 1 and plan[0].qs == slice(0, tq) and plan[0].ks == slice(0, tk)
+    return (
+        plan is not None
+        and len(plan) == 1
+        and plan[0].heads is None
+        and plan[0].qs == slice(0, tq)
+        and plan[0].ks == slice(0, tk)
+    )
 
 
-def _merge_into(o, lse, qs, o_p, lse_p, seen):
-    """Write (o_p [tq, H, D], lse_p [H, tq]) into rows ``qs`` of o [Tq, H, D], lse [H, Tq],
-    merging by log-sum-exp with earlier pieces on the same rows (``seen`` [Tq] bool)."""
-    if not bool(seen[qs].any()):
-        o[qs], lse[:, qs] = o_p, lse_p
-    else:
-        o[qs], lse[:, qs] = merge_lse(o[qs], lse[:, qs], o_p, lse_p)
-    seen[qs] = True
+def _merge_into(o, lse, qs, qi, o_p, lse_p, seen):
+    """Write (o_p [tq, h, D], lse_p [h, tq]) into rows ``qs`` of o [Tq, H, D], lse [H, Tq] for
+    query heads ``qi`` (None: all), merging by log-sum-exp with earlier pieces on the same rows
+    and heads (``seen`` [H, Tq] bool)."""
+    if qi is None:
+        if not bool(seen[:, qs].any()):
+            o[qs], lse[:, qs] = o_p, lse_p
+        else:
+            o[qs], lse[:, qs] = merge_lse(o[qs], lse[:, qs], o_p, lse_p)
+        seen[:, qs] = True
+        return
+    ov, lv = o[qs], lse[:, qs]  # views; index assignment writes through them
+    if bool(seen[qi][:, qs].any()):
+        o_p, lse_p = merge_lse(ov[:, qi], lv[qi], o_p, lse_p)
+    ov[:, qi], lv[qi] = o_p.to(ov.dtype), lse_p.to(lv.dtype)
+    seen[:, qs][qi] = True
 
 
 def _run_dtype(q: torch.Tensor, plans) -> torch.dtype:
@@ -181,11 +187,12 @@ def dense_forward(
     bsz, tq, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = acc_dtype(q)
-    plans = [span_plan(mask, b) for b in range(bsz)]
+    hkv = k.shape[2]
+    plans = [span_plan(mask, b, h) for b in range(bsz)]
     run = _run_dtype(q, plans)
     qa, ka, va = q.to(run), k.to(run), v.to(run)
     if bsz == 1 and _whole(plans[0], tq, k.shape[1]):  # one piece: no buffers, no copies
-        o_p, lse_p = _piece_forward(qa[0], ka[0], va[0], plans[0][0], mask, scale, block)
+        o_p, lse_p = _piece_forward(qa[0], ka[0], va[0], plans[0][0], scale, block)
         return o_p[None].to(q.dtype), lse_p[None].contiguous()
     o = torch.zeros(bsz, tq, h, d, dtype=acc, device=q.device)
     lse = torch.full((bsz, h, tq), -math.inf, dtype=acc, device=q.device)
@@ -193,10 +200,14 @@ def dense_forward(
         if plan is None:
             _generic_forward(qa, ka, va, mask, scale, block, b, o, lse)
             continue
-        seen = torch.zeros(tq, dtype=torch.bool)
+        seen = torch.zeros(h, tq, dtype=torch.bool)
         for p in plan:
-            o_p, lse_p = _piece_forward(qa[b, p.qs], ka[b, p.ks], va[b, p.ks], p, mask, scale, block)
-            _merge_into(o[b], lse[b], p.qs, o_p, lse_p, seen)
+            qi, ki = _head_index(p.heads, h, hkv)
+            qt, kt, vt = qa[b, p.qs], ka[b, p.ks], va[b, p.ks]
+            if qi is not None:
+                qt, kt, vt = qt[:, qi], kt[:, ki], vt[:, ki]
+            o_p, lse_p = _piece_forward(qt, kt, vt, p, scale, block)
+            _merge_into(o[b], lse[b], p.qs, qi, o_p, lse_p, seen)
     return o.to(q.dtype), lse
 
 
@@ -210,12 +221,13 @@ def dense_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = No
     bsz, tq, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = acc_dtype(q)
-    plans = [span_plan(mask, b) for b in range(bsz)]
+    hkv = k.shape[2]
+    plans = [span_plan(mask, b, h) for b in range(bsz)]
     run = _run_dtype(q, plans)
     qa, ka, va, doa, oa = (x.to(run) for x in (q, k, v, do, o))
     lse = lse.to(acc)
     if bsz == 1 and _whole(plans[0], tq, k.shape[1]) and _fused(plans[0][0], qa):
-        grads = _piece_backward(doa[0], qa[0], ka[0], va[0], oa[0], lse[0], None, plans[0][0], mask, scale, block)
+        grads = _piece_backward(doa[0], qa[0], ka[0], va[0], oa[0], lse[0], None, plans[0][0], scale, block)
         return tuple(g[None].to(x.dtype) for g, x in zip(grads, (q, k, v)))
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
@@ -228,22 +240,21 @@ def dense_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = No
             _generic_backward(doa, qa, ka, va, lse, delta, mask, scale, block, b, dq, dk, dv)
             continue
         for p in plan:
-            gq, gk, gv = _piece_backward(
-                doa[b, p.qs],
-                qa[b, p.qs],
-                ka[b, p.ks],
-                va[b, p.ks],
-                oa[b, p.qs],
-                lse[b, :, p.qs],
-                None if delta is None else delta[b, :, p.qs],
-                p,
-                mask,
-                scale,
-                block,
-            )
-            dq[b, p.qs] += gq
-            dk[b, p.ks] += gk
-            dv[b, p.ks] += gv
+            qi, ki = _head_index(p.heads, h, hkv)
+            args = [doa[b, p.qs], qa[b, p.qs], ka[b, p.ks], va[b, p.ks], oa[b, p.qs]]
+            lse_t, delta_t = lse[b, :, p.qs], None if delta is None else delta[b, :, p.qs]
+            if qi is not None:
+                args = [x[:, i] for x, i in zip(args, (qi, qi, ki, ki, qi))]
+                lse_t, delta_t = lse_t[qi], None if delta_t is None else delta_t[qi]
+            gq, gk, gv = _piece_backward(*args, lse_t, delta_t, p, scale, block)
+            if qi is None:
+                dq[b, p.qs] += gq
+                dk[b, p.ks] += gk
+                dv[b, p.ks] += gv
+            else:  # kv heads may repeat (a head subset that is not whole GQA groups): add
+                dq[b, p.qs].index_add_(1, qi, gq.to(acc))
+                dk[b, p.ks].index_add_(1, ki, gk.to(acc))
+                dv[b, p.ks].index_add_(1, ki, gv.to(acc))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -253,26 +264,26 @@ def _key_slice(kidx: torch.Tensor):
     return slice(lo, lo + n) if int(kidx[-1]) - lo + 1 == n else kidx
 
 
-def _generic_tiles(mask: MaskSpec, block: int, b: int, tq: int):
+def _generic_tiles(mask: MaskSpec, block: int, b: int, tq: int, n_heads: int):
     """The fixed-size block plan (``active_blocks``) of batch row b: (query slice, key slice or
     indices, allowed mask [tq, tk] or None when every pair is allowed) per non-empty tile."""
     for iq, kidx in enumerate(active_blocks(mask, block, block)[b]):
         if kidx.numel() == 0:
             continue
         qs = slice(iq * block, min(tq, (iq + 1) * block))
-        allowed = mask.allowed(qs, kidx, b)
+        allowed = mask.allowed(qs, kidx, b, n_heads)
         yield qs, _key_slice(kidx), None if bool(allowed.all()) else allowed
 
 
 def _generic_forward(qa, ka, va, mask, scale, block, b, o, lse):
     """Fixed-size block plan for batch row b, writing into o and lse."""
-    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1]):
+    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1], qa.shape[2]):
         o[b, qs], lse[b, :, qs] = _tile_forward(qa[b, qs], ka[b, ks], va[b, ks], allowed, scale)
 
 
 def _generic_backward(doa, qa, ka, va, lse, delta, mask, scale, block, b, dq, dk, dv):
     """Backward of ``_generic_forward`` for batch row b, accumulating into dq, dk, dv."""
-    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1]):
+    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1], qa.shape[2]):
         gq, gk, gv = _tile_backward(
             qa[b, qs],
             ka[b, ks],

@@ -1,5 +1,6 @@
-"""Naive dense reference for softmax attention: materialises the full [B, H, Tq, Tk] mask and
-runs through autograd. The tests compare every kernel path and every CP strategy to it.
+"""Naive dense reference for softmax attention: materialises the full [B, H, Tq, Tk] mask (from
+the slices, token by token: ``MaskSpec.allowed``) and runs through autograd. The tests compare
+every kernel path and every CP strategy to it.
 
 Shapes: q [B, Tq, H, D], k, v [B, Tk, Hkv, D] -> (o [B, Tq, H, D], lse [B, H, Tq]).
 """
@@ -22,7 +23,9 @@ def attention_ref(q, k, v, mask: MaskSpec, scale: float | None = None):
     vv = v.repeat_interleave(groups, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
     kidx = torch.arange(k.shape[1])
-    allowed = torch.stack([mask.allowed(slice(None), kidx, b) for b in range(bsz)])[:, None]  # [B, 1, Tq, Tk]
+    allowed = torch.stack([mask.allowed(slice(None), kidx, b, h) for b in range(bsz)])
+    if allowed.dim() == 3:  # the same for every head
+        allowed = allowed[:, None]  # [B, 1 or H, Tq, Tk]
     if mask.pattern is not None:  # per query head: the pattern of its kv head
         heads = [
             torch.stack([mask.pattern_allowed(slice(None), kidx, mask.global_head(hq // groups), b) for hq in range(h)])

@@ -6,19 +6,25 @@ Shapes (one layout everywhere):
     q_doc    [B, Tq] int64       document id of each query (packed sequences)
     k_doc    [B, Tk] int64       document id of each key
 
-A query at position i may see a key at position j iff they share a document, and
-``j <= i`` when causal, and ``i - j < window`` (``|i - j| < window`` when not causal)
-when a sliding window is set. Because positions are explicit, a Q chunk can meet a K
-chunk from anywhere in the sequence (ring steps, zigzag halves, all-gathered K/V).
+The mask is a set of slices over the global row (slices.py: rectangles of row positions cut
+by at most two diagonals, MagiAttention's full / causal / inv_causal / bi_causal, optionally
+per head). A ``MaskSpec`` is the view of one (Q chunk, K chunk) pair: explicit positions on
+both sides (so a Q chunk can meet a K chunk from anywhere in the sequence: ring steps, zigzag
+halves, all-gathered K/V) and either a global ``SliceMask`` (``slices``, any builder) or the
+packed-documents builder's compact inputs: a query at position i may see a key at position j
+iff they share a document, and ``j <= i`` when causal, and ``i - j < window`` (``|i - j| <
+window`` when not causal) when a sliding window is set; ``row_slices`` turns those into the
+slices of the chunk pair (one per same-document pair of runs), so the kernel sees slices only.
 
-Span plan (per batch row, ``span_plan``): queries and keys split into runs of consecutive
-positions inside one document; each same-document (query run, key run) pair becomes at most
-two pieces, so packed documents compute only their own blocks:
-    "full"    every pair allowed (keys wholly before the queries, or not causal)
-    "causal"  the diagonal part, key j <= query i, both sides starting at the same position
-    "band"    anything a sliding window cuts: a tile loop over ``block`` queries whose keys
-              are clipped to the band and masked only in tiles the band cuts
-Positions that break into very many runs (more than ``MAX_PIECES`` pairs) use the generic
+Span plan (per batch row, ``span_plan``): every slice is cut by the runs of consecutive
+positions of the queries and of the keys; each non-empty cut, shrunk to the rows and columns
+that hold an allowed pair (``Slice.clip``), becomes at most two pieces:
+    "full"    every pair allowed
+    "causal"  top-left aligned diagonal: key k allowed iff k - k0 <= q - q0 (the fused op's)
+    "band"    anything else (windows, inv_causal, bi_causal): a tile loop over ``block``
+              queries whose keys are clipped to the band and masked only in tiles it cuts
+so the work is the slices' area (plus at most one block-wide triangle per band tile).
+Positions that break into very many runs (more than ``MAX_PIECES`` pieces) use the generic
 fixed-block plan (``active_blocks``).
 
 Tile plan (``tile_plan``, masks with a per-head block pattern, S2): queries and keys split into
@@ -30,10 +36,12 @@ against only the key tiles the pattern and the mask leave non-empty, exactly
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
 
+from models.ops.attention.slices import Slice, SliceMask, pairs
 from models.ops.common import run_starts
 
 DEFAULT_BLOCK = 256
@@ -43,17 +51,22 @@ MAX_PIECES = 4096  # more (query run, key run) pairs than this: use the generic 
 @dataclass(frozen=True)
 class MaskSpec:
     """Index metadata for one (Q chunk, K chunk) pair; see the module docstring.
-    ``pattern``: optional per-KV-head block pattern (S2Pattern, BlockLayout); ``kv_heads``:
-    the global KV head of each local one (None: local = global, 0..Hkv-1)."""
+    ``slices``: the global mask (a ``SliceMask``); None: packed documents (q_doc, k_doc,
+    causal, window). ``pattern``: optional per-KV-head block pattern (S2Pattern, BlockLayout);
+    ``kv_heads``: the global KV head of each local one (None: local = global, 0..Hkv-1);
+    ``q_heads``: the global query head of each local one (head-sharded strategies; None:
+    local = global), for slices restricted to some heads."""
 
     q_pos: torch.Tensor
     k_pos: torch.Tensor
-    q_doc: torch.Tensor
-    k_doc: torch.Tensor
+    q_doc: torch.Tensor | None = None
+    k_doc: torch.Tensor | None = None
     causal: bool = True
     window: int | None = None
     pattern: object | None = None
     kv_heads: tuple[int, ...] | None = None
+    slices: SliceMask | None = None
+    q_heads: tuple[int, ...] | None = None
 
     def global_head(self, local: int) -> int:
         return local if self.kv_heads is None else self.kv_heads[local]
@@ -66,17 +79,67 @@ class MaskSpec:
         kb = self.pattern.blocks(self.k_pos[kidx], self.k_doc[b : b + 1, kidx], row)[0]
         return self.pattern.active(qb[:, None], kb[None, :], head)
 
-    def allowed(self, qs: slice, kidx: torch.Tensor, b: int) -> torch.Tensor:
-        """Boolean mask [tq, tk] for queries ``qs`` and key indices ``kidx`` of row b."""
+    def row_slices(self, b: int) -> tuple[Slice, ...]:
+        """The slices of batch row b that this chunk pair may meet (the documents builder's,
+        cut to the same-document pairs of runs, when the mask is given by documents)."""
+        if self.slices is not None:
+            return self.slices.row(b)
+        return doc_slices(self.q_pos, self.k_pos, self.q_doc[b], self.k_doc[b], self.causal, self.window)
+
+    def head_slices(self) -> bool:
+        """Whether some slice applies to only some heads."""
+        return self.slices is not None and any(s.heads is not None for row in self.slices.rows for s in row)
+
+    def local_heads(self, heads: tuple[int, ...] | None, n_heads: int) -> tuple[int, ...] | None:
+        """Local query heads (of ``n_heads``) a slice restricted to global ``heads`` applies to;
+        None: all of them."""
+        if heads is None:
+            return None
+        glob = range(n_heads) if self.q_heads is None else self.q_heads
+        local = tuple(i for i, g in enumerate(glob) if g in heads)
+        return None if len(local) == n_heads else local
+
+    def allowed(self, qs: slice, kidx: torch.Tensor, b: int, n_heads: int | None = None) -> torch.Tensor:
+        """Boolean mask [tq, tk] for queries ``qs`` and key indices ``kidx`` of row b ([H, tq, tk]
+        with ``n_heads`` when some slice applies to only some heads)."""
         qp = self.q_pos[qs][:, None]
         kp = self.k_pos[kidx][None, :]
-        m = self.q_doc[b, qs][:, None] == self.k_doc[b, kidx][None, :]
-        if self.causal:
-            m = m & (kp <= qp)
-        if self.window is not None:
-            diff = qp - kp if self.causal else (qp - kp).abs()
-            m = m & (diff < self.window)
+        if self.slices is None:
+            m = self.q_doc[b, qs][:, None] == self.k_doc[b, kidx][None, :]
+            if self.causal:
+                m = m & (kp <= qp)
+            if self.window is not None:
+                diff = qp - kp if self.causal else (qp - kp).abs()
+                m = m & (diff < self.window)
+            return m
+        per_head = self.head_slices()
+        if per_head and n_heads is None:
+            raise ValueError("this mask has slices for some heads only: pass n_heads")
+        m = torch.zeros(*((n_heads,) if per_head else ()), qp.shape[0], kp.shape[1], dtype=torch.bool)
+        for s in self.slices.row(b):
+            a = s.allowed(qp[:, 0], kp[0])
+            if not per_head:
+                m |= a
+                continue
+            heads = self.local_heads(s.heads, n_heads)
+            if heads is None:
+                m |= a
+            elif heads:
+                m[list(heads)] |= a
         return m
+
+
+def doc_slices(q_pos, k_pos, q_doc, k_doc, causal: bool, window: int | None) -> tuple[Slice, ...]:
+    """The packed-documents builder on one chunk pair: one slice per (query run, key run) of the
+    same document (runs of consecutive positions, q_doc / k_doc [T] of one row), bounded by the
+    causal (k - q <= 0) and window (k - q > -window; < window when not causal) diagonals."""
+    lo = None if window is None else -(window - 1)
+    hi = 0 if causal else (None if window is None else window - 1)
+    by_doc: dict[int, list] = {}
+    for _, kl, kp, kd in _runs(k_pos, k_doc):
+        by_doc.setdefault(kd, []).append((kp, kl))
+    q_runs = _runs(q_pos, q_doc)
+    return tuple(Slice(qp, qp + ql, kp, kp + kl, lo, hi) for _, ql, qp, qd in q_runs for kp, kl in by_doc.get(qd, ()))
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, window: int | None) -> None:
@@ -89,6 +152,30 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, window: int | None) -> None:
             f"q has {q.shape[2]} heads, not a multiple of the {k.shape[2]} k/v heads: "
             "model.n_heads must be divisible by model.n_kv_heads"
         )
+
+
+def check_mask(mask, q: torch.Tensor, batch: int, seq_len: int, causal: bool = True, window: int | None = None):
+    """A ``SliceMask`` given to softmax attention (``model.mask``) fits the batch: its rows, row
+    length and heads, no overlapping slices, and no causal / window setting beside it (the slices
+    say both). Checked once per mask object (before any collective)."""
+    if not isinstance(mask, SliceMask):
+        raise ValueError(f"mask must be a SliceMask (models/ops/attention/slices.py), got {type(mask).__name__}")
+    if window is not None:
+        raise ValueError(
+            f"model.sliding_window={window} cannot be combined with model.mask={mask.name}: "
+            "build the window into the mask (mask builder sliding_window or global_sliding_window)"
+        )
+    if not causal:
+        raise ValueError(f"causal=False beside model.mask={mask.name}: the mask's slices decide what is causal")
+    if mask.seq_len != seq_len:
+        raise ValueError(
+            f"model.mask={mask.name} covers rows of {mask.seq_len} tokens but the batch rows hold {seq_len} "
+            "(data.seq_len): build the mask for the batch's row length"
+        )
+    key = (batch, q.shape[2])
+    if getattr(mask, "_checked", None) != key:
+        mask.check(batch, q.shape[2])
+        object.__setattr__(mask, "_checked", key)  # frozen: a cache, not part of the value
 
 
 def _block_bounds(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +193,12 @@ def _block_bounds(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
 
 def block_candidates(mask: MaskSpec, block_q: int, block_k: int) -> torch.Tensor:
     """[B, nq, nk] bool: may query block i and key block j of row b hold an allowed pair?
-    A conservative test on per-block position and document bounds (never a false 'no')."""
+    A conservative test on per-block position and document bounds (never a false 'no'); with
+    a ``SliceMask``, on the slices the block bounds meet."""
     qlo, qhi = _block_bounds(mask.q_pos, block_q)  # [nq]
     klo, khi = _block_bounds(mask.k_pos, block_k)  # [nk]
+    if mask.slices is not None:
+        return torch.stack([_slice_candidates(mask.slices.row(b), qlo, qhi, klo, khi) for b in range(_rows(mask))])
     qdlo, qdhi = _block_bounds(mask.q_doc, block_q)  # [B, nq]
     kdlo, kdhi = _block_bounds(mask.k_doc, block_k)  # [B, nk]
     ok = torch.ones(qlo.shape[0], klo.shape[0], dtype=torch.bool)
@@ -122,12 +212,40 @@ def block_candidates(mask: MaskSpec, block_q: int, block_k: int) -> torch.Tensor
     return ok[None] & docs
 
 
+def _rows(mask: MaskSpec) -> int:
+    """Batch rows the mask describes (a shared SliceMask row counts as one)."""
+    return mask.q_doc.shape[0] if mask.q_doc is not None else len(mask.slices.rows)
+
+
+def _slice_candidates(row, qlo, qhi, klo, khi) -> torch.Tensor:
+    """[nq, nk] bool: some slice of ``row`` may hold a pair of query block i (positions within
+    [qlo, qhi]) and key block j ([klo, khi])."""
+    ok = torch.zeros(qlo.shape[0], klo.shape[0], dtype=torch.bool)
+    for s in row:
+        qa, qb = qlo.clamp(min=s.q0)[:, None], qhi.clamp(max=s.q1 - 1)[:, None]
+        ka, kb = klo.clamp(min=s.k0)[None, :], khi.clamp(max=s.k1 - 1)[None, :]
+        m = (qa <= qb) & (ka <= kb)
+        if s.lo is not None:
+            m &= kb - qa >= s.lo
+        if s.hi is not None:
+            m &= ka - qb <= s.hi
+        ok |= m
+    return ok
+
+
 def may_attend(mask: MaskSpec, block: int, n_kv: int = 1) -> bool:
     """False only if no (query, key) pair of the whole (Q, K) pair is allowed (for any of the
-    ``n_kv`` local KV heads when the mask has a per-head pattern)."""
+    ``n_kv`` local KV heads when the mask has a per-head pattern). Exact for masks without a
+    pattern whose span plan exists (a slice that touches the pair gives a non-empty piece)."""
     if mask.pattern is not None:
         return bool(tile_candidates(mask, block, n_kv)[1].any())
-    return bool(block_candidates(mask, block, block).any())
+    for b in range(_rows(mask)):
+        plan = span_plan(mask, b)
+        if plan is None:
+            return bool(block_candidates(mask, block, block).any())
+        if plan:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -302,12 +420,13 @@ def active_blocks(mask: MaskSpec, block_q: int, block_k: int) -> list[list[torch
 @dataclass(frozen=True)
 class Piece:
     """One rectangle of a row's plan: queries ``qs`` against keys ``ks`` (slices of the
-    tensor index), inside one document, where both sides are runs of consecutive positions
-    starting at ``q0`` / ``k0``. form:
+    tensor index), both runs of consecutive positions starting at ``q0`` / ``k0``, where key
+    position k is allowed for query position q iff ``lo <= k - q <= hi`` (None: unbounded), for
+    local query heads ``heads`` (None: all). form:
         "full"    every pair is allowed
-        "causal"  key j allowed iff j <= i, with q0 == k0 (a diagonal square or a taller
-                  rectangle: top-left aligned, every query sees at least one key)
-        "band"    the mask's causal / window rule, evaluated per tile from positions
+        "causal"  key k allowed iff k - k0 <= q - q0 (hi = k0 - q0, no lo): top-left aligned,
+                  a diagonal square or a taller rectangle, every query sees at least one key
+        "band"    anything else, evaluated per tile from positions
     """
 
     qs: slice
@@ -315,72 +434,146 @@ class Piece:
     q0: int
     k0: int
     form: str
+    lo: int | None = None
+    hi: int | None = None
+    heads: tuple[int, ...] | None = None
+
+    def area(self) -> int:
+        """Allowed (query, key) pairs of the piece (per head)."""
+        return pairs(
+            self.q0,
+            self.q0 + self.qs.stop - self.qs.start,
+            self.k0,
+            self.k0 + self.ks.stop - self.ks.start,
+            self.lo,
+            self.hi,
+        )
 
 
-def _runs(pos: torch.Tensor, doc: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """Maximal runs of consecutive positions inside one document: (start, length, first
-    position, doc id) for pos [T], doc [T]."""
+def _runs(pos: torch.Tensor, doc: torch.Tensor | None = None) -> list[tuple[int, int, int, int]]:
+    """Maximal runs of consecutive positions (inside one document when ``doc`` [T] is given):
+    (start, length, first position, doc id or 0) for pos [T]."""
     t = pos.shape[0]
     if t == 0:
         return []
     starts = run_starts(pos, doc)
     lengths = torch.diff(starts, append=starts.new_tensor([t]))
-    return list(zip(starts.tolist(), lengths.tolist(), pos[starts].tolist(), doc[starts].tolist()))
+    docs = doc[starts].tolist() if doc is not None else [0] * len(starts)
+    return list(zip(starts.tolist(), lengths.tolist(), pos[starts].tolist(), docs))
 
 
-def _pair_pieces(qr, kr, causal: bool, window: int | None) -> list[Piece]:
-    """Pieces of one (query run, key run) pair of the same document; [] if nothing is allowed."""
-    qs, ql, qp, _ = qr
-    ks, kl, kp, _ = kr
-    qhi, khi = qp + ql - 1, kp + kl - 1
-    if causal and kp > qhi:
-        return []
-    whole = Piece(slice(qs, qs + ql), slice(ks, ks + kl), qp, kp, "full")
-    if window is not None:
-        near = max(0, qp - khi) if causal else max(0, qp - khi, kp - qhi)
-        far = qhi - kp if causal else max(qhi - kp, khi - qp)
-        if near >= window:
-            return []
-        if far < window and (khi <= qp or not causal):
-            return [whole]
-        return [Piece(whole.qs, whole.ks, qp, kp, "band")]
-    if not causal:
-        return [whole]
-    pieces = []
-    if kp < qp:  # keys before the first query: every query sees them
-        n = min(khi, qp - 1) - kp + 1
-        pieces.append(Piece(whole.qs, slice(ks, ks + n), qp, kp, "full"))
-    a = max(kp, qp)  # the diagonal part starts at position a on both sides
-    if a <= min(khi, qhi):
-        tk = min(khi, qhi) - a + 1
-        pieces.append(Piece(slice(qs + a - qp, qs + ql), slice(ks + a - kp, ks + a - kp + tk), a, a, "causal"))
+def _meeting(runs, lo: int, hi: int, firsts: list[int]):
+    """The runs (sorted by first position, ``firsts``) that meet positions [lo, hi)."""
+    i = max(0, bisect.bisect_right(firsts, lo) - 1)
+    while i < len(runs) and runs[i][2] < hi:
+        if runs[i][2] + runs[i][1] > lo:
+            yield runs[i]
+        i += 1
+
+
+def _cut_pieces(t: Slice, qr, kr, heads) -> list[Piece]:
+    """Pieces of slice ``t`` (already clipped to the query run ``qr`` x key run ``kr``, tight)."""
+    qs = slice(qr[0] + t.q0 - qr[2], qr[0] + t.q1 - qr[2])
+    ks = slice(kr[0] + t.k0 - kr[2], kr[0] + t.k1 - kr[2])
+    lo_cuts = t.lo is not None and t.k0 - (t.q1 - 1) < t.lo
+    hi_cuts = t.hi is not None and t.k1 - 1 - t.q0 > t.hi
+    if lo_cuts:
+        return [Piece(qs, ks, t.q0, t.k0, "band", t.lo, t.hi, heads)]
+    if not hi_cuts and not (t.hi is not None and t.hi == t.k0 - t.q0):  # (a 1 x 1 diagonal stays causal)
+        return [Piece(qs, ks, t.q0, t.k0, "full", None, None, heads)]
+    a = t.q0 + t.hi  # first key position on the diagonal of the first query (>= k0: tight)
+    diag = Piece(slice(qs.start, qs.stop), slice(ks.start + a - t.k0, ks.stop), t.q0, a, "causal", None, t.hi, heads)
+    if a == t.k0:
+        return [diag]
+    return [Piece(qs, slice(ks.start, ks.start + a - t.k0), t.q0, t.k0, "full", None, None, heads), diag]
+
+
+def span_plan(mask: MaskSpec, b: int, n_heads: int | None = None) -> list[Piece] | None:
+    """The pieces that cover every allowed pair of batch row b exactly once, or None when the
+    positions break into so many runs that the generic block plan is cheaper. ``n_heads``:
+    local query heads (needed when slices apply to some heads only; None keeps every slice,
+    with its global heads, which is enough to tell whether a pair of chunks meets)."""
+    pieces: list[Piece] = []
+    for s, qr, kr in _slice_runs(mask, b):
+        heads = s.heads if n_heads is None else mask.local_heads(s.heads, n_heads)
+        if heads == ():
+            continue
+        t = s.clip(qr[2], qr[2] + qr[1], kr[2], kr[2] + kr[1])
+        if t is not None:
+            pieces += _cut_pieces(t, qr, kr, heads)
+        if len(pieces) > MAX_PIECES:
+            return None
     return pieces
 
 
-def span_plan(mask: MaskSpec, b: int) -> list[Piece] | None:
-    """The pieces that cover every allowed pair of batch row b exactly once, or None when the
-    positions break into so many runs that the generic block plan is cheaper."""
-    qruns = _runs(mask.q_pos, mask.q_doc[b])
-    kruns = _runs(mask.k_pos, mask.k_doc[b])
-    by_doc: dict[int, list] = {}
-    for r in kruns:
-        by_doc.setdefault(r[3], []).append(r)
-    if sum(len(by_doc.get(r[3], ())) for r in qruns) > MAX_PIECES:
-        return None
-    return [p for qr in qruns for kr in by_doc.get(qr[3], ()) for p in _pair_pieces(qr, kr, mask.causal, mask.window)]
+def _slice_runs(mask: MaskSpec, b: int):
+    """(slice, query run, key run) for every run pair a slice of row b meets. A SliceMask's
+    positions are unique in a row (runs sorted by position never overlap); the documents
+    builder's slices are tied to their own same-document run pair (positions may repeat across
+    documents, e.g. CAD's calls over several batch rows)."""
+    if mask.slices is None:
+        lo = None if mask.window is None else -(mask.window - 1)
+        hi = 0 if mask.causal else (None if mask.window is None else mask.window - 1)
+        by_doc: dict[int, list] = {}
+        for kr in _runs(mask.k_pos, mask.k_doc[b]):
+            by_doc.setdefault(kr[3], []).append(kr)
+        for qr in _runs(mask.q_pos, mask.q_doc[b]):
+            for kr in by_doc.get(qr[3], ()):
+                yield Slice(qr[2], qr[2] + qr[1], kr[2], kr[2] + kr[1], lo, hi), qr, kr
+        return
+    qruns = sorted(_runs(mask.q_pos), key=lambda r: r[2])
+    kruns = sorted(_runs(mask.k_pos), key=lambda r: r[2])
+    qfirst, kfirst = [r[2] for r in qruns], [r[2] for r in kruns]
+    for s in mask.slices.row(b):
+        for qr in _meeting(qruns, s.q0, s.q1, qfirst):
+            for kr in _meeting(kruns, s.k0, s.k1, kfirst):
+                yield s, qr, kr
 
 
-def _span_pairs(mask: MaskSpec, block: int = DEFAULT_BLOCK) -> int:
-    """Number of (query, key) pairs the kernel computes for an unpatterned ``mask`` (all rows)."""
+def band_tiles(p: Piece, block: int):
+    """Tiles of a piece for the tile loop: (query slice, key slice, allowed [tq, tk] or None),
+    slices relative to the piece. Keys are clipped to each tile's band; masks only where cut."""
+    tq, tk = p.qs.stop - p.qs.start, p.ks.stop - p.ks.start
+    for t0 in range(0, tq, block):
+        t1 = min(tq, t0 + block)
+        if p.form == "full":
+            yield slice(t0, t1), slice(0, tk), None
+            continue
+        lo_i, hi_i = p.q0 + t0, p.q0 + t1 - 1  # the tile's query positions
+        lo = p.k0 if p.lo is None else max(p.k0, lo_i + p.lo)
+        hi = p.k0 + tk - 1 if p.hi is None else min(p.k0 + tk - 1, hi_i + p.hi)
+        if lo > hi:
+            continue
+        cut = (p.lo is not None and lo - hi_i < p.lo) or (p.hi is not None and hi - lo_i > p.hi)
+        allowed = None
+        if cut:
+            d = torch.arange(lo, hi + 1)[None, :] - torch.arange(lo_i, hi_i + 1)[:, None]
+            allowed = torch.ones(d.shape, dtype=torch.bool)
+            if p.lo is not None:
+                allowed &= d >= p.lo
+            if p.hi is not None:
+                allowed &= d <= p.hi
+        yield slice(t0, t1), slice(lo - p.k0, hi - p.k0 + 1), allowed
+
+
+def piece_work(p: Piece, block: int) -> int:
+    """(query, key) score entries the kernel computes for a piece (per head): the area of full
+    and causal pieces (the fused op skips the blocks above its diagonal), the tiles of a band."""
+    if p.form != "band":
+        return p.area()
+    return sum((rs.stop - rs.start) * (ks.stop - ks.start) for rs, ks, _ in band_tiles(p, block))
+
+
+def _span_pairs(mask: MaskSpec, block: int = DEFAULT_BLOCK, n_heads: int = 1) -> int:
+    """(query head, query, key) entries the kernel computes for an unpatterned ``mask`` (all rows)."""
     total = 0
-    for b in range(mask.q_doc.shape[0]):
-        plan = span_plan(mask, b)
+    for b in range(_rows(mask)):
+        plan = span_plan(mask, b, n_heads if mask.head_slices() else None)
         if plan is None:
-            total += sum(len(kidx) * block for kidx in active_blocks(mask, block, block)[b])
+            total += sum(len(kidx) * block for kidx in active_blocks(mask, block, block)[b]) * n_heads
             continue
         for p in plan:
-            tq, tk = p.qs.stop - p.qs.start, p.ks.stop - p.ks.start
-            total += tq * (tk + 1) // 2 if p.form == "causal" and tq == tk else tq * tk
+            total += piece_work(p, block) * (n_heads if p.heads is None else len(p.heads))
     return total
 
 
@@ -397,4 +590,4 @@ def planned_pairs(mask: MaskSpec, block: int = DEFAULT_BLOCK, n_heads: int = 1, 
     every active tile pair whole."""
     if patterned(mask):
         return _pattern_pairs(mask, n_heads, n_kv)
-    return _span_pairs(mask, block) * n_heads
+    return _span_pairs(mask, block, n_heads)
