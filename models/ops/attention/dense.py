@@ -253,26 +253,29 @@ def _key_slice(kidx: torch.Tensor):
     return slice(lo, lo + n) if int(kidx[-1]) - lo + 1 == n else kidx
 
 
-def _generic_tiles(mask: MaskSpec, block: int, b: int, tq: int):
+def _generic_tiles(mask: MaskSpec, block: int, b: int, tq: int, device):
     """The fixed-size block plan (``active_blocks``) of batch row b: (query slice, key slice or
     indices, allowed mask [tq, tk] or None when every pair is allowed) per non-empty tile."""
     for iq, kidx in enumerate(active_blocks(mask, block, block)[b]):
         if kidx.numel() == 0:
             continue
         qs = slice(iq * block, min(tq, (iq + 1) * block))
-        allowed = mask.allowed(qs, kidx, b)
-        yield qs, _key_slice(kidx), None if bool(allowed.all()) else allowed
+        allowed = mask.allowed(qs, kidx, b)  # on the mask's (CPU) device, like kidx
+        ks = _key_slice(kidx)
+        if not isinstance(ks, slice):
+            ks = ks.to(device)  # index_add_ in backward needs the index on the gradient's device
+        yield qs, ks, None if bool(allowed.all()) else allowed.to(device)
 
 
 def _generic_forward(qa, ka, va, mask, scale, block, b, o, lse):
     """Fixed-size block plan for batch row b, writing into o and lse."""
-    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1]):
+    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1], qa.device):
         o[b, qs], lse[b, :, qs] = _tile_forward(qa[b, qs], ka[b, ks], va[b, ks], allowed, scale)
 
 
 def _generic_backward(doa, qa, ka, va, lse, delta, mask, scale, block, b, dq, dk, dv):
     """Backward of ``_generic_forward`` for batch row b, accumulating into dq, dk, dv."""
-    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1]):
+    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1], qa.device):
         gq, gk, gv = _tile_backward(
             qa[b, qs],
             ka[b, ks],

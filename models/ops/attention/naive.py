@@ -26,7 +26,7 @@ def attention_ref(q, k, v, mask: MaskSpec, scale: float | None = None):
     if mask.pattern is not None:  # per query head: the pattern of its kv head
         heads = [mask.pattern_allowed(slice(None), kidx, mask.global_head(hq // groups)) for hq in range(h)]
         allowed = allowed & torch.stack(heads)[None]  # [B, H, Tq, Tk]
-    s = s.masked_fill(~allowed, -math.inf)
+    s = s.masked_fill(~allowed.to(s.device), -math.inf)  # the mask is built from CPU positions
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
