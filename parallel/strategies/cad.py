@@ -46,6 +46,14 @@ from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
 log = logging.getLogger(__name__)
 
 
+def _clock(x: torch.Tensor, timing: dict) -> float:
+    """The wall clock for ``timing``; with ``timing["cuda_sync"]`` (bench/cad_overlap.py) the
+    device is synchronised first: on NCCL ``wait()`` and kernels return once launched."""
+    if timing.get("cuda_sync") and x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
+
+
 class _Pending:
     """An uneven all-to-all in flight: ``wait()`` -> its 1-D receive buffer cut per source."""
 
@@ -56,9 +64,9 @@ class _Pending:
         self.work = comm.all_to_all_uneven(self.recv, buf, recv_sizes, [t.numel() for t in send], group)
 
     def wait(self) -> list[torch.Tensor]:
-        t0 = time.perf_counter()
+        t0 = _clock(self.recv, self.timing)
         self.work.wait()
-        self.timing["wait_s"] += time.perf_counter() - t0
+        self.timing["wait_s"] += _clock(self.recv, self.timing) - t0
         return list(self.recv.split(self.sizes))
 
 
@@ -113,12 +121,12 @@ def cad_forward(q, k, v, routes: list[Route], group, rank, scale, block, timing)
         _fill(qd, r.q_slots, [x[0] for x in parts])
         _fill(kvd, r.kv_slots, [x[1] for x in parts])
         qd, kvd = qd.view(1, r.tq, h, d), kvd.view(1, r.tk, 2 * hk, d)
-        t0 = time.perf_counter()
+        t0 = _clock(qf, timing)
         od, lse = qd.clone(), qd.new_zeros(1, h, 0)
         if r.groups:
             outs = [_group_forward(qd[:, qa:qb], kvd, hk, chunks, scale, block) for qa, qb, chunks in r.groups]
             od, lse = torch.cat([x[0] for x in outs], dim=1), torch.cat([x[1] for x in outs], dim=2)
-        timing["compute_s"] += time.perf_counter() - t0
+        timing["compute_s"] += _clock(qf, timing) - t0
         saved.append((qd, kvd, od, lse))
         of = od.view(r.tq, h * d)
         send = [of[sl] if s != rank else of[:0] for s, sl in enumerate(r.q_slots)]
@@ -151,7 +159,7 @@ def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing)
         parts[rank] = dof[r.q_self]
         dod = dof.new_empty(r.tq, h * d)
         _fill(dod, r.q_slots, [x.reshape(-1, h * d) for x in parts])
-        t0 = time.perf_counter()
+        t0 = _clock(dof, timing)
         dod = dod.view(1, r.tq, h, d)
         dqd = torch.zeros(qd.shape, dtype=acc, device=qd.device)
         dkvd = torch.zeros(kvd.shape, dtype=acc, device=qd.device)
@@ -163,7 +171,7 @@ def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing)
                 dqd[:, qa:qb] += dq_g
                 dkvd[:, ka:kb, :hk] += dk_g
                 dkvd[:, ka:kb, hk:] += dv_g
-        timing["compute_s"] += time.perf_counter() - t0
+        timing["compute_s"] += _clock(dof, timing) - t0
         dqf, dkvf = dqd.reshape(r.tq, h * d).to(do.dtype), dkvd.reshape(r.tk, 2 * hk * d).to(do.dtype)
         send = [
             torch.cat([dqf[a].reshape(-1), dkvf[b].reshape(-1)]) if s != rank else dqf[:0].reshape(-1)
