@@ -85,3 +85,86 @@ def test_generic_block_plan_on_cuda(monkeypatch):
     mask = MaskSpec(mask.q_pos, mask.k_pos[perm], mask.q_doc, mask.k_doc[:, perm], True, None)
     assert plan.span_plan(mask, 0) is None
     _same_on_cuda(q, k[:, perm], v[:, perm], mask, block=8)
+
+
+# ----------------------------------------------------------------------------- flash-attn dispatch
+@pytest.mark.parametrize(
+    "d,capability,dtype,ok",
+    [
+        (64, (9, 0), torch.bfloat16, True),
+        (256, (8, 0), torch.float16, True),
+        (512, (9, 0), torch.bfloat16, False),  # head dim > 256: PyTorch path, not a flash-attn error
+        (60, (9, 0), torch.bfloat16, False),  # not a multiple of 8
+        (64, (7, 5), torch.bfloat16, False),  # Turing: no flash-attn 2
+        (64, (9, 0), torch.float32, False),
+    ],
+)
+def test_flash_dispatch_checks_head_dim_and_capability(d, capability, dtype, ok, monkeypatch):
+    from models.ops import flash
+
+    monkeypatch.setattr(flash, "_capability", lambda index: capability)
+    _, _, _, mask = _inputs(1, 16, 2, 2, 8, torch.tensor([0, 16]))
+    with fake_cuda():
+        q = torch.zeros(1, 16, 2, d, device="cuda", dtype=dtype)
+        assert flash.applicable(q, mask) is ok
+
+
+def test_flash_varlen_call_reads_nothing_back(monkeypatch):
+    """cu_seqlens and max_seqlen come from the mask's host-side document ids: no device nonzero
+    and no int() of a device max per layer."""
+    import sys
+    import types
+
+    from models.ops import flash
+
+    seen = {}
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        seen.update(cu=cu_q, max=max_q)
+        return q.clone(), torch.zeros(q.shape[1], q.shape[0], device=q.device), None
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen))
+    q, k, v, mask = _inputs(2, 16, 2, 2, 8, torch.tensor([0, 5, 16, 20, 32]))
+    with fake_cuda(), count_host_syncs() as reads:
+        out, lse = flash.flash_attention(cuda(q.bfloat16()), cuda(k.bfloat16()), cuda(v.bfloat16()), mask, 0.3)
+    assert reads[0] == 0 and out.is_cuda and seen["cu"].is_cuda and seen["max"] == 12
+    assert cpu(seen["cu"]).tolist() == [0, 5, 16, 20, 32]
+
+
+# ----------------------------------------------------------------------------- linear attention
+def _linear_inputs(b, t, h, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, t, h, d, generator=g, dtype=torch.float64) for _ in range(3))
+    gate = -torch.rand(b, t, h, generator=g, dtype=torch.float64)
+    return q, k, v, gate
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_chunk_linear_attention_on_cuda_without_host_syncs(gated):
+    """The chunk op on a CUDA device: same numbers, and the flags its Python control flow reads
+    (any reset, which chunks carry their state) come from the host-side cu_seqlens."""
+    from models.ops.linear_attention import chunk_linear_attention
+
+    q, k, v, gate = _linear_inputs(2, 40, 2, 4)
+    g = gate if gated else None
+    cu = torch.tensor([0, 7, 40, 55, 80])
+    want, s_want = chunk_linear_attention(q, k, v, g, scale=0.5, cu_seqlens=cu, chunk_size=8, output_final_state=True)
+    with fake_cuda(), count_host_syncs() as reads:
+        got, s_got = chunk_linear_attention(
+            cuda(q), cuda(k), cuda(v), None if g is None else cuda(g), scale=0.5, cu_seqlens=cu, chunk_size=8,
+            output_final_state=True, impl="chunk",
+        )  # fmt: skip
+    assert reads[0] == 0
+    assert (cpu(got) - want).abs().max() < 1e-12 and (cpu(s_got) - s_want).abs().max() < 1e-12
+
+
+def test_lasp_intra_op_builds_cu_seqlens_on_the_host():
+    from parallel.strategies.lasp_common import intra_linear_attention
+
+    q, k, v, _ = _linear_inputs(1, 32, 2, 4)
+    resets = torch.zeros(1, 32, dtype=torch.bool)
+    resets[0, [9, 20]] = True
+    want = intra_linear_attention(q, k, v, None, None, 0.5, resets, 8, "chunk")
+    with fake_cuda(), count_host_syncs() as reads:
+        got = intra_linear_attention(cuda(q), cuda(k), cuda(v), None, None, 0.5, resets, 8, "chunk")
+    assert reads[0] == 0 and (cpu(got) - want).abs().max() < 1e-12

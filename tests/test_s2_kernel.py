@@ -187,3 +187,13 @@ def test_flex_mask_mod_matches_reference_on_cpu():
     fin = torch.isfinite(lse_r)
     assert (~fin).any() and torch.equal(fin, torch.isfinite(lse))  # some rows see no key
     assert (o - o_r).abs().max() < 1e-12 and (lse[fin] - lse_r[fin].float()).abs().max() < 1e-5
+
+
+def test_flex_lengths_are_bucketed():
+    """A few compiled shapes per octave of lengths, padding at most a quarter."""
+    from models.ops.flex import FLEX_BLOCK, bucket
+
+    for t in [1, 100, 128, 129, 1000, 4097, 32768, 40000, 131071]:
+        b = bucket(t)
+        assert b >= t and b % FLEX_BLOCK == 0 and (b - t) <= max(FLEX_BLOCK, t // 4)
+    assert len({bucket(t) for t in range(16384, 32769)}) <= 9

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from models.ops.attention import attention_backward, attention_forward
+from models.ops.attention.fused import piece_dtype
 from models.ops.common import acc_dtype, merge_lse
 from parallel import comm
 from parallel.cad_plan import CADPlan, plan_cad
@@ -92,7 +93,7 @@ def _group_forward(qg, kvd, hk, chunks, scale, block):
     if len(chunks) == 1:
         ka, kb, mask = chunks[0]
         return attention_forward(qg, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
-    qa = qg.to(acc_dtype(qg))
+    qa = qg.to(piece_dtype(qg))
     o = lse = None
     for ka, kb, mask in chunks:
         o_i, lse_i = attention_forward(qa, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
@@ -164,9 +165,10 @@ def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing)
         dqd = torch.zeros(qd.shape, dtype=acc, device=qd.device)
         dkvd = torch.zeros(kvd.shape, dtype=acc, device=qd.device)
         for qa, qb, chunks in r.groups:  # key ranges of one document's runs overlap: add
-            qg, dog, og, lg = qd[:, qa:qb].to(acc), dod[:, qa:qb].to(acc), od[:, qa:qb].to(acc), lse[:, :, qa:qb]
+            run = piece_dtype(qd)  # half stays half on CUDA (fused kernel), else fp32 / fp64
+            qg, dog, og, lg = qd[:, qa:qb].to(run), dod[:, qa:qb].to(run), od[:, qa:qb].to(run), lse[:, :, qa:qb]
             for ka, kb, mask in chunks:  # with the merged (o, lse), each chunk's exact share
-                kc, vc = kvd[:, ka:kb, :hk].to(acc), kvd[:, ka:kb, hk:].to(acc)
+                kc, vc = kvd[:, ka:kb, :hk].to(run), kvd[:, ka:kb, hk:].to(run)
                 dq_g, dk_g, dv_g = attention_backward(dog, qg, kc, vc, og, lg, mask, scale, block)
                 dqd[:, qa:qb] += dq_g
                 dkvd[:, ka:kb, :hk] += dk_g

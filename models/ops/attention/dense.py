@@ -6,9 +6,9 @@ Shapes:
     o        [B, Tq, H, D]
     lse      [B, H, Tq]  fp32/fp64, -inf where a query row sees no key
 
-Each row runs its span plan (plan.py): on CPU, "full" and "causal" pieces run in PyTorch's
-fused flash attention (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward:
-fp32/fp64/bf16, natively GQA, top-left causal, natural-log lse), "band" pieces in a tile loop;
+Each row runs its span plan (plan.py): "full" and "causal" pieces run in a fused kernel
+(fused.py: PyTorch's CPU flash attention; on CUDA flash-attn or PyTorch's flash / memory-
+efficient attention; each with a backward from the merged lse), "band" pieces in a tile loop;
 pieces on the same query rows are merged by log-sum-exp. Rows whose positions break into too
 many runs use the generic fixed-block plan. Rows that see no key produce zeros (and lse =
 -inf), never NaN. The kernel computes in fp32 (fp64 for fp64 inputs); half precision inputs
@@ -22,11 +22,9 @@ import math
 
 import torch
 
+from models.ops.attention import fused
 from models.ops.attention.plan import DEFAULT_BLOCK, MaskSpec, Piece, active_blocks, span_plan
 from models.ops.common import acc_dtype, merge_lse
-
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def _tile_forward(qt, kt, vt, allowed, scale):
@@ -102,20 +100,14 @@ def _band_tiles(p: Piece, causal: bool, window: int | None, block: int, device):
 
 
 def _fused(p: Piece, x: torch.Tensor) -> bool:
-    """Whether a piece runs in PyTorch's fused CPU flash attention (dense, no mask)."""
-    return p.form != "band" and x.device.type == "cpu" and _FLASH_CPU is not None
-
-
-def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """[t, H, D] -> [1, H, t, D] view, the layout of the fused op."""
-    return x.transpose(0, 1)[None]
+    """Whether a piece runs in a fused kernel (dense, no mask; fused.py picks it by device)."""
+    return p.form != "band" and fused.supports(x)
 
 
 def _piece_forward(qt, kt, vt, p: Piece, mask: MaskSpec, scale, block):
     """(o [tq, H, D], lse [H, tq]) of one piece: fused op, or the tile loop."""
     if _fused(p, qt):
-        o, lse = _FLASH_CPU(_heads_first(qt), _heads_first(kt), _heads_first(vt), 0.0, p.form == "causal", scale=scale)
-        return o[0].transpose(0, 1), lse[0]
+        return fused.fused_forward(qt, kt, vt, p.form == "causal", scale)
     o = qt.new_zeros(qt.shape)
     lse = qt.new_full((qt.shape[1], qt.shape[0]), -math.inf)
     for rs, ksl, allowed in _band_tiles(p, mask.causal, mask.window, block, qt.device):
@@ -126,18 +118,7 @@ def _piece_forward(qt, kt, vt, p: Piece, mask: MaskSpec, scale, block):
 def _piece_backward(dot, qt, kt, vt, ot, lse_t, delta_t, p: Piece, mask: MaskSpec, scale, block):
     """(dq [tq, H, D], dk, dv [tk, Hkv, D]) of one piece from the merged ot / lse_t."""
     if _fused(p, qt):
-        dq, dk, dv = _FLASH_CPU_BWD(
-            _heads_first(dot),
-            _heads_first(qt),
-            _heads_first(kt),
-            _heads_first(vt),
-            _heads_first(ot),
-            lse_t[None],
-            0.0,
-            p.form == "causal",
-            scale=scale,
-        )
-        return dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1)
+        return fused.fused_backward(dot, qt, kt, vt, ot, lse_t, p.form == "causal", scale)
     dq, dk, dv = torch.zeros_like(qt), torch.zeros_like(kt), torch.zeros_like(vt)
     for rs, ksl, allowed in _band_tiles(p, mask.causal, mask.window, block, qt.device):
         gq, gk, gv = _tile_backward(qt[rs], kt[ksl], vt[ksl], dot[rs], lse_t[:, rs], delta_t[:, rs], allowed, scale)

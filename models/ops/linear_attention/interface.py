@@ -48,7 +48,8 @@ def linear_attention(
 ) -> torch.Tensor:
     """The state restarts at every document start of ``cu_seqlens`` and at every row start."""
     check_impl(impl)
-    cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
     if impl == "naive":
+        cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
         return recurrent_linear_attention_ref(q, k, v, g, gk, scale, cu_seqlens=cu)[0]
-    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size, impl=impl)[0]
+    # cu_seqlens as given (host-side from the batch): the ops move what they need themselves
+    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size, impl=impl)[0]
