@@ -41,6 +41,16 @@ _CROSS_DEVICE_OK = {
 _HOST_READS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
 
 
+_HOST_READ_FUNCS = {
+    torch.Tensor.tolist,
+    torch.Tensor.item,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__bool__,
+    torch.Tensor.__index__,
+}
+
+
 class DeviceMismatch(RuntimeError):
     """A CPU tensor met a CUDA tensor in an op that CUDA rejects."""
 
@@ -76,9 +86,9 @@ class CudaOnCpu(torch.Tensor):
             return _getitem(*args)
         if func is torch.Tensor.__setitem__:
             return _setitem(*args)
-        if func is torch.Tensor.tolist:
+        if func in _HOST_READ_FUNCS:  # the value goes to Python: a device-to-host copy on a GPU
             _count_host_read()
-            return args[0]._data.tolist()
+            return func(args[0]._data, *args[1:], **kwargs)
         if func is torch.Tensor.copy_:  # its Python binding takes a device guard too
             return aten.copy_.default(*args, **kwargs)
         if func is torch.where and len(args) == 3:  # the binding makes CUDA scalar tensors of numbers
