@@ -369,22 +369,28 @@ def _metrics(run_dir):
 
 
 # ----------------------------------------------------------------------------- GPU performance
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _tflops_row(name, fn, n, h, hkv, d, device):
     """TFLOP/s of forward + backward of causal attention at length n (bf16)."""
     inputs64, mask, _ = _case(n, h, hkv, d, device, torch.float64)
     q, k, v, do = (x.to(torch.bfloat16) for x in inputs64)
     del inputs64
+    mask = type(mask)(mask.q_pos, mask.k_pos, mask.q_doc * 0, mask.k_doc * 0, True, None)  # one document
     step = lambda: _grads(lambda a, b, c: fn(a, b, c, mask), q, k, v, do)  # noqa: E731
     step()
-    torch.cuda.synchronize(device)
+    _sync(device)
     reps = 3
     t0 = time.perf_counter()
     for _ in range(reps):
         step()
-    torch.cuda.synchronize(device)
+    _sync(device)
     sec = (time.perf_counter() - t0) / reps
     flops = 3.5 * 4 * n * n / 2 * h * d  # causal fwd (4 n^2 h d / 2) + bwd (2.5x fwd)
-    return {"check": f"perf/{name}/{n}", "status": "info", "tflops": round(flops / sec / 1e12, 1)}
+    return {"check": f"perf/{name}/{n}", "status": "info", "tflops": float(f"{flops / sec / 1e12:.3g}")}
 
 
 def check_perf(device: torch.device, short: bool) -> list[dict]:
@@ -403,40 +409,41 @@ def check_perf(device: torch.device, short: bool) -> list[dict]:
     return rows
 
 
-def _mfu_row(device, n):
-    """One training step of a 1B-class model (llama_1b's shape, 4 layers kept when short of
-    memory) at length n, bf16 autocast: MFU against the device's bf16 peak."""
+def _mfu_row(device, n, cfg=None):
+    """One training step of a 1B-class model (conf/model/llama_1b.yaml's shape, a 32K vocabulary)
+    at length n, bf16 autocast, activation checkpointing, chunked loss: MFU against the device's
+    bf16 peak."""
     from models import ModelConfig, Transformer
     from trainer.metrics import batch_flops, device_peak_flops, matmul_params
 
-    cfg = ModelConfig(vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192)
+    cfg = cfg or ModelConfig(vocab_size=32000, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192)
     row = {"check": f"perf/mfu-1b/{n}", "status": "info"}
     try:
         model = Transformer(cfg).to(device)
         from trainer.parallelize import apply_activation_checkpointing, apply_loss_head
 
         apply_loss_head(model, 4096)
-        apply_activation_checkpointing(model, "full")
+        apply_activation_checkpointing(model)
         ids = torch.randint(0, cfg.vocab_size, (1, n), device=device)
         pos = torch.arange(n, device=device)[None]
 
         def step():
             model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = model(ids, pos, None, labels=ids)
             loss.backward()
 
         step()
-        torch.cuda.synchronize(device)
+        _sync(device)
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize(device)
+        _sync(device)
         sec = time.perf_counter() - t0
         flops = batch_flops(cfg, matmul_params(model), [n])
         peak = device_peak_flops(device, None, "bf16")
-        row.update(seconds=round(sec, 3), tflops=round(flops / sec / 1e12, 1))
+        row.update(seconds=round(sec, 3), tflops=float(f"{flops / sec / 1e12:.3g}"))
         if peak:
-            row["mfu"] = round(flops / sec / peak, 3)
+            row["mfu"] = float(f"{flops / sec / peak:.3g}")
     except Exception as e:  # noqa: BLE001 -- reported, not judged
         row.update(status="skip", detail=str(e).strip().splitlines()[-1][:300])
     return row

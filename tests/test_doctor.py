@@ -38,3 +38,20 @@ def test_precision_warning_only_on_gpu():
     env = {"cuda_available": False}
     assert doctor.precision_warning(env) is None
     assert "trainer.precision=bf16" in doctor.precision_warning({"cuda_available": True})
+
+
+def test_gpu_measurements_run_on_cpu_at_toy_sizes():
+    """The GPU-only rows (TFLOP/s, MFU) are code a CPU machine never runs in the doctor: run them
+    here at toy sizes so they are ready for the first GPU."""
+    import torch
+
+    from models import ModelConfig
+    from models.ops.attention import _Attention
+
+    cpu = torch.device("cpu")
+    kernel = lambda q, k, v, mask: _Attention.apply(q, k, v, mask, None, 64)[0]  # noqa: E731
+    row = doctor._tflops_row("local-kernel", kernel, 128, 2, 1, 16, cpu)
+    assert row["tflops"] > 0
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+    row = doctor._mfu_row(cpu, 64, cfg)
+    assert row["status"] == "info" and row["tflops"] > 0 and 0 < row["mfu"], row
