@@ -168,3 +168,20 @@ def test_lasp_intra_op_builds_cu_seqlens_on_the_host():
     with fake_cuda(), count_host_syncs() as reads:
         got = intra_linear_attention(cuda(q), cuda(k), cuda(v), None, None, 0.5, resets, 8, "chunk")
     assert reads[0] == 0 and (cpu(got) - want).abs().max() < 1e-12
+
+
+def test_cad_routes_move_to_the_device_once_per_plan():
+    """CAD's index tensors go to the GPU once per plan, not in every layer's call."""
+    from parallel.strategies import build_strategy
+
+    strat = build_strategy("cad")
+    moved = []
+
+    class R:
+        def to(self, device):
+            moved.append(device)
+            return self
+
+    routes = [R(), R()]
+    first = strat._routes_on(routes, torch.device("cuda", 0))
+    assert strat._routes_on(routes, torch.device("cuda", 0)) is first and len(moved) == 2

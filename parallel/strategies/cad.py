@@ -238,6 +238,7 @@ class CAD(SoftmaxStrategy):
     def __init__(self, **options):
         super().__init__(**options)  # min_shard, tolerance, ping_pong
         self._cache: dict = {}  # (plan_cad arguments) -> (plan, routes); the newest few
+        self._moved: dict = {}  # (id(routes), device) -> (routes, their copies on the device)
         self.timing = {"wait_s": 0.0, "compute_s": 0.0}  # accumulated, for the overlap measure
 
     def plan(self, ctx, causal=True, window=None, qrow_bytes=2, kvrow_bytes=1) -> CADPlan:
@@ -278,8 +279,18 @@ class CAD(SoftmaxStrategy):
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None):
         plan, routes = self._planned(ctx, causal, window, q.shape[2], 2 * k.shape[2])
         if q.device.type != "cpu":
-            routes = [r.to(q.device) for r in routes]
+            routes = self._routes_on(routes, q.device)
         return CADAttention.apply(q, k, v, routes, ctx.group, ctx.rank, scale, ctx.block, self.timing)
+
+    def _routes_on(self, routes: list[Route], device) -> list[Route]:
+        """The routes' index tensors on ``device``, copied once per plan (not per layer call)."""
+        key = (id(routes), str(device))
+        hit = self._moved.get(key)
+        if hit is None or hit[0] is not routes:  # ids of evicted plans can be reused
+            if len(self._moved) >= 8:
+                self._moved.clear()
+            hit = self._moved[key] = (routes, [r.to(device) for r in routes])
+        return hit[1]
 
     def work_queries(self, ctx, n_heads: int, n_kv_heads: int, *, causal=True, window=None):
         """Flat positions (b * N + p) of the queries this rank computes under the plan of a
