@@ -20,7 +20,8 @@ def test_plain_srun_rendezvous(monkeypatch):
     """Under plain srun (no MASTER_ADDR / MASTER_PORT) every node must derive the same address
     and port from the job, not its own localhost."""
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # recorded first, so what rendezvous_env sets is undone after the test
+        monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[17-18]")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_PROCID", "1")
