@@ -4,7 +4,9 @@ PyTorch / flash-linear-attention references, forward + backward, on one process.
     python -m bench.kernels                                 # CPU defaults, a few minutes
     python -m bench.kernels --seq-lens 2048 4096 8192 16384 --kv-heads 4 2 --repeats 7
 
-Softmax (``models.ops.attention.attention``, fp32, [B, T, H, D] tensors, B = 1) against
+Softmax (``models.ops.attention.attention``, fp32 (--precision bf16: bf16 inputs), [B, T, H, D]
+tensors, B = 1, on --device: CUDA when available; there also ``kernel``, the PyTorch kernel without
+flash-attn's dispatch, and ``flash_attn`` on its own) against
     sdpa         F.scaled_dot_product_attention(is_causal=True); with packed documents, called
                  once per document (outputs concatenated, one backward)
     sdpa_mask    one SDPA call with the dense boolean [T, T] mask (causal, block-diagonal)
@@ -73,6 +75,12 @@ def doc_bounds(n: int, docs: int) -> torch.Tensor:
     return cu.long()
 
 
+def _sync():
+    """Wait for the GPU (kernels return once queued); nothing on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fns: dict, repeats: int) -> dict:
     """Median seconds of each zero-argument callable, timed interleaved after one warm-up."""
     for f in fns.values():
@@ -80,10 +88,19 @@ def timed(fns: dict, repeats: int) -> dict:
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, f in fns.items():
+            _sync()
             t0 = time.perf_counter()
             f()
+            _sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def on_device(args, *xs):
+    """The benchmark's inputs on ``args.device`` in ``args.precision`` (bf16: what the kernels
+    get under CUDA autocast)."""
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    return [x.to(args.device, dtype) for x in xs]
 
 
 def _leaves(*xs):
@@ -101,6 +118,19 @@ def _fwd_bwd(fn, q, k, v, do):
 # ----------------------------------------------------------------------------- softmax
 def _ours(mask, block):
     return lambda q, k, v: attention(q, k, v, mask, None, block)[0]
+
+
+def _kernel(mask, block):
+    """The PyTorch kernel itself (on CUDA ``attention`` hands same-run pairs to flash-attn)."""
+    from models.ops.attention import _Attention
+
+    return lambda q, k, v: _Attention.apply(q, k, v, mask, None, block)[0]
+
+
+def _flash_attn(mask):
+    from models.ops import flash
+
+    return lambda q, k, v: flash.flash_attention(q, k, v, mask, None)[0]
 
 
 def _generic(mask, block):
@@ -144,10 +174,17 @@ def softmax_cells(n, h, hkv, d, mask_kind, args):
     pos = torch.arange(n)
     doc = doc_ids(cu, pos)
     mask = MaskSpec(pos, pos, doc[None], doc[None], True, None)
+    q, k, v, do = on_device(args, q, k, v, do)
     gqa = hkv != h
     impls = {"ours": _ours(mask, args.block), "sdpa": _sdpa(cu, gqa)}
+    if q.is_cuda:  # the kernel without flash-attn's dispatch, and flash-attn on its own
+        from models.ops import flash
+
+        impls["kernel"] = _kernel(mask, args.block)
+        if flash.available() and flash.applicable(q, mask):
+            impls["flash_attn"] = _flash_attn(mask)
     if n <= args.dense_mask_max_len:
-        dense = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])  # [T, T]
+        dense = ((doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])).to(q.device)  # [T, T]
         impls["sdpa_mask"] = _sdpa_mask(dense, gqa)
     if args.generic:
         impls["generic"] = _generic(mask, args.block)
@@ -180,7 +217,7 @@ def linear_cells(n, h, d, decay, args):
     """``decay``: "nodecay" or "scalar" (log-decay g in [-0.1, -0.001], weak enough that states
     carry over many chunks)."""
     g = torch.Generator().manual_seed(1)
-    q, k, v, do = (torch.randn(1, n, h, d, generator=g) for _ in range(4))
+    q, k, v, do = on_device(args, *(torch.randn(1, n, h, d, generator=g) for _ in range(4)))
     scale = d**-0.5
     key = dict(op="linear", mask=decay, seq_len=n, heads=h, kv_heads=h)
     if decay == "nodecay":
@@ -195,7 +232,7 @@ def linear_cells(n, h, d, decay, args):
     if fla is None:
         print("[bench.kernels] fla-core is not installed: skipping the scalar-decay cell (pip install fla-core)")
         return []
-    gate = -torch.empty(1, n, h).uniform_(1e-3, 0.1, generator=g)
+    gate = -torch.empty(1, n, h).uniform_(1e-3, 0.1, generator=g).to(q.device)
     impls = {
         "ours": lambda q, k, v: chunk_linear_attention(q, k, v, gate, scale=scale, chunk_size=args.chunk)[0],
         "fla_simple_gla": lambda q, k, v: fla(q, k, v, gate, chunk_size=64, scale=scale)[0],
@@ -209,6 +246,7 @@ def train_step_cells(args):
 
     targs = train_step.parser().parse_args(
         ["--seq-lens", *map(str, args.train_seq_lens), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        + ["--device", args.device, "--precision", args.precision]
     )
     rows = []
     for r in train_step.measure(targs):
@@ -333,10 +371,14 @@ def main(argv=None):
         default=[2048],
         help="training-step lengths against transformers (none: skip)",
     )
+    p.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: inputs as autocast hands them")
     p.add_argument("--no-softmax", dest="softmax", action="store_false")
     p.add_argument("--no-linear", dest="linear", action="store_false")
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     rows = []

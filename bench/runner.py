@@ -56,7 +56,7 @@ def timed_repeats(step, leaves, repeats, device, world, clock=time.perf_counter)
         t0 = clock()
         o = step()
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         times.append(clock() - t0)
     return times, o
 
@@ -122,12 +122,12 @@ def measure_cell(ctx, kind, inputs: dict, options: dict, do, repeats, device, cl
     times, o = timed_repeats(step, live, repeats, device, ctx.world_size, clock)
     comm.COUNTER.reset()
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     box, hooks = saved_storage_bytes()
     with hooks:
         o2 = forward()
     received = comm.COUNTER.total_received
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else box["bytes"]
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else box["bytes"]
     del o2
     return statistics.median(times), received, peak, [o.detach()] + [t.grad for t in live]
 
@@ -153,7 +153,9 @@ def cached_reference(path, world, rank, compute, *args):
 
 
 def device_for(rank: int) -> torch.device:
-    return torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    """This rank's device: cuda:rank under NCCL (run_distributed made it current), else the CPU."""
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    return torch.device("cuda", rank) if nccl else torch.device("cpu")
 
 
 def run_worlds(bench_rank, world_sizes, args) -> list[dict]:
@@ -162,7 +164,7 @@ def run_worlds(bench_rank, world_sizes, args) -> list[dict]:
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for world in sorted(world_sizes):
-        rows += run_distributed(bench_rank, world, args, timeout=3600)[0]
+        rows += run_distributed(bench_rank, world, args, timeout=3600, backend="auto")[0]
     return rows
 
 

@@ -113,6 +113,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     p.add_argument("--loss-chunks", type=int, nargs="+", default=[0], help="longctx loss chunk sizes (0: off)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
@@ -135,12 +136,19 @@ def main(argv=None):
 
 def measure(args) -> list[dict]:
     """One row per (sequence length, loss chunk) of ``args`` (see ``parser``)."""
-    clock = time.process_time if args.clock == "process" else time.perf_counter
-    ours, hf = _models(args)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    cpu_clock = time.process_time if args.clock == "process" else time.perf_counter
+
+    def clock():  # on CUDA the step's kernels are queued, not done, when it returns
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return cpu_clock()
+
+    ours, hf = (m.to(device) for m in _models(args))
 
     def autocast():
         if args.precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def loss_ours(chunk):
@@ -154,8 +162,8 @@ def measure(args) -> list[dict]:
     rows = []
     for n in args.seq_lens:
         g = torch.Generator().manual_seed(n)
-        ids = torch.randint(0, args.vocab, (1, n), generator=g)
-        labels = torch.randint(0, args.vocab, (1, n), generator=g)
+        ids = torch.randint(0, args.vocab, (1, n), generator=g).to(device)
+        labels = torch.randint(0, args.vocab, (1, n), generator=g).to(device)
         steps = {c: (loss_ours(c), ours) for c in args.loss_chunks}
         steps["hf"] = (_loss_hf, hf)
         times, losses = {k: [] for k in steps}, {}

@@ -26,6 +26,8 @@ NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 if [[ -z "${MASTER_ADDR:-}" ]]; then
   if [[ -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null 2>&1; then
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  elif [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then  # a compute node without scontrol: the same first host
+    MASTER_ADDR=$("$PYTHON" -c 'import os, parallel.mesh as m; print(m.slurm_first_host(os.environ["SLURM_JOB_NODELIST"]))')
   else
     MASTER_ADDR=127.0.0.1
   fi

@@ -39,13 +39,23 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
-    """Gather ``x`` (same shape on every rank) from all ranks of ``group``."""
+def _gather_into(x: torch.Tensor, group, async_op: bool):
+    """One ``all_gather_into_tensor`` (a single buffer: NCCL's native form, no per-rank list)
+    -> (out [P, *x.shape], work). The buffer is [P * d0, ...], the layout gloo requires."""
     p = dist.get_world_size(group)
-    out = [torch.empty_like(x) for _ in range(p)]
-    dist.all_gather(out, x.contiguous(), group=group)
+    x = x.contiguous()
+    out = x.new_empty(p * x.shape[0], *x.shape[1:]) if x.dim() else x.new_empty(p)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name since 2.12
+    work = gather(out, x if x.dim() else x[None], group=group, async_op=async_op)
+    return out.view(p, *x.shape), work
+
+
+def all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
+    """Gather ``x`` (same shape on every rank) from all ranks of ``group``: views of one buffer."""
+    p = dist.get_world_size(group)
+    out, _ = _gather_into(x, group, async_op=False)
     COUNTER.add("all_gather", (p - 1) * _nbytes(x), (p - 1) * _nbytes(x))
-    return out
+    return list(out.unbind(0))
 
 
 def reduce_scatter(chunks: list[torch.Tensor], group) -> torch.Tensor:
@@ -68,23 +78,21 @@ def reduce_scatter(chunks: list[torch.Tensor], group) -> torch.Tensor:
 class PendingGather:
     """An all-gather in flight (``all_gather_async``); ``wait()`` -> [P, *x.shape]."""
 
-    def __init__(self, bufs: list[torch.Tensor], work):
-        self.bufs, self.work = bufs, work
+    def __init__(self, out: torch.Tensor, work):
+        self.out, self.work = out, work
 
     def wait(self) -> torch.Tensor:
         self.work.wait()
-        return torch.stack(self.bufs)
+        return self.out
 
 
 def all_gather_async(x: torch.Tensor, group) -> PendingGather:
     """Start gathering ``x`` (same shape on every rank) from all ranks of ``group``; the
     caller overlaps work and then calls ``wait()``. Counted when issued."""
     p = dist.get_world_size(group)
-    x = x.contiguous()
-    bufs = [torch.empty_like(x) for _ in range(p)]
-    work = dist.all_gather(bufs, x, group=group, async_op=True)
+    out, work = _gather_into(x, group, async_op=True)
     COUNTER.add("all_gather", (p - 1) * _nbytes(x), (p - 1) * _nbytes(x))
-    return PendingGather(bufs, work)
+    return PendingGather(out, work)
 
 
 def all_to_all(outputs: list[torch.Tensor], inputs: list[torch.Tensor], group) -> None:

@@ -8,11 +8,37 @@ inner mesh dimension, so the ranks of one CP group are neighbours (same node).
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[003-010,12],cpu1" -> "gpu003"), without
+    scontrol (not every compute node has it on PATH)."""
+    m = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip())
+    prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
+    if not ranges:
+        return prefix + suffix
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def rendezvous_env() -> None:
+    """Set MASTER_ADDR / MASTER_PORT where the launcher did not. torchrun, deepspeed and
+    accelerate set both; under plain ``srun`` every node must agree without them, so the
+    address is the job's first node and the port is derived from the job id (two jobs sharing
+    a node do not collide); with neither, one machine (127.0.0.1, a free port for a world of 1)."""
+    env = os.environ
+    if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
+        env["MASTER_ADDR"] = slurm_first_host(env["SLURM_JOB_NODELIST"])
+    if "MASTER_PORT" not in env and "SLURM_JOB_ID" in env:
+        env["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env and env_ranks()[2] == 1:
+        env["MASTER_PORT"] = str(free_port())
 
 
 def env_ranks() -> tuple[int, int, int]:
@@ -79,17 +105,46 @@ def init_mesh(cp: int, device: str = "auto", subgroup_sizes=()) -> Mesh:
     if use_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if world == 1:
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        rendezvous_env()
+        # device_id: NCCL creates the communicators now (and new groups eagerly), not at each
+        # group's first collective
+        kw = {"device_id": dev} if use_cuda else {}
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, **kw)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(dev.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
     out = Mesh(rank, local_rank, world, world // cp, cp, dev, mesh)
     if cp > 1:
         out.subgroups = build_subgroups(out.cp_group, cp, subgroup_sizes)
+    warm_up_groups(out)
     return out
+
+
+def mesh_groups(mesh: Mesh) -> list:
+    """Every process group of this rank in a fixed order, each step's groups partitioning the
+    world: dp, cp, then per sub-mesh size the Ulysses and the ring sub-group."""
+    if mesh.device_mesh is None:
+        return []
+    groups = [mesh.device_mesh["dp"].get_group(), mesh.cp_group]
+    for u in sorted(mesh.subgroups):
+        sub = mesh.subgroups[u]
+        groups += [sub.ulysses_group, sub.ring_group]
+    out = []  # a sub-group that is the whole CP group is that group: once
+    for g in groups:
+        if g is not None and all(g is not o for o in out):
+            out.append(g)
+    return out
+
+
+def warm_up_groups(mesh: Mesh) -> None:
+    """One all_reduce on every group of the mesh, so each NCCL communicator exists before the
+    first forward: a strategy where a rank with nothing to send skips ``batch_isend_irecv``
+    (allgather's needed chunks, s2) needs every rank to have entered the group's first
+    collective, which NCCL requires to be collective."""
+    one = torch.ones(1, device=mesh.device)
+    for g in mesh_groups(mesh):
+        if g is not None and dist.get_world_size(g) > 1:
+            dist.all_reduce(one, group=g)
 
 
 def build_subgroups(group, cp: int, sizes) -> dict:

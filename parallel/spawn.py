@@ -5,8 +5,12 @@ Used by the multi-rank tests and by the benchmarks (bench/).
     results = run_distributed(fn, world_size, *args, timeout=120)
 
 ``fn(rank, world_size, *args)`` must be a module-level function; it runs after
-``init_process_group("gloo")`` and its return value (picklable) comes back in rank order.
+``init_process_group`` and its return value (picklable) comes back in rank order.
 An exception on any rank fails the call with that rank's traceback.
+
+``backend``: "gloo" (the default: CPU tensors, the tests), "nccl" (rank r on cuda:r, set as
+the current device before the group exists, communicators created at init), or "auto"
+(NCCL when every rank has a GPU, else gloo; what the benchmarks use).
 """
 
 from __future__ import annotations
@@ -20,7 +24,18 @@ import torch.multiprocessing as mp
 from parallel.mesh import free_port
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def pick_backend(backend: str, world_size: int) -> str:
+    """ "gloo" / "nccl" as asked; "auto": NCCL when CUDA has a GPU for every rank."""
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"backend={backend!r}: use 'gloo', 'nccl' or 'auto'")
+    if backend != "auto":
+        return backend
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+
+
+def _worker(rank, world_size, port, fn, args, queue, backend):
     import torch
     import torch.distributed as dist
 
@@ -29,7 +44,11 @@ def _worker(rank, world_size, port, fn, args, queue):
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        kw = {}
+        if backend == "nccl":  # synchronize / memory statistics / NCCL all refer to the current device
+            torch.cuda.set_device(rank)
+            kw["device_id"] = torch.device("cuda", rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, **kw)
         out = fn(rank, world_size, *args)
         # plain pickle copies tensor data; the queue's own pickler would pass shared memory,
         # which breaks when this process exits before the parent has read it
@@ -41,12 +60,14 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 180.0):
+def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, backend: str = "gloo"):
+    backend = pick_backend(backend, world_size)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True) for r in range(world_size)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, backend), daemon=True)
+        for r in range(world_size)
     ]
     for p in procs:
         p.start()
@@ -76,4 +97,4 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 180.0):
     return [results[r] for r in range(world_size)]
 
 
-__all__ = ["run_distributed"]
+__all__ = ["pick_backend", "run_distributed"]

@@ -80,7 +80,7 @@ def test_fp32_close_to_fp64():
 
 # ----------------------------------------------------------------------------- dispatch paths
 from models.ops.attention import attention_backward, attention_forward, planned_pairs, span_plan  # noqa: E402
-from models.ops.attention import dense as attn_dense  # noqa: E402
+from models.ops.attention import fused as attn_fused  # noqa: E402
 from models.ops.attention import plan as attn_plan  # noqa: E402
 
 
@@ -189,7 +189,7 @@ def test_merged_lse_backward_per_key_chunk(dtype, tol, window):
 @pytest.mark.parametrize("window", [None, 9])
 def test_tile_loop_for_every_piece(window, monkeypatch):
     """Without the fused CPU op (other devices), full and causal pieces run the tile loop."""
-    monkeypatch.setattr(attn_dense, "_FLASH_CPU", None)
+    monkeypatch.setattr(attn_fused, "_FLASH_CPU", None)
     q_pos = torch.cat([torch.arange(0, 20), torch.arange(60, 80)])
     k_pos = torch.arange(80)
     q, k, v, mask = _case(2, 40, 80, 4, 2, 8, q_pos, k_pos, torch.tensor([0, 13, 70, 80, 160]), True, window)
@@ -206,8 +206,8 @@ def test_bf16_runs_the_fused_op_as_sdpa_does(cu, monkeypatch):
     o_r, _ = attention_ref(q, k, v, mask)
     ref = [o_r] + list(torch.autograd.grad((o_r * do).sum(), (q, k, v)))
     seen = []
-    real = attn_dense._FLASH_CPU
-    monkeypatch.setattr(attn_dense, "_FLASH_CPU", lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
+    real = attn_fused._FLASH_CPU
+    monkeypatch.setattr(attn_fused, "_FLASH_CPU", lambda q, *a, **kw: seen.append(q.dtype) or real(q, *a, **kw))
     half = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
     o, _ = attention(*half, mask)
     got = [o] + list(torch.autograd.grad((o * do.bfloat16()).sum(), half))

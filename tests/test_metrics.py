@@ -62,3 +62,13 @@ def test_device_peak():
     cpu = torch.device("cpu")
     assert device_peak_flops(cpu, 2.5) == 2.5e12
     assert device_peak_flops(cpu) == CPU_FLOPS_PER_THREAD * torch.get_num_threads()
+
+
+def test_gpu_peak_by_name_and_precision():
+    from trainer.metrics import gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu_peak_flops("NVIDIA H100 NVL") == 835e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32") == 67e12  # fp32 runs: the fp32 peak
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32", tf32=True) == 989e12 / 2
+    assert gpu_peak_flops("Some Future GPU") is None

@@ -223,3 +223,13 @@ def test_flex_block_mask_is_built_once_per_pattern_and_shape():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert flex._block_mask(shifted, 1, 4, 2, 64, 64, q.device) is not first
+
+
+def test_flex_lengths_are_bucketed():
+    """A few compiled shapes per octave of lengths, padding at most a quarter."""
+    from models.ops.flex import FLEX_BLOCK, bucket
+
+    for t in [1, 100, 128, 129, 1000, 4097, 32768, 40000, 131071]:
+        b = bucket(t)
+        assert b >= t and b % FLEX_BLOCK == 0 and (b - t) <= max(FLEX_BLOCK, t // 4)
+    assert len({bucket(t) for t in range(16384, 32769)}) <= 9

@@ -61,6 +61,20 @@ def depths_of(cfg) -> list[float]:
 
 
 # --------------------------------------------------------------------------- model runs
+def _autocast(cfg, mesh):
+    """The training precision (trainer.precision=bf16: bf16 autocast), for evaluation too."""
+    return torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=cfg.trainer.precision == "bf16")
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Per-token cross entropy [N] fp32 of logits [N, V] (any dtype) against labels [N]
+    (-100: 0), upcast ``chunk`` tokens at a time: never an fp32 copy of all [N, V] logits."""
+    return torch.cat(
+        [
+            F.cross_entropy(logits[i : i + chunk].float(), labels[i : i + chunk], ignore_index=-100, reduction="none")
+            for i in range(0, logits.shape[0], chunk)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -76,9 +90,10 @@ def heldout_loss(model, loader, cfg, mesh, strategies, buckets: int = 0, per_sou
     sums = torch.zeros(2, len(edges) - 1, dtype=torch.float64, device=mesh.device)
     for _ in range(cfg.trainer.eval_batches):
         batch, ctx = prepare_batch(next(it), cfg, mesh, strategies)
-        logits = model(batch["input_ids"], batch["positions"], ctx)
+        with _autocast(cfg, mesh):
+            logits = model(batch["input_ids"], batch["positions"], ctx)
         labels = batch["labels"].flatten()
-        ce = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=-100, reduction="none")
+        ce = token_ce(logits.flatten(0, 1), labels)
         sums += bucket_sums(ce, batch["positions"].flatten(), labels != -100, edges)
         if "source" in batch:  # per source: the same sums, bucketed by each token's source
             src = batch["source"].flatten().to(ce.device)
@@ -105,7 +120,9 @@ def _one_row(ids: list[int], labels: list[int], length: int) -> dict:
 
 def _hits(model, row: dict, cfg, mesh, strategies) -> torch.Tensor:
     batch, ctx = prepare_batch(row, cfg, mesh, strategies)
-    hits = answer_hits(model(batch["input_ids"], batch["positions"], ctx), batch["labels"])
+    with _autocast(cfg, mesh):
+        logits = model(batch["input_ids"], batch["positions"], ctx)
+    hits = answer_hits(logits, batch["labels"])
     if mesh.cp > 1:
         dist.all_reduce(hits, group=mesh.cp_group)
     return hits

@@ -7,23 +7,41 @@ import os
 
 import torch
 
-# Dense bf16 peak FLOP/s by device name fragment (for MFU; trainer.peak_tflops overrides).
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+# Dense peak FLOP/s by device name fragment, first match wins (for MFU; trainer.peak_tflops
+# overrides): (bf16 tensor cores, fp32 without TF32, which is what fp32 matmuls run in by
+# default). H100 PCIe and NVL have fewer SMs and lower clocks than the SXM part.
+PEAK_FLOPS = {
+    "H200": (989e12, 67e12),
+    "H100 PCIe": (756e12, 51e12),
+    "H100 NVL": (835e12, 60e12),
+    "H100": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+    "A10G": (125e12, 31.2e12),
+}
 # CPU: an estimate per thread, ~3 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units); about what one
 # thread's fp32 GEMM reaches on a recent x86 core. Set trainer.peak_tflops for a real figure.
 CPU_FLOPS_PER_THREAD = 0.1e12
 
 
-def device_peak_flops(device: torch.device, peak_tflops: float | None = None) -> float | None:
+def device_peak_flops(device: torch.device, peak_tflops: float | None = None, precision: str = "bf16") -> float | None:
     """Peak FLOP/s of one device: ``trainer.peak_tflops`` when set; on CUDA the table's entry for
-    the device name (None, so no MFU, for a GPU it does not know); on CPU the per-thread
-    estimate times torch's threads."""
+    the device name and the run's precision ("bf16" or "fp32"; fp32 with TF32 matmuls allowed
+    counts half the bf16 peak) -- None, so no MFU, for a GPU it does not know; on CPU the
+    per-thread estimate times torch's threads."""
     if peak_tflops is not None:
         return peak_tflops * 1e12
     if device.type != "cuda":
         return CPU_FLOPS_PER_THREAD * torch.get_num_threads()
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return gpu_peak_flops(torch.cuda.get_device_name(device), precision, torch.backends.cuda.matmul.allow_tf32)
+
+
+def gpu_peak_flops(name: str, precision: str = "bf16", tf32: bool = False) -> float | None:
+    """The table's dense peak for a GPU name (see PEAK_FLOPS), None when unknown."""
+    bf16, fp32 = next((v for k, v in PEAK_FLOPS.items() if k in name), (None, None))
+    if bf16 is None or precision == "bf16":
+        return bf16
+    return bf16 / 2 if tf32 else fp32
 
 
 def matmul_params(model) -> int:

@@ -36,6 +36,11 @@ from trainer.objectives import Objective, build_objective, objective_class
 from trainer.optim import build_scheduler
 from trainer.parallelize import apply_activation_checkpointing, apply_loss_head
 
+FP32_ON_GPU_WARNING = (
+    "[longctx] warning: training on GPU in fp32 (trainer.precision=fp32, the default): attention runs "
+    "in PyTorch's fp32 kernels, never flash-attn, and matmuls at the fp32 peak; set trainer.precision=bf16"
+)
+
 
 def to_config(cfg: DictConfig) -> TrainConfig:
     """Merge onto the typed schema and instantiate; an unknown key or a wrong type raises a
@@ -309,6 +314,8 @@ def _set_up_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, pre
             + f" tokens/step={tokens_per_step}"
             + (f" resumed from step {run.step}" if resume else "")
         )
+        if mesh.device.type == "cuda" and t.precision == "fp32":
+            print(FP32_ON_GPU_WARNING)
     sr = _StageRun(
         st=st,
         mesh=mesh,
@@ -318,7 +325,7 @@ def _set_up_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, pre
         scheduler=scheduler,
         loaders=(train_loader, val_loader, tokenizer),
         n_matmul=n_matmul,
-        peak=device_peak_flops(mesh.device, t.peak_tflops),
+        peak=device_peak_flops(mesh.device, t.peak_tflops, t.precision),
         autocast=torch.autocast(mesh.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"),
         end=min(st.end, run.end),
         tag={"stage": spec.name} if st.staged else {},

@@ -5,8 +5,11 @@ tensors are on CUDA in half precision and flex_attention is available; everythin
 takes the PyTorch path. The whole MaskSpec becomes one ``mask_mod`` over explicit row
 positions (documents, causality, window, the per-head pattern through the global KV head of
 each query head), and ``create_block_mask`` turns it into a BlockMask, so the kernel skips
-inactive blocks. Forward-only on CPU (flex_attention has no CPU backward), which the tests
-use to check the mask_mod in fp64.
+inactive blocks. On CUDA the block mask is built compiled (block by block: eager construction
+materialises [B, H, Tq, Tk], 72 GB at 32K with 32 heads) and lengths are padded to a few
+buckets per octave (``bucket``), so the static-shape compile does not recompile per length.
+Forward-only on CPU (flex_attention has no CPU backward), which the tests use to check the
+mask_mod in fp64.
 
 Shapes: q [B, Tq, H, D], k, v [B, Tk, Hkv, D] -> (o [B, Tq, H, D], lse [B, H, Tq] fp32);
 flex_attention takes [B, H, T, D].
@@ -38,14 +41,30 @@ def applicable(q: torch.Tensor, mask) -> bool:
     )
 
 
-def mask_mod_for(mask, n_heads: int, n_kv: int, device):
-    """The MaskSpec (with its S2 pattern) as a flex_attention mask_mod(b, h, q_idx, kv_idx)."""
+def bucket(t: int) -> int:
+    """The length a FlexAttention call is padded to: a multiple of FLEX_BLOCK and of an eighth of
+    t's power of two (at most ~25% padding), so a run compiles a few shapes per octave of
+    lengths instead of one per key length (past the recompile limit torch falls back to eager)."""
+    step = max(FLEX_BLOCK, 1 << max(0, t.bit_length() - 3))
+    return -(-t // step) * step
+
+
+def _padded(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    """x [..., T] padded to [..., n] with ``fill`` (a document id no real token has)."""
+    pad = n - x.shape[-1]
+    return x if pad == 0 else torch.cat([x, x.new_full((*x.shape[:-1], pad), fill)], dim=-1)
+
+
+def mask_mod_for(mask, n_heads: int, n_kv: int, device, tq: int | None = None, tk: int | None = None):
+    """The MaskSpec (with its S2 pattern) as a flex_attention mask_mod(b, h, q_idx, kv_idx);
+    ``tq`` / ``tk``: padded lengths (padded queries and keys belong to no document)."""
     pat, groups = mask.pattern, n_heads // n_kv
-    qpos, kpos = mask.q_pos.to(device), mask.k_pos.to(device)
-    qdoc, kdoc = mask.q_doc.to(device), mask.k_doc.to(device)
+    tq, tk = tq or mask.q_pos.shape[0], tk or mask.k_pos.shape[0]
+    qpos, kpos = _padded(mask.q_pos, tq, 0).to(device), _padded(mask.k_pos, tk, 0).to(device)
+    qdoc, kdoc = _padded(mask.q_doc, tq, -1).to(device), _padded(mask.k_doc, tk, -2).to(device)
     rows = max(qdoc.shape[0], kdoc.shape[0])  # pattern blocks per row ([1, T] for row blocks)
-    qblk = pat.blocks(mask.q_pos, mask.q_doc).expand(rows, -1).to(device)
-    kblk = pat.blocks(mask.k_pos, mask.k_doc).expand(rows, -1).to(device)
+    qblk = _padded(pat.blocks(mask.q_pos, mask.q_doc), tq, 0).expand(rows, -1).to(device)
+    kblk = _padded(pat.blocks(mask.k_pos, mask.k_doc), tk, 0).expand(rows, -1).to(device)
     head = torch.tensor([mask.global_head(h // groups) for h in range(n_heads)], device=device)
     offsets = torch.tensor(pat.offsets, device=device)
     dense = torch.tensor(pat.dense, device=device)
@@ -67,9 +86,9 @@ _BLOCK_MASK_CACHE = 8
 
 
 def _block_mask(mask, b: int, h: int, hkv: int, tq: int, tk: int, device):
-    """The BlockMask of ``mask``, built once per pattern, metadata and shape: the layers of one
-    batch share their positions / documents tensors and patterns, so all but the first reuse it
-    (the entry keeps its tensors alive, so their ids are not recycled)."""
+    """The BlockMask of ``mask`` at (padded) lengths tq, tk, built once per pattern, metadata
+    and shape: the layers of one batch share their positions / documents tensors and patterns,
+    so all but the first reuse it (the entry keeps its tensors alive, so their ids are not recycled)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     tensors = (mask.q_pos, mask.k_pos, mask.q_doc, mask.k_doc)
@@ -78,8 +97,10 @@ def _block_mask(mask, b: int, h: int, hkv: int, tq: int, tk: int, device):
     if hit is not None and all(x is y for x, y in zip(hit[0], tensors)):
         _BLOCK_MASKS.move_to_end(key)
         return hit[1]
-    mod = mask_mod_for(mask, h, hkv, device)
-    block_mask = create_block_mask(mod, b, h, tq, tk, device=device, BLOCK_SIZE=FLEX_BLOCK)
+    mod = mask_mod_for(mask, h, hkv, device, tq, tk)
+    # compiled on CUDA: block by block, never the [B, H, Tq, Tk] mask eager construction builds
+    cuda = torch.device(device).type == "cuda"
+    block_mask = create_block_mask(mod, b, h, tq, tk, device=device, BLOCK_SIZE=FLEX_BLOCK, _compile=cuda)
     _BLOCK_MASKS[key] = (tensors, block_mask)
     while len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE:
         _BLOCK_MASKS.popitem(last=False)
@@ -100,18 +121,29 @@ def flex_attention(q, k, v, mask, scale=None):
 
     b, tq, h, _ = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    block_mask = _block_mask(mask, b, h, hkv, tq, tk, q.device)
+    pq, pk = bucket(tq), bucket(tk)  # on CPU too: the tests check the padding
+    block_mask = _block_mask(mask, b, h, hkv, pq, pk, q.device)
     fn = _compiled() if q.is_cuda else eager
-    o, lse = fn(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        block_mask=block_mask,
-        scale=scale,
-        enable_gqa=h != hkv,
-        return_lse=True,
-    )
+    qh, kh, vh = (_pad_time(x, n).transpose(1, 2) for x, n in ((q, pq), (k, pk), (v, pk)))
+    o, lse = _call_with_lse(fn, qh, kh, vh, block_mask, scale, h != hkv)
+    o, lse = o[:, :, :tq], lse[:, :, :tq]
     empty = torch.isnan(o).any(-1) | torch.isinf(lse)  # rows that see no key: 0, never NaN
     o = torch.where(empty[..., None], torch.zeros((), dtype=o.dtype, device=o.device), o)
     lse = lse.float().masked_fill(empty, -float("inf"))
     return o.transpose(1, 2), lse
+
+
+def _pad_time(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, T, H, D] zero-padded to [B, n, H, D]."""
+    return x if x.shape[1] == n else torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n - x.shape[1]))
+
+
+def _call_with_lse(fn, q, k, v, block_mask, scale, gqa):
+    """flex_attention returning (o, lse): ``return_aux=AuxRequest(lse=True)`` where torch has it
+    (``return_lse`` is deprecated there), else ``return_lse=True``."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=True)
+    o, aux = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+    return o, aux.lse

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from models.ops.attention import attention_backward, attention_forward
+from models.ops.attention.fused import piece_dtype
 from models.ops.common import acc_dtype, merge_lse
 from parallel import comm
 from parallel.cad_plan import CADPlan, plan_cad
@@ -44,6 +45,14 @@ from parallel.cad_routing import Route, build_routes
 from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
 
 log = logging.getLogger(__name__)
+
+
+def _clock(x: torch.Tensor, timing: dict) -> float:
+    """The wall clock for ``timing``; with ``timing["cuda_sync"]`` (bench/cad_overlap.py) the
+    device is synchronised first: on NCCL ``wait()`` and kernels return once launched."""
+    if timing.get("cuda_sync") and x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
 
 
 class _Pending:
@@ -56,9 +65,9 @@ class _Pending:
         self.work = comm.all_to_all_uneven(self.recv, buf, recv_sizes, [t.numel() for t in send], group)
 
     def wait(self) -> list[torch.Tensor]:
-        t0 = time.perf_counter()
+        t0 = _clock(self.recv, self.timing)
         self.work.wait()
-        self.timing["wait_s"] += time.perf_counter() - t0
+        self.timing["wait_s"] += _clock(self.recv, self.timing) - t0
         return list(self.recv.split(self.sizes))
 
 
@@ -86,7 +95,7 @@ def _group_forward(qg, kvd, hk, chunks, scale, block):
     if len(chunks) == 1:
         ka, kb, mask = chunks[0]
         return attention_forward(qg, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
-    qa = qg.to(acc_dtype(qg))
+    qa = qg.to(piece_dtype(qg))
     o = lse = None
     for ka, kb, mask in chunks:
         o_i, lse_i = attention_forward(qa, kvd[:, ka:kb, :hk], kvd[:, ka:kb, hk:], mask, scale, block)
@@ -115,12 +124,12 @@ def cad_forward(q, k, v, routes: list[Route], group, rank, scale, block, timing)
         _fill(qd, r.q_slots, [x[0] for x in parts])
         _fill(kvd, r.kv_slots, [x[1] for x in parts])
         qd, kvd = qd.view(1, r.tq, h, d), kvd.view(1, r.tk, 2 * hk, d)
-        t0 = time.perf_counter()
+        t0 = _clock(qf, timing)
         od, lse = qd.clone(), qd.new_zeros(1, h, 0)
         if r.groups:
             outs = [_group_forward(qd[:, qa:qb], kvd, hk, chunks, scale, block) for qa, qb, chunks in r.groups]
             od, lse = torch.cat([x[0] for x in outs], dim=1), torch.cat([x[1] for x in outs], dim=2)
-        timing["compute_s"] += time.perf_counter() - t0
+        timing["compute_s"] += _clock(qf, timing) - t0
         saved.append((qd, kvd, od, lse))
         of = od.view(r.tq, h * d)
         send = [of[sl] if s != rank else of[:0] for s, sl in enumerate(r.q_slots)]
@@ -153,19 +162,20 @@ def cad_backward(do, shape_kv, routes, saved, group, rank, scale, block, timing)
         parts[rank] = dof[r.q_self]
         dod = dof.new_empty(r.tq, h * d)
         _fill(dod, r.q_slots, [x.reshape(-1, h * d) for x in parts])
-        t0 = time.perf_counter()
+        t0 = _clock(dof, timing)
         dod = dod.view(1, r.tq, h, d)
         dqd = torch.zeros(qd.shape, dtype=acc, device=qd.device)
         dkvd = torch.zeros(kvd.shape, dtype=acc, device=qd.device)
         for qa, qb, chunks in r.groups:  # key ranges of one document's runs overlap: add
-            qg, dog, og, lg = qd[:, qa:qb].to(acc), dod[:, qa:qb].to(acc), od[:, qa:qb].to(acc), lse[:, :, qa:qb]
+            run = piece_dtype(qd)  # half stays half on CUDA (fused kernel), else fp32 / fp64
+            qg, dog, og, lg = qd[:, qa:qb].to(run), dod[:, qa:qb].to(run), od[:, qa:qb].to(run), lse[:, :, qa:qb]
             for ka, kb, mask in chunks:  # with the merged (o, lse), each chunk's exact share
-                kc, vc = kvd[:, ka:kb, :hk].to(acc), kvd[:, ka:kb, hk:].to(acc)
+                kc, vc = kvd[:, ka:kb, :hk].to(run), kvd[:, ka:kb, hk:].to(run)
                 dq_g, dk_g, dv_g = attention_backward(dog, qg, kc, vc, og, lg, mask, scale, block)
                 dqd[:, qa:qb] += dq_g
                 dkvd[:, ka:kb, :hk] += dk_g
                 dkvd[:, ka:kb, hk:] += dv_g
-        timing["compute_s"] += time.perf_counter() - t0
+        timing["compute_s"] += _clock(dof, timing) - t0
         dqf, dkvf = dqd.reshape(r.tq, h * d).to(do.dtype), dkvd.reshape(r.tk, 2 * hk * d).to(do.dtype)
         send = [
             torch.cat([dqf[a].reshape(-1), dkvf[b].reshape(-1)]) if s != rank else dqf[:0].reshape(-1)
@@ -230,6 +240,7 @@ class CAD(SoftmaxStrategy):
     def __init__(self, **options):
         super().__init__(**options)  # min_shard, tolerance, ping_pong
         self._cache: dict = {}  # (plan_cad arguments) -> (plan, routes); the newest few
+        self._moved: dict = {}  # (id(routes), device) -> (routes, their copies on the device)
         self.timing = {"wait_s": 0.0, "compute_s": 0.0}  # accumulated, for the overlap measure
 
     def plan(self, ctx, causal=True, window=None, qrow_bytes=2, kvrow_bytes=1, mask=None) -> CADPlan:
@@ -274,8 +285,18 @@ class CAD(SoftmaxStrategy):
     def attention(self, q, k, v, ctx, *, causal=True, window=None, scale=None, mask=None):
         plan, routes = self._planned(ctx, causal, window, q.shape[2], 2 * k.shape[2], mask)
         if q.device.type != "cpu":
-            routes = [r.to(q.device) for r in routes]
+            routes = self._routes_on(routes, q.device)
         return CADAttention.apply(q, k, v, routes, ctx.group, ctx.rank, scale, ctx.block, self.timing)
+
+    def _routes_on(self, routes: list[Route], device) -> list[Route]:
+        """The routes' index tensors on ``device``, copied once per plan (not per layer call)."""
+        key = (id(routes), str(device))
+        hit = self._moved.get(key)
+        if hit is None or hit[0] is not routes:  # ids of evicted plans can be reused
+            if len(self._moved) >= 8:
+                self._moved.clear()
+            hit = self._moved[key] = (routes, [r.to(device) for r in routes])
+        return hit[1]
 
     def work_queries(self, ctx, n_heads: int, n_kv_heads: int, *, causal=True, window=None):
         """Flat positions (b * N + p) of the queries this rank computes under the plan of a

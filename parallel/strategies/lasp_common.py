@@ -39,7 +39,7 @@ def cut(x, sl: slice):
 def intra_linear_attention(q, k, v, g, gk, scale, resets, chunk_size, impl):
     """Local linear attention with zero incoming state and a fresh state at every ``resets``
     token (resets [B, C] bool; token 0 always restarts). -> o [B, C, H, Dv]."""
-    cu = cu_seqlens_from_starts(resets.to(q.device))
+    cu = cu_seqlens_from_starts(resets.cpu())  # host-side: no device nonzero and read-back
     return linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size, impl=impl)
 
 

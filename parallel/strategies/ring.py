@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from models.ops.attention import MaskSpec, attention_backward, attention_forward, may_attend
+from models.ops.attention.fused import piece_dtype
 from models.ops.common import acc_dtype, merge_lse
 from parallel import comm
 from parallel.strategies.base import LayerShape, SoftmaxStrategy, register
@@ -80,7 +81,7 @@ def _neighbours(spec: RingSpec) -> tuple[int, int]:
 def ring_forward(q, k, v, spec: RingSpec):
     """-> (o [B, T, H, D] in q.dtype, lse [B, H, T] fp32/fp64)."""
     acc = acc_dtype(q)
-    qa = q.to(acc)  # the kernel then returns each block's o in fp32/fp64
+    qa = q.to(piece_dtype(q))  # fp32/fp64 blocks; half on CUDA, where the fused kernel takes it
     bsz, t, h, d = q.shape
     o = torch.zeros(bsz, t, h, d, dtype=acc, device=q.device)
     lse = torch.full((bsz, h, t), -math.inf, dtype=acc, device=q.device)
@@ -104,7 +105,8 @@ def ring_forward(q, k, v, spec: RingSpec):
 def ring_backward(do, q, k, v, o, lse, spec: RingSpec):
     """-> (dq, dk, dv) for the local chunk; see the module docstring for the scheme."""
     acc = acc_dtype(q)
-    qa, doa = q.to(acc), do.to(acc)
+    run = piece_dtype(q)
+    qa, doa = q.to(run), do.to(run)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dst, src_nb = _neighbours(spec)
     kv = torch.stack([k, v])
@@ -120,7 +122,7 @@ def ring_backward(do, q, k, v, o, lse, spec: RingSpec):
         share = None
         if may_attend(mask, spec.block, k.shape[2]):
             dq_i, dk_i, dv_i = attention_backward(
-                doa, qa, kv[0].to(acc), kv[1].to(acc), o, lse, mask, spec.scale, spec.block
+                doa, qa, kv[0].to(run), kv[1].to(run), o, lse, mask, spec.scale, spec.block
             )
             dq += dq_i
             share = (dk_i, dv_i)

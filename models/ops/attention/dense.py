@@ -6,9 +6,9 @@ Shapes:
     o        [B, Tq, H, D]
     lse      [B, H, Tq]  fp32/fp64, -inf where a query row sees no key
 
-Each row runs its span plan (plan.py): on CPU, "full" and "causal" pieces run in PyTorch's
-fused flash attention (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward:
-fp32/fp64/bf16, natively GQA, top-left causal, natural-log lse), "band" pieces in a tile loop;
+Each row runs its span plan (plan.py): "full" and "causal" pieces run in a fused kernel
+(fused.py: PyTorch's CPU flash attention; on CUDA flash-attn or PyTorch's flash / memory-
+efficient attention; each with a backward from the merged lse), "band" pieces in a tile loop;
 pieces on the same query rows are merged by log-sum-exp. Rows whose positions break into too
 many runs use the generic fixed-block plan. Rows that see no key produce zeros (and lse =
 -inf), never NaN. The kernel computes in fp32 (fp64 for fp64 inputs); half precision inputs
@@ -22,11 +22,9 @@ import math
 
 import torch
 
+from models.ops.attention import fused
 from models.ops.attention.plan import DEFAULT_BLOCK, MaskSpec, Piece, active_blocks, band_tiles, span_plan
 from models.ops.common import acc_dtype, merge_lse
-
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def _per_kv(allowed: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -75,34 +73,14 @@ def _tile_backward(qt, kt, vt, dot, lse_t, delta_t, allowed, scale):
 
 
 def _fused(p: Piece, x: torch.Tensor) -> bool:
-    """Whether a piece runs in PyTorch's fused CPU flash attention (dense, no mask)."""
-    return p.form != "band" and x.device.type == "cpu" and _FLASH_CPU is not None
-
-
-def _heads_first(x: torch.Tensor) -> torch.Tensor:
-    """[t, H, D] -> [1, H, t, D] view, the layout of the fused op."""
-    return x.transpose(0, 1)[None]
-
-
-def _fused_forward(qt, kt, vt, causal: bool, scale):
-    """The fused op on one piece: qt [tq, H, D], kt, vt [tk, Hkv, D] -> (o [tq, H, D], lse [H, tq]),
-    top-left causal when ``causal``."""
-    o, lse = _FLASH_CPU(_heads_first(qt), _heads_first(kt), _heads_first(vt), 0.0, causal, scale=scale)
-    return o[0].transpose(0, 1), lse[0]
-
-
-def _fused_backward(dot, qt, kt, vt, ot, lse_t, causal: bool, scale):
-    """Backward of :func:`_fused_forward` from the (merged) ot / lse_t [H, tq] -> (dq, dk, dv)."""
-    dq, dk, dv = _FLASH_CPU_BWD(
-        *(_heads_first(x) for x in (dot, qt, kt, vt, ot)), lse_t[None], 0.0, causal, scale=scale
-    )
-    return dq[0].transpose(0, 1), dk[0].transpose(0, 1), dv[0].transpose(0, 1)
+    """Whether a piece runs in a fused kernel (dense, no mask; fused.py picks it by device)."""
+    return p.form != "band" and fused.supports(x)
 
 
 def _piece_forward(qt, kt, vt, p: Piece, scale, block):
     """(o [tq, H, D], lse [H, tq]) of one piece: fused op, or the tile loop."""
     if _fused(p, qt):
-        return _fused_forward(qt, kt, vt, p.form == "causal", scale)
+        return fused.fused_forward(qt, kt, vt, p.form == "causal", scale)
     o = qt.new_zeros(qt.shape)
     lse = qt.new_full((qt.shape[1], qt.shape[0]), -math.inf)
     for rs, ksl, allowed in band_tiles(p, block):
@@ -114,7 +92,7 @@ def _piece_forward(qt, kt, vt, p: Piece, scale, block):
 def _piece_backward(dot, qt, kt, vt, ot, lse_t, delta_t, p: Piece, scale, block):
     """(dq [tq, H, D], dk, dv [tk, Hkv, D]) of one piece from the merged ot / lse_t."""
     if _fused(p, qt):
-        return _fused_backward(dot, qt, kt, vt, ot, lse_t, p.form == "causal", scale)
+        return fused.fused_backward(dot, qt, kt, vt, ot, lse_t, p.form == "causal", scale)
     dq, dk, dv = torch.zeros_like(qt), torch.zeros_like(kt), torch.zeros_like(vt)
     for rs, ksl, allowed in band_tiles(p, block):
         allowed = None if allowed is None else allowed.to(qt.device)
@@ -264,26 +242,29 @@ def _key_slice(kidx: torch.Tensor):
     return slice(lo, lo + n) if int(kidx[-1]) - lo + 1 == n else kidx
 
 
-def _generic_tiles(mask: MaskSpec, block: int, b: int, tq: int, n_heads: int):
+def _generic_tiles(mask: MaskSpec, block: int, b: int, tq: int, n_heads: int, device):
     """The fixed-size block plan (``active_blocks``) of batch row b: (query slice, key slice or
     indices, allowed mask [tq, tk] or None when every pair is allowed) per non-empty tile."""
     for iq, kidx in enumerate(active_blocks(mask, block, block)[b]):
         if kidx.numel() == 0:
             continue
         qs = slice(iq * block, min(tq, (iq + 1) * block))
-        allowed = mask.allowed(qs, kidx, b, n_heads)
-        yield qs, _key_slice(kidx), None if bool(allowed.all()) else allowed
+        allowed = mask.allowed(qs, kidx, b, n_heads)  # on the mask's (CPU) device, like kidx
+        ks = _key_slice(kidx)
+        if not isinstance(ks, slice):
+            ks = ks.to(device)  # index_add_ in backward needs the index on the gradient's device
+        yield qs, ks, None if bool(allowed.all()) else allowed.to(device)
 
 
 def _generic_forward(qa, ka, va, mask, scale, block, b, o, lse):
     """Fixed-size block plan for batch row b, writing into o and lse."""
-    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1], qa.shape[2]):
+    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1], qa.shape[2], qa.device):
         o[b, qs], lse[b, :, qs] = _tile_forward(qa[b, qs], ka[b, ks], va[b, ks], allowed, scale)
 
 
 def _generic_backward(doa, qa, ka, va, lse, delta, mask, scale, block, b, dq, dk, dv):
     """Backward of ``_generic_forward`` for batch row b, accumulating into dq, dk, dv."""
-    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1], qa.shape[2]):
+    for qs, ks, allowed in _generic_tiles(mask, block, b, qa.shape[1], qa.shape[2], qa.device):
         gq, gk, gv = _tile_backward(
             qa[b, qs],
             ka[b, ks],

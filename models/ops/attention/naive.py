@@ -32,7 +32,7 @@ def attention_ref(q, k, v, mask: MaskSpec, scale: float | None = None):
             for b in range(bsz)
         ]
         allowed = allowed & torch.stack(heads)  # [B, H, Tq, Tk]
-    s = s.masked_fill(~allowed, -math.inf)
+    s = s.masked_fill(~allowed.to(s.device), -math.inf)  # the mask is built from CPU positions
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse

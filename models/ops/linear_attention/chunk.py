@@ -89,12 +89,17 @@ class _Docs:
     """Per-chunk document masks from reset flags [B, NC, C], as [B, 1, NC, ...] (broadcast
     over H). A reset at token 0 is allowed: the row then ignores its initial state."""
 
-    def __init__(self, resets: torch.Tensor):
+    def __init__(self, resets: torch.Tensor, device=None):
+        # the flags the Python control flow reads come from the resets as given: host-side
+        # (CPU) resets cost no device-to-host sync; the masks live on ``device``
+        carry = ~resets.any(-1)  # [B,NC] S_in passes the chunk
+        self.any_reset = bool(resets.any())
+        self.carry_flags = (carry.all(0).tolist(), (~carry).all(0).tolist())  # per chunk: every row / no row
+        resets = resets.to(device) if device is not None else resets
+        self.carry = carry.to(resets.device)
         self.seg = seg = resets.long().cumsum(-1)  # doc index inside chunk
         self.first = (seg == 0)[:, None, ..., None]  # [B,1,NC,C,1] sees S_in
         self.last = (seg == seg[..., -1:])[:, None, ..., None]  # [B,1,NC,C,1] feeds S_out
-        self.carry = ~resets.any(-1)  # [B,NC] S_in passes the chunk
-        self.any_reset = bool(resets.any())
 
     @functools.cached_property
     def same_doc(self) -> torch.Tensor:
@@ -186,10 +191,11 @@ def _carry_step(x_n, s_n, carry_n, all_n, none_n, out):
     return res if out is None else out.copy_(res)
 
 
-def _scan_plain(x, carry, s0, reverse: bool = False):
+def _scan_plain(x, carry, s0, reverse: bool = False, flags=None):
     """``_scan`` without decay: gam = carry [B, NC] bool in {0, 1}, so one add (or a copy at a
-    document start) per chunk, no multiplies."""
-    all_c, none_c = carry.all(0).tolist(), (~carry).all(0).tolist()
+    document start) per chunk, no multiplies. ``flags``: (all rows carry, no row carries) per
+    chunk, precomputed on the host (``_Docs.carry_flags``)."""
+    all_c, none_c = flags if flags is not None else (carry.all(0).tolist(), (~carry).all(0).tolist())
     out = torch.empty_like(x)
     steps = list(zip(x.unbind(2), carry.unbind(1), all_c, none_c))
     outs = out.unbind(2)
@@ -239,7 +245,7 @@ class _Chunks:
             self.b = _chunked(a, chunk_size).cumsum(3)
         elif g is not None:
             self.b = _chunked(g.to(acc), chunk_size).cumsum(3)[..., None]
-        self.docs = _Docs(_chunked(resets[..., None], chunk_size)[:, 0])  # [B,NC,C] (padding: no reset)
+        self.docs = _Docs(_chunked(resets[..., None], chunk_size)[:, 0], q.device)  # [B,NC,C] (padding: no reset)
         s0 = initial_state
         self.s0 = q.new_zeros(bsz, h, dk, v.shape[-1], dtype=acc) if s0 is None else s0.to(acc)
         self.qc = _chunked(q.to(acc), chunk_size, scale)
@@ -270,7 +276,7 @@ class _Chunks:
 
     def scan(self, x, gam, s0, reverse: bool = False):
         if gam is None:
-            return _scan_plain(x, self.docs.carry, s0, reverse)
+            return _scan_plain(x, self.docs.carry, s0, reverse, self.docs.carry_flags)
         return _scan(x, gam, s0, reverse)
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -429,6 +435,7 @@ def chunk_linear_attention(
                 q, k, v, g, gk, scale, initial_state, cu_seqlens, output_final_state
             )
     bsz, t = q.shape[:2]
-    resets = resets_from_cu_seqlens(cu_seqlens, bsz, t, q.device)
+    # on the host (cu_seqlens come from the CPU batch): the op reads its flags without a sync
+    resets = resets_from_cu_seqlens(None if cu_seqlens is None else cu_seqlens.cpu(), bsz, t)
     o, final = ChunkLinearAttentionFunction.apply(q, k, v, g, gk, initial_state, resets, float(scale), int(chunk_size))
     return o, (final if output_final_state else None)

@@ -5,7 +5,8 @@
     -> o [B, T, H, Dv]
 impl (``model.linear_impl``): "auto" (fla's Triton kernels for CUDA tensors when fla is
 importable, else the chunked torch op), "chunk" (always the torch op), "naive" (token-by-token
-reference, for tests). ``chunk_linear_attention`` takes the same words (and "fla").
+reference, for tests), "fla" (always fla's kernels: CUDA, or Triton's CPU interpreter in the
+tests). ``chunk_linear_attention`` takes the same words but "naive".
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from models.ops.linear_attention.chunk import chunk_linear_attention
 from models.ops.linear_attention.naive import recurrent_linear_attention_ref
 
-IMPLS = ("auto", "chunk", "naive")
+IMPLS = ("auto", "chunk", "fla", "naive")
 
 
 def check_impl(impl: str) -> None:
@@ -48,7 +49,8 @@ def linear_attention(
 ) -> torch.Tensor:
     """The state restarts at every document start of ``cu_seqlens`` and at every row start."""
     check_impl(impl)
-    cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
     if impl == "naive":
+        cu = None if cu_seqlens is None else cu_seqlens.to(q.device)
         return recurrent_linear_attention_ref(q, k, v, g, gk, scale, cu_seqlens=cu)[0]
-    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu, chunk_size=chunk_size, impl=impl)[0]
+    # cu_seqlens as given (host-side from the batch): the ops move what they need themselves
+    return chunk_linear_attention(q, k, v, g, gk, scale, cu_seqlens=cu_seqlens, chunk_size=chunk_size, impl=impl)[0]
