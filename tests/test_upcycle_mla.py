@@ -119,3 +119,33 @@ def _objective_loss(rank, world):
     obj = objective_class("logit_distill")(None, student, None, teacher=teacher)
     _, value, _ = obj.loss(student, batch, None)
     return abs(value)
+
+
+MLA_TINY = [
+    "model.mla_qk_rope_head_dim=8",
+    "model.mla_qk_nope_head_dim=8",
+    "model.mla_v_head_dim=16",
+    "model.mla_kv_lora_rank=16",
+]
+
+
+@pytest.mark.e2e
+def test_recipe_upcycles_a_run_and_distills(tmp_path):
+    """Pretrain a tiny softmax run, then recipe=upcycle_mla from its run dir (both stages)."""
+    from parallel.spawn import run_distributed
+    from tests.test_recipes_e2e import _rows, _train, _weights
+
+    base, up = str(tmp_path / "base"), str(tmp_path / "up")
+    run_distributed(_train, 1, [f"trainer.run_dir={base}", "trainer.steps=3"])
+    run_distributed(
+        _train,
+        1,
+        ["recipe=upcycle_mla", f"trainer.run_dir={up}", f"init_from={base}"]
+        + ["recipe.stages.0.steps=3", "recipe.stages.1.steps=1"]
+        + MLA_TINY,
+    )
+    meta, weights = _weights(up)
+    assert meta["config"]["model"]["mixer_pattern"] == ["mla", "mla", "mla", "softmax"]
+    assert "layers.0.mixer.kv_b_proj.weight" in weights
+    kl = [r["distill_kl"] for r in _rows(up) if "distill_kl" in r]
+    assert len(kl) == 3 and all(0 <= v < float("inf") for v in kl), kl
