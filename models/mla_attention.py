@@ -210,17 +210,3 @@ class MultiHeadLatentAttention(nn.Module):
             scale=self.scale,
         )
         return self.o_proj(o.reshape(b, t, self.n_heads * self.dv))
-
-
-def kv_cache_bytes_per_token(cfg, elem_bytes: int = 2) -> int:
-    """KV-cache bytes one token costs across the model's layers: c_kv + k_rot for MLA layers,
-    K and V for softmax-like layers; 0 for layers with a fixed-size state (linear)."""
-    total = 0
-    for i in range(cfg.n_layers):
-        kind = cfg.kind_of(i)
-        if kind == "mla":
-            dc, _, dr, _ = options_of(cfg, "mla").dims(cfg)
-            total += (dc + dr) * elem_bytes
-        elif kind in ("softmax", "sparse"):
-            total += 2 * cfg.n_kv_heads * cfg.hd * elem_bytes
-    return total

@@ -9,7 +9,8 @@ import torch
 
 from models import ModelConfig, Transformer
 from models.context import SingleDeviceContext
-from models.mla_attention import kv_cache_bytes_per_token, local_mla, local_mla_ref
+from models.kv_cache import kv_cache_bytes
+from models.mla_attention import local_mla, local_mla_ref
 from models.registry import options_of
 
 TOL = 1e-5
@@ -47,7 +48,9 @@ def test_kv_cache_bytes():
         dim=64, n_layers=3, n_heads=4, n_kv_heads=2, mixer_pattern=["mla", "softmax", "gla"], mla_kv_lora_rank=24
     )
     dc, _, dr, _ = options_of(cfg, "mla").dims(cfg)
-    assert kv_cache_bytes_per_token(cfg, 2) == (dc + dr) * 2 + 2 * 2 * 16 * 2
+    got = kv_cache_bytes(cfg, 2)
+    assert got["kv_cache_bytes_per_token"] == (dc + dr) * 2 + 2 * 2 * 16 * 2
+    assert got["state_bytes"] == 4 * 16 * 16 * 2  # gla: H * Dk * Dv
 
 
 # --------------------------------------------------------------------------- Hugging Face
