@@ -28,7 +28,9 @@ def _train(rank, world, overrides, keep_stages):
         cfg = to_config(compose(config_name="train", overrides=overrides))
     cfg.recipe.stages = cfg.recipe.stages[:keep_stages]
     train(cfg)
-    return cfg.model
+    from trainer import stages
+
+    return stages.plan(cfg)[0].cfg.model  # the model the stage trained (its overrides applied)
 
 
 def _losses(run_dir, stage):
