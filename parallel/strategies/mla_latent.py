@@ -128,6 +128,8 @@ class MLALatent(Strategy):
         """(P-1) * B * C * (Dc + Dr) * e: the latent all-gather (``shape.latent_dim`` = Dc + Dr);
         gather=needed receives at most this."""
         s = shape
+        if s.latent_dim is None:
+            raise ValueError("LayerShape.latent_dim (Dc + Dr) is needed for mla_latent's bytes: set it for MLA layers")
         return (s.cp - 1) * s.batch * (s.seq_len // s.cp) * s.latent_dim * s.elem_bytes
 
     def backward_bytes(self, shape: LayerShape) -> int:
