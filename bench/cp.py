@@ -99,6 +99,49 @@ def _run_cell(strategy, q, k, v, do, cu, window, rank, world, layout, block, rep
     return t, received, peak, got, idx, work
 
 
+def mla_rows(args, n, mask, rank, world, device):
+    """MLA layers beside GQA all-gather (``--mla-latent DC``): mla_latent moves the latent c_kv
+    and the shared RoPE key, Dc + Dr numbers per token, where GQA all-gather moves 2 * Hkv * D.
+    Same heads; q/k width = --head-dim (Dr = --mla-rope-dim of it RoPE), Dv = --head-dim."""
+    from models.context import SingleDeviceContext
+    from models.mla_attention import local_mla
+
+    h, d, dc, dr = args.heads, args.head_dim, args.mla_latent, args.mla_rope_dim
+    g = torch.Generator().manual_seed(1)
+    full = {
+        "q": torch.randn(1, n, h, d, generator=g),
+        "k": torch.randn(1, n, 1, dc, generator=g),  # the latent c_kv
+        "v": torch.randn(1, n, 1, dr, generator=g),  # the shared RoPE key
+        "kv_b": torch.randn(h * (d - dr + d), dc, generator=g) / dc**0.5,
+    }
+    do = torch.randn(1, n, h, d, generator=g)
+    _, _, _, _, cu, window = make_inputs(n, 1, 1, 1, mask)
+    opts = dict(v_head_dim=d, causal=True, window=window, scale=d**-0.5)
+    one = SingleDeviceContext(1, n, cu, args.block)
+    ref = local_mla(full["q"], full["k"], full["v"], one, kv_b=full["kv_b"], **opts)
+    strat = build_strategy("mla_latent", "mla", gather="all")
+    group = dist.group.WORLD if world > 1 else None
+    ctx = CPContext(strat, group, rank, world, args.layout, n, 1, cu, args.block)
+    idx = ctx.local_index
+    inputs = {k: (t if k == "kv_b" else t[:, idx]).to(device).requires_grad_() for k, t in full.items()}
+    t, recv, peak, got = measure_cell(ctx, "mla", inputs, opts, do[:, idx].to(device), args.repeats, device)
+    err = (got[0].float().cpu() - ref[:, idx]).abs().max().item()
+    s = gather_stats(torch.tensor([t, recv, peak, err, 1.0], dtype=torch.float64), world)
+    shape = LayerShape(1, n, world, h, h, d, elem_bytes=4, layout=args.layout, latent_dim=dc + dr)
+    return dict(
+        strategy=f"mla_latent(Dc={dc},Dr={dr})",
+        world_size=world,
+        seq_len=n,
+        mask=mask,
+        fwd_bwd_ms=round(s[:, 0].max().item() * 1e3, 2),
+        bytes_per_rank=int(s[:, 1].max().item()),
+        bytes_formula=int(strat.forward_bytes(shape)),
+        peak_mem_mb=round(s[:, 2].max().item() / 2**20, 2),
+        max_err=float(f"{s[:, 3].max().item():.3g}"),
+        balance=1.0,
+    )
+
+
 def softmax_reference(q, k, v, do, cu, window, block):
     """[o, dq, dk, dv] of the single-device kernel on the whole row (what every cell is checked against)."""
     n = q.shape[1]
@@ -235,6 +278,8 @@ def bench_rank(rank, world, args):
                         balance=round(s[:, 4].max().item() / s[:, 4].mean().item(), 3),
                     )
                 )
+            if args.mla_latent:
+                rows.append(mla_rows(args, n, mask, rank, world, device))
             if args.peers and mask == "causal" and world > 1:
                 idx = CPContext(build_strategy("allgather"), None, rank, world, "contiguous", n, 1, cu).local_index
                 for label, u, r in (("ulysses", world, 1), ("ring", 1, world)):
@@ -320,6 +365,8 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--block", type=int, default=512)
+    p.add_argument("--mla-latent", type=int, default=0, help="also run mla_latent with this latent width Dc")
+    p.add_argument("--mla-rope-dim", type=int, default=16, help="its shared RoPE key width Dr")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-peers", dest="peers", action="store_false")

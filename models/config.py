@@ -54,6 +54,15 @@ class ModelConfig:
     s2_head_step: str | None = None  # dkernel (step from the query heads) | spread (from the KV heads)
     s2_layer_offset: str | None = None  # an integer for every layer (default 0) | layer (the layer index)
     s2_doc_blocks: str | None = None  # document (blocks restart per document) | row
+    # multi-head latent attention (mixer mla, DeepSeek-V2/V3): models/mla_attention.py MLAOptions
+    mla_q_lora_rank: int | None = None  # None: full-rank q_proj
+    mla_kv_lora_rank: int | None = None  # latent width Dc (None: 4 * head_dim)
+    mla_qk_nope_head_dim: int | None = None  # None: head_dim
+    mla_qk_rope_head_dim: int | None = None  # shared RoPE key width (None: head_dim)
+    mla_v_head_dim: int | None = None  # None: head_dim
+    mla_latent_norm: bool | None = None  # RMSNorm on the latents (DeepSeek: true)
+    mla_latent_norm_eps: float | None = None
+    mla_mscale_all_dim: float | None = None  # DeepSeek YaRN softmax-scale mscale
 
     def __post_init__(self):
         self.validate()

@@ -39,9 +39,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.config import ModelConfig, RopeConfig
+from models.hf_mla import (
+    DEEPSEEK_TYPES,
+    is_mla,
+    mla_config_kwargs,
+    mla_config_to_hf,
+    mla_layer_names,
+    mla_state_from_hf,
+)
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", *DEEPSEEK_TYPES)  # deepseek: models/hf_mla.py
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+_ARCHITECTURES["deepseek_v3"] = "DeepseekV3ForCausalLM"
 _CONFIG = "config.json"
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -296,6 +305,8 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
             head_dim=hf.get("head_dim"),
             ffn_dim=hf["intermediate_size"],
         )
+        if model_type in DEEPSEEK_TYPES:  # MLA attention, dense MLPs only
+            kwargs.update(mla_config_kwargs(hf))
     except KeyError as e:
         raise ValueError(f"config.json is missing {e.args[0]!r}") from None
     return ModelConfig(
@@ -337,7 +348,8 @@ def read_hf_config(path: str) -> tuple[ModelConfig, tuple[str, ...]]:
         raise _missing(os.fspath(path), f"{_CONFIG} is missing")
     with open(config_file) as f:
         hf = json.load(f)
-    return config_from_hf(hf), HF_FIELDS + tuple(_s2_from_hf(hf))
+    mla = tuple(mla_config_kwargs(hf)) if hf.get("model_type") in DEEPSEEK_TYPES else ()
+    return config_from_hf(hf), HF_FIELDS + tuple(_s2_from_hf(hf)) + mla
 
 
 def _effective(cfg: ModelConfig, name: str):
@@ -421,7 +433,7 @@ def config_to_hf(
     from models.mixers import mixer_class
 
     other = [m for m in cfg.mixer_pattern if not mixer_class(m).hf_attention]
-    if other:
+    if other and model_type != "deepseek_v3":
         raise ValueError(
             f"model.mixer_pattern={cfg.mixer_pattern} has mixers {other}, which have "
             "no Hugging Face equivalent: export needs mixers with Hugging Face attention weights (softmax, s2)"
@@ -468,11 +480,16 @@ def config_to_hf(
     if "s2" in cfg.mixer_pattern:
         hf[S2_KEY] = _s2_to_hf(cfg)
         hf.update(_s2_to_phi3small(cfg))
+    if model_type == "deepseek_v3":
+        hf.update(mla_config_to_hf(cfg))
+        if rope["rope_type"] == "yarn":  # DeepSeek's softmax-scale mscale
+            for d in (hf["rope_parameters"], hf["rope_scaling"]):
+                d["mscale_all_dim"] = cfg.mla_mscale_all_dim or 0.0
     if model_type == "llama":
         hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
     elif model_type == "mistral":
         hf["sliding_window"] = cfg.sliding_window
-    else:  # qwen2: q/k/v biases always present; the window applies to every layer or none
+    elif model_type == "qwen2":  # q/k/v biases always present; the window applies to every layer or none
         sliding = cfg.sliding_window is not None
         hf.update(
             use_sliding_window=sliding,
@@ -538,8 +555,11 @@ def _hf_names(cfg: ModelConfig) -> dict[str, str]:
     if not cfg.tie_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
     for i in range(cfg.n_layers):
+        mla = cfg.mixer_of(i) == "mla"
+        if mla:
+            names.update(mla_layer_names(cfg, i))
         for ours, theirs in _LAYER_MAP.items():
-            if ours.endswith(".bias") and not cfg.attention_bias:
+            if (ours.endswith(".bias") and not cfg.attention_bias) or (mla and ours.startswith("mixer.")):
                 continue
             names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
     return names
@@ -591,6 +611,8 @@ def load_hf_checkpoint(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]
             f"{' ...' if len(unexpected) > 8 else ''}"
         )
     state = {ours: tensors[theirs] for ours, theirs in names.items()}
+    if is_mla(cfg):
+        state = mla_state_from_hf(cfg, hf, state)
     return cfg, state
 
 

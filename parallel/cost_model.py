@@ -253,17 +253,23 @@ def layer_shape(spec: RunSpec, layer: int) -> LayerShape:
         from models.s2_attention import layer_pattern
 
         pattern = layer_pattern(cfg, layer, check_coverage=False)
-    linear = kind == "linear"
+    linear, latent, head_dim, n_kv = kind == "linear", None, cfg.hd, cfg.n_kv_heads
+    if kind == "mla":  # mla_latent gathers Dc + Dr numbers per token; mla_kv all heads' K/V padded
+        from models.registry import options_of
+
+        dc, dn, dr, dv = options_of(cfg, "mla").dims(cfg)
+        latent, head_dim, n_kv = dc + dr, max(dn + dr, dv), cfg.n_heads
     return LayerShape(
         batch=spec.batch,
         seq_len=spec.seq_len,
         cp=spec.cp,
         n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_heads if linear else cfg.n_kv_heads,
-        head_dim=cfg.hd,
+        n_kv_heads=cfg.n_heads if linear else n_kv,
+        head_dim=head_dim,
         elem_bytes=spec.elem_bytes,
         layout=spec.layout,
         pattern=pattern,
+        latent_dim=latent,
     )
 
 

@@ -176,3 +176,19 @@ def test_backward_bytes_are_counted_bytes():
             fwd, bwd, _ = _bytes(spec, 0, spec.strategy("softmax"))
             assert max(c[0] for c in counted) == fwd, (name, world)
             assert max(c[1] for c in counted) == bwd, (name, world, counted, bwd)
+
+
+def test_mla_layers_are_costed_by_their_latent():
+    """An MLA layer's shape carries Dc + Dr (mla_latent's all-gather) and, for mla_kv, every
+    query head's K/V at the padded width max(Dn + Dr, Dv): the planner compares the two."""
+    cl = load_cluster(os.path.join(CONF, "cluster", "h100.yaml"))
+    cfg = ModelConfig(
+        vocab_size=64, dim=256, n_layers=2, n_heads=4, n_kv_heads=4, mixer_pattern=["mla"], mla_kv_lora_rank=96
+    )
+    n, cp = 4096, 4
+    lat = layer_cost(cl, RunSpec(cfg, n, cp=cp, strategies={"mla": "mla_latent"}), 0)
+    kv = layer_cost(cl, RunSpec(cfg, n, cp=cp, strategies={"mla": "mla_kv"}), 0)
+    e = RunSpec(cfg, n, cp=cp).elem_bytes
+    assert lat.kind == "mla" and lat.fwd_bytes == (cp - 1) * (n // cp) * (96 + 64) * e
+    assert kv.fwd_bytes == (cp - 1) * (n // cp) * 2 * 4 * (64 + 64) * e  # K and V, 4 heads, Dn + Dr wide
+    assert lat.fwd_bytes < kv.fwd_bytes

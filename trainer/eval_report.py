@@ -13,6 +13,9 @@ def summarize(metrics: dict) -> dict:
     """Flat metrics -> {val_loss, loss_by_position: {edges, loss}, passkey: {lengths, depths,
     accuracy [L][D]}, mqar: {length: acc}} (the JSON summary)."""
     out = {"val_loss": metrics.get("val_loss")}
+    for key in ("kv_cache_bytes_per_token", "state_bytes"):  # models/kv_cache.py
+        if key in metrics:
+            out[key] = metrics[key]
     pos = sorted(
         (int(m[1]), int(m[2]), v) for k, v in metrics.items() if (m := re.fullmatch(r"val_loss@pos(\d+)-(\d+)", k))
     )

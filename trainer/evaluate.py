@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from models.kv_cache import kv_cache_bytes
 from parallel.mesh import env_ranks
 from trainer.batching import prepare_batch
 from trainer.eval_report import plot_summaries, summarize, write_report
@@ -186,6 +187,7 @@ def evaluate(model, val_loader, tokenizer, cfg, mesh, strategies) -> dict:
         out.update({f"passkey@{length}@{d:g}": v for d, v in cells.items()})
     for length in t.mqar_lengths:
         out[f"mqar@{length}"] = mqar_accuracy(model, tokenizer, length, cfg, mesh, strategies)
+    out.update(kv_cache_bytes(cfg.model))  # inference memory (bf16): KV cache per token, fixed state
     model.train()
     return out
 

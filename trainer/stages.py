@@ -7,6 +7,8 @@ from ``init_from`` or a fresh initialisation) and may change the model:
     same name, same shape                  -> copied
     k/v projection, a whole multiple wider -> each kv head repeated (GQA softmax -> linear
                                               mixers, which have no GQA; ``expand_kv``)
+    softmax layer that became mla          -> SVD of its q/k/v projections (X-EcoMLA,
+                                              trainer/upcycle.py), o_proj copied
     anything else the new model has        -> its own initialisation (seeded: trainer.seed +
                                               stage index), e.g. feature maps start as identity
     parameters the new model lacks         -> dropped
@@ -103,7 +105,16 @@ def carry_weights(
         names[kind].append(name)
     names["dropped"] = [k for k in src if k not in params]
     counts["dropped"] = len(names["dropped"])
-    if where is not None and (counts["expanded"] or counts["new"] or counts["dropped"]):
+    from trainer.upcycle import svd_init_mla
+
+    for layer in svd_init_mla(src, model):  # softmax -> mla layers: SVD of the old projections
+        for kind in ("copied", "new"):
+            moved = [n for n in names[kind] if n.startswith(f"layers.{layer}.mixer.")]
+            names[kind] = [n for n in names[kind] if n not in moved]
+            names.setdefault("svd", []).extend(moved)
+            counts[kind] -= len(moved)
+            counts["svd"] = counts.get("svd", 0) + len(moved)
+    if where is not None and (counts["expanded"] or counts.get("svd") or counts["new"] or counts["dropped"]):
         from parallel.mesh import env_ranks
 
         if env_ranks()[0] == 0:

@@ -65,6 +65,7 @@ class LayerShape:
     layout: str = "zigzag"
     key_dim: int | None = None
     pattern: object | None = None  # the layer's block pattern (sparse kind), for S2 byte formulas
+    latent_dim: int | None = None  # MLA: Dc + Dr numbers per token (the latent and the RoPE key)
 
 
 @dataclass
