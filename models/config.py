@@ -45,6 +45,9 @@ class ModelConfig:
     s2_offsets: list[int] | None = None  # explicit per-KV-head offsets
     s2_homogeneous: bool | None = None  # every head the same offset
     s2_layer_offset: int | None = None  # None: the layer index
+    # two-kind layers (mixers liger, lolcats): models/hybrid_attention.py HybridOptions
+    hybrid_window: int | None = None  # keys of the softmax window branch, self included (64)
+    hybrid_window_factor_init: float | None = None  # lolcats: logit of the window weight
 
     def __post_init__(self):
         self.validate()
@@ -64,12 +67,16 @@ class ModelConfig:
         return self.mixer_pattern[layer % len(self.mixer_pattern)]
 
     def kind_of(self, layer: int) -> str:
-        """The mixer kind (``softmax``, ``linear``, ...) of layer ``layer``."""
+        """The (primary) mixer kind (``softmax``, ``linear``, ...) of layer ``layer``."""
         return mixer_class(self.mixer_of(layer)).kind
 
+    def kinds_of(self, layer: int) -> tuple[str, ...]:
+        """Every mixer kind layer ``layer`` calls (two for a layer such as liger's)."""
+        return mixer_class(self.mixer_of(layer)).kinds
+
     def kinds(self) -> list[str]:
-        """The mixer kinds the model's layers use, in layer order, each once."""
-        return list(dict.fromkeys(self.kind_of(i) for i in range(self.n_layers)))
+        """The mixer kinds the model's layers call, in layer order, each once."""
+        return list(dict.fromkeys(k for i in range(self.n_layers) for k in self.kinds_of(i)))
 
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads"):
