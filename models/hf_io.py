@@ -223,9 +223,11 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
         )
     except KeyError as e:
         raise ValueError(f"config.json is missing {e.args[0]!r}") from None
+    from models.hybrid_attention import hybrid_from_hf
+
     return ModelConfig(
         **kwargs,
-        **_s2_from_hf(hf),
+        **{**_s2_from_hf(hf), **hybrid_from_hf(hf)},
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
@@ -262,7 +264,9 @@ def read_hf_config(path: str) -> tuple[ModelConfig, tuple[str, ...]]:
         raise _missing(os.fspath(path), f"{_CONFIG} is missing")
     with open(config_file) as f:
         hf = json.load(f)
-    return config_from_hf(hf), HF_FIELDS + tuple(_s2_from_hf(hf))
+    from models.hybrid_attention import hybrid_from_hf
+
+    return config_from_hf(hf), HF_FIELDS + tuple(dict.fromkeys([*_s2_from_hf(hf), *hybrid_from_hf(hf)]))
 
 
 def _effective(cfg: ModelConfig, name: str):
@@ -392,6 +396,9 @@ def config_to_hf(
     }
     if "s2" in cfg.mixer_pattern:
         hf[S2_KEY] = _s2_to_hf(cfg)
+    from models.hybrid_attention import hybrid_to_hf
+
+    hf.update(hybrid_to_hf(cfg))  # two-kind layers (liger): their pattern and window
     if model_type == "llama":
         hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
     elif model_type == "mistral":

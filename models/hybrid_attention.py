@@ -176,3 +176,36 @@ class LolcatsAttention(_TwoKind):
         o1 = ctx.run("linear", fq, fk, v1, scale=1.0, chunk_size=self.chunk_size, impl=self.impl)
         g = torch.sigmoid(self.window_factors)[:, None]  # [H, 1]
         return self.out((g * o_win + o1[..., : self.d]) / (g + o1[..., self.d :]))
+
+
+HF_KEY = "longctx_hybrid"  # config.json entry of a model with two-kind layers: pattern and hybrid_*
+
+
+def hybrid_to_hf(cfg) -> dict:
+    """{HF_KEY: the mixer pattern and every hybrid_* setting} when a layer calls two kinds, else
+    {} (transformers ignores the key and loads the projections as its dense attention)."""
+    import dataclasses
+
+    from models.registry import mixer_class
+
+    if all(len(mixer_class(m).kinds) == 1 for m in cfg.mixer_pattern):
+        return {}
+    opts = options_of(cfg, "hybrid")
+    return {HF_KEY: {"mixer_pattern": list(cfg.mixer_pattern), **dataclasses.asdict(opts)}}
+
+
+def hybrid_from_hf(hf: dict) -> dict:
+    """ModelConfig fields from ``hf[HF_KEY]`` ({} without it); ValueError for an unknown key."""
+    import dataclasses
+
+    got = hf.get(HF_KEY)
+    if not got:
+        return {}
+    fields = [f.name for f in dataclasses.fields(HybridOptions)]
+    unknown = sorted(set(got) - {"mixer_pattern", *fields})
+    if unknown:
+        raise ValueError(f"config.json {HF_KEY} has unknown keys {unknown}: expected mixer_pattern and {fields}")
+    out = {f"hybrid_{f}": got[f] for f in fields if f in got}
+    if "mixer_pattern" in got:
+        out["mixer_pattern"] = list(got["mixer_pattern"])
+    return out

@@ -151,9 +151,10 @@ def _loss_and_grads(model, batch, ctx, group):
     return stats
 
 
-def check_model(rank, world, cells, n=128, block=16):
+def check_model(rank, world, cells, n=128, block=16, window=9):
     """For each (mixer, strategy, layout): the max error of the CP loss and gradients (fp64)
-    against the same model on one device holding the whole batch."""
+    against the same model on one device holding the whole batch (``window``: the two-kind
+    layers' softmax window)."""
     from models import ModelConfig, Transformer
     from models.context import SingleDeviceContext
     from parallel.sharding import shard_batch
@@ -172,7 +173,7 @@ def check_model(rank, world, cells, n=128, block=16):
             mixer_pattern=[mixer],
             s2_block=16,
             s2_stride=2,
-            hybrid_window=9,
+            hybrid_window=window,
         )
         model = Transformer(cfg).double()
         ref = _loss_and_grads(model, batch, SingleDeviceContext(2, n, batch["cu_seqlens"], block), None)
