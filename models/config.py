@@ -48,6 +48,8 @@ class ModelConfig:
     # two-kind layers (mixers liger, lolcats): models/hybrid_attention.py HybridOptions
     hybrid_window: int | None = None  # keys of the softmax window branch, self included (64)
     hybrid_window_factor_init: float | None = None  # lolcats: logit of the window weight
+    # landmark attention (mixer landmark): models/landmark_attention.py LandmarkOptions
+    landmark_every: int | None = None  # regular tokens per block, its landmark after them (50)
 
     def __post_init__(self):
         self.validate()

@@ -398,7 +398,7 @@ def config_to_hf(
         hf[S2_KEY] = _s2_to_hf(cfg)
     from models.hybrid_attention import hybrid_to_hf
 
-    hf.update(hybrid_to_hf(cfg))  # two-kind layers (liger): their pattern and window
+    hf.update(hybrid_to_hf(cfg))  # mixers with settings to keep (liger, landmark): pattern and settings
     if model_type == "llama":
         hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
     elif model_type == "mistral":

@@ -140,6 +140,7 @@ class LigerAttention(_TwoKind):
     """Liger attention: 0.5 sliding-window softmax + 0.5 GLA gated by the key projection."""
 
     hf_attention = True  # the softmax layer's parameters exactly: transformers holds them
+    hf_options = ("hybrid",)  # config.json keeps these settings (hybrid_to_hf)
 
     def forward(self, x, cos, sin, ctx):
         q, k, v = self.qkv(x)
@@ -178,34 +179,39 @@ class LolcatsAttention(_TwoKind):
         return self.out((g * o_win + o1[..., : self.d]) / (g + o1[..., self.d :]))
 
 
-HF_KEY = "longctx_hybrid"  # config.json entry of a model with two-kind layers: pattern and hybrid_*
+HF_KEY = "longctx_mixers"  # config.json entry: the mixer pattern and the settings of its mixers
 
 
 def hybrid_to_hf(cfg) -> dict:
-    """{HF_KEY: the mixer pattern and every hybrid_* setting} when a layer calls two kinds, else
-    {} (transformers ignores the key and loads the projections as its dense attention)."""
+    """{HF_KEY: the mixer pattern and every <prefix>_<field> setting of the option groups its
+    mixers name in ``hf_options``} when a mixer of the pattern names any (liger, landmark), else
+    {}. transformers ignores the key and loads the projections as its dense attention; longctx
+    reloads the pattern."""
     import dataclasses
 
-    from models.registry import mixer_class
+    from models.registry import OPTIONS, mixer_class
 
-    if all(len(mixer_class(m).kinds) == 1 for m in cfg.mixer_pattern):
+    prefixes = dict.fromkeys(p for m in cfg.mixer_pattern for p in getattr(mixer_class(m), "hf_options", ()))
+    if not prefixes:
         return {}
-    opts = options_of(cfg, "hybrid")
-    return {HF_KEY: {"mixer_pattern": list(cfg.mixer_pattern), **dataclasses.asdict(opts)}}
+    out = {"mixer_pattern": list(cfg.mixer_pattern)}
+    for prefix in prefixes:
+        opts = options_of(cfg, prefix)
+        out.update({f"{prefix}_{f.name}": getattr(opts, f.name) for f in dataclasses.fields(OPTIONS[prefix])})
+    return {HF_KEY: out}
 
 
 def hybrid_from_hf(hf: dict) -> dict:
     """ModelConfig fields from ``hf[HF_KEY]`` ({} without it); ValueError for an unknown key."""
     import dataclasses
 
+    from models.config import ModelConfig
+
     got = hf.get(HF_KEY)
     if not got:
         return {}
-    fields = [f.name for f in dataclasses.fields(HybridOptions)]
-    unknown = sorted(set(got) - {"mixer_pattern", *fields})
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(got) - fields)
     if unknown:
-        raise ValueError(f"config.json {HF_KEY} has unknown keys {unknown}: expected mixer_pattern and {fields}")
-    out = {f"hybrid_{f}": got[f] for f in fields if f in got}
-    if "mixer_pattern" in got:
-        out["mixer_pattern"] = list(got["mixer_pattern"])
-    return out
+        raise ValueError(f"config.json {HF_KEY} has unknown keys {unknown}: expected ModelConfig fields")
+    return {k: list(v) if k == "mixer_pattern" else v for k, v in got.items()}

@@ -9,7 +9,7 @@ mixer (the single-device op of every kind, and the options of every mixer module
 
 from __future__ import annotations
 
-from models import hybrid_attention, linear_attention, s2_attention, softmax_attention  # noqa: F401  (registration)
+from models import hybrid_attention, landmark_attention, linear_attention, s2_attention, softmax_attention  # noqa: F401  (registration)
 from models.registry import KINDS, MIXERS, mixer_class
 
 

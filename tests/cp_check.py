@@ -174,6 +174,7 @@ def check_model(rank, world, cells, n=128, block=16, window=9):
             s2_block=16,
             s2_stride=2,
             hybrid_window=window,
+            landmark_every=5,
         )
         model = Transformer(cfg).double()
         ref = _loss_and_grads(model, batch, SingleDeviceContext(2, n, batch["cu_seqlens"], block), None)

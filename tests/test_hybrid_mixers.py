@@ -149,6 +149,7 @@ def test_two_kind_model_runs_a_mixed_pattern():
     [
         (3, [("liger", "lasp1+ring", "contiguous"), ("lolcats", "lasp2+allgather+halo", "zigzag")]),
         (4, [("liger", "lasp2+ulysses", "zigzag"), ("lolcats", "lasp1+ring+halo", "contiguous")]),
+        (3, [("landmark", "gather_keys", "zigzag")]),
     ],
 )
 def test_two_kind_layers_under_mixed_strategies_match_one_device(world, cells):
@@ -184,7 +185,7 @@ def test_liger_imports_a_checkpoint_and_exports_what_transformers_holds(model_ty
     out = liger(ids)
     save_hf_checkpoint(liger, str(tmp_path / "liger"), model_type=model_type)
     hf = json.load(open(tmp_path / "liger" / "config.json"))
-    assert hf["longctx_hybrid"]["mixer_pattern"] == ["liger", "softmax"] and hf["longctx_hybrid"]["window"] == 4
+    assert hf["longctx_mixers"]["mixer_pattern"] == ["liger", "softmax"] and hf["longctx_mixers"]["hybrid_window"] == 4
     back = load_hf_model(str(tmp_path / "liger")).double()
     assert back.cfg.mixer_pattern == ["liger", "softmax"] and back.cfg.hybrid_window == 4
     assert (back(ids) - out).abs().max() < 1e-12

@@ -4,7 +4,7 @@ A new strategy is a new file that subclasses its kind's base (``SoftmaxStrategy`
 ``LinearStrategy``) and decorates itself with ``@register("name")``, plus its import below.
 """
 
-from parallel.strategies import allgather, cad, halo, lasp1, lasp2, local, ring, s2, ulysses, usp  # noqa: F401
+from parallel.strategies import allgather, cad, gather_keys, halo, lasp1, lasp2, local, ring, s2, ulysses, usp  # noqa: F401
 from parallel.strategies.base import (
     DEFAULTS,
     STRATEGIES,
