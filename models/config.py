@@ -45,9 +45,10 @@ class ModelConfig:
     s2_offsets: list[int] | None = None  # explicit per-KV-head offsets
     s2_homogeneous: bool | None = None  # every head the same offset
     s2_layer_offset: int | None = None  # None: the layer index
-    # two-kind layers (mixers liger, lolcats): models/hybrid_attention.py HybridOptions
+    # two-kind layers (mixers liger, lolcats, lizard): models/hybrid_attention.py HybridOptions
     hybrid_window: int | None = None  # keys of the softmax window branch, self included (64)
     hybrid_window_factor_init: float | None = None  # lolcats: logit of the window weight
+    hybrid_meta_tokens: int | None = None  # lizard: learned meta-memory tokens (4)
     # landmark attention (mixer landmark): models/landmark_attention.py LandmarkOptions
     landmark_every: int | None = None  # regular tokens per block, its landmark after them (50)
 

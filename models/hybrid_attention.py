@@ -85,10 +85,13 @@ class HybridOptions:
 
     window: int = 64  # keys of the softmax branch, self included
     window_factor_init: float = -2.1972245773362196  # lolcats: logit of the window weight (0.1)
+    meta_tokens: int = 4  # lizard: learned meta-memory tokens every query sees
 
     def validate(self, cfg) -> None:
         if self.window < 1:
             raise ValueError(f"model.hybrid_window={self.window} must be >= 1")
+        if self.meta_tokens < 1:
+            raise ValueError(f"model.hybrid_meta_tokens={self.meta_tokens} must be >= 1")
 
 
 class _TwoKind(nn.Module):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from models import ModelConfig, Transformer
 from models.context import SingleDeviceContext
 from models.hybrid_attention import LigerAttention, LolcatsAttention
+from models.lizard_attention import LizardAttention
 from models.rope import Rotary, apply_rotary
 from models.softmax_attention import SoftmaxAttention
 
@@ -84,7 +85,27 @@ def lolcats_dense(m, x, cos, sin, ctx):
     return m.out(o)
 
 
-CASES = [(LigerAttention, liger_dense), (LolcatsAttention, lolcats_dense)]
+def lizard_dense(m, x, cos, sin, ctx):
+    """Lizard: 0.5 normalised gated hedgehog linear attention + 0.5 one softmax over the window
+    keys and the meta tokens (module docstring of models/lizard_attention.py)."""
+    q, k, v, qr, kr = _qkv(m, x, cos, sin)
+    same, dist = _masks(ctx)
+    g = m.h // m.n_kv
+    mk, mv = m.meta_k.repeat_interleave(g, 1), m.meta_v.repeat_interleave(g, 1)  # [M, H, D]
+    s = torch.einsum("bihd,bjhd->bhij", qr, kr) / math.sqrt(m.d)
+    s = s.masked_fill(~(same & (dist < m.window)), -math.inf)
+    sm = torch.einsum("bihd,mhd->bhim", qr, mk) / math.sqrt(m.d)
+    p = torch.cat([s, sm], -1).softmax(-1)
+    o_win = torch.einsum("bhij,bjhd->bihd", p[..., :T], v) + torch.einsum("bhim,mhd->bihd", p[..., T:], mv)
+    gk = F.logsigmoid(m.gate_up(m.gate_down(x))).view(B, T, m.h, -1) / 16
+    cum = gk.cumsum(1)
+    decay = (cum[:, :, None] - cum[:, None, :]).exp()  # [B, i, j, H, F]
+    a = torch.einsum("bihf,bjhf,bijhf->bhij", m.q_map(qr), m.k_map(kr), decay) * same
+    o_lin = torch.einsum("bhij,bjhd->bihd", a / a.sum(-1, keepdim=True), v)
+    return m.out(0.5 * o_lin + 0.5 * o_win)
+
+
+CASES = [(LigerAttention, liger_dense), (LolcatsAttention, lolcats_dense), (LizardAttention, lizard_dense)]
 
 
 def _grads(m, x, out):
@@ -110,7 +131,7 @@ def test_planted_window_one_key_too_many_fails_the_reference(cls, dense, monkeyp
     run = ctx.run
 
     def planted(kind, *args, **kw):
-        return run(kind, *args, **({**kw, "window": kw["window"] + 1} if kind == "softmax" else kw))
+        return run(kind, *args, **({**kw, "window": kw["window"] + 1} if kind in ("softmax", "meta_window") else kw))
 
     monkeypatch.setattr(ctx, "run", planted)
     assert (m(x, cos, sin, ctx) - dense(m, x, cos, sin, ctx)).abs().max() > 1e-4
@@ -147,9 +168,23 @@ def test_two_kind_model_runs_a_mixed_pattern():
 @pytest.mark.parametrize(
     "world,cells",
     [
-        (3, [("liger", "lasp1+ring", "contiguous"), ("lolcats", "lasp2+allgather+halo", "zigzag")]),
-        (4, [("liger", "lasp2+ulysses", "zigzag"), ("lolcats", "lasp1+ring+halo", "contiguous")]),
-        (3, [("landmark", "gather_keys", "zigzag")]),
+        (
+            3,
+            [
+                ("liger", "lasp1+ring", "contiguous"),
+                ("lolcats", "lasp2+allgather+halo", "zigzag"),
+                ("lizard", "lasp2+gather_window", "contiguous"),
+                ("landmark", "gather_keys", "zigzag"),
+            ],
+        ),
+        (
+            4,
+            [
+                ("liger", "lasp2+ulysses", "zigzag"),
+                ("lolcats", "lasp1+ring+halo", "contiguous"),
+                ("lizard", "lasp2+gather_window", "zigzag"),
+            ],
+        ),
     ],
 )
 def test_two_kind_layers_under_mixed_strategies_match_one_device(world, cells):
@@ -191,10 +226,17 @@ def test_liger_imports_a_checkpoint_and_exports_what_transformers_holds(model_ty
     assert (back(ids) - out).abs().max() < 1e-12
 
 
-def test_lolcats_is_a_conversion_target_and_its_transfer_loss_falls(tmp_path):
-    """From a checkpoint: q/k/v/o copied (GQA kept), feature maps and window factors new; the
-    attention-transfer teacher of a lolcats layer is exactly the softmax layer it replaced; and
-    training only the maps and window factors lowers the transfer MSE."""
+@pytest.mark.parametrize(
+    "mixer,new,train",
+    [
+        ("lolcats", 3, ["*.q_map.*", "*.k_map.*", "*.window_factors"]),  # maps, window factors
+        ("lizard", 7, ["*.q_map.*", "*.k_map.*", "*.gate_*", "*.meta_*"]),  # maps, gate (3), meta k/v
+    ],
+)
+def test_conversion_target_and_its_transfer_loss_falls(mixer, new, train, tmp_path):
+    """From a checkpoint: q/k/v/o copied (GQA kept), the mixer's own modules new; the
+    attention-transfer teacher of the layer is exactly the softmax layer it replaced; and
+    training only the new modules lowers the transfer MSE."""
     from models.hf_io import load_hf_checkpoint, save_hf_checkpoint
     from trainer.distill import AttentionTransfer, teacher_attention
     from trainer.stages import carry_weights, freeze
@@ -206,16 +248,16 @@ def test_lolcats_is_a_conversion_target_and_its_transfer_loss_falls(tmp_path):
     save_hf_checkpoint(dense, str(tmp_path / "dense"))
     _, state = load_hf_checkpoint(str(tmp_path / "dense"))
     cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, hybrid_window=4)
-    cfg.mixer_pattern = ["lolcats", "softmax"]
+    cfg.mixer_pattern = [mixer, "softmax"]
     student = Transformer(cfg)
     counts = carry_weights(state, student, where=None)
-    assert counts["expanded"] == 0 and counts["new"] == 3  # q_map, k_map, window_factors
+    assert counts["expanded"] == 0 and counts["new"] == new
     x = torch.randn(2, 24, 32)
     cos, sin = dense.rotary.cos_sin(torch.arange(24).expand(2, 24), x.dtype)
     ctx = SingleDeviceContext(2, 24)
     want = dense.layers["0"].mixer(x, cos, sin, ctx)
     torch.testing.assert_close(teacher_attention(student.layers["0"].mixer, x, cos, sin, ctx), want)
-    freeze(student, ["*.q_map.*", "*.k_map.*", "*.window_factors"], "test")
+    freeze(student, train, "test")
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=3e-2)
     ids = torch.randint(0, 61, (2, 48), generator=torch.Generator().manual_seed(0))
     losses = []
@@ -228,3 +270,21 @@ def test_lolcats_is_a_conversion_target_and_its_transfer_loss_falls(tmp_path):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def _check_with_sharded_meta(rank, world, cells, *args):
+    """check_model with the planted bug: each rank attends to its own slice of the meta tokens."""
+    import parallel.strategies.gather_keys as gather_keys
+    from tests.cp_check import check_model
+
+    gather_keys.meta_tokens = lambda meta, ctx: meta.chunk(ctx.world_size)[ctx.rank]
+    return check_model(rank, world, cells, *args)
+
+
+@pytest.mark.gloo
+def test_planted_sharded_meta_tokens_fail_the_cp_check():
+    """Meta tokens sharded over the CP ranks instead of replicated: CP no longer equals one device."""
+    from parallel.spawn import run_distributed
+
+    errs = run_distributed(_check_with_sharded_meta, 2, [("lizard", "lasp2+gather_window", "zigzag")], timeout=600)
+    assert all(e[0][3] > 1e-6 for e in errs), errs
