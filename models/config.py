@@ -63,6 +63,12 @@ class ModelConfig:
     mla_latent_norm: bool | None = None  # RMSNorm on the latents (DeepSeek: true)
     mla_latent_norm_eps: float | None = None
     mla_mscale_all_dim: float | None = None  # DeepSeek YaRN softmax-scale mscale
+    # two-kind layers (mixers liger, lolcats, lizard): models/hybrid_attention.py HybridOptions
+    hybrid_window: int | None = None  # keys of the softmax window branch, self included (64)
+    hybrid_window_factor_init: float | None = None  # lolcats: logit of the window weight
+    hybrid_meta_tokens: int | None = None  # lizard: learned meta-memory tokens (4)
+    # landmark attention (mixer landmark): models/landmark_attention.py LandmarkOptions
+    landmark_every: int | None = None  # regular tokens per block, its landmark after them (50)
 
     def __post_init__(self):
         self.validate()
@@ -82,12 +88,16 @@ class ModelConfig:
         return self.mixer_pattern[layer % len(self.mixer_pattern)]
 
     def kind_of(self, layer: int) -> str:
-        """The mixer kind (``softmax``, ``linear``, ...) of layer ``layer``."""
+        """The (primary) mixer kind (``softmax``, ``linear``, ...) of layer ``layer``."""
         return mixer_class(self.mixer_of(layer)).kind
 
+    def kinds_of(self, layer: int) -> tuple[str, ...]:
+        """Every mixer kind layer ``layer`` calls (two for a layer such as liger's)."""
+        return mixer_class(self.mixer_of(layer)).kinds
+
     def kinds(self) -> list[str]:
-        """The mixer kinds the model's layers use, in layer order, each once."""
-        return list(dict.fromkeys(self.kind_of(i) for i in range(self.n_layers)))
+        """The mixer kinds the model's layers call, in layer order, each once."""
+        return list(dict.fromkeys(k for i in range(self.n_layers) for k in self.kinds_of(i)))
 
     def _validate_mask(self) -> None:
         from models.ops.attention.slices import check_recipe

@@ -309,9 +309,11 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
             kwargs.update(mla_config_kwargs(hf))
     except KeyError as e:
         raise ValueError(f"config.json is missing {e.args[0]!r}") from None
+    from models.hybrid_attention import hybrid_from_hf
+
     return ModelConfig(
         **kwargs,
-        **_s2_from_hf(hf),
+        **{**_s2_from_hf(hf), **hybrid_from_hf(hf)},
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
@@ -349,7 +351,9 @@ def read_hf_config(path: str) -> tuple[ModelConfig, tuple[str, ...]]:
     with open(config_file) as f:
         hf = json.load(f)
     mla = tuple(mla_config_kwargs(hf)) if hf.get("model_type") in DEEPSEEK_TYPES else ()
-    return config_from_hf(hf), HF_FIELDS + tuple(_s2_from_hf(hf)) + mla
+    from models.hybrid_attention import hybrid_from_hf
+
+    return config_from_hf(hf), HF_FIELDS + tuple(dict.fromkeys([*_s2_from_hf(hf), *hybrid_from_hf(hf)])) + mla
 
 
 def _effective(cfg: ModelConfig, name: str):
@@ -485,6 +489,9 @@ def config_to_hf(
         if rope["rope_type"] == "yarn":  # DeepSeek's softmax-scale mscale
             for d in (hf["rope_parameters"], hf["rope_scaling"]):
                 d["mscale_all_dim"] = cfg.mla_mscale_all_dim or 0.0
+    from models.hybrid_attention import hybrid_to_hf
+
+    hf.update(hybrid_to_hf(cfg))  # mixers with settings to keep (liger, landmark): pattern and settings
     if model_type == "llama":
         hf.update(attention_bias=cfg.attention_bias, mlp_bias=False)
     elif model_type == "mistral":

@@ -9,7 +9,15 @@ mixer (the single-device op of every kind, and the options of every mixer module
 
 from __future__ import annotations
 
-from models import linear_attention, mla_attention, s2_attention, softmax_attention  # noqa: F401  (registration)
+from models import (  # noqa: F401  (registration)
+    hybrid_attention,
+    landmark_attention,
+    linear_attention,
+    lizard_attention,
+    mla_attention,
+    s2_attention,
+    softmax_attention,
+)
 from models.registry import KINDS, MIXERS, mixer_class
 
 

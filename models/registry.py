@@ -17,6 +17,10 @@ registers their *options*: a dataclass whose field ``f`` is the user key ``model
     class GatedLinearAttention(nn.Module):
         kind = "linear"
 
+    @register_mixer("liger")                             # a layer that calls two kinds
+    class LigerAttention(nn.Module):
+        kinds = ("linear", "softmax")                    # kind: the first, the layer's primary
+
     @register_options("linear")                          # model.linear_chunk_size, ...
     @dataclass
     class LinearOptions:
@@ -33,16 +37,28 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-MIXERS: dict[str, type] = {}  # mixer name -> module class (with a ``kind`` attribute)
+MIXERS: dict[str, type] = {}  # mixer name -> module class (with ``kind`` and ``kinds`` attributes)
 KINDS: dict[str, Callable] = {}  # mixer kind -> single-device op
 REFERENCES: dict[str, Callable] = {}  # mixer kind -> its naive reference op (same signature)
 OPTIONS: dict[str, type] = {}  # key prefix (model.<prefix>_*) -> options dataclass
 
 
 def register_mixer(name: str):
+    """Register a mixer class. It declares the kind it calls (``kind = "softmax"``) or, when one
+    layer calls several, all of them (``kinds = ("linear", "softmax")``: one strategy per kind
+    under CP, one CP group and one layout). Afterwards ``cls.kinds`` lists every kind it calls and
+    ``cls.kind`` is the first (the primary kind, which per-layer cost estimates read)."""
+
     def wrap(cls):
-        if not isinstance(getattr(cls, "kind", None), str):
-            raise TypeError(f"mixer {name!r} ({cls.__name__}) must declare its kind, e.g. kind = 'softmax'")
+        # the nearest class of the hierarchy that declares ``kinds`` or ``kind`` decides
+        decl = next((c.__dict__ for c in cls.__mro__ if "kinds" in c.__dict__ or "kind" in c.__dict__), {})
+        kinds = decl.get("kinds") if "kinds" in decl else (decl.get("kind"),)
+        if not (isinstance(kinds, tuple) and kinds and all(isinstance(k, str) for k in kinds)):
+            raise TypeError(
+                f"mixer {name!r} ({cls.__name__}) must declare its kind, e.g. kind = 'softmax', or the "
+                "kinds one layer calls, e.g. kinds = ('linear', 'softmax')"
+            )
+        cls.kind, cls.kinds = kinds[0], kinds
         MIXERS[name] = cls
         return cls
 

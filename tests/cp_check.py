@@ -102,17 +102,33 @@ def check_layouts(rank, world, strategy, cases):
 
 def model_cells() -> list[tuple[str, str, str]]:
     """(mixer, strategy, layout) for every registered mixer, every multi-rank strategy serving
-    its kind and every layout that strategy takes (the registries' whole product)."""
+    its kind and every layout that strategy takes (the registries' whole product). A mixer that
+    calls several kinds gets ``strategy`` = one name per kind joined by ``+`` (in its ``kinds``
+    order): each multi-rank strategy of each kind once, the other kinds on their defaults, on one
+    layout they all take (zigzag where they can)."""
     from models.registry import MIXERS, mixer_kinds
+    from parallel.strategies import DEFAULTS
 
     mixer_kinds()  # loads the registry
-    return [
-        (mixer, name, layout)
-        for mixer in sorted(MIXERS)
-        for name in strategy_names(MIXERS[mixer].kind)
-        if STRATEGIES[name].kinds  # ``local`` serves one rank only
-        for layout in STRATEGIES[name].layouts
-    ]
+    cells = []
+    for mixer in sorted(MIXERS):
+        kinds = MIXERS[mixer].kinds
+        if len(kinds) == 1:
+            cells += [
+                (mixer, name, layout)
+                for name in strategy_names(kinds[0])
+                if STRATEGIES[name].kinds  # ``local`` serves one rank only
+                for layout in STRATEGIES[name].layouts
+            ]
+            continue
+        for i, kind in enumerate(kinds):
+            for name in strategy_names(kind):
+                if not STRATEGIES[name].kinds or (i > 0 and name == DEFAULTS[kind]):  # paired already
+                    continue
+                names = [name if j == i else DEFAULTS[other] for j, other in enumerate(kinds)]
+                layouts = set.intersection(*(set(STRATEGIES[n].layouts) for n in names))
+                cells.append((mixer, "+".join(names), "zigzag" if "zigzag" in layouts else min(layouts)))
+    return cells
 
 
 def _model_batch(n, b=2, vocab=61, seed=0):
@@ -137,9 +153,10 @@ def _loss_and_grads(model, batch, ctx, group):
     return stats
 
 
-def check_model(rank, world, cells, n=128, block=16):
+def check_model(rank, world, cells, n=128, block=16, window=9):
     """For each (mixer, strategy, layout): the max error of the CP loss and gradients (fp64)
-    against the same model on one device holding the whole batch."""
+    against the same model on one device holding the whole batch (``window``: the two-kind
+    layers' softmax window)."""
     from models import ModelConfig, Transformer
     from models.context import SingleDeviceContext
     from parallel.sharding import shard_batch
@@ -150,15 +167,24 @@ def check_model(rank, world, cells, n=128, block=16):
     for mixer, name, layout in cells:
         torch.manual_seed(0)
         cfg = ModelConfig(
-            dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, mixer_pattern=[mixer], s2_block=16, s2_stride=2
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            vocab_size=61,
+            mixer_pattern=[mixer],
+            s2_block=16,
+            s2_stride=2,
+            hybrid_window=window,
+            landmark_every=5,
         )
         model = Transformer(cfg).double()
         ref = _loss_and_grads(model, batch, SingleDeviceContext(2, n, batch["cu_seqlens"], block), None)
-        strat = build_strategy(name, cfg.kind_of(0))
-        for u in strat.subgroup_sizes(world, cfg.n_heads):
+        strats = {kind: build_strategy(s, kind) for kind, s in zip(cfg.kinds_of(0), name.split("+"))}
+        for u in (u for s in strats.values() for u in s.subgroup_sizes(world, cfg.n_heads)):
             if u not in subgroups:  # every rank walks the same cells: the same collectives
                 subgroups.update(build_subgroups(group, world, [u]))
-        ctx = CPContext(strat, group, rank, world, layout, n, 2, batch["cu_seqlens"], block, subgroups)
+        ctx = CPContext(strats, group, rank, world, layout, n, 2, batch["cu_seqlens"], block, subgroups)
         got = _loss_and_grads(model, shard_batch(batch, rank, world, layout), ctx, group)
         errs.append((mixer, name, layout, (got - ref).abs().max().item()))
     return errs

@@ -33,7 +33,7 @@ def test_recipe_composes_and_every_stage_validates(name):
 
     cfg = _compose([f"recipe={name}"])
     stages = plan(cfg)
-    assert len(stages) == len(cfg.recipe.stages) >= 2
+    assert len(stages) == len(cfg.recipe.stages) >= 1  # one stage: e.g. liger (LoRA only), landmark
     for st in stages:
         validate(st.cfg, world_size=st.cfg.parallel.cp.size)
         assert st.cfg.trainer.steps == st.spec.steps

@@ -11,7 +11,7 @@ from models.mixers import MIXERS as REGISTERED
 from models.mixers import build_mixer
 from models.rope import Rotary
 
-MIXERS = sorted(name for name, cls in REGISTERED.items() if cls.kind == "linear")  # every registered one
+MIXERS = sorted(name for name, cls in REGISTERED.items() if cls.kinds == ("linear",))  # every registered one
 B, T = 2, 37
 CU = torch.tensor([0, 1, 12, 30, 37, 40, 41, 74])  # length-1 docs, a doc across chunk edges
 

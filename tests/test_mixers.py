@@ -14,8 +14,8 @@ mixer_kinds()  # loads the registry
 B, T = 2, 37
 CU = torch.tensor([0, 1, 12, 30, 37, 40, 41, 74])  # length-1 docs, docs across block edges
 # sizes at which every mixer's structure shows in 37 tokens: S2 blocks of 16 with stride 2,
-# linear chunks of 8, softmax kernel blocks of 16
-SMALL = dict(s2_block=16, s2_stride=2, linear_chunk_size=8)
+# linear chunks of 8, softmax kernel blocks of 16, windows of two-kind layers of 5, landmark blocks of 5
+SMALL = dict(s2_block=16, s2_stride=2, linear_chunk_size=8, hybrid_window=5, landmark_every=4)
 
 
 class ReferenceContext(SingleDeviceContext):

@@ -25,17 +25,19 @@ def teacher_attention(mixer, x, cos, sin, ctx, window=None) -> torch.Tensor:
     """Softmax attention with a linear mixer's q/k/v/o projections (RoPE as the softmax mixer
     applies it). x [B, T, dim] -> [B, T, dim]."""
     b, t, _ = x.shape
+    n_kv = getattr(mixer, "n_kv", mixer.h)  # two-kind layers keep the teacher's GQA
     q = mixer.q_proj(x).view(b, t, mixer.h, mixer.d)
-    k = mixer.k_proj(x).view(b, t, mixer.h, mixer.d)
-    v = mixer.v_proj(x).view(b, t, mixer.h, mixer.d)
+    k = mixer.k_proj(x).view(b, t, n_kv, mixer.d)
+    v = mixer.v_proj(x).view(b, t, n_kv, mixer.d)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     o = ctx.run("softmax", q, k, v, causal=True, window=window)  # [B, T, H, D]
     return mixer.o_proj(o.reshape(b, t, mixer.h * mixer.d))
 
 
 def converted_layers(model) -> list[str]:
-    """Names of the layers whose mixer is of kind ``linear`` (the student layers)."""
-    return [name for name, block in model.layers.items() if block.mixer.kind == "linear"]
+    """Names of the layers whose mixer calls the ``linear`` kind (the student layers, two-kind
+    layers such as lolcats included)."""
+    return [name for name, block in model.layers.items() if "linear" in block.mixer.kinds]
 
 
 class AttentionTransfer:

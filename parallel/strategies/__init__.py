@@ -4,7 +4,20 @@ A new strategy is a new file that subclasses its kind's base (``SoftmaxStrategy`
 ``LinearStrategy``) and decorates itself with ``@register("name")``, plus its import below.
 """
 
-from parallel.strategies import allgather, cad, lasp1, lasp2, local, mla_latent, ring, s2, ulysses, usp  # noqa: F401
+from parallel.strategies import (  # noqa: F401
+    allgather,
+    cad,
+    gather_keys,
+    halo,
+    lasp1,
+    lasp2,
+    local,
+    mla_latent,
+    ring,
+    s2,
+    ulysses,
+    usp,
+)
 from parallel.strategies.base import (
     DEFAULTS,
     STRATEGIES,

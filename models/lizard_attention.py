@@ -1,0 +1,94 @@
+"""Lizard (Van Nguyen et al. 2025, "Lizard: An Efficient Linearization Framework for LLMs"):
+gated linear attention for global context plus sliding-window attention with learned
+meta-memory tokens that every query sees, in one layer (mixer ``lizard``, kinds ``linear`` and
+``meta_window``). No public code was found; this follows the paper's description:
+
+    linear       hedgehog feature maps of the RoPE'd q, k (as LoLCATs), a data-dependent per-key
+                 gate gk = logsigmoid(W_up W_down x) / 16 (GLA's low-rank gate, the "gating
+                 module"), normalised by the decayed sum of the keys (a ones column of v)
+    meta_window  one softmax over the last W keys (self included, same document) and M learned
+                 meta tokens (K/V parameters [M, Hkv, D], no position: not rotated)
+    o = 0.5 o_linear + 0.5 o_meta_window   (the combination is not fixed by the text at hand:
+                 Liger's equal weights, a deliberate choice)
+
+Under CP the meta tokens' K/V are replicated (every rank holds the parameters and every query
+sees all M; their gradient is each rank's share, summed by data parallelism like any weight),
+never sharded; the window keys come from the ranks that hold them
+(parallel/strategies/gather_keys.py). Shapes: x [B, T, dim]; q [B, T, H, D]; k, v [B, T, Hkv, D].
+Settings: model.hybrid_window (W) and model.hybrid_meta_tokens (M); the gate's rank and
+normaliser are model.linear_gate_low_rank / linear_gate_normalizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.hybrid_attention import _TwoKind
+from models.linear_attention import FeatureMap
+from models.ops.attention import check_inputs
+from models.registry import options_of, register_kind, register_mixer
+from models.rope import apply_rotary
+
+
+def meta_window_core(q, k, v, q_index, q_doc, k_index, k_doc, *, window, meta_k, meta_v, scale=None):
+    """o [B, Tq, H, D]: softmax over the keys k [B, Tk, Hkv, D] at row positions ``k_index`` in
+    query i's window (0 <= i - j < window, same document) together with the meta tokens
+    meta_k, meta_v [M, Hkv, D]. Dense in (Tq, Tk) over the keys it is given."""
+    b, tq, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    g = h // k.shape[2]
+    kr, vr = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+    mk, mv = meta_k.repeat_interleave(g, dim=1), meta_v.repeat_interleave(g, dim=1)  # [M, H, D]
+    dist = q_index[:, None] - k_index[None, :]
+    ok = (q_doc[:, :, None] == k_doc[:, None, :]) & ((dist >= 0) & (dist < window))[None]  # [B, Tq, Tk]
+    s = torch.einsum("bihd,bjhd->bhij", q, kr) * scale
+    s = s.masked_fill(~ok[:, None], -math.inf)
+    sm = torch.einsum("bihd,mhd->bhim", q, mk.to(q.dtype)) * scale  # [B, H, Tq, M]
+    p = torch.cat([s, sm], dim=-1).softmax(-1)
+    pw, pm = p.split([s.shape[-1], sm.shape[-1]], dim=-1)
+    return torch.einsum("bhij,bjhd->bihd", pw, vr) + torch.einsum("bhim,mhd->bihd", pm, mv.to(q.dtype))
+
+
+def _local_meta_window(q, k, v, ctx, *, window, meta_k, meta_v, scale=None):
+    """The single-device op (already the dense formulation: its own reference)."""
+    check_inputs(q, k, window)
+    d = ctx.docs
+    return meta_window_core(q, k, v, d.index, d.doc, d.index, d.doc, window=window, meta_k=meta_k, meta_v=meta_v)
+
+
+register_kind("meta_window", reference=_local_meta_window)(_local_meta_window)
+
+
+@register_mixer("lizard")
+class LizardAttention(_TwoKind):
+    """Lizard: gated hedgehog linear attention + sliding window with meta-memory tokens."""
+
+    kinds = ("linear", "meta_window")
+
+    def __init__(self, cfg, layer: int):
+        super().__init__(cfg, layer)
+        self.q_map = FeatureMap("hedgehog", self.h, self.d)
+        self.k_map = FeatureMap("hedgehog", self.h, self.d)
+        rank = int(options_of(cfg, "linear").gate_low_rank)
+        self.gate_down = nn.Linear(cfg.dim, rank, bias=False)
+        self.gate_up = nn.Linear(rank, self.h * self.q_map.out_dim, bias=True)
+        m = int(options_of(cfg, "hybrid").meta_tokens)
+        self.meta_k = nn.Parameter(torch.randn(m, self.n_kv, self.d) * cfg.init_std)
+        self.meta_v = nn.Parameter(torch.randn(m, self.n_kv, self.d) * cfg.init_std)
+
+    def forward(self, x, cos, sin, ctx):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x)
+        qr, kr = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o_win = ctx.run("meta_window", qr, kr, v, window=self.window, meta_k=self.meta_k, meta_v=self.meta_v)
+        fq, fk = self.q_map(qr), self.k_map(self.repeat_kv(kr))  # [B, T, H, 2D]
+        gk = F.logsigmoid(self.gate_up(self.gate_down(x))).view(b, t, self.h, -1) / self.normalizer
+        vr = self.repeat_kv(v)
+        v1 = torch.cat([vr, torch.ones_like(vr[..., :1])], dim=-1)  # numerator and denominator
+        o1 = ctx.run("linear", fq, fk, v1, gk=gk, scale=1.0, chunk_size=self.chunk_size, impl=self.impl)
+        o_lin = o1[..., : self.d] / o1[..., self.d :]
+        return self.out(0.5 * o_lin + 0.5 * o_win)
