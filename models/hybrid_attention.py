@@ -112,6 +112,19 @@ class _TwoKind(nn.Module):
         self.o_proj = nn.Linear(self.h * self.d, cfg.dim, bias=False)
 
     @staticmethod
+    def state_dims(cfg) -> tuple[int, int]:
+        """(Dk, Dv) of the linear branch's state per head."""
+        return cfg.hd, cfg.hd
+
+    @classmethod
+    def cache_bytes(cls, cfg, layer: int, elem_bytes: int) -> tuple[int, int]:
+        """(per token, fixed state) bytes at inference: nothing grows with the context; the state is
+        the window's keys and values (W tokens) plus the linear branch's [H, Dk, Dv]."""
+        window = options_of(cfg, "hybrid").window
+        dk, dv = cls.state_dims(cfg)
+        return 0, (2 * window * cfg.n_kv_heads * cfg.hd + cfg.n_heads * dk * dv) * elem_bytes
+
+    @staticmethod
     def core_flops(cfg, layer: int, doc_lens) -> float:
         """The linear branch's state terms plus the window branch's allowed pairs (fwd+bwd)."""
         window = options_of(cfg, "hybrid").window
@@ -160,6 +173,11 @@ class LolcatsAttention(_TwoKind):
     """LoLCATs: window softmax + hedgehog linear attention outside the window, one normaliser."""
 
     kinds = ("linear", "softmax", "delay")
+
+    @staticmethod
+    def state_dims(cfg) -> tuple[int, int]:
+        """Hedgehog features (2 D) by the values and their normaliser (D + 1)."""
+        return 2 * cfg.hd, cfg.hd + 1
 
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, layer)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.hybrid_attention import _TwoKind
+from models.hybrid_attention import LolcatsAttention, _TwoKind
 from models.linear_attention import FeatureMap
 from models.ops.attention import check_inputs
 from models.registry import options_of, register_kind, register_mixer
@@ -68,6 +68,7 @@ class LizardAttention(_TwoKind):
     """Lizard: gated hedgehog linear attention + sliding window with meta-memory tokens."""
 
     kinds = ("linear", "meta_window")
+    state_dims = LolcatsAttention.state_dims  # hedgehog features by the values and the normaliser
 
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, layer)

@@ -288,3 +288,19 @@ def test_planted_sharded_meta_tokens_fail_the_cp_check():
 
     errs = run_distributed(_check_with_sharded_meta, 2, [("lizard", "lasp2+gather_window", "zigzag")], timeout=600)
     assert all(e[0][3] > 1e-6 for e in errs), errs
+
+
+def test_kv_cache_bytes_of_the_two_kind_and_landmark_layers():
+    """Window + linear layers hold a bounded state (W keys and values, the linear state), nothing
+    per token; landmark caches every key like softmax."""
+    from models.config import ModelConfig
+    from models.kv_cache import kv_cache_bytes
+
+    base = dict(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hybrid_window=8)
+    d = 16
+    window = 2 * 8 * 2 * d
+    for mixer, state in [("liger", 4 * d * d), ("lolcats", 4 * 2 * d * (d + 1)), ("lizard", 4 * 2 * d * (d + 1))]:
+        got = kv_cache_bytes(ModelConfig(**base, mixer_pattern=[mixer]), elem_bytes=2)
+        assert got == {"kv_cache_bytes_per_token": 0, "state_bytes": (window + state) * 2}, mixer
+    got = kv_cache_bytes(ModelConfig(**base, mixer_pattern=["landmark"]), elem_bytes=2)
+    assert got == {"kv_cache_bytes_per_token": 2 * 2 * d * 2, "state_bytes": 0}
