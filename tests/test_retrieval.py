@@ -127,3 +127,35 @@ def test_extension_stage_is_the_same_at_cp1_and_cp2(tmp_path):
     for key in curves[1]:
         if key.startswith(("passkey@", "mqar@")):
             assert curves[1][key] == curves[2][key], key
+
+
+def test_copy_documents_repeat_one_random_string():
+    from trainer.data.synthetic import copy_text
+
+    parts = copy_text(random.Random(3)).split(" | ")
+    assert 2 <= len(parts) <= 4 and len(set(parts)) == 1 and 10 <= len(parts[0]) <= 40
+
+
+def test_retrieval_section_and_accuracy_plot(tmp_path):
+    """The README renderer shows each stage's start (no training) and end rows at every length,
+    and the plots include retrieval vs length with one line per stage."""
+    pytest.importorskip("matplotlib")
+    from trainer.eval_report import plot_summaries
+    from trainer.worked_example import RETRIEVAL_BEGIN, RETRIEVAL_END, render_retrieval
+
+    def stage(name, n, rope, start, end):
+        acc = dict(zip(["256", "512", "1024"], end))
+        out = dict(name=name, seq_len=n, rope=rope, cp=1 if n == 256 else 2, steps=10, loss_start=2.0, loss_end=1.5)
+        starts = dict(zip(["256", "512", "1024"], start))
+        return out | dict(passkey_start=starts, passkey_end=acc, mqar_start={}, mqar_end=acc)
+
+    results = {"command": "torchrun ...", "wall_s": 600, "machine": "2 CPU cores"}
+    results["stages"] = [stage("pretrain", 256, "none", [0, 0, 0], [1, 0.2, 0])]
+    results["stages"] += [stage("extend_2x", 512, "yarn x2", [1, 0.5, 0], [1, 1, 0.1])]
+    text = render_retrieval(results)
+    assert text.startswith(RETRIEVAL_BEGIN) and text.endswith(RETRIEVAL_END)
+    assert "| extend_2x (start) | 512, RoPE YaRN x2 | 2 | 0 | 2.000 | 1.00 / 0.50 / 0.00 | - / - / - |" in text
+    assert "| pretrain | 256, RoPE unscaled | 1 | 10 | 1.500 | 1.00 / 0.20 / 0.00 | 1.00 / 0.20 / 0.00 |" in text
+    grid = {"lengths": [256, 512], "mean": [1, 0.5], "depths": [0, 1], "accuracy": [[1, 1], [0, 1]]}
+    files = plot_summaries({n: {"val_loss": 1.0, "passkey": grid, "mqar": {"256": 1.0}} for n in "ab"}, str(tmp_path))
+    assert any(f.endswith("accuracy_vs_length.png") for f in files)

@@ -28,7 +28,9 @@ def build_loaders(cfg, mesh):
             src = StdlibSource(split=split, val_fraction=d.val_fraction)
         else:
             src = TextFilesSource(list(d.paths), split=split, val_fraction=d.val_fraction)
-        if split == "train" and (d.long_ratio is not None or d.passkey_fraction > 0 or d.mqar_fraction > 0):
+        if split == "train" and (
+            d.long_ratio is not None or max(d.passkey_fraction, d.mqar_fraction, d.copy_fraction) > 0
+        ):
             src = MixedSource(  # val stays natural
                 src,
                 d.long_min_chars,

@@ -51,6 +51,7 @@ class DataConfig:
     mqar_fraction: float = 0.0  # synthetic key-value recall documents added, per corpus document
     mqar_doc_chars: list[int] = field(default_factory=lambda: [256, 512])  # their lengths (drawn)
     mqar_pairs: int = 4  # named keys per recall document, each queried once at its end
+    copy_fraction: float = 0.0  # synthetic copy documents (a random string repeated) per corpus document
     # prepared data: a mixture [{name, paths, weight, long_ratio, long_min_tokens}]; empty: data.paths
     sources: list[dict[str, Any]] = field(default_factory=list)
     packing: str = "stream"  # stream (documents cut at row ends) | best_fit (whole documents, padded rows)
@@ -318,6 +319,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError("data.passkey_fraction must be >= 0 and needs data.passkey_doc_chars, e.g. [256, 512]")
     if d.mqar_fraction < 0 or (d.mqar_fraction > 0 and not d.mqar_doc_chars):
         raise ValueError("data.mqar_fraction must be >= 0 and needs data.mqar_doc_chars, e.g. [256, 512]")
+    if d.copy_fraction < 0:
+        raise ValueError(f"data.copy_fraction={d.copy_fraction} must be >= 0")
     if d.mqar_pairs < 1:
         raise ValueError(f"data.mqar_pairs={d.mqar_pairs} must be >= 1: keys per recall document")
     _choice("trainer.mqar_format", t.mqar_format, ("tokens", "text"))
