@@ -79,6 +79,20 @@ def _stage_rows(run_dir: str, overrides: list[str], recipe: str = "cpu_example")
     return out
 
 
+def _curve(run_dir: str) -> list[dict]:
+    """The first stage's evaluations between its start and end (trainer.eval_every): step,
+    held-out loss and the retrieval metrics, as logged."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    first = next((r["stage"] for r in rows if "stage" in r), None)
+    keep = ("step", "val_loss")
+    return [
+        {k: v for k, v in r.items() if k in keep or (k.count("@") == 1 and k.startswith(("passkey@", "mqar@")))}
+        for r in rows
+        if r.get("stage") == first and "val_loss" in r and "at" not in r
+    ]
+
+
 def _per_length(row: dict, metric: str) -> dict:
     """{"512": accuracy} from a metrics row's ``{metric}@512`` entries."""
     return {k.split("@")[1]: v for k, v in row.items() if k.count("@") == 1 and k.startswith(metric + "@")}
@@ -173,10 +187,13 @@ def render_retrieval(results: dict) -> str:
         RETRIEVAL_BEGIN,
         "",
         f"Measured by `python -m trainer.worked_example --recipe retrieval` (`{results['command']}`; "
-        f"{results['wall_s'] / 60:.1f} min of wall time on {results['machine']}), stored in "
+        f"{results['wall_s'] / 60:.1f} min of wall time"
+        + (f", {results['cpu_s'] / 60:.1f} min of CPU time" if results.get("cpu_s") else "")
+        + f" on {results['machine']}{results.get('note', '')}), stored in "
         "`docs/retrieval/results.json`. Passkey: teacher-forced, every token of the 5-digit answer must be the "
         "argmax, averaged over the needle depths; MQAR: the same for each of the key-value queries. "
-        "The *start* rows are the previous stage's weights under this stage's RoPE before any training.",
+        "The *start* rows are the previous stage's weights under this stage's RoPE before any training. "
+        "Held-out loss is over the validation rows of the stage's length (compare within a length).",
         "",
         f"| stage | length, RoPE | CP | steps | held-out loss | passkey {head} | MQAR {head} |",
         "|---|---|---|---|---|---|---|",
@@ -192,6 +209,19 @@ def render_retrieval(results: dict) -> str:
             f"| {s['name']} | {s['seq_len']}, {rope} | {s['cp']} | {s['steps']} | {s['loss_end']:.3f} | "
             f"{accs(s['passkey_end'])} | {accs(s['mqar_end'])} |"
         )
+    curve = results.get("curve", [])
+    if curve:  # retrieval at the pretraining length over the first stage (trainer.eval_every)
+        n = lengths[0]
+        lines += [
+            "",
+            f"During pretraining (at {n} tokens): "
+            + "; ".join(
+                f"step {r['step']}: loss {r['val_loss']:.2f}, passkey {r.get(f'passkey@{n}', 0):.2f}, "
+                f"MQAR {r.get(f'mqar@{n}', 0):.2f}"
+                for r in curve
+            )
+            + ".",
+        ]
     lines += [
         "",
         "![retrieval accuracy vs context length, per stage](docs/retrieval/accuracy_vs_length.png)",
@@ -266,6 +296,7 @@ def run(run_dir: str, out: str, overrides: list[str], recipe: str = "cpu_example
         "cpu_s": round(c1.children_user + c1.children_system - c0.children_user - c0.children_system, 1),
         "machine": f"{os.cpu_count()} CPU cores",
         "stages": _stage_rows(run_dir, overrides, recipe),
+        "curve": _curve(run_dir),
     }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
