@@ -93,6 +93,29 @@ def _curve(run_dir: str) -> list[dict]:
     ]
 
 
+def pi_contrast(ckpt: str, factor: float, original: int) -> dict:
+    """Flat metrics of the checkpoint dir ``ckpt`` (a run's step_*) evaluated under plain position
+    interpolation by ``factor`` and no training (``python -m trainer.evaluate``, one process): the
+    zero-shot contrast to the trained extension stages."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(ckpt, os.path.join(tmp, "run", "checkpoints", os.path.basename(os.path.normpath(ckpt))))
+        rope = ["model.rope.type=linear", f"model.rope.factor={factor}", f"model.rope.original_max_position={original}"]
+        cmd = [sys.executable, "-m", "trainer.evaluate", os.path.join(tmp, "run"), "--out", tmp, *rope]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(tmp, "metrics.jsonl")) as f:
+            return json.loads(f.readline())
+
+
+def _contrast_row(metrics: dict, first: dict, factor: float) -> dict:
+    """A stage-like row of the PI contrast for ``render_retrieval``."""
+    row = {k: first[k] for k in ("seq_len", "cp")} | {"name": f"{first['name']} + PI x{factor:g}, untrained"}
+    row |= {"rope": f"linear x{factor:g}", "loss_end": metrics["val_loss"], "steps": 0}
+    return row | {"passkey_end": _per_length(metrics, "passkey"), "mqar_end": _per_length(metrics, "mqar")}
+
+
 def _per_length(row: dict, metric: str) -> dict:
     """{"512": accuracy} from a metrics row's ``{metric}@512`` entries."""
     return {k.split("@")[1]: v for k, v in row.items() if k.count("@") == 1 and k.startswith(metric + "@")}
@@ -209,6 +232,13 @@ def render_retrieval(results: dict) -> str:
             f"| {s['name']} | {s['seq_len']}, {rope} | {s['cp']} | {s['steps']} | {s['loss_end']:.3f} | "
             f"{accs(s['passkey_end'])} | {accs(s['mqar_end'])} |"
         )
+    if results.get("pi_contrast"):  # after the pretrain row: the no-training contrast
+        s = results["pi_contrast"]
+        lines.insert(
+            lines.index(next(x for x in lines if x.startswith(f"| {st[0]['name']} |"))) + 1,
+            f"| {s['name']} | {s['seq_len']}, {_rope(s['rope'])} | 1 | 0 | {s['loss_end']:.3f} | "
+            f"{accs(s['passkey_end'])} | {accs(s['mqar_end'])} |",
+        )
     curve = results.get("curve", [])
     if curve:  # retrieval at the pretraining length over the first stage (trainer.eval_every)
         n = lengths[0]
@@ -298,6 +328,10 @@ def run(run_dir: str, out: str, overrides: list[str], recipe: str = "cpu_example
         "stages": _stage_rows(run_dir, overrides, recipe),
         "curve": _curve(run_dir),
     }
+    if recipe == "retrieval":  # the pretrained weights under plain PI x4, untrained (recipe keeps them)
+        first = results["stages"][0]
+        ckpt = os.path.join(run_dir, "checkpoints", f"step_{first['steps']:06d}")
+        results["pi_contrast"] = _contrast_row(pi_contrast(ckpt, 4.0, first["seq_len"]), first, 4.0)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
