@@ -80,16 +80,15 @@ def _stage_rows(run_dir: str, overrides: list[str], recipe: str = "cpu_example")
 
 
 def _curve(run_dir: str) -> list[dict]:
-    """The first stage's evaluations between its start and end (trainer.eval_every): step,
-    held-out loss and the retrieval metrics, as logged."""
+    """The evaluations inside stages (trainer.eval_every): step, stage, held-out loss and the
+    retrieval metrics, as logged."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    first = next((r["stage"] for r in rows if "stage" in r), None)
-    keep = ("step", "val_loss")
+    keep = ("step", "stage", "val_loss")
     return [
         {k: v for k, v in r.items() if k in keep or (k.count("@") == 1 and k.startswith(("passkey@", "mqar@")))}
         for r in rows
-        if r.get("stage") == first and "val_loss" in r and "at" not in r
+        if "val_loss" in r and "at" not in r
     ]
 
 
@@ -235,18 +234,19 @@ def render_retrieval(results: dict) -> str:
     if results.get("pi_contrast"):  # after the pretrain row: the no-training contrast
         s = results["pi_contrast"]
         lines.insert(
-            lines.index(next(x for x in lines if x.startswith(f"| {st[0]['name']} |"))) + 1,
+            lines.index(next(x for x in lines if x.startswith("| pretrain |"))) + 1,
             f"| {s['name']} | {s['seq_len']}, {_rope(s['rope'])} | 1 | 0 | {s['loss_end']:.3f} | "
             f"{accs(s['passkey_end'])} | {accs(s['mqar_end'])} |",
         )
     curve = results.get("curve", [])
-    if curve:  # retrieval at the pretraining length over the first stage (trainer.eval_every)
+    if curve:  # retrieval at the shortest length inside the stages (trainer.eval_every)
         n = lengths[0]
         lines += [
             "",
-            f"During pretraining (at {n} tokens): "
+            f"Inside the stages (at {n} tokens): "
             + "; ".join(
-                f"step {r['step']}: loss {r['val_loss']:.2f}, passkey {r.get(f'passkey@{n}', 0):.2f}, "
+                f"step {r['step']} ({r.get('stage', '')}): loss {r['val_loss']:.2f}, "
+                f"passkey {r.get(f'passkey@{n}', 0):.2f}, "
                 f"MQAR {r.get(f'mqar@{n}', 0):.2f}"
                 for r in curve
             )
@@ -291,7 +291,7 @@ RECIPES = {
         nproc=2,
         run_dir="runs/retrieval",
         out="docs/retrieval",
-        plotted=("pretrain", "extend_2x_start", "extend_2x", "extend_4x_start", "extend_4x"),
+        plotted=("induction", "pretrain", "extend_2x_start", "extend_2x", "extend_4x_start", "extend_4x"),
     ),
 }
 
@@ -329,8 +329,10 @@ def run(run_dir: str, out: str, overrides: list[str], recipe: str = "cpu_example
         "curve": _curve(run_dir),
     }
     if recipe == "retrieval":  # the pretrained weights under plain PI x4, untrained (recipe keeps them)
-        first = results["stages"][0]
-        ckpt = os.path.join(run_dir, "checkpoints", f"step_{first['steps']:06d}")
+        names = [s["name"] for s in results["stages"]]
+        first = results["stages"][names.index("pretrain")]
+        end = sum(s["steps"] for s in results["stages"][: names.index("pretrain") + 1])
+        ckpt = os.path.join(run_dir, "checkpoints", f"step_{end:06d}")
         results["pi_contrast"] = _contrast_row(pi_contrast(ckpt, 4.0, first["seq_len"]), first, 4.0)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
