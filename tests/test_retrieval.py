@@ -17,10 +17,12 @@ from tests.test_train_e2e import CONF, TINY
 from trainer.data import ByteTokenizer, passkey_example
 from trainer.data.synthetic import QUESTION, kv_recall_example, kv_recall_text, passkey_text
 
-# tiny lengths: L=128 and 2L=256 (a passkey prompt needs 105 bytes), 2 stages of 2 steps
-SHORT = ["recipe=retrieval", "recipe.stages.0.steps=2", "recipe.stages.1.steps=2", "recipe.stages.2.steps=1"]
-SHORT += ["data.seq_len=128"] + [f"recipe.stages.{i}.overrides.data.seq_len=256" for i in (1, 2)]
-SHORT += ["data.micro_batch=2", "recipe.stages.2.overrides.data.micro_batch=1"]
+# tiny lengths: L=128 and 2L=256 (a passkey prompt needs 105 bytes); stages: induction (copy),
+# pretrain, extend_2x, extend_4x
+SHORT = ["recipe=retrieval"] + [f"recipe.stages.{i}.steps={n}" for i, n in enumerate((1, 2, 2, 1))]
+SHORT += ["data.seq_len=128", "recipe.stages.0.overrides.data.micro_batch=2"]
+SHORT += [f"recipe.stages.{i}.overrides.data.seq_len=256" for i in (2, 3)]
+SHORT += ["data.micro_batch=2", "recipe.stages.3.overrides.data.micro_batch=1"]
 SHORT += ["trainer.passkey_lengths=[128,256]", "trainer.passkey_depths=[0,1]", "trainer.passkey_samples=1"]
 SHORT += ["trainer.mqar_lengths=[128,256]", "trainer.mqar_samples=1", "trainer.mqar_pairs=1"]
 SHORT += ["trainer.eval_batches=1", "trainer.eval_position_buckets=4", "trainer.save_every=0"]
@@ -92,10 +94,11 @@ def test_training_rows_hold_retrieval_documents():
 def test_retrieval_recipe_stages_chain_at_cp2(tmp_path):
     run = str(tmp_path / "r")
     out = run_distributed(_train, 2, SHORT + [f"trainer.run_dir={run}"])
-    assert out[0]["history"] == out[1]["history"] and out[0]["step"] == 5
+    assert out[0]["history"] == out[1]["history"] and out[0]["step"] == 6
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     marks = [(r["stage"], r["at"]) for r in rows if "at" in r]
-    assert marks == [(s, at) for s in ("pretrain", "extend_2x", "extend_4x") for at in ("start", "end")]
+    stages = ("induction", "pretrain", "extend_2x", "extend_4x")
+    assert marks == [(s, at) for s in stages for at in ("start", "end")]
     for r in rows:
         if "at" in r:  # every stage boundary reports both retrieval metrics at both lengths
             assert {"passkey@128", "passkey@256", "passkey@256@1", "mqar@128", "mqar@256"} <= r.keys(), r.keys()
