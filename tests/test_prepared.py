@@ -52,6 +52,8 @@ def _cfg(**kw):
         num_workers=0,
         long_ratio=None,
         passkey_fraction=0.0,
+        mqar_fraction=0.0,
+        copy_fraction=0.0,
     )
     return SimpleNamespace(**{**base, **kw})
 

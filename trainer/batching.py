@@ -28,9 +28,19 @@ def build_loaders(cfg, mesh):
             src = StdlibSource(split=split, val_fraction=d.val_fraction)
         else:
             src = TextFilesSource(list(d.paths), split=split, val_fraction=d.val_fraction)
-        if split == "train" and (d.long_ratio is not None or d.passkey_fraction > 0):  # val stays natural
-            src = MixedSource(
-                src, d.long_min_chars, d.long_ratio, d.passkey_fraction, list(d.passkey_doc_chars), d.seed
+        if split == "train" and (
+            d.long_ratio is not None or max(d.passkey_fraction, d.mqar_fraction, d.copy_fraction) > 0
+        ):
+            src = MixedSource(  # val stays natural
+                src,
+                d.long_min_chars,
+                d.long_ratio,
+                d.passkey_fraction,
+                list(d.passkey_doc_chars),
+                d.seed,
+                d.mqar_fraction,
+                list(d.mqar_doc_chars),
+                d.mqar_pairs,
             )
         return src
 

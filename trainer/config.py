@@ -48,6 +48,10 @@ class DataConfig:
     # up- (or down-)sampling them, ProLong-style (e.g. 0.6); None: the corpus as it is
     passkey_fraction: float = 0.0  # synthetic passkey documents added, per corpus document
     passkey_doc_chars: list[int] = field(default_factory=lambda: [256, 512])  # their lengths (drawn)
+    mqar_fraction: float = 0.0  # synthetic key-value recall documents added, per corpus document
+    mqar_doc_chars: list[int] = field(default_factory=lambda: [256, 512])  # their lengths (drawn)
+    mqar_pairs: int = 4  # named keys per recall document, each queried once at its end
+    copy_fraction: float = 0.0  # synthetic copy documents (a random string repeated) per corpus document
     # prepared data: a mixture [{name, paths, weight, long_ratio, long_min_tokens}]; empty: data.paths
     sources: list[dict[str, Any]] = field(default_factory=list)
     # stream (documents cut at row ends) | best_fit (whole documents, padded rows) | grouped (best_fit's
@@ -129,6 +133,8 @@ class TrainerConfig:
     mqar_lengths: list[int] = field(default_factory=list)  # multi-query associative recall lengths
     mqar_pairs: int = 8  # key-value pairs per MQAR example
     mqar_samples: int = 4
+    mqar_format: str = "tokens"  # tokens: Zoology's synthetic vocabulary (ids, no training data
+    # needed in that format) | text: the key-value sentences data.mqar_fraction documents train
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps, for tests
     progress_bar: bool = True  # drawn only on a terminal; plain log lines otherwise
     nonfinite: str = "stop"  # non-finite loss or grad norm: stop (keep the last good
@@ -210,6 +216,7 @@ def conf_dir() -> str:
     raise FileNotFoundError(f"no Hydra config directory (train.yaml) next to {here}: reinstall longctx")
 
 
+_KV_PAIR_BYTES = 68  # byte tokenizer: a text MQAR needle, query and answer
 _PASSKEY_MIN_BYTES = 105  # byte tokenizer: needle and question (98 tokens) + the answer " NNNNN." (7)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -312,6 +319,19 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError(f"data.long_ratio={d.long_ratio} must be in (0, 1), or null for the natural mix")
     if d.passkey_fraction < 0 or (d.passkey_fraction > 0 and not d.passkey_doc_chars):
         raise ValueError("data.passkey_fraction must be >= 0 and needs data.passkey_doc_chars, e.g. [256, 512]")
+    if d.mqar_fraction < 0 or (d.mqar_fraction > 0 and not d.mqar_doc_chars):
+        raise ValueError("data.mqar_fraction must be >= 0 and needs data.mqar_doc_chars, e.g. [256, 512]")
+    if d.copy_fraction < 0:
+        raise ValueError(f"data.copy_fraction={d.copy_fraction} must be >= 0")
+    if d.mqar_pairs < 1:
+        raise ValueError(f"data.mqar_pairs={d.mqar_pairs} must be >= 1: keys per recall document")
+    _choice("trainer.mqar_format", t.mqar_format, ("tokens", "text"))
+    need = _KV_PAIR_BYTES * t.mqar_pairs
+    if t.mqar_format == "text" and d.tokenizer == "byte" and t.mqar_lengths and min(t.mqar_lengths) < need:
+        raise ValueError(
+            f"trainer.mqar_lengths has {min(t.mqar_lengths)}: {t.mqar_pairs} text key-value pairs "
+            f"(trainer.mqar_pairs) need at least {need} tokens: raise the length or lower the pairs"
+        )
 
 
 def reject_unknown_keys(node, schema: type, prefix: str) -> None:

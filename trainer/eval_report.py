@@ -66,11 +66,35 @@ def plot_summaries(summaries: dict[str, dict], out_dir: str, prefix: str = "") -
         files.append(os.path.join(out_dir, f"{prefix}loss_by_position.png"))
         fig.savefig(files[-1])
         plt.close(fig)
+    curves = {k: s for k, s in summaries.items() if len(s.get("passkey", {}).get("lengths", [])) > 1}
+    if curves:  # retrieval vs context length, one line per summary (per stage)
+        files.append(os.path.join(out_dir, f"{prefix}accuracy_vs_length.png"))
+        _accuracy_vs_length(plt, curves, files[-1])
     grids = {k: s["passkey"] for k, s in summaries.items() if s.get("passkey", {}).get("accuracy")}
     if grids:
         files.append(os.path.join(out_dir, f"{prefix}passkey_heatmap.png"))
         _heatmaps(plt, grids, files[-1])
         return files
+
+
+def _accuracy_vs_length(plt, summaries: dict[str, dict], path: str) -> None:
+    """Passkey accuracy (mean over depths, solid) and MQAR accuracy (dashed, where measured)
+    against context length, one colour per summary."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110, layout="constrained")
+    for i, (label, s) in enumerate(summaries.items()):
+        colour = f"C{i % 10}"
+        ax.plot(s["passkey"]["lengths"], s["passkey"]["mean"], marker="o", color=colour, label=f"{label} passkey")
+        if s.get("mqar"):
+            mq = sorted((int(n), v) for n, v in s["mqar"].items())
+            ax.plot(*zip(*mq), marker="s", ls="--", color=colour, alpha=0.7, label=f"{label} MQAR")
+    lengths = sorted({n for s in summaries.values() for n in s["passkey"]["lengths"]})
+    ax.set(xlabel="context length (tokens)", ylabel="retrieval accuracy", xscale="log", ylim=(-0.03, 1.03))
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _heatmaps(plt, grids: dict[str, dict], path: str) -> None:

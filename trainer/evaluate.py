@@ -151,10 +151,25 @@ def passkey_accuracy(model, tokenizer, length: int, cfg, mesh, strategies, depth
 
 @torch.no_grad()
 def mqar_accuracy(model, tokenizer, length: int, cfg, mesh, strategies) -> float:
-    """Share of MQAR query keys whose value is the argmax (trainer.data.mqar_example)."""
+    """Share of MQAR query keys whose value is the argmax: trainer.data.mqar_example (one token
+    per value) or, with ``trainer.mqar_format=text``, every token of the value's answer
+    (kv_recall_example, the format data.mqar_fraction documents train; teacher-forced, one
+    forward per query so that each answer is scored whole under any CP layout)."""
     from trainer.data import mqar_example
 
     rng = random.Random(4321 + length)
+    if cfg.trainer.mqar_format == "text":
+        from trainer.data.synthetic import kv_recall_example
+
+        correct = total = 0
+        for _ in range(cfg.trainer.mqar_samples):
+            ids, spans = kv_recall_example(tokenizer, length + 1, cfg.trainer.mqar_pairs, rng)
+            for a, b in spans:
+                labels = [-100] * length
+                labels[a - 1 : b - 1] = ids[a:b]
+                hits = _hits(model, _one_row(ids[:-1], labels, length), cfg, mesh, strategies)
+                correct, total = correct + int(hits[0] == hits[1]), total + 1
+        return correct / max(total, 1)
     hits = torch.zeros(2, dtype=torch.float64)
     for _ in range(cfg.trainer.mqar_samples):
         ids, labels = mqar_example(tokenizer.vocab_size - 1, length, cfg.trainer.mqar_pairs, rng)

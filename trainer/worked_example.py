@@ -1,13 +1,15 @@
-"""The README's worked example, generated so it can not drift from what the command gives:
+"""The README's worked examples, generated so they can not drift from what the command gives:
 
     python -m trainer.worked_example                      # run recipe=cpu_example, write everything
+    python -m trainer.worked_example --recipe retrieval   # the retrieval recipe (2 processes, CP=2)
     python -m trainer.worked_example --render-only        # README section from the stored results
 
-A run trains ``recipe=cpu_example`` (one process, ``python -m trainer.train``) into --run-dir,
-stores the numbers in ``--out/results.json``, draws ``--out/loss_by_position.png`` and
-``--out/passkey_heatmap.png`` (trainer/eval_report.py) and rewrites the README between the
-markers below with ``render(results)``. Extra ``key=value`` arguments go to the trainer (a test
-runs a few steps that way); ``--render-only`` rewrites the README from results.json alone.
+A run trains the recipe (``python -m trainer.train``, or torchrun with the recipe's process
+count) into --run-dir, stores the numbers in ``--out/results.json``, draws the plots of its
+stages' evaluations (trainer/eval_report.py: held-out loss by position, passkey heatmaps, and
+for the retrieval recipe accuracy vs length) and rewrites the README between the recipe's
+markers with its renderer. Extra ``key=value`` arguments go to the trainer (a test runs a few
+steps that way); ``--render-only`` rewrites the README from results.json alone.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ END = "<!-- worked-example: end -->"
 STAGES_PLOTTED = ("extend_start", "extend", "transfer_start", "transfer", "lora")
 
 
-def _stage_rows(run_dir: str, overrides: list[str]) -> list[dict]:
+def _stage_rows(run_dir: str, overrides: list[str], recipe: str = "cpu_example") -> list[dict]:
     """Per stage: its settings (from the recipe) and its measured numbers (metrics.jsonl)."""
     from hydra import compose, initialize_config_dir
 
@@ -36,7 +38,7 @@ def _stage_rows(run_dir: str, overrides: list[str]) -> list[dict]:
 
     register_schema()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = to_config(compose(config_name="train", overrides=["recipe=cpu_example", *overrides]))
+        cfg = to_config(compose(config_name="train", overrides=[f"recipe={recipe}", *overrides]))
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     out = []
@@ -67,10 +69,55 @@ def _stage_rows(run_dir: str, overrides: list[str]) -> list[dict]:
                 loss_end=end["val_loss"],
                 mse_first=mse[0] if mse else None,
                 mse_last=mse[-1] if mse else None,
-                passkey_end={k.split("@")[1]: v for k, v in end.items() if k.count("@") == 1 and "passkey" in k},
+                passkey_end=_per_length(end, "passkey"),
+                passkey_start=_per_length(start, "passkey"),
+                mqar_end=_per_length(end, "mqar"),
+                mqar_start=_per_length(start, "mqar"),
+                cp=st.cfg.parallel.cp.size,
             )
         )
     return out
+
+
+def _curve(run_dir: str) -> list[dict]:
+    """The evaluations inside stages (trainer.eval_every): step, stage, held-out loss and the
+    retrieval metrics, as logged."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    keep = ("step", "stage", "val_loss")
+    return [
+        {k: v for k, v in r.items() if k in keep or (k.count("@") == 1 and k.startswith(("passkey@", "mqar@")))}
+        for r in rows
+        if "val_loss" in r and "at" not in r
+    ]
+
+
+def pi_contrast(ckpt: str, factor: float, original: int) -> dict:
+    """Flat metrics of the checkpoint dir ``ckpt`` (a run's step_*) evaluated under plain position
+    interpolation by ``factor`` and no training (``python -m trainer.evaluate``, one process): the
+    zero-shot contrast to the trained extension stages."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(ckpt, os.path.join(tmp, "run", "checkpoints", os.path.basename(os.path.normpath(ckpt))))
+        rope = ["model.rope.type=linear", f"model.rope.factor={factor}", f"model.rope.original_max_position={original}"]
+        cmd = [sys.executable, "-m", "trainer.evaluate", os.path.join(tmp, "run"), "--out", tmp, *rope]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(tmp, "metrics.jsonl")) as f:
+            return json.loads(f.readline())
+
+
+def _contrast_row(metrics: dict, first: dict, factor: float) -> dict:
+    """A stage-like row of the PI contrast for ``render_retrieval``."""
+    row = {k: first[k] for k in ("seq_len", "cp")} | {"name": f"{first['name']} + PI x{factor:g}, untrained"}
+    row |= {"rope": f"linear x{factor:g}", "loss_end": metrics["val_loss"], "steps": 0}
+    return row | {"passkey_end": _per_length(metrics, "passkey"), "mqar_end": _per_length(metrics, "mqar")}
+
+
+def _per_length(row: dict, metric: str) -> dict:
+    """{"512": accuracy} from a metrics row's ``{metric}@512`` entries."""
+    return {k.split("@")[1]: v for k, v in row.items() if k.count("@") == 1 and k.startswith(metric + "@")}
 
 
 def _trains(s: dict) -> str:
@@ -146,45 +193,153 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def rewrite_readme(readme: str, section: str) -> None:
+def render_retrieval(results: dict) -> str:
+    """The README section of ``recipe=retrieval`` (between its markers, included): per stage its
+    length, RoPE and CP size, held-out loss, and passkey / MQAR accuracy at every evaluated length,
+    at the stage's start (the weights it inherits, under the stage's RoPE: the no-training
+    contrast) and end."""
+    st = results["stages"]
+    lengths = sorted({int(n) for s in st for n in s["passkey_end"]})
+    head = " / ".join(f"@{n}" for n in lengths)
+
+    def accs(d: dict) -> str:
+        return " / ".join(f"{d[str(n)]:.2f}" if str(n) in d else "-" for n in lengths)
+
+    lines = [
+        RETRIEVAL_BEGIN,
+        "",
+        f"Measured by `python -m trainer.worked_example --recipe retrieval` (`{results['command']}`; "
+        f"{results['wall_s'] / 60:.1f} min of wall time"
+        + (f", {results['cpu_s'] / 60:.1f} min of CPU time" if results.get("cpu_s") else "")
+        + f" on {results['machine']}{results.get('note', '')}), stored in "
+        "`docs/retrieval/results.json`. Passkey: teacher-forced, every token of the 5-digit answer must be the "
+        "argmax, averaged over the needle depths; MQAR: the same for each of the key-value queries. "
+        "The *start* rows are the previous stage's weights under this stage's RoPE before any training. "
+        "Held-out loss is over the validation rows of the stage's length (compare within a length).",
+        "",
+        f"| stage | length, RoPE | CP | steps | held-out loss | passkey {head} | MQAR {head} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in st:
+        rope = _rope(s["rope"])
+        if s.get("passkey_start") and s["name"] != st[0]["name"]:
+            lines.append(
+                f"| {s['name']} (start) | {s['seq_len']}, {rope} | {s['cp']} | 0 | {s['loss_start']:.3f} | "
+                f"{accs(s['passkey_start'])} | {accs(s['mqar_start'])} |"
+            )
+        lines.append(
+            f"| {s['name']} | {s['seq_len']}, {rope} | {s['cp']} | {s['steps']} | {s['loss_end']:.3f} | "
+            f"{accs(s['passkey_end'])} | {accs(s['mqar_end'])} |"
+        )
+    if results.get("pi_contrast"):  # after the pretrain row: the no-training contrast
+        s = results["pi_contrast"]
+        lines.insert(
+            lines.index(next(x for x in lines if x.startswith("| pretrain |"))) + 1,
+            f"| {s['name']} | {s['seq_len']}, {_rope(s['rope'])} | 1 | 0 | {s['loss_end']:.3f} | "
+            f"{accs(s['passkey_end'])} | {accs(s['mqar_end'])} |",
+        )
+    curve = results.get("curve", [])
+    if curve:  # retrieval at the shortest length inside the stages (trainer.eval_every)
+        n = lengths[0]
+        lines += [
+            "",
+            f"Inside the stages (at {n} tokens): "
+            + "; ".join(
+                f"step {r['step']} ({r.get('stage', '')}): loss {r['val_loss']:.2f}, "
+                f"passkey {r.get(f'passkey@{n}', 0):.2f}, "
+                f"MQAR {r.get(f'mqar@{n}', 0):.2f}"
+                for r in curve
+            )
+            + ".",
+        ]
+    lines += [
+        "",
+        "![retrieval accuracy vs context length, per stage](docs/retrieval/accuracy_vs_length.png)",
+        "![passkey accuracy, lengths x depths, per stage](docs/retrieval/passkey_heatmap.png)",
+        "![held-out loss by position](docs/retrieval/loss_by_position.png)",
+        "",
+        RETRIEVAL_END,
+    ]
+    return "\n".join(lines)
+
+
+def rewrite_readme(readme: str, section: str, begin: str = BEGIN, end: str = END) -> None:
     with open(readme) as f:
         text = f.read()
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise ValueError(f"{readme} must hold the markers {BEGIN!r} and {END!r} once each")
-    head, rest = text.split(BEGIN)
-    tail = rest.split(END)[1]
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{readme} must hold the markers {begin!r} and {end!r} once each")
+    head, rest = text.split(begin)
+    tail = rest.split(end)[1]
     with open(readme, "w") as f:
         f.write(head + section + tail)
 
 
-def readme_section(readme: str) -> str:
+def readme_section(readme: str, begin: str = BEGIN, end: str = END) -> str:
     with open(readme) as f:
         text = f.read()
-    return BEGIN + text.split(BEGIN)[1].split(END)[0] + END
+    return begin + text.split(begin)[1].split(end)[0] + end
 
 
-def run(run_dir: str, out: str, overrides: list[str]) -> dict:
-    """Train recipe=cpu_example into ``run_dir`` (a fresh run), store results.json and plots in ``out``."""
+RETRIEVAL_BEGIN = (
+    "<!-- retrieval-example: generated by python -m trainer.worked_example --recipe retrieval, do not edit -->"
+)
+RETRIEVAL_END = "<!-- retrieval-example: end -->"
+# per recipe: processes (torchrun when > 1), default dirs, the stage reports plotted, renderer, markers
+RECIPES = {
+    "cpu_example": dict(nproc=1, run_dir="runs/cpu_example", out="docs/worked_example", plotted=STAGES_PLOTTED),
+    "retrieval": dict(
+        nproc=2,
+        run_dir="runs/retrieval",
+        out="docs/retrieval",
+        plotted=("induction", "pretrain", "extend_2x_start", "extend_2x", "extend_4x_start", "extend_4x"),
+    ),
+}
+
+
+def _render(recipe: str, results: dict) -> tuple[str, str, str]:
+    """(section, begin marker, end marker) of ``recipe``."""
+    if recipe == "retrieval":
+        return render_retrieval(results), RETRIEVAL_BEGIN, RETRIEVAL_END
+    return render(results), BEGIN, END
+
+
+def run(run_dir: str, out: str, overrides: list[str], recipe: str = "cpu_example") -> dict:
+    """Train ``recipe`` into ``run_dir`` (a fresh run), store results.json and plots in ``out``."""
     from trainer.eval_report import plot_summaries
 
+    spec = RECIPES[recipe]
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         raise ValueError(f"--run-dir {run_dir} already holds a run: give a new directory")
-    args = ["recipe=cpu_example", f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}", *overrides]
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "trainer.train", *args], check=True)
-    wall = time.perf_counter() - t0
+    args = [f"recipe={recipe}", f"trainer.run_dir={run_dir}", f"hydra.run.dir={run_dir}", *overrides]
+    launch = ["python -m trainer.train"]
+    cmd = [sys.executable, "-m", "trainer.train"]
+    if spec["nproc"] > 1:  # torchrun: the extension stages run with CP over these processes
+        launch = [f"torchrun --nproc_per_node {spec['nproc']} -m trainer.train"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(spec["nproc"])]
+        cmd += ["-m", "trainer.train"]
+    t0, c0 = time.perf_counter(), os.times()
+    subprocess.run([*cmd, *args], check=True)
+    wall, c1 = time.perf_counter() - t0, os.times()
     results = {
-        "command": " ".join(["python -m trainer.train", "recipe=cpu_example", *overrides]),
+        "command": " ".join([*launch, f"recipe={recipe}", *overrides]),
         "wall_s": round(wall, 1),
+        "cpu_s": round(c1.children_user + c1.children_system - c0.children_user - c0.children_system, 1),
         "machine": f"{os.cpu_count()} CPU cores",
-        "stages": _stage_rows(run_dir, overrides),
+        "stages": _stage_rows(run_dir, overrides, recipe),
+        "curve": _curve(run_dir),
     }
+    if recipe == "retrieval":  # the pretrained weights under plain PI x4, untrained (recipe keeps them)
+        names = [s["name"] for s in results["stages"]]
+        first = results["stages"][names.index("pretrain")]
+        end = sum(s["steps"] for s in results["stages"][: names.index("pretrain") + 1])
+        ckpt = os.path.join(run_dir, "checkpoints", f"step_{end:06d}")
+        results["pi_contrast"] = _contrast_row(pi_contrast(ckpt, 4.0, first["seq_len"]), first, 4.0)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
         f.write("\n")
     summaries = {}
-    for name in STAGES_PLOTTED:
+    for name in spec["plotted"]:
         with open(os.path.join(run_dir, "eval", f"{name}.json")) as f:
             summaries[name] = json.load(f)
     plot_summaries(summaries, out)
@@ -194,23 +349,26 @@ def run(run_dir: str, out: str, overrides: list[str]) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m trainer.worked_example", description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="key=value settings for the trainer (e.g. fewer steps)")
-    ap.add_argument("--run-dir", default="runs/cpu_example")
-    ap.add_argument("--out", default="docs/worked_example", help="results.json and the plots")
+    ap.add_argument("--recipe", default="cpu_example", choices=sorted(RECIPES))
+    ap.add_argument("--run-dir", default=None, help="default: runs/RECIPE")
+    ap.add_argument("--out", default=None, help="results.json and the plots (default: the recipe's docs/ folder)")
     ap.add_argument("--readme", default="README.md")
     ap.add_argument("--render-only", action="store_true", help="no run: the README from --out/results.json")
     args = ap.parse_args(argv)
+    spec = RECIPES[args.recipe]
+    out = args.out or spec["out"]
     try:
         if args.render_only:
-            with open(os.path.join(args.out, "results.json")) as f:
+            with open(os.path.join(out, "results.json")) as f:
                 results = json.load(f)
         else:
-            results = run(args.run_dir, args.out, args.overrides)
-        rewrite_readme(args.readme, render(results))
+            results = run(args.run_dir or spec["run_dir"], out, args.overrides, args.recipe)
+        rewrite_readme(args.readme, *_render(args.recipe, results))
     except (ValueError, OSError) as e:
         print(f"[longctx] error: {e}", file=sys.stderr)
         sys.exit(2)
-    done = "" if args.render_only else f"{args.out}/results.json and its plots, "
-    print(f"[longctx] wrote {done}the worked example in {args.readme} (from {args.out}/results.json)")
+    done = "" if args.render_only else f"{out}/results.json and its plots, "
+    print(f"[longctx] wrote {done}the {args.recipe} example in {args.readme} (from {out}/results.json)")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The training mix: long documents up- (or down-)sampled to a share of the characters, and
-synthetic passkey documents added (``data.long_ratio``, ``data.passkey_fraction``).
+synthetic passkey and key-value recall documents added (``data.long_ratio``,
+``data.passkey_fraction``, ``data.mqar_fraction``).
 
 ProLong-style: long-context training keeps short documents in the mix and raises the share of
 long ones. With L characters in long documents (at least ``long_min_chars``) and S in short
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 
-from trainer.data.synthetic import passkey_text
+from trainer.data.synthetic import copy_text, kv_recall_text, passkey_text
 
 
 class MixedSource:
@@ -25,6 +26,10 @@ class MixedSource:
         passkey_fraction: float = 0.0,
         passkey_doc_chars=(256, 512),
         seed: int = 0,
+        mqar_fraction: float = 0.0,
+        mqar_doc_chars=(256, 512),
+        mqar_pairs: int = 4,
+        copy_fraction: float = 0.0,
     ):
         self.base, self.seed, self.passkey_doc_chars = base, seed, list(passkey_doc_chars)
         index = list(range(len(base)))
@@ -48,12 +53,20 @@ class MixedSource:
             self.repeat = r
         self.n_passkey = round(passkey_fraction * len(index))
         self.index = index
+        # key-value recall documents (several named keys, every one queried) after the passkey ones
+        self.n_mqar = round(mqar_fraction * len(index))
+        self.mqar_doc_chars, self.mqar_pairs = list(mqar_doc_chars), mqar_pairs
+        self.n_copy = round(copy_fraction * len(index))  # repeated random strings (induction), last
 
     def __len__(self) -> int:
-        return len(self.index) + self.n_passkey
+        return len(self.index) + self.n_passkey + self.n_mqar + self.n_copy
 
     def __getitem__(self, i: int) -> str:
         if i < len(self.index):
             return self.base[self.index[i]]
         rng = random.Random(self.seed * 1_000_003 + i)
+        if i >= len(self.index) + self.n_passkey + self.n_mqar:
+            return copy_text(rng)
+        if i >= len(self.index) + self.n_passkey:
+            return kv_recall_text(rng.choice(self.mqar_doc_chars), self.mqar_pairs, rng)
         return passkey_text(rng.choice(self.passkey_doc_chars), rng.random(), rng)

@@ -485,10 +485,10 @@ def check_config(d) -> None:
         return
     if d.sources and d.paths:
         raise ValueError("give data.paths or data.sources, not both: put the paths into a source")
-    if d.long_ratio is not None or d.passkey_fraction > 0:
+    if d.long_ratio is not None or max(d.passkey_fraction, d.mqar_fraction, d.copy_fraction) > 0:
         raise ValueError(
-            "data.long_ratio / data.passkey_fraction apply to text sources: with data=prepared give "
-            "long_ratio and long_min_tokens per entry of data.sources"
+            "data.long_ratio and the synthetic documents (data.passkey_fraction, mqar_fraction, copy_fraction) "
+            "apply to text sources: with data=prepared give long_ratio and long_min_tokens per entry of data.sources"
         )
     if d.num_workers < 0:
         raise ValueError(f"data.num_workers={d.num_workers} must be >= 0")

@@ -71,3 +71,85 @@ def passkey_text(n_chars: int, depth: float, rng: random.Random) -> str:
     filler = (FILLER * (budget // len(FILLER) + 1))[:budget]
     cut = round(min(max(depth, 0.0), 1.0) * budget)
     return filler[:cut] + needle + filler[cut:] + tail
+
+
+def copy_text(rng: random.Random, min_chars: int = 10, max_chars: int = 40) -> str:
+    """A random string of letters and digits, 2 to 4 times, " | " between: every repeat is
+    predictable only by copying from earlier in the context, the induction-head skill that
+    retrieval needs (repeated random sequences form induction heads fast: Olsson et al., 2022)."""
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(rng.randint(min_chars, max_chars)))
+    return " | ".join([text] * rng.randint(2, 4))
+
+
+def _key_word(rng: random.Random) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
+
+
+def kv_recall_parts(n_pairs: int, rng: random.Random):
+    """``n_pairs`` (needle, query, answer) strings of multi-query associative recall in text, the
+    passkey's own wording with a named key: needle " The {word} key is NNNNN. ", query
+    " What is the {word} key? The {word} key is", answer " NNNNN." (distinct 4-letter words)."""
+    words: list[str] = []
+    while len(words) < n_pairs:
+        w = _key_word(rng)
+        words += [w] if w not in words and w != "pass" else []
+    keys = [rng.randint(10000, 99999) for _ in words]
+    return [(f" The {w} key is {k}. ", f" What is the {w} key? The {w} key is", f" {k}.") for w, k in zip(words, keys)]
+
+
+def kv_recall_text(n_chars: int, n_pairs: int, rng: random.Random) -> str:
+    """A training document of about ``n_chars`` characters: filler with ``n_pairs`` needles at
+    random depths, then every query and its answer in a random order (the format
+    ``kv_recall_example`` evaluates)."""
+    parts = kv_recall_parts(n_pairs, rng)
+    order = rng.sample(range(n_pairs), n_pairs)
+    tail = "".join(parts[i][1] + parts[i][2] for i in order)
+    budget = max(n_chars - sum(len(p[0]) for p in parts) - len(tail), 0)
+    filler = (FILLER * (budget // len(FILLER) + 1))[:budget]
+    cuts = sorted(rng.randint(0, budget) for _ in parts)
+    text, prev = "", 0
+    for cut, (needle, _, _) in zip(cuts, parts):
+        text, prev = text + filler[prev:cut] + needle, cut
+    return text + filler[prev:] + tail
+
+
+def kv_recall_example(tokenizer, context_len: int, n_pairs: int, rng: random.Random):
+    """A prompt of exactly ``context_len`` tokens in ``kv_recall_text``'s format: filler with the
+    needles at random depths, then every query with its answer. Returns (input_ids, spans):
+    ``spans`` holds, per query, the (start, end) token range of its answer in ``input_ids``
+    (score input_ids[start:end] from the logits at start-1 .. end-2)."""
+    parts = kv_recall_parts(n_pairs, rng)
+    needles = [tokenizer.encode(p[0]) for p in parts]
+    order = rng.sample(range(n_pairs), n_pairs)
+    tail, spans = [], []
+    for i in order:
+        tail += tokenizer.encode(parts[i][1])
+        answer = tokenizer.encode(parts[i][2])
+        spans.append((len(tail), len(tail) + len(answer)))
+        tail += answer
+    budget = context_len - sum(map(len, needles)) - len(tail)
+    if budget < 0:
+        raise ValueError(
+            f"kv-recall context length {context_len} is too short for {n_pairs} pairs: they take "
+            f"{context_len - budget} tokens (lower trainer.mqar_pairs or raise trainer.mqar_lengths)"
+        )
+    filler = _filler_ids(tokenizer, budget)
+    cuts = sorted(rng.randint(0, budget) for _ in parts)
+    ids, prev = [], 0
+    for cut, needle in zip(cuts, needles):
+        ids, prev = ids + filler[prev:cut] + needle, cut
+    ids += filler[prev:]
+    head = len(ids)
+    ids += tail
+    assert len(ids) == context_len
+    return ids, [(head + a, head + b) for a, b in spans]
+
+
+def _filler_ids(tokenizer, n: int) -> list[int]:
+    """The first ``n`` tokens of the repeated filler."""
+    reps = n // max(len(tokenizer.encode(FILLER)), 1) + 2
+    ids = tokenizer.encode(FILLER * reps)
+    while len(ids) < n:
+        reps *= 2
+        ids = tokenizer.encode(FILLER * reps)
+    return ids[:n]
