@@ -185,3 +185,17 @@ def test_cad_routes_move_to_the_device_once_per_plan():
     routes = [R(), R()]
     first = strat._routes_on(routes, torch.device("cuda", 0))
     assert strat._routes_on(routes, torch.device("cuda", 0)) is first and len(moved) == 2
+
+
+def test_flash_dispatch_leaves_slice_masks_to_the_pytorch_path(monkeypatch):
+    """A mask given as slices (here prefix-LM) is not flash-attn's varlen mask: never dispatched."""
+    from models.ops import flash
+    from models.ops.attention.plan import MaskSpec
+    from models.ops.attention.slices import prefix_lm
+
+    monkeypatch.setattr(flash, "_capability", lambda index: (9, 0), raising=False)
+    pos = torch.arange(16)
+    mask = MaskSpec(pos, pos, slices=prefix_lm(16, 5))
+    with fake_cuda():
+        q = torch.zeros(1, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+        assert flash.applicable(q, mask) is False

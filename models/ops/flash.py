@@ -50,7 +50,9 @@ def device_ok(q: torch.Tensor) -> bool:
 
 
 def applicable(q: torch.Tensor, mask) -> bool:
-    if mask.pattern is not None or not device_ok(q):
+    """flash-attn's varlen call holds documents, causality and a window only: a block pattern or
+    a mask given as slices (prefix-LM, shared question, ...) takes the PyTorch path."""
+    if mask.pattern is not None or mask.slices is not None or not device_ok(q):
         return False
     pos = mask.q_pos
     if pos.numel() != mask.k_pos.numel() or not torch.equal(pos, mask.k_pos):
