@@ -101,12 +101,33 @@ def _pattern():
     return s2_pattern(block=16, stride=3, local=1, n_kv_heads=KV_HEADS, dense_heads=(KV_HEADS - 1,))
 
 
+def _fixed(*shape, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """A fixed (not trained) fp64 tensor in ``like``'s dtype and device: MLA's up-projection,
+    lizard's meta tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) / shape[-1] ** 0.5).to(like.device, like.dtype)
+
+
 def _run_kind(ctx, kind, q, k, v, gate):
+    """One call of ``kind``'s op on the batch's q, k, v [B, T, H, D] (every registered kind)."""
     if kind == "softmax":
         return ctx.attention(q, k, v, causal=True)
     if kind == "sparse":
         return ctx.run("sparse", q, k, v, causal=True, window=None, pattern=_pattern())
-    return ctx.linear_attention(q, k, v, g=gate, scale=HEAD_DIM**-0.5, chunk_size=8)
+    if kind == "linear":
+        return ctx.linear_attention(q, k, v, g=gate, scale=HEAD_DIM**-0.5, chunk_size=8)
+    if kind == "mla":  # q: Dn + Dr = 8 + 8; the latent c (Dc = D) and the RoPE key from k and v
+        dn, dr = HEAD_DIM // 2, HEAD_DIM // 2
+        kv_b = _fixed(HEADS * (dn + HEAD_DIM), HEAD_DIM, seed=7, like=q)
+        return ctx.run("mla", q, k[:, :, :1], v[:, :, :1, :dr], kv_b=kv_b, v_head_dim=HEAD_DIM, causal=True)
+    if kind == "landmark":
+        return ctx.run("landmark", q, k, v, every=5)
+    if kind == "delay":
+        return ctx.run("delay", v, v, v, delay=7)
+    if kind == "meta_window":
+        meta = [_fixed(3, KV_HEADS, HEAD_DIM, seed=s, like=k) for s in (8, 9)]
+        return ctx.run("meta_window", q, k, v, window=6, meta_k=meta[0], meta_v=meta[1])
+    raise ValueError(f"longctx-doctor has no check for mixer kind {kind!r}: add it to bench/doctor.py _run_kind")
 
 
 def _fwd_bwd(ctx, kind, tensors, idx, dtype, device):
@@ -116,7 +137,7 @@ def _fwd_bwd(ctx, kind, tensors, idx, dtype, device):
     g = gate[:, idx].to(device, torch.float64 if dtype == torch.float64 else torch.float32)
     o = _run_kind(ctx, kind, *leaves, g)
     o.backward(do[:, idx].to(device, dtype))
-    return [o.detach()] + [x.grad for x in leaves]
+    return [o.detach()] + [torch.zeros_like(x) if x.grad is None else x.grad for x in leaves]  # delay reads v only
 
 
 def _err(got, want) -> float:
@@ -269,8 +290,10 @@ def _flex_row(device, short):
         from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:
         return {"check": "kernel/flex", "status": "skip", "detail": "torch has no flex_attention"}
-    inputs64, mask, _ = _case(64 if short else 256, 4, 4, 16, device, torch.float64)
-    mask = MaskSpec(mask.q_pos, mask.k_pos, mask.q_doc, mask.k_doc, True, None, _pattern())
+    n = 64 if short else 256
+    inputs64, mask, cu = _case(n, 4, 4, 16, device, torch.float64)
+    pattern = _pattern().bind(cu, 1, n)  # per-document blocks (DKernel's): the batch's documents
+    mask = MaskSpec(mask.q_pos, mask.k_pos, mask.q_doc, mask.k_doc, True, None, pattern)
     local = lambda q, k, v: _Attention.apply(q, k, v, mask, None, 64)[0]  # noqa: E731
     fn = lambda q, k, v: flex.flex_attention(q, k, v, mask)[0]  # noqa: E731
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
