@@ -22,7 +22,7 @@ class ReferenceContext(SingleDeviceContext):
     """Runs every kind through its registered naive reference instead of its op."""
 
     def run(self, kind, q, k, v, **options):
-        return reference_op(kind)(q, k, v, self, **options)
+        return reference_op(kind)(q, k, v, self, **self.bind(options))  # bind: as the op path does
 
 
 def _positions():

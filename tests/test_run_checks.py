@@ -57,7 +57,7 @@ TYPOS = [
     ("trainer=defualt", "did you mean default"),
     ("logger=defalt", "did you mean default"),
     ("+experiment=quickstrat", "did you mean quickstart"),
-    ("experiment=nothing_like_it", "experiment has quickstart, s2_quickstart"),
+    ("experiment=nothing_like_it", "experiment has hybrid_sweep, quickstart, s2_quickstart"),
 ]
 
 
