@@ -347,6 +347,19 @@ def _check_data_mask(cfg: TrainConfig) -> None:
     from models.registry import mixer_class
 
     d, m = cfg.data, cfg.model
+    if m.mask is not None:  # the configured mask over one row of data.seq_len: bad parameters stop here
+        from models.ops.attention.slices import MaskRecipe
+
+        group = dict(m.mask_args).get("group")
+        if m.mask in ("longlora", "sinklora") and group is not None and group >= d.seq_len:
+            raise ValueError(
+                f"model.mask_args.group={group} covers the whole row (data.seq_len={d.seq_len}): S^2-Attn would be "
+                f"plain causal attention; use a group of data.seq_len / 4 (LongLoRA), e.g. {max(2, d.seq_len // 4)}"
+            )
+        try:
+            MaskRecipe.of(m.mask, dict(m.mask_args)).build(1, d.seq_len, None, m.n_heads)
+        except ValueError as e:
+            raise ValueError(f"model.mask={m.mask} with model.mask_args={dict(m.mask_args)}: {e}") from None
     _choice("data.mask", d.mask, DATA_MASKS)
     if d.source == "sft" and d.sft_examples < 1 and not d.paths:
         raise ValueError(f"data.sft_examples={d.sft_examples} must be >= 1 (or give data.paths)")
