@@ -220,3 +220,18 @@ def test_loss_chunk_reaches_the_model():
 
     cfg = _compose(["trainer.loss_chunk_tokens=24", "model.n_layers=1"])
     assert build_model(cfg, torch.device("cpu")).loss_head.keywords == {"chunk": 24}
+
+
+@pytest.mark.parametrize("name,args", [("longlora", ["group"]), ("sinklora", ["group", "sinks"])])
+def test_sparse_lora_recipes_and_their_full_attention_contrast(name, args):
+    """recipe=longlora / sinklora train under their mask with LoRA+ (q/k/v/o, embeddings, norms);
+    the contrast drops the mask and its arguments on the command line."""
+    from trainer.stages import plan
+
+    st = plan(_compose([f"recipe={name}"]))[0]
+    assert st.cfg.model.mask == name and st.cfg.model.mask_args["group"] == st.cfg.data.seq_len // 4
+    assert st.spec.lora_rank > 0 and set(st.spec.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {"embed.*", "*norm.*"} <= set(st.spec.train_params)
+    full = _compose([f"recipe={name}", "model.mask=null"] + [f"~model.mask_args.{a}" for a in args])
+    assert full.model.mask is None and not full.model.mask_args
+    validate(full, world_size=1)
