@@ -120,6 +120,7 @@ def test_every_group_option_composes(group, tmp_path):
         (["init_from=/nonexistent/ckpt"], "init_from='/nonexistent/ckpt' is not a directory"),
         (["data.mask=prefix_lm"], "data.mask=prefix_lm needs prompt/completion data, but data.source=stdlib"),
         (["data=sft", "data.mask=bidirectional"], "data.mask='bidirectional' is unknown"),
+        (["data=sft", "data.passkey_fraction=1.0"], r"the text mix \{'passkey_fraction': 1.0\} does not apply"),
         (["data=sft", "data.mask=prefix_lm", "model.sliding_window=64"], "both mask softmax attention: drop one"),
         (["recipe=longlora", "model.mask_args.group=1024"], r"group=1024 covers the whole row .*e.g. 256"),
         (["recipe=sinklora", "model.mask_args.sinks=200"], r"sinks=200 must lie in 0..group/2=128"),

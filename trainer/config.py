@@ -363,6 +363,13 @@ def _check_data_mask(cfg: TrainConfig) -> None:
     _choice("data.mask", d.mask, DATA_MASKS)
     if d.source == "sft" and d.sft_examples < 1 and not d.paths:
         raise ValueError(f"data.sft_examples={d.sft_examples} must be >= 1 (or give data.paths)")
+    mix = {"long_ratio": d.long_ratio, "passkey_fraction": d.passkey_fraction, "mqar_fraction": d.mqar_fraction}
+    mix = {k: v for k, v in {**mix, "copy_fraction": d.copy_fraction}.items() if v}
+    if d.source == "sft" and mix:
+        raise ValueError(
+            f"data.source=sft packs prompt/completion examples whole; the text mix {mix} does not apply: "
+            "drop " + ", ".join(f"data.{k}" for k in mix)
+        )
     if d.mask == "causal":
         return
     if d.source != "sft":
