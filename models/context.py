@@ -6,7 +6,8 @@ Kinds and their options:
 
     softmax   q [B, T, H, D], k, v [B, T, Hkv, D]; causal, window, scale, mask (a SliceMask
               over the global row replacing the documents mask, or a MaskRecipe built per batch
-              by ``slice_mask``: ops/attention/slices.py)
+              by ``slice_mask``: ops/attention/slices.py; without one, the batch's data mask
+              ``batch_mask`` when the data carries one: ops/attention/segments.py)
                                                                             -> o [B, T, H, D]
     linear    q, k [B, T, H, Dk], v [B, T, H, Dv]; g [B, T, H], gk [B, T, H, Dk], scale,
               chunk_size, impl                                              -> o [B, T, H, Dv]
@@ -37,15 +38,24 @@ class AttentionContext:
     cu_seqlens: torch.Tensor | None  # global document starts over the flattened [B * N] batch
     batch_size: int
     seq_len: int  # N, the global row length
+    batch_mask = None  # the batch's data mask (data.mask, ops/attention/segments.py SegmentMask) or None
 
     def run(self, kind: str, q, k, v, **options) -> torch.Tensor:
-        return local_op(kind)(q, k, v, self, **self.bind(options))
+        return local_op(kind)(q, k, v, self, **self.bind(options, kind))
 
-    def bind(self, options: dict) -> dict:
+    def bind(self, options: dict, kind: str | None = None) -> dict:
         """The options of a ``ctx.run`` call for this batch: a per-document block pattern
-        (models/s2_pattern.py) learns the batch's document starts, once per batch."""
+        (models/s2_pattern.py) learns the batch's document starts, once per batch; a softmax
+        call without a mask of its own gets the batch's data mask (``batch_mask``)."""
         from models.s2_pattern import bind_pattern
 
+        if kind == "softmax" and self.batch_mask is not None and options.get("mask") is None:
+            if options.get("window") is not None:
+                raise ValueError(
+                    f"data.mask={self.batch_mask.name} and a sliding window (model.sliding_window or a "
+                    "windowed mixer) both mask softmax attention: drop one"
+                )
+            options = {**options, "mask": self.batch_mask}
         return bind_pattern(options, self.docs, self.cu_seqlens, self.batch_size, self.seq_len)
 
     def slice_mask(self, mask, n_heads: int):
@@ -70,10 +80,13 @@ class AttentionContext:
 
 class SingleDeviceContext(AttentionContext):
     """All tokens on one device. ``cu_seqlens`` holds the document start offsets of the
-    flattened batch ([B * T] tokens, ending with B * T); None means one document per row."""
+    flattened batch ([B * T] tokens, ending with B * T); None means one document per row.
+    ``batch_mask``: the batch's data mask (a SegmentMask), or None."""
 
-    def __init__(self, batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None = None, block: int = 256):
-        self.block = block
+    def __init__(
+        self, batch_size: int, seq_len: int, cu_seqlens: torch.Tensor | None = None, block: int = 256, batch_mask=None
+    ):
+        self.block, self.batch_mask = block, batch_mask
         self.batch_size, self.seq_len = batch_size, seq_len
         self.docs = Documents.of(cu_seqlens, batch_size, seq_len)
         self.cu_seqlens = self.docs.cu_seqlens

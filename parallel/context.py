@@ -33,6 +33,9 @@ class CPContext(AttentionContext):
     cu_seqlens: torch.Tensor  # [n_docs + 1] document starts over the flattened batch
     block: int = 256
     subgroups: dict = field(default_factory=dict)  # sub-meshes built at start-up (parallel.mesh)
+    # the batch's data mask (data.mask: models/ops/attention/segments.py), from the global segments
+    # every rank holds whole; softmax layers without a mask of their own use it
+    batch_mask: object | None = None
     docs: Documents = field(init=False)
 
     def __post_init__(self):
@@ -73,7 +76,7 @@ class CPContext(AttentionContext):
                 f"parallel.cp.strategies.{kind} (this context has "
                 f"{ {k: s.name for k, s in self.strategies.items()} })"
             )
-        return strategy(q, k, v, self, **self.bind(options))
+        return strategy(q, k, v, self, **self.bind(options, kind))
 
     def _check_shapes(self, q, k, v) -> None:
         """Local shards must hold exactly this rank's C tokens of each of the B rows."""
@@ -96,8 +99,10 @@ def build_context(
     batch: dict,
     block: int = 256,
     subgroups: dict | None = None,
+    batch_mask=None,
 ) -> CPContext:
-    """Context for one (already sharded) batch; see parallel.sharding.shard_batch."""
+    """Context for one (already sharded) batch; see parallel.sharding.shard_batch.
+    ``batch_mask``: the batch's data mask (models/ops/attention/segments.py), or None."""
     return CPContext(
         strategies,
         group,
@@ -109,4 +114,5 @@ def build_context(
         batch["cu_seqlens"],
         block,
         subgroups or {},
+        batch_mask,
     )

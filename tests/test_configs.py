@@ -118,6 +118,13 @@ def test_every_group_option_composes(group, tmp_path):
             "data.tokenizer_path='/nonexistent/tok' does not exist",
         ),
         (["init_from=/nonexistent/ckpt"], "init_from='/nonexistent/ckpt' is not a directory"),
+        (["data.mask=prefix_lm"], "data.mask=prefix_lm needs prompt/completion data, but data.source=stdlib"),
+        (["data=sft", "data.mask=bidirectional"], "data.mask='bidirectional' is unknown"),
+        (["data=sft", "data.passkey_fraction=1.0"], r"the text mix \{'passkey_fraction': 1.0\} does not apply"),
+        (["data=sft", "data.mask=prefix_lm", "model.sliding_window=64"], "both mask softmax attention: drop one"),
+        (["recipe=longlora", "model.mask_args.group=1024"], r"group=1024 covers the whole row .*e.g. 256"),
+        (["recipe=sinklora", "model.mask_args.sinks=200"], r"sinks=200 must lie in 0..group/2=128"),
+        (["recipe=longlora", "model.n_heads=3", "model.n_kv_heads=1", "model.head_dim=32"], "n_heads=3 must be even"),
         (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
         (["optim.grad_clip=-1"], "optim.grad_clip=-1.0 must be >= 0: give the max gradient norm, or 0"),
         (["optim.lr=0"], "optim.lr=0.0 must be > 0"),
@@ -214,3 +221,18 @@ def test_loss_chunk_reaches_the_model():
 
     cfg = _compose(["trainer.loss_chunk_tokens=24", "model.n_layers=1"])
     assert build_model(cfg, torch.device("cpu")).loss_head.keywords == {"chunk": 24}
+
+
+@pytest.mark.parametrize("name,args", [("longlora", ["group"]), ("sinklora", ["group", "sinks"])])
+def test_sparse_lora_recipes_and_their_full_attention_contrast(name, args):
+    """recipe=longlora / sinklora train under their mask with LoRA+ (q/k/v/o, embeddings, norms);
+    the contrast drops the mask and its arguments on the command line."""
+    from trainer.stages import plan
+
+    st = plan(_compose([f"recipe={name}"]))[0]
+    assert st.cfg.model.mask == name and st.cfg.model.mask_args["group"] == st.cfg.data.seq_len // 4
+    assert st.spec.lora_rank > 0 and set(st.spec.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert {"embed.*", "*norm.*"} <= set(st.spec.train_params)
+    full = _compose([f"recipe={name}", "model.mask=null"] + [f"~model.mask_args.{a}" for a in args])
+    assert full.model.mask is None and not full.model.mask_args
+    validate(full, world_size=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from models.ops.attention.segments import segment_mask
 from parallel.context import build_context
 from parallel.sharding import shard_batch
 
@@ -17,6 +18,15 @@ def build_loaders(cfg, mesh):
 
     d = cfg.data
     tokenizer = build_tokenizer(d.tokenizer, d.tokenizer_path)
+    if d.source == "sft":  # prompt/completion examples, whole units, loss on completions
+        from trainer.data.sft import build_sft_datasets
+
+        train, val = build_sft_datasets(d, tokenizer)
+        return (
+            DataLoaderShard(train, mesh.dp_rank, mesh.dp, d.micro_batch),
+            DataLoaderShard(val, mesh.dp_rank, mesh.dp, d.micro_batch),
+            tokenizer,
+        )
     if d.source == "prepared":  # memory-mapped shards (python -m trainer.prepare)
         from trainer.data.prepared import build_prepared_loaders
 
@@ -61,8 +71,11 @@ def data_metrics(loader) -> dict:
 
 def prepare_batch(batch: dict, cfg, mesh, strategies: dict):
     """Shard a [B, N] batch for this CP rank and build the attention context
-    (``strategies``: {mixer kind: strategy}, trainer.config.cp_strategies)."""
+    (``strategies``: {mixer kind: strategy}, trainer.config.cp_strategies). The data mask
+    (data.mask) comes from the batch's global segments, the same on every CP rank."""
     cp = cfg.parallel.cp
+    # probe rows (trainer/evaluate.py: passkey, MQAR) carry no segments: plain causal documents
+    mask = segment_mask(cfg.data.mask, batch) if "segments" in batch else None
     local = shard_batch(batch, mesh.cp_rank, mesh.cp, cp.layout)
     for key in ("input_ids", "labels", "positions"):
         local[key] = local[key].to(mesh.device, non_blocking=True)
@@ -75,6 +88,7 @@ def prepare_batch(batch: dict, cfg, mesh, strategies: dict):
         local,
         cp.block,
         mesh.subgroups,
+        mask,
     )
     return local, ctx
 

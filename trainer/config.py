@@ -35,6 +35,7 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     source: str = "stdlib"  # stdlib | files | prepared (python -m trainer.prepare; trainer/data/prepared.py)
+    # | sft (prompt/completion jsonl in data.paths, or generated examples: trainer/data/sft.py)
     paths: list[str] = field(default_factory=list)
     tokenizer: str = "byte"  # byte | hf
     tokenizer_path: str | None = None
@@ -58,6 +59,11 @@ class DataConfig:
     # rows, grouped by attention work into steps so that data-parallel ranks wait less on each other)
     packing: str = "stream"
     num_workers: int = 2  # DataLoader worker processes building prepared batches (0: in the trainer)
+    # prompt/completion data (data.source=sft): how softmax layers see the prompt
+    # (models/ops/attention/segments.py): causal | prefix_lm (prompt bidirectional) | shared_question
+    # (the completions of one prompt packed after it, each seeing the prompt and itself)
+    mask: str = "causal"
+    sft_examples: int = 3000  # generated examples when data.source=sft has no data.paths
 
 
 @dataclass
@@ -248,7 +254,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
                     msg = msg.replace("data.seq_len", f"each {which} length")
                     msg = f"trainer.{which}_lengths has {length}: " + msg
                 raise ValueError(msg) from None
-    _choice("data.source", d.source, ("stdlib", "files", "prepared"))
+    _choice("data.source", d.source, ("stdlib", "files", "prepared", "sft"))
+    _check_data_mask(cfg)
     from trainer.data.prepared import check_config
 
     check_config(d)
@@ -258,8 +265,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             f"data.tokenizer_path={d.tokenizer_path!r} does not exist: point it at a "
             "local directory holding a Hugging Face tokenizer, or set data.tokenizer=byte"
         )
-    if d.source == "files":
-        if not d.paths:
+    if d.source in ("files", "sft"):
+        if not d.paths and d.source == "files":
             raise ValueError("data.source=files needs data.paths: give a list of .txt/.jsonl files or dirs")
         for path in d.paths:
             if not os.path.exists(path):
@@ -331,6 +338,53 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError(
             f"trainer.mqar_lengths has {min(t.mqar_lengths)}: {t.mqar_pairs} text key-value pairs "
             f"(trainer.mqar_pairs) need at least {need} tokens: raise the length or lower the pairs"
+        )
+
+
+def _check_data_mask(cfg: TrainConfig) -> None:
+    """data.mask: known, only with prompt/completion data, not beside another softmax mask."""
+    from models.ops.attention.segments import DATA_MASKS
+    from models.registry import mixer_class
+
+    d, m = cfg.data, cfg.model
+    if m.mask is not None:  # the configured mask over one row of data.seq_len: bad parameters stop here
+        from models.ops.attention.slices import MaskRecipe
+
+        group = dict(m.mask_args).get("group")
+        if m.mask in ("longlora", "sinklora") and group is not None and group >= d.seq_len:
+            raise ValueError(
+                f"model.mask_args.group={group} covers the whole row (data.seq_len={d.seq_len}): S^2-Attn would be "
+                f"plain causal attention; use a group of data.seq_len / 4 (LongLoRA), e.g. {max(2, d.seq_len // 4)}"
+            )
+        try:
+            MaskRecipe.of(m.mask, dict(m.mask_args)).build(1, d.seq_len, None, m.n_heads)
+        except ValueError as e:
+            raise ValueError(f"model.mask={m.mask} with model.mask_args={dict(m.mask_args)}: {e}") from None
+    _choice("data.mask", d.mask, DATA_MASKS)
+    if d.source == "sft" and d.sft_examples < 1 and not d.paths:
+        raise ValueError(f"data.sft_examples={d.sft_examples} must be >= 1 (or give data.paths)")
+    mix = {"long_ratio": d.long_ratio, "passkey_fraction": d.passkey_fraction, "mqar_fraction": d.mqar_fraction}
+    mix = {k: v for k, v in {**mix, "copy_fraction": d.copy_fraction}.items() if v}
+    if d.source == "sft" and mix:
+        raise ValueError(
+            f"data.source=sft packs prompt/completion examples whole; the text mix {mix} does not apply: "
+            "drop " + ", ".join(f"data.{k}" for k in mix)
+        )
+    if d.mask == "causal":
+        return
+    if d.source != "sft":
+        raise ValueError(
+            f"data.mask={d.mask} needs prompt/completion data, but data.source={d.source} has no prompts: "
+            "set data.source=sft (jsonl {prompt, completion} or {messages} in data.paths) or data.mask=causal"
+        )
+    for name, value in (("model.mask", m.mask), ("model.sliding_window", m.sliding_window)):
+        if value is not None:
+            raise ValueError(f"data.mask={d.mask} and {name}={value} both mask softmax attention: drop one")
+    other = sorted({x for x in m.mixer_pattern if mixer_class(x).kind not in ("softmax", "linear")})
+    if other:
+        raise ValueError(
+            f"data.mask={d.mask} applies to softmax layers; mixers {other} have their own masks: "
+            "use data.mask=causal or drop those mixers from model.mixer_pattern"
         )
 
 

@@ -4,7 +4,7 @@ lengths x depths, multi-query associative recall (MQAR); a JSON summary and PNG 
 In the trainer it runs at every stage's start and end; on its own (also under torchrun, with
 context parallelism for lengths one rank cannot hold):
 
-    python -m trainer.evaluate RUN_DIR_or_HF_DIR [--out DIR] [key=value ...]
+    python -m trainer.evaluate RUN_DIR_or_HF_DIR [--out DIR] [key=value ...] [~key ...]
     python -m trainer.evaluate --plot SUMMARY.json [SUMMARY.json ...] --out DIR   # compare
 
 Metric names (flat, as in metrics.jsonl): ``val_loss``, ``val_loss@pos{lo}-{hi}``,
@@ -226,7 +226,8 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
     from trainer import init_from
     from trainer.config import TrainConfig, reject_unknown_keys
 
-    extra = OmegaConf.from_dotlist(overrides)
+    drop = [o[1:].split("=")[0] for o in overrides if o.startswith("~")]  # Hydra's deletion: ~key
+    extra = OmegaConf.from_dotlist([o for o in overrides if not o.startswith("~")])
     reject_unknown_keys(extra, TrainConfig, "")
     keys = override_keys(overrides)
     base = OmegaConf.structured(TrainConfig)
@@ -237,6 +238,12 @@ def load_for_eval(path: str, overrides: list[str], world_size: int = 1):
         saved = OmegaConf.create(meta.get("config", {}))
         saved.pop("recipe", None)
         saved.pop("init_from", None)  # the weights are the run's own
+        for key in drop:  # e.g. ~model.mask_args.group: a saved dict entry the evaluation leaves out
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(saved, parent) if parent else saved
+            if node is None or leaf not in node:
+                raise ValueError(f"~{key}: the run's settings have no {key} to remove")
+            node.pop(leaf)
         base = OmegaConf.merge(base, saved)
         cfg = OmegaConf.to_object(OmegaConf.merge(base, extra))
         if "trainer.device" not in keys and cfg.trainer.device == "cuda" and not torch.cuda.is_available():

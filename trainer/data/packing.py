@@ -136,13 +136,23 @@ class PackedDataset:
         self.rows = int(sd["rows"])
 
 
+OFFSETS = ("cu_seqlens", "segments")  # per-row start offsets (ending N): flattened over the batch
+LISTS = ("roles",)  # one entry per segment: concatenated
+
+
 def collate(rows: list[dict]) -> dict:
     """Stack B rows of N tokens: input_ids/labels/positions [B, N] int64; cu_seqlens int32
-    over the flattened B*N tokens (row b's offsets + b*N; ends with B*N)."""
+    over the flattened B*N tokens (row b's offsets + b*N; ends with B*N). Prompt/completion rows
+    (trainer/data/sft.py) also carry ``segments`` (offset like cu_seqlens) and ``roles`` (concatenated)."""
     n = rows[0]["input_ids"].shape[0]
-    out = {k: torch.stack([r[k] for r in rows]) for k in rows[0] if k != "cu_seqlens"}  # + any other [N] key
-    cu = [r["cu_seqlens"][:-1] + b * n for b, r in enumerate(rows)]
-    out["cu_seqlens"] = torch.cat(cu + [torch.tensor([len(rows) * n], dtype=torch.int32)])
+    out = {k: torch.stack([r[k] for r in rows]) for k in rows[0] if k not in OFFSETS + LISTS}  # + any other [N] key
+    for key in OFFSETS:
+        if key in rows[0]:
+            starts = [r[key][:-1] + b * n for b, r in enumerate(rows)]
+            out[key] = torch.cat(starts + [torch.tensor([len(rows) * n], dtype=torch.int32)])
+    for key in LISTS:
+        if key in rows[0]:
+            out[key] = torch.cat([r[key] for r in rows])
     return out
 
 
