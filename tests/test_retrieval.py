@@ -87,6 +87,13 @@ def test_training_rows_hold_retrieval_documents():
     assert isinstance(src, MixedSource) and src.n_passkey > 0 and src.n_mqar > 0
     text = tok.decode(sum((next(train)["input_ids"].flatten().tolist() for _ in range(40)), []))
     assert "What is the pass key? The pass key is" in text and " key? The " in text.replace("pass key?", "")
+    from trainer.stages import plan
+
+    induction = plan(cfg)[0].cfg  # its copy documents reach the rows (data.copy_fraction)
+    train, _, tok = build_loaders(induction, Mesh())
+    assert train.dataset.source.n_copy > 0
+    text = tok.decode(sum((next(train)["input_ids"].flatten().tolist() for _ in range(10)), []))
+    assert text.count(" | ") > 10
 
 
 @pytest.mark.e2e

@@ -41,6 +41,7 @@ def build_loaders(cfg, mesh):
                 d.mqar_fraction,
                 list(d.mqar_doc_chars),
                 d.mqar_pairs,
+                d.copy_fraction,
             )
         return src
 
