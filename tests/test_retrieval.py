@@ -146,6 +146,9 @@ def test_copy_documents_repeat_one_random_string():
 
     parts = copy_text(random.Random(3)).split(" | ")
     assert 2 <= len(parts) <= 4 and len(set(parts)) == 1 and 10 <= len(parts[0]) <= 40
+    for seed in range(20):  # data.copy_doc_chars / copy_repeats: short strings written many times
+        parts = copy_text(random.Random(seed), 3, 5, 6, 8).split(" | ")
+        assert 6 <= len(parts) <= 8 and len(set(parts)) == 1 and 3 <= len(parts[0]) <= 5
 
 
 def test_retrieval_section_and_accuracy_plot(tmp_path):

@@ -42,6 +42,8 @@ def build_loaders(cfg, mesh):
                 list(d.mqar_doc_chars),
                 d.mqar_pairs,
                 d.copy_fraction,
+                list(d.copy_doc_chars),
+                list(d.copy_repeats),
             )
         return src
 
