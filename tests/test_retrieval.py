@@ -87,6 +87,13 @@ def test_training_rows_hold_retrieval_documents():
     assert isinstance(src, MixedSource) and src.n_passkey > 0 and src.n_mqar > 0
     text = tok.decode(sum((next(train)["input_ids"].flatten().tolist() for _ in range(40)), []))
     assert "What is the pass key? The pass key is" in text and " key? The " in text.replace("pass key?", "")
+    from trainer.stages import plan
+
+    induction = plan(cfg)[0].cfg  # its copy documents reach the rows (data.copy_fraction)
+    train, _, tok = build_loaders(induction, Mesh())
+    assert train.dataset.source.n_copy > 0
+    text = tok.decode(sum((next(train)["input_ids"].flatten().tolist() for _ in range(10)), []))
+    assert text.count(" | ") > 10
 
 
 @pytest.mark.e2e
@@ -139,6 +146,9 @@ def test_copy_documents_repeat_one_random_string():
 
     parts = copy_text(random.Random(3)).split(" | ")
     assert 2 <= len(parts) <= 4 and len(set(parts)) == 1 and 10 <= len(parts[0]) <= 40
+    for seed in range(20):  # data.copy_doc_chars / copy_repeats: short strings written many times
+        parts = copy_text(random.Random(seed), 3, 5, 6, 8).split(" | ")
+        assert 6 <= len(parts) <= 8 and len(set(parts)) == 1 and 3 <= len(parts[0]) <= 5
 
 
 def test_retrieval_section_and_accuracy_plot(tmp_path):

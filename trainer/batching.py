@@ -51,6 +51,9 @@ def build_loaders(cfg, mesh):
                 d.mqar_fraction,
                 list(d.mqar_doc_chars),
                 d.mqar_pairs,
+                d.copy_fraction,
+                list(d.copy_doc_chars),
+                list(d.copy_repeats),
             )
         return src
 

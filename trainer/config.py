@@ -53,6 +53,8 @@ class DataConfig:
     mqar_doc_chars: list[int] = field(default_factory=lambda: [256, 512])  # their lengths (drawn)
     mqar_pairs: int = 4  # named keys per recall document, each queried once at its end
     copy_fraction: float = 0.0  # synthetic copy documents (a random string repeated) per corpus document
+    copy_doc_chars: list[int] = field(default_factory=lambda: [10, 40])  # [min, max] of the string's length
+    copy_repeats: list[int] = field(default_factory=lambda: [2, 4])  # [min, max] times it is written
     # prepared data: a mixture [{name, paths, weight, long_ratio, long_min_tokens}]; empty: data.paths
     sources: list[dict[str, Any]] = field(default_factory=list)
     # stream (documents cut at row ends) | best_fit (whole documents, padded rows) | grouped (best_fit's
@@ -330,6 +332,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         raise ValueError("data.mqar_fraction must be >= 0 and needs data.mqar_doc_chars, e.g. [256, 512]")
     if d.copy_fraction < 0:
         raise ValueError(f"data.copy_fraction={d.copy_fraction} must be >= 0")
+    for key, lo in (("copy_doc_chars", 1), ("copy_repeats", 2)):
+        v = list(getattr(d, key))
+        if len(v) != 2 or not lo <= v[0] <= v[1]:
+            raise ValueError(f"data.{key}={v} must be [min, max] with {lo} <= min <= max")
     if d.mqar_pairs < 1:
         raise ValueError(f"data.mqar_pairs={d.mqar_pairs} must be >= 1: keys per recall document")
     _choice("trainer.mqar_format", t.mqar_format, ("tokens", "text"))

@@ -30,6 +30,8 @@ class MixedSource:
         mqar_doc_chars=(256, 512),
         mqar_pairs: int = 4,
         copy_fraction: float = 0.0,
+        copy_doc_chars=(10, 40),
+        copy_repeats=(2, 4),
     ):
         self.base, self.seed, self.passkey_doc_chars = base, seed, list(passkey_doc_chars)
         index = list(range(len(base)))
@@ -57,6 +59,7 @@ class MixedSource:
         self.n_mqar = round(mqar_fraction * len(index))
         self.mqar_doc_chars, self.mqar_pairs = list(mqar_doc_chars), mqar_pairs
         self.n_copy = round(copy_fraction * len(index))  # repeated random strings (induction), last
+        self.copy_doc_chars, self.copy_repeats = tuple(copy_doc_chars), tuple(copy_repeats)
 
     def __len__(self) -> int:
         return len(self.index) + self.n_passkey + self.n_mqar + self.n_copy
@@ -66,7 +69,7 @@ class MixedSource:
             return self.base[self.index[i]]
         rng = random.Random(self.seed * 1_000_003 + i)
         if i >= len(self.index) + self.n_passkey + self.n_mqar:
-            return copy_text(rng)
+            return copy_text(rng, *self.copy_doc_chars, *self.copy_repeats)
         if i >= len(self.index) + self.n_passkey:
             return kv_recall_text(rng.choice(self.mqar_doc_chars), self.mqar_pairs, rng)
         return passkey_text(rng.choice(self.passkey_doc_chars), rng.random(), rng)

@@ -73,12 +73,14 @@ def passkey_text(n_chars: int, depth: float, rng: random.Random) -> str:
     return filler[:cut] + needle + filler[cut:] + tail
 
 
-def copy_text(rng: random.Random, min_chars: int = 10, max_chars: int = 40) -> str:
-    """A random string of letters and digits, 2 to 4 times, " | " between: every repeat is
+def copy_text(
+    rng: random.Random, min_chars: int = 10, max_chars: int = 40, min_repeats: int = 2, max_repeats: int = 4
+) -> str:
+    """A random string of letters and digits, ``min_repeats`` to ``max_repeats`` times, " | " between: every repeat is
     predictable only by copying from earlier in the context, the induction-head skill that
     retrieval needs (repeated random sequences form induction heads fast: Olsson et al., 2022)."""
     text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(rng.randint(min_chars, max_chars)))
-    return " | ".join([text] * rng.randint(2, 4))
+    return " | ".join([text] * rng.randint(min_repeats, max_repeats))
 
 
 def _key_word(rng: random.Random) -> str:
