@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from bench.runner import (
     cached_reference,
+    deepspeed_ulysses,
     device_for,
     gather_stats,
     measure_cell,
@@ -178,44 +179,15 @@ def _yunchang_forward(q, k, v, world, rank, idx, repeats, ulysses, ring):
 
 
 def _deepspeed_ulysses(q, k, v, do, ref, world, idx, repeats, block):
-    """Peer: DeepSpeed's Ulysses (deepspeed.sequence.layer.DistributedAttention: all-to-all of
-    q, k, v and the output over the world) around our single-device causal attention kernel,
-    contiguous shards, forward + backward. Returns (median seconds, max error of output and
-    gradients against the single-rank reference) or (None, why)."""
-    try:
-        import deepspeed.comm as ds_dist
-        from deepspeed.sequence.layer import DistributedAttention
+    """Peer: DeepSpeed's Ulysses around our single-device causal kernel (bench.runner)."""
+    n = q.shape[1]
 
-        from trainer.engines.deepspeed import guard_jit_builds
+    def local_attn(ql, kl, vl):  # the whole sequence, H / world heads
+        pos = torch.arange(n, device=ql.device)
+        doc = torch.zeros(1, n, dtype=torch.long, device=ql.device)
+        return attention(ql, kl, vl, MaskSpec(pos, pos, doc, doc, True, None), None, block)[0]
 
-        guard_jit_builds(allow=False)  # never a JIT build of DeepSpeed's CPU comm op
-        if not ds_dist.is_initialized():
-            ds_dist.init_distributed(dist_backend=dist.get_backend(), verbose=False)
-        n, rep = q.shape[1], q.shape[2] // k.shape[2]
-        kv_rep = rep if k.shape[2] % world else 1  # fewer KV heads than ranks: replicate them
-
-        def local_attn(ql, kl, vl):  # the whole sequence, H / world heads
-            pos = torch.arange(n, device=ql.device)
-            doc = torch.zeros(1, n, dtype=torch.long, device=ql.device)
-            return attention(ql, kl, vl, MaskSpec(pos, pos, doc, doc, True, None), None, block)[0]
-
-        attn = DistributedAttention(local_attn, dist.group.WORLD, scatter_idx=2, gather_idx=1)
-        leaves = [t[:, idx].contiguous().requires_grad_() for t in (q, k, v)]
-        times = []
-        for _ in range(repeats + 1):
-            for t in leaves:
-                t.grad = None
-            dist.barrier()
-            t0 = time.perf_counter()
-            kk, vv = (t.repeat_interleave(kv_rep, 2) for t in leaves[1:])
-            out = attn(leaves[0], kk, vv, 0)
-            torch.autograd.backward(out, do[:, idx])
-            times.append(time.perf_counter() - t0)
-        got = [out.detach(), *(t.grad for t in leaves)]
-        err = max((g.float() - r[:, idx]).abs().max().item() for g, r in zip(got, ref))
-    except Exception as e:  # not installed, or fails on this machine: report, don't stop
-        return None, f"{type(e).__name__}: {e}"
-    return statistics.median(times[1:]), err
+    return deepspeed_ulysses(local_attn, q, k, v, do, ref, world, idx, repeats)
 
 
 def bench_rank(rank, world, args):

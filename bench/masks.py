@@ -10,8 +10,11 @@ the forward measured by ``parallel.comm`` (max over ranks) and by the strategy's
 the mask (allgather: the chunks its need matrix names; CAD: its plan; the others: their fixed
 formula), compute balance (max / mean over ranks of the (head, query, key) pairs the mask
 allows for the work each rank does), the mask's density (allowed pairs / N^2 per head) and the
-max error of output and gradients against the single-device kernel. Peer at world 1: SDPA with
-the dense boolean mask (``peer:sdpa_mask``), which supports every mask but computes N^2.
+max error of output and gradients against the single-device kernel. Peers: at world 1 SDPA with
+the dense boolean mask (``peer:sdpa_mask``: every mask, N^2 work) and FlexAttention's forward
+(``peer:flex(fwd only)``: torch has no FlexAttention backward on CPU); at every world > 1
+DeepSpeed's Ulysses around the single-device kernel (``peer:deepspeed-ulysses``, contiguous
+shards; masks that do not differ per head). Peer rows count no bytes (0).
 Writes ``masks.csv`` and ``masks.png`` (heatmaps of time and balance at the largest world and
 length) into --out.
 """
@@ -26,7 +29,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.runner import gather_stats, measure_cell, plot_axes, run_worlds, write_outputs
+from bench.runner import deepspeed_ulysses, gather_stats, measure_cell, plot_axes, run_worlds, write_outputs
 from models.ops.attention import slices as S
 from parallel.cad_plan import plan_cad
 from parallel.context import CPContext
@@ -151,6 +154,11 @@ def bench_rank(rank, world, args):
                 )
             if world == 1 and n <= args.dense_max_len:
                 rows.append(_sdpa_row(q, k, v, do, mask, mname, n, density, ref, args))
+                rows.append(_flex_row(q, k, v, mask, mname, n, density, ref, args))
+            per_head = any(sl.heads is not None for sl in mask.row(0))
+            if world > 1 and args.heads % world == 0 and not per_head:
+                row = _ds_ulysses_row(q, k, v, do, mask, mname, n, density, ref, rank, world, args)
+                rows += [row] if row else []
     return rows
 
 
@@ -229,6 +237,65 @@ def _sdpa_row(q, k, v, do, mask, mname, n, density, ref, args):
         bytes_formula=0,
         balance=1.0,
         max_err=err,
+    )
+
+
+def _flex_row(q, k, v, mask, mname, n, density, ref, args):
+    """FlexAttention, forward only (no CPU backward in torch): a block mask from the dense
+    [H, N, N] boolean mask, eager (the compiled path is CUDA's)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    allowed = S.dense(mask.row(0), torch.arange(n), torch.arange(n), args.heads)
+    block_mask = create_block_mask(lambda b, h, qi, ki: allowed[h, qi, ki], 1, args.heads, n, n, device="cpu")
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    times = []
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            o = flex_attention(qh, kh, vh, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
+            times.append(time.perf_counter() - t0)
+    return dict(
+        mask=mname,
+        seq_len=n,
+        strategy="peer:flex(fwd only)",
+        world=1,
+        density=round(density, 4),
+        time_s=round(statistics.median(times[1:]), 4),
+        bytes_max=0,
+        bytes_formula=0,
+        balance=1.0,
+        max_err=(o - ref[0]).abs().max().item(),
+    )
+
+
+def _ds_ulysses_row(q, k, v, do, mask, mname, n, density, ref, rank, world, args):
+    """DeepSpeed's Ulysses around the single-device kernel with the mask (head-independent
+    masks: DeepSpeed's local attention does not know which heads it holds)."""
+    from models.context import SingleDeviceContext
+
+    def local_attn(ql, kl, vl):
+        return SingleDeviceContext(1, n, None, args.block).run("softmax", ql, kl, vl, mask=mask)
+
+    idx = local_index(n, rank, world, "contiguous")
+    t, err = deepspeed_ulysses(local_attn, q, k, v, do, ref, world, idx, args.repeats)
+    ok = torch.tensor([float(t is not None)])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        if rank == 0:
+            print(f"[bench.masks] peer deepspeed-ulysses skipped: {err}")
+        return None
+    s = gather_stats(torch.tensor([t, err], dtype=torch.float64), world)
+    return dict(
+        mask=mname,
+        seq_len=n,
+        strategy="peer:deepspeed-ulysses",
+        world=world,
+        density=round(density, 4),
+        time_s=round(float(s[:, 0].max()), 4),
+        bytes_max=0,
+        bytes_formula=0,
+        balance=1.0,
+        max_err=float(s[:, 1].max()),
     )
 
 

@@ -41,6 +41,42 @@ COLUMNS = [
 ]
 
 
+def deepspeed_ulysses(local_attn, q, k, v, do, ref, world, idx, repeats):
+    """Peer: DeepSpeed's Ulysses (deepspeed.sequence.layer.DistributedAttention: all-to-all of
+    q, k, v and the output over the world) around ``local_attn(q, k, v) -> o`` (the whole
+    sequence, H / world heads: [B, N, H/P, D]), contiguous shards ``idx``,
+    forward + backward. Returns (median seconds, max error of output and gradients against the
+    single-rank reference ``ref``) or (None, why)."""
+    try:
+        import deepspeed.comm as ds_dist
+        from deepspeed.sequence.layer import DistributedAttention
+
+        from trainer.engines.deepspeed import guard_jit_builds
+
+        guard_jit_builds(allow=False)  # never a JIT build of DeepSpeed's CPU comm op
+        if not ds_dist.is_initialized():
+            ds_dist.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        rep = q.shape[2] // k.shape[2]
+        kv_rep = rep if k.shape[2] % world else 1  # fewer KV heads than ranks: replicate them
+        attn = DistributedAttention(local_attn, dist.group.WORLD, scatter_idx=2, gather_idx=1)
+        leaves = [t[:, idx].contiguous().requires_grad_() for t in (q, k, v)]
+        times = []
+        for _ in range(repeats + 1):
+            for t in leaves:
+                t.grad = None
+            dist.barrier()
+            t0 = time.perf_counter()
+            kk, vv = (t.repeat_interleave(kv_rep, 2) for t in leaves[1:])
+            out = attn(leaves[0], kk, vv, 0)
+            torch.autograd.backward(out, do[:, idx])
+            times.append(time.perf_counter() - t0)
+        got = [out.detach(), *(t.grad for t in leaves)]
+        err = max((g.float() - r[:, idx]).abs().max().item() for g, r in zip(got, ref))
+    except Exception as e:  # not installed, or fails on this machine: report, don't stop
+        return None, f"{type(e).__name__}: {e}"
+    return statistics.median(times[1:]), err
+
+
 def timed_repeats(step, leaves, repeats, device, world, clock=time.perf_counter):
     """Warm up once, then time ``step()`` (forward + backward) ``repeats`` times, clearing
     the gradients of ``leaves`` before each run. Returns (seconds list, last output).

@@ -48,3 +48,27 @@ def test_kernel_bench_runs_a_tiny_cell(tmp_path, capsys):
     assert {"fla_naive", "fla_simple_gla", "hf"} <= impls, impls
     for r in rows:  # every implementation computes the same outputs and gradients (training step: loss), fp32
         assert float(r["max_err"]) < 1e-4, r
+
+
+def test_mask_bench_matches_its_formulas_and_peers(tmp_path):
+    """bench.masks at a small row, worlds 1 and 2: every strategy and peer is exact against the
+    single-device kernel, and every strategy's measured bytes equal its formula for the mask."""
+    from bench.masks import main
+
+    main(["--seq-lens", "128", "--world-sizes", "1", "2", "--repeats", "1", "--head-dim", "8", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "masks.csv")))
+    strategies = {r["strategy"] for r in rows}
+    assert {
+        "local",
+        "allgather",
+        "ring",
+        "ulysses",
+        "usp",
+        "cad",
+        "peer:sdpa_mask",
+        "peer:flex(fwd only)",
+    } <= strategies
+    for r in rows:
+        assert float(r["max_err"]) < 1e-4, r
+        assert r["bytes_max"] == r["bytes_formula"], r
+    assert (tmp_path / "masks.png").exists()
