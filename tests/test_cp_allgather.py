@@ -105,15 +105,19 @@ def test_saved_activations_fall_as_one_over_p():
                     assert saved > 1.2 * one / world, (world, gather, saved, one)
 
 
-def _forward_bytes(rank, world, layout, gather, window, doc_lens):
-    b, n, h, hkv, d = 1, 16 * world, 2, 1, 4
-    q, k, v, _, cu = make_case(0, b, n, h, hkv, d, doc_lens, torch.float32)
-    strat = build_strategy("allgather", gather=gather)
-    ctx = CPContext(strat, dist.group.WORLD, rank, world, layout, n, b, cu, 16)
-    idx = ctx.local_index
-    comm.COUNTER.reset()
-    ctx.attention(q[:, idx], k[:, idx], v[:, idx], causal=True, window=window)
-    return comm.COUNTER.total_received
+def _forward_bytes(rank, world, cases):
+    """Bytes this rank receives in one forward, per (layout, gather, window, doc_lens) case."""
+    out = []
+    for layout, gather, window, doc_lens in cases:
+        b, n, h, hkv, d = 1, 16 * world, 2, 1, 4
+        q, k, v, _, cu = make_case(0, b, n, h, hkv, d, doc_lens, torch.float32)
+        strat = build_strategy("allgather", gather=gather)
+        ctx = CPContext(strat, dist.group.WORLD, rank, world, layout, n, b, cu, 16)
+        idx = ctx.local_index
+        comm.COUNTER.reset()
+        ctx.attention(q[:, idx], k[:, idx], v[:, idx], causal=True, window=window)
+        out.append(comm.COUNTER.total_received)
+    return out
 
 
 def test_bytes_match_formula():
@@ -122,20 +126,23 @@ def test_bytes_match_formula():
         LayerShape(batch=1, seq_len=64, cp=4, n_heads=2, n_kv_heads=1, head_dim=4, elem_bytes=4)
     )
     assert formula == 3 * chunk
-    full = run_distributed(_forward_bytes, world, "zigzag", "all", None, [64])
-    assert full == [formula] * world
+    cases = [
+        ("zigzag", "all", None, [64]),
+        ("contiguous", "needed", None, [64]),
+        ("zigzag", "needed", None, [64]),
+        ("contiguous", "needed", 5, [64]),
+        ("contiguous", "needed", None, [16] * world),
+    ]
+    full, prefix, zig, win, docs = zip(*run_distributed(_forward_bytes, world, cases))  # per case, per rank
+    assert list(full) == [formula] * world
     # causal prefix only, contiguous layout: rank r receives the r chunks before it
-    prefix = run_distributed(_forward_bytes, world, "contiguous", "needed", None, [64])
-    assert prefix == [r * chunk for r in range(world)]
+    assert list(prefix) == [r * chunk for r in range(world)]
     # zigzag + causal: every rank's first half lies in every other rank's causal prefix
-    zig = run_distributed(_forward_bytes, world, "zigzag", "needed", None, [64])
-    assert zig == [formula] * world
+    assert list(zig) == [formula] * world
     # a window shorter than a shard: only the previous rank's chunk
-    win = run_distributed(_forward_bytes, world, "contiguous", "needed", 5, [64])
-    assert win == [0] + [chunk] * (world - 1)
+    assert list(win) == [0] + [chunk] * (world - 1)
     # documents that never cross a rank boundary: nothing to exchange
-    docs = run_distributed(_forward_bytes, world, "contiguous", "needed", None, [16] * world)
-    assert docs == [0] * world
+    assert list(docs) == [0] * world
 
 
 def test_bad_length_is_a_clear_error():
