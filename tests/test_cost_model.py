@@ -156,6 +156,11 @@ def _fwd_bwd_bytes(rank, world, name, options, n, dtype):
     return fwd, comm.COUNTER.total_received - fwd
 
 
+def _fwd_bwd_bytes_each(rank, world, cells, n, dtype):
+    """_fwd_bwd_bytes for each (name, options) of ``cells`` in one spawn."""
+    return [_fwd_bwd_bytes(rank, world, name, options, n, dtype) for name, options in cells]
+
+
 @pytest.mark.gloo
 def test_backward_bytes_are_counted_bytes():
     """The cost model's backward bytes (ring: K/V again plus the dK/dV accumulators in the
@@ -167,11 +172,10 @@ def test_backward_bytes_are_counted_bytes():
 
     cfg = ModelConfig(vocab_size=8, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8)
     n = 64
-    for name, options in (("ring", {}), ("allgather", {}), ("ulysses", {}), ("usp", {"ulysses_size": 2})):
-        for world in (2, 4):
-            if name == "usp" and world == 2:
-                continue
-            counted = run_distributed(_fwd_bwd_bytes, world, name, options, n, torch.float32)
+    for world in (2, 4):
+        cells = [("ring", {}), ("allgather", {}), ("ulysses", {})] + [("usp", {"ulysses_size": 2})] * (world == 4)
+        per_rank = run_distributed(_fwd_bwd_bytes_each, world, cells, n, torch.float32)
+        for (name, options), counted in zip(cells, zip(*per_rank)):
             spec = RunSpec(cfg, n, cp=world, strategies={"softmax": name}, options={"softmax": options}, dtype="fp32")
             fwd, bwd, _ = _bytes(spec, 0, spec.strategy("softmax"))
             assert max(c[0] for c in counted) == fwd, (name, world)
