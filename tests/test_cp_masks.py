@@ -67,11 +67,18 @@ def check_masks(rank, world, name, options, n, h, masks):
     return errs
 
 
+def check_masks_each(rank, world, cells, n, h, masks):
+    """check_masks for every (name, options) of ``cells`` in one spawn (each costs seconds)."""
+    return [check_masks(rank, world, name, options, n, h, masks) for name, options in cells]
+
+
 def _run(world, full_matrix):
     n, masks = masks_for(world, full_matrix)
-    for name, options in strategies(world) if world > 1 else [("local", {})]:
-        errs = run_cp(check_masks, world, name, options, n, heads_for(world), masks)
+    cells = strategies(world) if world > 1 else [("local", {})]
+    per_rank = run_cp(check_masks_each, world, cells, n, heads_for(world), masks)
+    for (name, _), errs in zip(cells, zip(*per_rank)):
         bad = [e for rank in errs for e in rank if e[2] > 1e-10]
+        assert len(errs) == world and all(len(r) == 2 * len(masks) for r in errs)
         assert not bad, (name, bad)
 
 
@@ -147,14 +154,17 @@ def test_allgather_gathers_only_needed_chunks_and_ring_skips_untouched_steps():
     only chunk 0 (the first block) besides its own, so it receives one chunk (rank 0 none) and
     its ring computes steps 0 and r only; a 5-token window needs only the previous rank."""
     cbw, win = S.causal_blockwise(N, 16), S.sliding_window(N, 5)
-    got = [g for g, _, _ in run_cp(_bytes, 4, "contiguous", "allgather", {}, cbw)]
-    assert got == [0, CHUNK, CHUNK, CHUNK]
-    got = [g for g, _, _ in run_cp(_bytes, 4, "contiguous", "allgather", {}, win)]
-    assert got == [0, CHUNK, CHUNK, CHUNK]
-    steps = [s for _, _, s in run_cp(_bytes, 4, "contiguous", "ring", {}, cbw)]
-    assert steps == [[0], [0, 1], [0, 2], [0, 3]]
-    steps = [s for _, _, s in run_cp(_bytes, 4, "contiguous", "ring", {}, win)]
-    assert steps == [[0], [0, 1], [0, 1], [0, 1]]
+    cells = [("allgather", cbw), ("allgather", win), ("ring", cbw), ("ring", win)]
+    ag_cbw, ag_win, ring_cbw, ring_win = zip(*run_cp(_bytes_cells, 4, cells))  # per cell, per rank
+    assert [g for g, _, _ in ag_cbw] == [0, CHUNK, CHUNK, CHUNK]
+    assert [g for g, _, _ in ag_win] == [0, CHUNK, CHUNK, CHUNK]
+    assert [s for _, _, s in ring_cbw] == [[0], [0, 1], [0, 2], [0, 3]]
+    assert [s for _, _, s in ring_win] == [[0], [0, 1], [0, 1], [0, 1]]
+
+
+def _bytes_cells(rank, world, cells):
+    """``_bytes`` (contiguous layout) for each (strategy, mask) of ``cells`` in one spawn."""
+    return [_bytes(rank, world, "contiguous", name, {}, mask) for name, mask in cells]
 
 
 def _dense_load(plan, mask, h):
