@@ -9,7 +9,7 @@ processes and reports: forward+backward time (median of repeats), bytes received
 the forward measured by ``parallel.comm`` (max over ranks) and by the strategy's formula for
 the mask (allgather: the chunks its need matrix names; CAD: its plan; the others: their fixed
 formula), compute balance (max / mean over ranks of the (head, query, key) pairs the mask
-allows for the work each rank does), the mask's density (allowed pairs / N^2 per head) and the
+allows for the work each rank does), the mask's density (allowed (head, query, key) triples / (H N^2)) and the
 max error of output and gradients against the single-device kernel. Peers: at world 1 SDPA with
 the dense boolean mask (``peer:sdpa_mask``: every mask, N^2 work) and FlexAttention's forward
 (``peer:flex(fwd only)``: torch has no FlexAttention backward on CPU); at every world > 1
@@ -120,7 +120,7 @@ def bench_rank(rank, world, args):
         cu = torch.tensor([0, n])
         for mname, mask in masks(n, args.heads).items():
             ref = _reference(q, k, v, do, mask, n, args)
-            density = mask.area(0, 1) / (n * n)
+            density = mask.area(0, args.heads) / (args.heads * n * n)  # per-head slices count once per head
             names = ["local"] if world == 1 else [s for s in args.strategies if s in STRATEGIES]
             for name in names:
                 strat = build_strategy(name, **STRATEGIES.get(name, {}))

@@ -211,3 +211,33 @@ def test_bad_masks_are_clear_errors():
         S.sinklora(16, 8, 4, 5)
     with pytest.raises(ValueError, match="one prefix length per document"):
         S.varlen_prefix_lm([4, 4], [1])
+
+
+WIDE = 700  # a row long enough for split bands (query tiles of 128 / 256), not a multiple of either
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        S.sliding_window(WIDE, 300),  # band width 299: tiles of 128
+        S.varlen_sliding_window([333, 367], 280),  # clipped by each document
+        S.global_sliding_window(WIDE, 5, 290),
+        S.sliding_window(WIDE, 600),  # tiles of 256
+        SliceMask(((make_slice(0, WIDE, 40, WIDE, "inv_causal"),),), WIDE, "inv_causal"),  # no upper edge
+        SliceMask(((make_slice(10, 400, 0, 690, "bi_causal"),),), WIDE, "bi_causal"),
+    ],
+    ids=["window", "varlen_window", "global_window", "window_600", "inv_causal", "bi_causal"],
+)
+def test_wide_bands_split_into_fused_pieces_exactly(mask):
+    """Bands at least 256 wide run as full + causal pieces per query tile and one masked
+    triangle (plan.split_band): exact against the dense reference, on the whole row and on a
+    zigzag chunk's queries (two runs) against every key, with GQA."""
+    from models.ops.attention.plan import span_plan
+
+    pos = torch.arange(WIDE)
+    spec = MaskSpec(pos, pos, slices=mask)
+    forms = {p.form for p in span_plan(spec, 0, 4)}
+    assert {"full", "band"} <= forms, forms  # the split happened
+    assert run_both(spec, WIDE, WIDE, block=64) < 1e-12
+    chunk = torch.cat([torch.arange(0, 150), torch.arange(550, WIDE)])
+    assert run_both(MaskSpec(chunk, pos, slices=mask), len(chunk), WIDE, block=64) < 1e-12

@@ -23,7 +23,9 @@ that hold an allowed pair (``Slice.clip``), becomes at most two pieces:
     "causal"  top-left aligned diagonal: key k allowed iff k - k0 <= q - q0 (the fused op's)
     "band"    anything else (windows, inv_causal, bi_causal): a tile loop over ``block``
               queries whose keys are clipped to the band and masked only in tiles it cuts
-so the work is the slices' area (plus at most one block-wide triangle per band tile).
+so the work is the slices' area (plus at most one block-wide triangle per band tile). A band at
+least ``BAND_TILE_MIN`` wide is cut per query tile (``split_band``) into a full and a causal piece
+for the fused op and one masked triangle.
 Positions that break into very many runs (more than ``MAX_PIECES`` pieces) use the generic
 fixed-block plan (``active_blocks``).
 
@@ -240,7 +242,7 @@ def may_attend(mask: MaskSpec, block: int, n_kv: int = 1) -> bool:
     if mask.pattern is not None:
         return bool(tile_candidates(mask, block, n_kv)[1].any())
     for b in range(_rows(mask)):
-        plan = span_plan(mask, b)
+        plan = span_plan(mask, b, split=False)
         if plan is None:
             return bool(block_candidates(mask, block, block).any())
         if plan:
@@ -488,11 +490,12 @@ def _cut_pieces(t: Slice, qr, kr, heads) -> list[Piece]:
     return [Piece(qs, slice(ks.start, ks.start + a - t.k0), t.q0, t.k0, "full", None, None, heads), diag]
 
 
-def span_plan(mask: MaskSpec, b: int, n_heads: int | None = None) -> list[Piece] | None:
+def span_plan(mask: MaskSpec, b: int, n_heads: int | None = None, split: bool = True) -> list[Piece] | None:
     """The pieces that cover every allowed pair of batch row b exactly once, or None when the
     positions break into so many runs that the generic block plan is cheaper. ``n_heads``:
     local query heads (needed when slices apply to some heads only; None keeps every slice,
-    with its global heads, which is enough to tell whether a pair of chunks meets)."""
+    with its global heads, which is enough to tell whether a pair of chunks meets). ``split``:
+    wide bands cut into fused pieces per query tile (``split_band``; False: one band piece)."""
     pieces: list[Piece] = []
     for s, qr, kr in _slice_runs(mask, b):
         heads = s.heads if n_heads is None else mask.local_heads(s.heads, n_heads)
@@ -503,7 +506,58 @@ def span_plan(mask: MaskSpec, b: int, n_heads: int | None = None) -> list[Piece]
             pieces += _cut_pieces(t, qr, kr, heads)
         if len(pieces) > MAX_PIECES:
             return None
-    return pieces
+    return [x for p in pieces for x in split_band(p)] if split else pieces
+
+
+BAND_TILE_MIN, BAND_TILE_MAX = 128, 256  # a split band's query tile: <= half the band, in these bounds
+
+
+def split_band(p: Piece) -> list[Piece]:
+    """A band piece whose band (keys q + lo .. q + hi of query q) is at least 2 ``BAND_TILE_MIN``
+    wide, as pieces per query tile of B rows [a, a + B): the keys every row of the tile sees
+    ([a + B + lo, a + hi]) as one "full" piece and the upper edge as a "causal" one (both for the
+    fused op), leaving only the lower edge's B x B triangle as a (tiled, masked) band piece.
+    Tiles whose band the piece's key range clips, and narrow bands, stay band pieces."""
+    if p.form != "band" or p.lo is None:
+        return [p]
+    width = None if p.hi is None else p.hi - p.lo  # the band holds width + 1 keys
+    # (narrower: the fused calls per tile cost more than the tile loop's masked work, measured on CPU)
+    tile = BAND_TILE_MAX if width is None else min(BAND_TILE_MAX, 1 << max(0, (width // 2).bit_length() - 1))
+    if tile < BAND_TILE_MIN:
+        return [p]
+    nq, nk = p.qs.stop - p.qs.start, p.ks.stop - p.ks.start
+    k_end = p.k0 + nk
+
+    def piece(q_first, q_last, k_first, k_last, form, lo=None, hi=None):  # positions, ends exclusive
+        qs = slice(p.qs.start + q_first - p.q0, p.qs.start + q_last - p.q0)
+        ks = slice(p.ks.start + k_first - p.k0, p.ks.start + k_last - p.k0)
+        return Piece(qs, ks, q_first, k_first, form, lo, hi, p.heads)
+
+    out = []
+    for a in range(p.q0, p.q0 + nq, tile):
+        b = min(p.q0 + nq, a + tile)
+        top = k_end if p.hi is None else b + p.hi  # the tile's band: keys [a + lo, top)
+        if a + p.lo < p.k0 or top > k_end:  # clipped by the key range: one band piece
+            out += band_rows(p, a, b)
+            continue
+        out.append(piece(a, b, a + p.lo, b + p.lo, "band", p.lo, None))  # lower edge: k >= q + lo
+        full_end = k_end if p.hi is None else a + p.hi + 1
+        if full_end > b + p.lo:
+            out.append(piece(a, b, b + p.lo, full_end, "full"))
+        if p.hi is not None and b - a > 1:  # upper edge: rows a+1.. see keys a+hi+1 .. q+hi
+            out.append(piece(a + 1, b, a + p.hi + 1, b + p.hi, "causal", None, p.hi))
+    return out
+
+
+def band_rows(p: Piece, a: int, b: int) -> list[Piece]:
+    """Query positions [a, b) of band piece ``p`` with the keys their band meets (none if none)."""
+    lo = p.k0 if p.lo is None else max(p.k0, a + p.lo)
+    hi = p.k0 + p.ks.stop - p.ks.start if p.hi is None else min(p.k0 + p.ks.stop - p.ks.start, b + p.hi)
+    if lo >= hi:
+        return []
+    qs = slice(p.qs.start + a - p.q0, p.qs.start + b - p.q0)
+    ks = slice(p.ks.start + lo - p.k0, p.ks.start + hi - p.k0)
+    return [Piece(qs, ks, a, lo, "band", p.lo, p.hi, p.heads)]
 
 
 def _slice_runs(mask: MaskSpec, b: int):
