@@ -226,18 +226,7 @@ def _sdpa_row(q, k, v, do, mask, mname, n, density, ref, args):
         o.backward(do)
         times.append(time.perf_counter() - t0)
     err = max((a - r).abs().max().item() for a, r in zip([o.detach()] + [t.grad for t in leaves], ref))
-    return dict(
-        mask=mname,
-        seq_len=n,
-        strategy="peer:sdpa_mask",
-        world=1,
-        density=round(density, 4),
-        time_s=round(statistics.median(times[1:]), 4),
-        bytes_max=0,
-        bytes_formula=0,
-        balance=1.0,
-        max_err=err,
-    )
+    return _peer_row(mname, n, "peer:sdpa_mask", 1, density, statistics.median(times[1:]), err)
 
 
 def _flex_row(q, k, v, mask, mname, n, density, ref, args):
@@ -254,18 +243,8 @@ def _flex_row(q, k, v, mask, mname, n, density, ref, args):
             t0 = time.perf_counter()
             o = flex_attention(qh, kh, vh, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
             times.append(time.perf_counter() - t0)
-    return dict(
-        mask=mname,
-        seq_len=n,
-        strategy="peer:flex(fwd only)",
-        world=1,
-        density=round(density, 4),
-        time_s=round(statistics.median(times[1:]), 4),
-        bytes_max=0,
-        bytes_formula=0,
-        balance=1.0,
-        max_err=(o - ref[0]).abs().max().item(),
-    )
+    err = (o - ref[0]).abs().max().item()
+    return _peer_row(mname, n, "peer:flex(fwd only)", 1, density, statistics.median(times[1:]), err)
 
 
 def _ds_ulysses_row(q, k, v, do, mask, mname, n, density, ref, rank, world, args):
@@ -285,17 +264,22 @@ def _ds_ulysses_row(q, k, v, do, mask, mname, n, density, ref, rank, world, args
             print(f"[bench.masks] peer deepspeed-ulysses skipped: {err}")
         return None
     s = gather_stats(torch.tensor([t, err], dtype=torch.float64), world)
+    return _peer_row(mname, n, "peer:deepspeed-ulysses", world, density, float(s[:, 0].max()), float(s[:, 1].max()))
+
+
+def _peer_row(mname, n, strategy, world, density, seconds, err) -> dict:
+    """A peer's CSV row (peers count no bytes and are not balanced: one device or whole heads)."""
     return dict(
         mask=mname,
         seq_len=n,
-        strategy="peer:deepspeed-ulysses",
+        strategy=strategy,
         world=world,
         density=round(density, 4),
-        time_s=round(float(s[:, 0].max()), 4),
+        time_s=round(seconds, 4),
         bytes_max=0,
         bytes_formula=0,
         balance=1.0,
-        max_err=float(s[:, 1].max()),
+        max_err=err,
     )
 
 
