@@ -147,8 +147,8 @@ def test_extension_rope_keeps_the_frequencies_the_pretrained_retrieval_uses():
     """The retrieval recipe's extension RoPE leaves the 5 fastest frequencies (wavelengths of 6 to
     63 tokens) exactly as pretrained and interpolates the slowest by the stage's factor. Measured on
     the pretrained model: halving any one of those 5 drops passkey@256 from about 0.6 to 0-0.2,
-    halving any slower one does not; YaRN's default beta_fast=32 keeps only the fastest (with
-    original_max_position=256 and head_dim 32), and the model then scores 0 at 256 untrained."""
+    halving the 7th-16th does not (the 6th: 0.45). YaRN's default beta_fast=32 keeps only the
+    fastest (original_max_position=256, head_dim 32): the model then scores 0 at 256 untrained."""
     from models.rope import inv_frequencies
     from trainer.stages import plan
 
