@@ -5,11 +5,13 @@ metric reported, and the extension stage gives the same loss curve and accuracy 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from parallel.spawn import run_distributed
@@ -141,6 +143,26 @@ def test_extension_stage_is_the_same_at_cp1_and_cp2(tmp_path):
             assert curves[1][key] == curves[2][key], key
 
 
+def test_extension_rope_keeps_the_frequencies_the_pretrained_retrieval_uses():
+    """The retrieval recipe's extension RoPE leaves the 5 fastest frequencies (wavelengths of 6 to
+    63 tokens) exactly as pretrained and interpolates the slowest by the stage's factor. Measured on
+    the pretrained model: halving any one of those 5 drops passkey@256 from about 0.6 to 0-0.2,
+    halving the 7th-16th does not (the 6th: 0.45). YaRN's default beta_fast=32 keeps only the
+    fastest (original_max_position=256, head_dim 32): the model then scores 0 at 256 untrained."""
+    from models.rope import inv_frequencies
+    from trainer.stages import plan
+
+    stages = {st.spec.name: st.cfg.model for st in plan(_compose(["recipe=retrieval"]))}
+    base, _ = inv_frequencies(stages["pretrain"].rope, stages["pretrain"].hd)
+    for name in ("extend_2x", "extend_4x"):
+        rope = stages[name].rope
+        inv, _ = inv_frequencies(rope, stages[name].hd)
+        assert rope.type == "yarn" and rope.original_max_position == 256, (name, rope)
+        assert (2 * math.pi / base[:5]).max() < 64
+        assert torch.equal(inv[:5], base[:5]), (name, (base / inv).tolist())
+        assert torch.allclose(inv[-1], base[-1] / rope.factor), (name, rope.factor)
+
+
 def test_copy_documents_repeat_one_random_string():
     from trainer.data.synthetic import copy_text
 
@@ -161,6 +183,7 @@ def test_retrieval_section_and_accuracy_plot(tmp_path):
     def stage(name, n, rope, start, end):
         acc = dict(zip(["256", "512", "1024"], end))
         out = dict(name=name, seq_len=n, rope=rope, cp=1 if n == 256 else 2, steps=10, loss_start=2.0, loss_end=1.5)
+        out["passkey_prompts"] = 50
         starts = dict(zip(["256", "512", "1024"], start))
         return out | dict(passkey_start=starts, passkey_end=acc, mqar_start={}, mqar_end=acc)
 
@@ -171,6 +194,14 @@ def test_retrieval_section_and_accuracy_plot(tmp_path):
     assert text.startswith(RETRIEVAL_BEGIN) and text.endswith(RETRIEVAL_END)
     assert "| extend_2x (start) | 512, RoPE YaRN x2 | 2 | 0 | 2.000 | 1.00 / 0.50 / 0.00 | - / - / - |" in text
     assert "| pretrain | 256, RoPE unscaled | 1 | 10 | 1.500 | 1.00 / 0.20 / 0.00 | 1.00 / 0.20 / 0.00 |" in text
+    assert "averaged over the needle depths (50 prompts per length)" in text
+    from models.rope import RopeConfig
+    from trainer.worked_example import rope_label
+
+    assert rope_label(RopeConfig(type="yarn", factor=2.0, beta_fast=4.0)) == "yarn x2, beta_fast 4"
+    assert rope_label(RopeConfig(type="yarn", factor=4.0)) == "yarn x4" and rope_label(RopeConfig()) == "none"
+    results["stages"][1]["rope"] = "yarn x2, beta_fast 4"
+    assert "| extend_2x | 512, RoPE YaRN x2, beta_fast 4 | 2 | 10 |" in render_retrieval(results)
     grid = {"lengths": [256, 512], "mean": [1, 0.5], "depths": [0, 1], "accuracy": [[1, 1], [0, 1]]}
     files = plot_summaries({n: {"val_loss": 1.0, "passkey": grid, "mqar": {"256": 1.0}} for n in "ab"}, str(tmp_path))
     assert any(f.endswith("accuracy_vs_length.png") for f in files)

@@ -58,7 +58,7 @@ def _stage_rows(run_dir: str, overrides: list[str], recipe: str = "cpu_example")
             dict(
                 name=spec.name,
                 seq_len=st.cfg.data.seq_len,
-                rope=m.rope.type if m.rope.type == "none" else f"{m.rope.type} x{m.rope.factor:g}",
+                rope=rope_label(m.rope),
                 mixers={k: kinds.count(k) for k in dict.fromkeys(kinds)},
                 steps=spec.steps,
                 params=total,
@@ -74,9 +74,26 @@ def _stage_rows(run_dir: str, overrides: list[str], recipe: str = "cpu_example")
                 mqar_end=_per_length(end, "mqar"),
                 mqar_start=_per_length(start, "mqar"),
                 cp=st.cfg.parallel.cp.size,
+                passkey_prompts=len(st.cfg.trainer.passkey_depths or [0]) * st.cfg.trainer.passkey_samples,
             )
         )
     return out
+
+
+def rope_label(rope) -> str:
+    """``none``, ``yarn x2``; YaRN's beta_fast / beta_slow appended where they differ from the
+    defaults (``yarn x2, beta_fast 4``): they decide which frequencies stay as pretrained."""
+    if rope.type == "none":
+        return "none"
+    label = f"{rope.type} x{rope.factor:g}"
+    if rope.type == "yarn":
+        from models.rope import RopeConfig
+
+        default = RopeConfig()
+        label += "".join(
+            f", {k} {getattr(rope, k):g}" for k in ("beta_fast", "beta_slow") if getattr(rope, k) != getattr(default, k)
+        )
+    return label
 
 
 def _curve(run_dir: str) -> list[dict]:
@@ -213,7 +230,13 @@ def render_retrieval(results: dict) -> str:
         + (f", {results['cpu_s'] / 60:.1f} min of CPU time" if results.get("cpu_s") else "")
         + f" on {results['machine']}{results.get('note', '')}), stored in "
         "`docs/retrieval/results.json`. Passkey: teacher-forced, every token of the 5-digit answer must be the "
-        "argmax, averaged over the needle depths; MQAR: the same for each of the key-value queries. "
+        "argmax, averaged over the needle depths"
+        + (
+            f" ({'/'.join(str(n) for n in dict.fromkeys(s['passkey_prompts'] for s in st))} prompts per length)"
+            if all(s.get("passkey_prompts") for s in st)
+            else ""
+        )
+        + "; MQAR: the same for each of the key-value queries. "
         "The *start* rows are the previous stage's weights under this stage's RoPE before any training. "
         "Held-out loss is over the validation rows of the stage's length (compare within a length).",
         "",
