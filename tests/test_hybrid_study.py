@@ -18,10 +18,10 @@ def test_pattern_point_is_mixer_and_ratio():
         pattern_point(["gla", "liger", "softmax"], 6)
 
 
-def _job(root, num, pattern, val_loss, mqar, copy=None):
+def _job(root, num, pattern, val_loss, mqar, copy=None, steps=10):
     os.makedirs(os.path.join(root, str(num), ".hydra"))
     with open(os.path.join(root, str(num), ".hydra", "config.yaml"), "w") as f:
-        f.write(f"model:\n  n_layers: 8\n  mixer_pattern: [{', '.join(pattern)}]\n")
+        f.write(f"model:\n  n_layers: 8\n  mixer_pattern: [{', '.join(pattern)}]\ntrainer:\n  steps: {steps}\n")
     with open(os.path.join(root, str(num), "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 0, "val_loss": 9.0, "mqar@128": 0.0, "copy@8": 0.0}) + "\n")
         f.write(json.dumps({"step": 5, "loss": 3.0}) + "\n")
@@ -35,6 +35,7 @@ def test_collect_takes_each_jobs_final_evaluation_and_plots(tmp_path):
     _job(tmp_path, 1, ["gla"], 2.7, 0.1, {8: 0.125})
     _job(tmp_path, 2, ["liger", "softmax"], 2.4, 0.6)
     _job(tmp_path, 4, ["softmax"], 2.3, 0.7, {8: 1.0, 16: 0.5})
+    _job(tmp_path, 5, ["lizard"], 2.2, 0.9, steps=20)  # still training: evaluated at 10 of 20 steps
     os.makedirs(tmp_path / "3" / ".hydra")  # an unfinished job: no metrics yet
     (tmp_path / "3" / ".hydra" / "config.yaml").write_text("model:\n  n_layers: 8\n  mixer_pattern: [gla]\n")
     rows = {(r["mixer"], r["ratio"]): r for r in collect(str(tmp_path))}

@@ -37,8 +37,8 @@ def pattern_point(pattern: list[str], n_layers: int) -> tuple[str, float]:
 
 
 def collect(sweep_dir: str) -> list[dict]:
-    """One row per finished job of ``sweep_dir``: {mixer, ratio, val_loss, mqar: {L: acc},
-    copy: {L: acc}}."""
+    """One row per finished job of ``sweep_dir`` (its last evaluation at ``trainer.steps``):
+    {mixer, ratio, val_loss, mqar: {L: acc}, copy: {L: acc}}."""
     from omegaconf import OmegaConf
 
     rows = []
@@ -53,6 +53,9 @@ def collect(sweep_dir: str) -> list[dict]:
         cfg = OmegaConf.load(cfg_path)
         mixer, ratio = pattern_point(list(cfg.model.mixer_pattern), int(cfg.model.n_layers))
         last = evals[-1]
+        steps = OmegaConf.select(cfg, "trainer.steps")
+        if steps is not None and last.get("step", steps) < steps:
+            continue  # still training: its last evaluation is not the final one
         per = {m: {int(k.split("@")[1]): v for k, v in last.items() if k.startswith(m + "@")} for m in ("mqar", "copy")}
         rows.append({"job": os.path.basename(job), "mixer": mixer, "ratio": ratio, "val_loss": last["val_loss"], **per})
     return rows
