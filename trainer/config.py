@@ -143,6 +143,9 @@ class TrainerConfig:
     mqar_samples: int = 4
     mqar_format: str = "tokens"  # tokens: Zoology's synthetic vocabulary (ids, no training data
     # needed in that format) | text: the key-value sentences data.mqar_fraction documents train
+    copy_lengths: list[int] = field(default_factory=list)  # held-out copying: string lengths (characters)
+    copy_samples: int = 8  # random strings per length
+    copy_repeats: int = 2  # times each is written (every writing after the first is scored)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps, for tests
     progress_bar: bool = True  # drawn only on a terminal; plain log lines otherwise
     nonfinite: str = "stop"  # non-finite loss or grad norm: stop (keep the last good
@@ -305,6 +308,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         ("trainer.log_every", t.log_every),
         ("trainer.max_skips", t.max_skips),
         ("trainer.passkey_samples", t.passkey_samples),
+        ("trainer.copy_samples", t.copy_samples),
+        *(("trainer.copy_lengths", n) for n in t.copy_lengths),
     ):
         if val < 1:
             raise ValueError(f"{name}={val} must be >= 1")
@@ -336,6 +341,16 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         v = list(getattr(d, key))
         if len(v) != 2 or not lo <= v[0] <= v[1]:
             raise ValueError(f"data.{key}={v} must be [min, max] with {lo} <= min <= max")
+    if t.copy_repeats < 2:
+        raise ValueError(f"trainer.copy_repeats={t.copy_repeats} must be >= 2: the first writing is the one to copy")
+    from trainer.data.synthetic import COPY_SEP
+
+    need = max(t.copy_lengths, default=0) * t.copy_repeats + len(COPY_SEP) * (t.copy_repeats - 1)
+    if d.tokenizer == "byte" and t.copy_lengths and need > d.seq_len:
+        raise ValueError(
+            f"trainer.copy_lengths has {max(t.copy_lengths)}: {t.copy_repeats} writings (trainer.copy_repeats) "
+            f"take {need} tokens, more than data.seq_len={d.seq_len}"
+        )
     if d.mqar_pairs < 1:
         raise ValueError(f"data.mqar_pairs={d.mqar_pairs} must be >= 1: keys per recall document")
     _choice("trainer.mqar_format", t.mqar_format, ("tokens", "text"))

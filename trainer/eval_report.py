@@ -11,7 +11,7 @@ import re
 
 def summarize(metrics: dict) -> dict:
     """Flat metrics -> {val_loss, loss_by_position: {edges, loss}, passkey: {lengths, depths,
-    accuracy [L][D]}, mqar: {length: acc}} (the JSON summary)."""
+    accuracy [L][D]}, mqar: {length: acc}, copy: {string length: acc}} (the JSON summary)."""
     out = {"val_loss": metrics.get("val_loss")}
     for key in ("kv_cache_bytes_per_token", "state_bytes"):  # models/kv_cache.py
         if key in metrics:
@@ -37,6 +37,9 @@ def summarize(metrics: dict) -> dict:
     mqar = {int(m[1]): v for k, v in metrics.items() if (m := re.fullmatch(r"mqar@(\d+)", k))}
     if mqar:
         out["mqar"] = mqar
+    copies = {int(m[1]): v for k, v in metrics.items() if (m := re.fullmatch(r"copy@(\d+)", k))}
+    if copies:
+        out["copy"] = copies
     return out
 
 

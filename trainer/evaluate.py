@@ -1,5 +1,5 @@
 """Evaluation: held-out loss (overall and by position in the document), passkey retrieval over
-lengths x depths, multi-query associative recall (MQAR); a JSON summary and PNG plots.
+lengths x depths, multi-query associative recall (MQAR), copying; a JSON summary and PNG plots.
 
 In the trainer it runs at every stage's start and end; on its own (also under torchrun, with
 context parallelism for lengths one rank cannot hold):
@@ -9,7 +9,8 @@ context parallelism for lengths one rank cannot hold):
 
 Metric names (flat, as in metrics.jsonl): ``val_loss``, ``val_loss@pos{lo}-{hi}``,
 ``val_loss/{source}`` (each source of a prepared-data mixture, data.sources),
-``passkey@{L}`` (mean over depths), ``passkey@{L}@{depth}``, ``mqar@{L}``.
+``passkey@{L}`` (mean over depths), ``passkey@{L}@{depth}``, ``mqar@{L}``, ``copy@{L}`` (strings
+of L characters).
 """
 
 from __future__ import annotations
@@ -177,6 +178,38 @@ def mqar_accuracy(model, tokenizer, length: int, cfg, mesh, strategies) -> float
     return (hits[0] / hits[1].clamp_min(1)).item()
 
 
+def copy_labels(ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
+    """Teacher-forced labels of the inputs ids[:-1]: label[t] = ids[t + 1] where ids[t + 1] lies
+    in a span (a repeat to copy), -100 elsewhere (the first writing, separators, eos)."""
+    labels = [-100] * (len(ids) - 1)
+    for a, b in spans:
+        labels[a - 1 : b - 1] = ids[a:b]
+    return labels
+
+
+@torch.no_grad()
+def copy_accuracy(model, tokenizer, n_chars: int, cfg, mesh, strategies) -> float:
+    """Held-out copying: ``trainer.copy_samples`` fresh random strings of ``n_chars`` characters,
+    each written ``trainer.copy_repeats`` times (trainer.data.synthetic.copy_example, the format of
+    data.copy_fraction documents), one row of ``data.seq_len``. Teacher-forced: the share of the
+    tokens of every repeat after the first (not separators) that are the argmax. A model that
+    cannot look back over the string's length scores near chance (1/36 per character)."""
+    from trainer.data.synthetic import copy_example
+
+    rng = random.Random(2468 + n_chars)  # not the training documents' seeds (trainer/data/mix.py)
+    length = cfg.data.seq_len
+    hits = torch.zeros(2, dtype=torch.float64)
+    for _ in range(cfg.trainer.copy_samples):
+        ids, spans = copy_example(tokenizer, n_chars, cfg.trainer.copy_repeats, rng)
+        if len(ids) - 1 > length:
+            raise ValueError(
+                f"trainer.copy_lengths has {n_chars}: {cfg.trainer.copy_repeats} writings take {len(ids) - 1} "
+                f"tokens, more than data.seq_len={length}"
+            )
+        hits += _hits(model, _one_row(ids[:-1], copy_labels(ids, spans), length), cfg, mesh, strategies).cpu()
+    return (hits[0] / hits[1].clamp_min(1)).item()
+
+
 def len_answer_tokens(tokenizer) -> int:
     return len(tokenizer.encode(" 12345."))
 
@@ -202,6 +235,8 @@ def evaluate(model, val_loader, tokenizer, cfg, mesh, strategies) -> dict:
         out.update({f"passkey@{length}@{d:g}": v for d, v in cells.items()})
     for length in t.mqar_lengths:
         out[f"mqar@{length}"] = mqar_accuracy(model, tokenizer, length, cfg, mesh, strategies)
+    for n_chars in t.copy_lengths:
+        out[f"copy@{n_chars}"] = copy_accuracy(model, tokenizer, n_chars, cfg, mesh, strategies)
     out.update(kv_cache_bytes(cfg.model))  # inference memory (bf16): KV cache per token, fixed state
     model.train()
     return out

@@ -1,4 +1,4 @@
-"""Synthetic long-context probes: passkey retrieval and multi-query associative recall."""
+"""Synthetic long-context probes: passkey retrieval, multi-query associative recall, copying."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import random
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = " What is the pass key? The pass key is"
+COPY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # copy documents' random strings
+COPY_SEP = " | "  # between a copy document's repeats
 
 
 def passkey_example(tokenizer, context_len: int, depth: float, rng: random.Random):
@@ -79,8 +81,26 @@ def copy_text(
     """A random string of letters and digits, ``min_repeats`` to ``max_repeats`` times, " | " between: every repeat is
     predictable only by copying from earlier in the context, the induction-head skill that
     retrieval needs (repeated random sequences form induction heads fast: Olsson et al., 2022)."""
-    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(rng.randint(min_chars, max_chars)))
-    return " | ".join([text] * rng.randint(min_repeats, max_repeats))
+    text = "".join(rng.choice(COPY_ALPHABET) for _ in range(rng.randint(min_chars, max_chars)))
+    return COPY_SEP.join([text] * rng.randint(min_repeats, max_repeats))
+
+
+def copy_example(tokenizer, n_chars: int, repeats: int, rng: random.Random):
+    """A held-out copy document in ``copy_text``'s format: a fresh random string of ``n_chars``
+    characters written ``repeats`` times, ``COPY_SEP`` between, then eos (the packer's document
+    end). Returns (ids, spans): ``spans`` holds the (start, end) token range of every repeat
+    after the first (the string's tokens only, never a separator or the eos): the tokens that
+    only copying predicts (score ids[start:end] from the logits at start-1 .. end-2). The
+    string and separator are encoded apart (with the byte tokenizer that is the training
+    tokenization; a subword tokenizer may merge across them in training text)."""
+    text = tokenizer.encode("".join(rng.choice(COPY_ALPHABET) for _ in range(n_chars)))
+    sep = tokenizer.encode(COPY_SEP)
+    ids, spans = list(text), []
+    for _ in range(repeats - 1):
+        ids += sep
+        spans.append((len(ids), len(ids) + len(text)))
+        ids += text
+    return ids + [tokenizer.eos_id], spans
 
 
 def _key_word(rng: random.Random) -> str:
