@@ -24,7 +24,7 @@ that hold an allowed pair (``Slice.clip``), becomes at most two pieces:
     "band"    anything else (windows, inv_causal, bi_causal): a tile loop over ``block``
               queries whose keys are clipped to the band and masked only in tiles it cuts
 so the work is the slices' area (plus at most one block-wide triangle per band tile). A band at
-least ``BAND_TILE_MIN`` wide is cut per query tile (``split_band``) into a full and a causal piece
+least 2 ``BAND_TILE_MIN`` wide is cut per query tile (``split_band``) into a full and a causal piece
 for the fused op and one masked triangle.
 Positions that break into very many runs (more than ``MAX_PIECES`` pieces) use the generic
 fixed-block plan (``active_blocks``).
@@ -538,7 +538,9 @@ def split_band(p: Piece) -> list[Piece]:
         b = min(p.q0 + nq, a + tile)
         top = k_end if p.hi is None else b + p.hi  # the tile's band: keys [a + lo, top)
         if a + p.lo < p.k0 or top > k_end:  # clipped by the key range: one band piece
-            out += band_rows(p, a, b)
+            first, last = max(p.k0, a + p.lo), min(k_end, top)
+            if first < last:
+                out.append(piece(a, b, first, last, "band", p.lo, p.hi))
             continue
         out.append(piece(a, b, a + p.lo, b + p.lo, "band", p.lo, None))  # lower edge: k >= q + lo
         full_end = k_end if p.hi is None else a + p.hi + 1
@@ -547,17 +549,6 @@ def split_band(p: Piece) -> list[Piece]:
         if p.hi is not None and b - a > 1:  # upper edge: rows a+1.. see keys a+hi+1 .. q+hi
             out.append(piece(a + 1, b, a + p.hi + 1, b + p.hi, "causal", None, p.hi))
     return out
-
-
-def band_rows(p: Piece, a: int, b: int) -> list[Piece]:
-    """Query positions [a, b) of band piece ``p`` with the keys their band meets (none if none)."""
-    lo = p.k0 if p.lo is None else max(p.k0, a + p.lo)
-    hi = p.k0 + p.ks.stop - p.ks.start if p.hi is None else min(p.k0 + p.ks.stop - p.ks.start, b + p.hi)
-    if lo >= hi:
-        return []
-    qs = slice(p.qs.start + a - p.q0, p.qs.start + b - p.q0)
-    ks = slice(p.ks.start + lo - p.k0, p.ks.start + hi - p.k0)
-    return [Piece(qs, ks, a, lo, "band", p.lo, p.hi, p.heads)]
 
 
 def _slice_runs(mask: MaskSpec, b: int):
