@@ -230,8 +230,8 @@ WIDE = 700  # a row long enough for split bands (query tiles of 128 / 256), not 
 )
 def test_wide_bands_split_into_fused_pieces_exactly(mask):
     """Bands at least 256 wide run as full + causal pieces per query tile and one masked
-    triangle (plan.split_band): exact against the dense reference, on the whole row and on a
-    zigzag chunk's queries (two runs) against every key, with GQA."""
+    triangle (plan.split_band): exact against the dense reference, on the whole row, on a
+    zigzag chunk's queries (two runs) against every key and every query against its keys, with GQA."""
     from models.ops.attention.plan import span_plan
 
     pos = torch.arange(WIDE)
@@ -241,3 +241,5 @@ def test_wide_bands_split_into_fused_pieces_exactly(mask):
     assert run_both(spec, WIDE, WIDE, block=64) < 1e-12
     chunk = torch.cat([torch.arange(0, 150), torch.arange(550, WIDE)])
     assert run_both(MaskSpec(chunk, pos, slices=mask), len(chunk), WIDE, block=64) < 1e-12
+    # keys of a chunk: bands cut by the ends of its runs (the clipped tiles stay band pieces)
+    assert run_both(MaskSpec(pos, chunk, slices=mask), WIDE, len(chunk), block=64) < 1e-12
