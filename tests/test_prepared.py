@@ -270,10 +270,9 @@ def test_bad_settings_raise(tmp_path):
         check_config(_cfg(paths=[path], packing="bestfit"))
     with pytest.raises(ValueError, match="data.sources needs prepared data: set data=prepared"):
         check_config(_cfg(source="files", sources=[{"paths": [path]}]))
-    with pytest.raises(ValueError, match="data.packing=best_fit needs prepared data"):
-        check_config(_cfg(source="stdlib", packing="best_fit"))
-    with pytest.raises(ValueError, match="data.packing=grouped needs prepared data"):
-        check_config(_cfg(source="stdlib", packing="grouped"))
+    check_config(_cfg(source="stdlib", packing="best_fit"))  # text sources pack whole too (trainer/data/planned.py)
+    with pytest.raises(ValueError, match="data.packing=grouped does not apply to data=sft"):
+        check_config(_cfg(source="sft", packing="grouped"))
     with pytest.raises(ValueError, match="data.sources\\[0\\] has \\['wieght'\\]"):
         check_config(_cfg(sources=[{"paths": [path], "wieght": 2}]))
     with pytest.raises(ValueError, match="data.sources\\[0\\].weight=0.0 must be > 0"):

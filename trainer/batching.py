@@ -57,12 +57,15 @@ def build_loaders(cfg, mesh):
             )
         return src
 
-    train = DataLoaderShard(
-        PackedDataset(source("train"), tokenizer, d.seq_len, d.seed), mesh.dp_rank, mesh.dp, d.micro_batch
-    )
-    val = DataLoaderShard(
-        PackedDataset(source("val"), tokenizer, d.seq_len, d.seed + 1), mesh.dp_rank, mesh.dp, d.micro_batch
-    )
+    def rows(split, seed):
+        if d.packing == "stream":
+            return PackedDataset(source(split), tokenizer, d.seq_len, seed)
+        from trainer.data.planned import PlannedDataset  # documents whole (best_fit / grouped)
+
+        return PlannedDataset(source(split), tokenizer, d.seq_len, seed, d.packing, mesh.dp * d.micro_batch)
+
+    train = DataLoaderShard(rows("train", d.seed), mesh.dp_rank, mesh.dp, d.micro_batch)
+    val = DataLoaderShard(rows("val", d.seed + 1), mesh.dp_rank, mesh.dp, d.micro_batch)
     return train, val, tokenizer
 
 

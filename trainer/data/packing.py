@@ -124,6 +124,11 @@ class PackedDataset:
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        if sd.get("packing", "stream") != "stream":
+            raise ValueError(
+                f"the data loader state was saved with data.packing={sd['packing']}, this run streams: "
+                f"resume with data.packing={sd['packing']}"
+            )
         now = {"seed": self.seed, "seq_len": self.seq_len, "num_docs": len(self.source)}
         saved = {k: sd[k] for k in now}
         if saved != now:

@@ -479,9 +479,13 @@ def check_config(d) -> None:
     if d.packing not in PACKINGS:
         raise ValueError(f"data.packing={d.packing!r} is unknown: choose one of {PACKINGS}")
     if d.source != "prepared":
-        if d.sources or d.packing != "stream":
-            which = "data.sources" if d.sources else f"data.packing={d.packing}"
-            raise ValueError(f"{which} needs prepared data: set data=prepared (python -m trainer.prepare first)")
+        if d.sources:
+            raise ValueError("data.sources needs prepared data: set data=prepared (python -m trainer.prepare first)")
+        if d.source == "sft" and d.packing != "stream":
+            raise ValueError(
+                f"data.packing={d.packing} does not apply to data=sft: it packs whole examples itself "
+                "(leave data.packing=stream)"
+            )
         return
     if d.sources and d.paths:
         raise ValueError("give data.paths or data.sources, not both: put the paths into a source")
