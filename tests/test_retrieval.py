@@ -117,6 +117,12 @@ def test_retrieval_recipe_stages_chain_at_cp2(tmp_path):
     assert meta["config"]["parallel"]["cp"]["size"] == 2 and meta["config"]["model"]["rope"]["type"] == "yarn"
     written = sorted(f for f in os.listdir(os.path.join(run, "eval")) if f.endswith(".png"))
     assert "extend_4x_accuracy_vs_length.png" in written and "extend_4x_passkey_heatmap.png" in written
+    from trainer.worked_example import rope_contrast
+
+    ckpt = os.path.join(run, "checkpoints", "step_000003")  # the pretrain stage's end, kept by the recipe
+    for kind in ("linear", "yarn"):  # the README's no-training contrasts evaluate it under default scalings
+        m = rope_contrast(ckpt, kind, 4.0, 128)
+        assert {"val_loss", "passkey@128", "passkey@256", "mqar@256"} <= m.keys()
 
 
 @pytest.mark.e2e
@@ -202,6 +208,16 @@ def test_retrieval_section_and_accuracy_plot(tmp_path):
     assert rope_label(RopeConfig(type="yarn", factor=4.0)) == "yarn x4" and rope_label(RopeConfig()) == "none"
     results["stages"][1]["rope"] = "yarn x2, beta_fast 4"
     assert "| extend_2x | 512, RoPE YaRN x2, beta_fast 4 | 2 | 10 |" in render_retrieval(results)
+    from trainer.worked_example import _contrast_row
+
+    metrics = {"val_loss": 3.0, "passkey@256": 0.5, "passkey@512": 0.0, "passkey@256@1": 1.0, "mqar@256": 0.25}
+    first = results["stages"][0]
+    results["contrasts"] = [_contrast_row(metrics, first, 4.0, kind) for kind in ("linear", "yarn")]
+    lines = render_retrieval(results).splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("| pretrain |"))
+    pi = "| pretrain + PI x4, untrained | 256, RoPE linear x4 | 1 | 0 | 3.000 | 0.50 / 0.00 / - | 0.25 / - / - |"
+    assert lines[at + 1] == pi
+    assert lines[at + 2].startswith("| pretrain + YaRN (default betas) x4, untrained | 256, RoPE YaRN x4 | 1 | 0 |")
     grid = {"lengths": [256, 512], "mean": [1, 0.5], "depths": [0, 1], "accuracy": [[1, 1], [0, 1]]}
     files = plot_summaries({n: {"val_loss": 1.0, "passkey": grid, "mqar": {"256": 1.0}} for n in "ab"}, str(tmp_path))
     assert any(f.endswith("accuracy_vs_length.png") for f in files)

@@ -109,26 +109,39 @@ def _curve(run_dir: str) -> list[dict]:
     ]
 
 
-def pi_contrast(ckpt: str, factor: float, original: int) -> dict:
-    """Flat metrics of the checkpoint dir ``ckpt`` (a run's step_*) evaluated under plain position
-    interpolation by ``factor`` and no training (``python -m trainer.evaluate``, one process): the
-    zero-shot contrast to the trained extension stages."""
+CONTRASTS = {  # the no-training contrasts of the retrieval recipe: the pretrained weights under ...
+    "linear": "PI",  # plain position interpolation
+    "yarn": "YaRN (default betas)",  # YaRN as tuned for long original contexts (beta_fast 32)
+}
+
+
+def rope_contrast(ckpt: str, rope_type: str, factor: float, original: int) -> dict:
+    """Flat metrics of the checkpoint dir ``ckpt`` (a run's step_*) evaluated under ``rope_type``
+    scaling by ``factor`` with that scaling's default settings and no training (``python -m
+    trainer.evaluate``, one process): a zero-shot contrast to the trained extension stages."""
     import shutil
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(ckpt, os.path.join(tmp, "run", "checkpoints", os.path.basename(os.path.normpath(ckpt))))
-        rope = ["model.rope.type=linear", f"model.rope.factor={factor}", f"model.rope.original_max_position={original}"]
+        rope = [
+            f"model.rope.type={rope_type}",
+            f"model.rope.factor={factor}",
+            f"model.rope.original_max_position={original}",
+            "~model.rope.beta_fast",  # the scaling's own defaults, not the run's
+            "~model.rope.beta_slow",
+        ]
         cmd = [sys.executable, "-m", "trainer.evaluate", os.path.join(tmp, "run"), "--out", tmp, *rope]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         with open(os.path.join(tmp, "metrics.jsonl")) as f:
             return json.loads(f.readline())
 
 
-def _contrast_row(metrics: dict, first: dict, factor: float) -> dict:
-    """A stage-like row of the PI contrast for ``render_retrieval``."""
-    row = {k: first[k] for k in ("seq_len", "cp")} | {"name": f"{first['name']} + PI x{factor:g}, untrained"}
-    row |= {"rope": f"linear x{factor:g}", "loss_end": metrics["val_loss"], "steps": 0}
+def _contrast_row(metrics: dict, first: dict, factor: float, rope_type: str = "linear") -> dict:
+    """A stage-like row of a no-training contrast for ``render_retrieval``."""
+    name = f"{first['name']} + {CONTRASTS[rope_type]} x{factor:g}, untrained"
+    row = {k: first[k] for k in ("seq_len", "cp")} | {"name": name}
+    row |= {"rope": f"{rope_type} x{factor:g}", "loss_end": metrics["val_loss"], "steps": 0}
     return row | {"passkey_end": _per_length(metrics, "passkey"), "mqar_end": _per_length(metrics, "mqar")}
 
 
@@ -254,10 +267,11 @@ def render_retrieval(results: dict) -> str:
             f"| {s['name']} | {s['seq_len']}, {rope} | {s['cp']} | {s['steps']} | {s['loss_end']:.3f} | "
             f"{accs(s['passkey_end'])} | {accs(s['mqar_end'])} |"
         )
-    if results.get("pi_contrast"):  # after the pretrain row: the no-training contrast
-        s = results["pi_contrast"]
+    contrasts = results.get("contrasts") or ([results["pi_contrast"]] if results.get("pi_contrast") else [])
+    at = lines.index(next(x for x in lines if x.startswith("| pretrain |"))) + 1
+    for s in reversed(contrasts):  # after the pretrain row: the no-training contrasts
         lines.insert(
-            lines.index(next(x for x in lines if x.startswith("| pretrain |"))) + 1,
+            at,
             f"| {s['name']} | {s['seq_len']}, {_rope(s['rope'])} | 1 | 0 | {s['loss_end']:.3f} | "
             f"{accs(s['passkey_end'])} | {accs(s['mqar_end'])} |",
         )
@@ -351,12 +365,14 @@ def run(run_dir: str, out: str, overrides: list[str], recipe: str = "cpu_example
         "stages": _stage_rows(run_dir, overrides, recipe),
         "curve": _curve(run_dir),
     }
-    if recipe == "retrieval":  # the pretrained weights under plain PI x4, untrained (recipe keeps them)
+    if recipe == "retrieval":  # the pretrained weights under PI x4 and default YaRN x4, untrained
         names = [s["name"] for s in results["stages"]]
         first = results["stages"][names.index("pretrain")]
         end = sum(s["steps"] for s in results["stages"][: names.index("pretrain") + 1])
-        ckpt = os.path.join(run_dir, "checkpoints", f"step_{end:06d}")
-        results["pi_contrast"] = _contrast_row(pi_contrast(ckpt, 4.0, first["seq_len"]), first, 4.0)
+        ckpt = os.path.join(run_dir, "checkpoints", f"step_{end:06d}")  # the recipe keeps it
+        results["contrasts"] = [
+            _contrast_row(rope_contrast(ckpt, kind, 4.0, first["seq_len"]), first, 4.0, kind) for kind in CONTRASTS
+        ]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
