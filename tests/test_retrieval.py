@@ -79,7 +79,7 @@ def test_training_rows_hold_retrieval_documents():
     from trainer.batching import build_loaders
     from trainer.data.mix import MixedSource
 
-    cfg = _compose(SHORT)
+    cfg = _compose(SHORT + ["data.seq_len=256"])  # the recipe's row length: its documents fit whole
 
     class Mesh:
         dp_rank, dp = 0, 1
@@ -87,7 +87,8 @@ def test_training_rows_hold_retrieval_documents():
     train, _, tok = build_loaders(cfg, Mesh())
     src = train.dataset.source
     assert isinstance(src, MixedSource) and src.n_passkey > 0 and src.n_mqar > 0
-    text = tok.decode(sum((next(train)["input_ids"].flatten().tolist() for _ in range(40)), []))
+    assert cfg.data.packing == "best_fit" and src.passkey_edge_fraction > 0  # whole documents, needles at the ends
+    text = tok.decode(sum((next(train)["input_ids"].flatten().tolist() for _ in range(150)), []))
     assert "What is the pass key? The pass key is" in text and " key? The " in text.replace("pass key?", "")
     from trainer.stages import plan
 
@@ -218,6 +219,34 @@ def test_retrieval_section_and_accuracy_plot(tmp_path):
     pi = "| pretrain + PI x4, untrained | 256, RoPE linear x4 | 1 | 0 | 3.000 | 0.50 / 0.00 / - | 0.25 / - / - |"
     assert lines[at + 1] == pi
     assert lines[at + 2].startswith("| pretrain + YaRN (default betas) x4, untrained | 256, RoPE YaRN x4 | 1 | 0 |")
+    for st in results["stages"]:
+        st |= {"mixers": {"softmax": 2}, "params": 172480}
+    hybrid = json.loads(json.dumps(results)) | {"wall_s": 900}
+    for st in hybrid["stages"]:
+        st |= {"mixers": {"gla": 3, "softmax": 1}, "params": 340000, "passkey_end": {"256": 0.25}}
+    text = render_retrieval(results, {"retrieval_hybrid": hybrid})
+    assert "| `recipe=retrieval` | 2 softmax | 0.17M | 10.0 min | 1.00 / 0.20 / 0.00 | 1.00 / 1.00 / 0.10 |" in text
+    assert "| `recipe=retrieval_hybrid` | 3 gla : 1 softmax | 0.34M | 15.0 min | 0.25 / - / - | 0.25 / - / - |" in text
     grid = {"lengths": [256, 512], "mean": [1, 0.5], "depths": [0, 1], "accuracy": [[1, 1], [0, 1]]}
     files = plot_summaries({n: {"val_loss": 1.0, "passkey": grid, "mqar": {"256": 1.0}} for n in "ab"}, str(tmp_path))
     assert any(f.endswith("accuracy_vs_length.png") for f in files)
+
+
+@pytest.mark.parametrize("edge", [0.0, 0.25])
+def test_passkey_documents_put_a_share_of_needles_at_the_ends(edge):
+    """data.passkey_edge_fraction: that share of passkey documents has the needle first or right
+    before the question (the evaluation's depths 0 and 1), which uniform depths almost never give."""
+    from trainer.data.mix import MixedSource
+
+    class Corpus:
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return "text " * 20
+
+    mix = MixedSource(Corpus(), passkey_fraction=100.0, passkey_doc_chars=[200], passkey_edge_fraction=edge)
+    docs = [mix[i] for i in range(10, 1010)]
+    first = sum(d.startswith(" The pass key is ") for d in docs)
+    last = sum(re.search(r"\d is the pass key\.  What is the pass key\?", d) is not None for d in docs)
+    assert abs(first - 500 * edge) < 60 and abs(last - 500 * edge) < 60, (first, last)

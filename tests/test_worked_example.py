@@ -27,12 +27,12 @@ def test_readme_section_is_rendered_from_the_stored_results():
 
 
 def test_retrieval_section_is_rendered_from_the_stored_results():
-    from trainer.worked_example import RETRIEVAL_BEGIN, RETRIEVAL_END, render_retrieval
+    from trainer.worked_example import RETRIEVAL_BEGIN, RETRIEVAL_END, render_retrieval, retrieval_variants
 
     with open(os.path.join(ROOT, "docs", "retrieval", "results.json")) as f:
         results = json.load(f)
     readme = os.path.join(ROOT, "README.md")
-    assert readme_section(readme, RETRIEVAL_BEGIN, RETRIEVAL_END) == render_retrieval(results)
+    assert readme_section(readme, RETRIEVAL_BEGIN, RETRIEVAL_END) == render_retrieval(results, retrieval_variants(ROOT))
     assert [s["name"] for s in results["stages"]] == ["induction", "pretrain", "extend_2x", "extend_4x"]
     for png in ("accuracy_vs_length.png", "passkey_heatmap.png", "loss_by_position.png"):
         assert os.path.exists(os.path.join(ROOT, "docs", "retrieval", png))

@@ -54,6 +54,7 @@ def build_loaders(cfg, mesh):
                 d.copy_fraction,
                 list(d.copy_doc_chars),
                 list(d.copy_repeats),
+                d.passkey_edge_fraction,
             )
         return src
 

@@ -49,6 +49,10 @@ class DataConfig:
     # up- (or down-)sampling them, ProLong-style (e.g. 0.6); None: the corpus as it is
     passkey_fraction: float = 0.0  # synthetic passkey documents added, per corpus document
     passkey_doc_chars: list[int] = field(default_factory=lambda: [256, 512])  # their lengths (drawn)
+    # share of passkey documents with the needle at an end (first, or right before the question: the
+    # evaluation's depths 0 and 1), the rest at a uniform depth, which reaches the ends about once in
+    # a few hundred documents
+    passkey_edge_fraction: float = 0.0
     mqar_fraction: float = 0.0  # synthetic key-value recall documents added, per corpus document
     mqar_doc_chars: list[int] = field(default_factory=lambda: [256, 512])  # their lengths (drawn)
     mqar_pairs: int = 4  # named keys per recall document, each queried once at its end
@@ -331,6 +335,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             raise ValueError(f"trainer.passkey_depths has {depth}: depths are fractions in [0, 1]")
     if d.long_ratio is not None and not 0.0 < d.long_ratio < 1.0:
         raise ValueError(f"data.long_ratio={d.long_ratio} must be in (0, 1), or null for the natural mix")
+    if not 0.0 <= d.passkey_edge_fraction <= 1.0:
+        raise ValueError(f"data.passkey_edge_fraction={d.passkey_edge_fraction} must be in [0, 1]")
     if d.passkey_fraction < 0 or (d.passkey_fraction > 0 and not d.passkey_doc_chars):
         raise ValueError("data.passkey_fraction must be >= 0 and needs data.passkey_doc_chars, e.g. [256, 512]")
     if d.mqar_fraction < 0 or (d.mqar_fraction > 0 and not d.mqar_doc_chars):

@@ -223,11 +223,35 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def render_retrieval(results: dict) -> str:
+def variants_table(results: dict, variants: dict) -> list[str]:
+    """The softmax recipe's retrieval beside its variants' (the same data, stages and steps, other
+    mixers): after pretraining at L, and after the last extension at every length."""
+    lengths = sorted({int(n) for s in results["stages"] for n in s["passkey_end"]})
+    head = " / ".join(f"@{n}" for n in lengths)
+    lines = [
+        f"| recipe | mixers | parameters | wall time | passkey after pretrain {head} | "
+        f"passkey after the last extension {head} | MQAR after the last extension {head} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in {"retrieval": results, **variants}.items():
+        stages = {s["name"]: s for s in r["stages"]}
+        pre, last = stages["pretrain"], r["stages"][-1]
+
+        def accs(d: dict) -> str:
+            return " / ".join(f"{d[str(n)]:.2f}" if str(n) in d else "-" for n in lengths)
+
+        lines.append(
+            f"| `recipe={name}` | {_mixers(pre['mixers'])} | {pre['params'] / 1e6:.2f}M | {r['wall_s'] / 60:.1f} min | "
+            f"{accs(pre['passkey_end'])} | {accs(last['passkey_end'])} | {accs(last['mqar_end'])} |"
+        )
+    return lines
+
+
+def render_retrieval(results: dict, variants: dict | None = None) -> str:
     """The README section of ``recipe=retrieval`` (between its markers, included): per stage its
     length, RoPE and CP size, held-out loss, and passkey / MQAR accuracy at every evaluated length,
     at the stage's start (the weights it inherits, under the stage's RoPE: the no-training
-    contrast) and end."""
+    contrast) and end; then ``variants`` ({recipe: results}, retrieval_variants) beside it."""
     st = results["stages"]
     lengths = sorted({int(n) for s in st for n in s["passkey_end"]})
     head = " / ".join(f"@{n}" for n in lengths)
@@ -289,6 +313,14 @@ def render_retrieval(results: dict) -> str:
             )
             + ".",
         ]
+    if variants:
+        lines += [
+            "",
+            "The same recipe with other mixers (`python -m trainer.worked_example --recipe NAME`; their plots "
+            "in `docs/retrieval/<variant>/`):",
+            "",
+            *variants_table(results, variants),
+        ]
     lines += [
         "",
         "![retrieval accuracy vs context length, per stage](docs/retrieval/accuracy_vs_length.png)",
@@ -322,21 +354,42 @@ RETRIEVAL_BEGIN = (
 )
 RETRIEVAL_END = "<!-- retrieval-example: end -->"
 # per recipe: processes (torchrun when > 1), default dirs, the stage reports plotted, renderer, markers
+RETRIEVAL_PLOTTED = ("induction", "pretrain", "extend_2x_start", "extend_2x", "extend_4x_start", "extend_4x")
 RECIPES = {
     "cpu_example": dict(nproc=1, run_dir="runs/cpu_example", out="docs/worked_example", plotted=STAGES_PLOTTED),
-    "retrieval": dict(
-        nproc=2,
-        run_dir="runs/retrieval",
-        out="docs/retrieval",
-        plotted=("induction", "pretrain", "extend_2x_start", "extend_2x", "extend_4x_start", "extend_4x"),
+    "retrieval": dict(nproc=2, run_dir="runs/retrieval", out="docs/retrieval", plotted=RETRIEVAL_PLOTTED),
+    # the same recipe with other mixers: a row each in the retrieval section's variants table
+    "retrieval_hybrid": dict(
+        nproc=2, run_dir="runs/retrieval_hybrid", out="docs/retrieval/hybrid", plotted=RETRIEVAL_PLOTTED
     ),
+    "retrieval_s2": dict(nproc=2, run_dir="runs/retrieval_s2", out="docs/retrieval/s2", plotted=RETRIEVAL_PLOTTED),
 }
+RETRIEVAL_VARIANTS = ("retrieval_hybrid", "retrieval_s2")
+
+
+def retrieval_variants(root: str = ".", fresh: dict | None = None) -> dict:
+    """{variant recipe: its results} for every variant whose results.json is stored (under
+    ``root``), ``fresh`` ({recipe: results} of a run just made) taking precedence."""
+    out = {}
+    for name in RETRIEVAL_VARIANTS:
+        path = os.path.join(root, RECIPES[name]["out"], "results.json")
+        if fresh and name in fresh:
+            out[name] = fresh[name]
+        elif os.path.exists(path):
+            with open(path) as f:
+                out[name] = json.load(f)
+    return out
 
 
 def _render(recipe: str, results: dict) -> tuple[str, str, str]:
-    """(section, begin marker, end marker) of ``recipe``."""
+    """(section, begin marker, end marker) of ``recipe``; a retrieval variant re-renders the
+    retrieval section (the stored softmax results) with its row."""
     if recipe == "retrieval":
-        return render_retrieval(results), RETRIEVAL_BEGIN, RETRIEVAL_END
+        return render_retrieval(results, retrieval_variants()), RETRIEVAL_BEGIN, RETRIEVAL_END
+    if recipe in RETRIEVAL_VARIANTS:
+        with open(os.path.join(RECIPES["retrieval"]["out"], "results.json")) as f:
+            main = json.load(f)
+        return render_retrieval(main, retrieval_variants(fresh={recipe: results})), RETRIEVAL_BEGIN, RETRIEVAL_END
     return render(results), BEGIN, END
 
 

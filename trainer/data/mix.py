@@ -32,8 +32,10 @@ class MixedSource:
         copy_fraction: float = 0.0,
         copy_doc_chars=(10, 40),
         copy_repeats=(2, 4),
+        passkey_edge_fraction: float = 0.0,
     ):
         self.base, self.seed, self.passkey_doc_chars = base, seed, list(passkey_doc_chars)
+        self.passkey_edge_fraction = passkey_edge_fraction
         index = list(range(len(base)))
         if long_ratio is not None:
             size = getattr(base, "doc_size", None) or (lambda i: len(base[i]))
@@ -72,4 +74,7 @@ class MixedSource:
             return copy_text(rng, *self.copy_doc_chars, *self.copy_repeats)
         if i >= len(self.index) + self.n_passkey:
             return kv_recall_text(rng.choice(self.mqar_doc_chars), self.mqar_pairs, rng)
-        return passkey_text(rng.choice(self.passkey_doc_chars), rng.random(), rng)
+        depth = rng.random()
+        if self.passkey_edge_fraction and rng.random() < self.passkey_edge_fraction:
+            depth = rng.choice((0.0, 1.0))  # the needle first, or right before the question
+        return passkey_text(rng.choice(self.passkey_doc_chars), depth, rng)

@@ -92,7 +92,7 @@ class PlannedDataset:
             )
         if packing not in ("best_fit", "grouped"):
             raise ValueError(f"PlannedDataset packs best_fit or grouped, not {packing!r} (stream: PackedDataset)")
-        self.seq_len, self.seed, self.packing = seq_len, seed, packing
+        self.source, self.seq_len, self.seed, self.packing = source, seq_len, seed, packing
         self.corpus = TextCorpus(source, tokenizer)
         self.planner = RowPlanner([TextStream(self.corpus, seed)], [1.0], seq_len, packing, group_rows, seed)
 
