@@ -63,7 +63,7 @@ def test_recipe_stage_overrides_apply_on_top_of_the_run():
     from trainer.stages import plan
 
     stages = plan(_compose(["recipe=cpu_example", "model.dim=64"]))
-    assert [s.cfg.data.seq_len for s in stages] == [512, 1024, 1024, 1024]
+    assert [s.cfg.data.seq_len for s in stages] == [512] + [1024] * 8
     assert all(s.cfg.model.dim == 64 for s in stages)
     assert stages[3].cfg.model.mixer_pattern == ["linear", "linear", "linear", "softmax"]
     assert stages[3].cfg.optim.lr == 3e-4 and stages[2].cfg.optim.lr == 1e-2
