@@ -124,6 +124,17 @@ class _TwoKind(nn.Module):
         dk, dv = cls.state_dims(cfg)
         return 0, (2 * window * cfg.n_kv_heads * cfg.hd + cfg.n_heads * dk * dv) * elem_bytes
 
+    @classmethod
+    def calls(cls, cfg) -> list[dict]:
+        """The context calls of one forward, for the cost model (parallel/cost_model.py sums
+        their bytes): per call its kind, heads of q and of k / v, widths (``key_dim`` of q and
+        k where it differs from ``head_dim``, the width of v) and reach (``window`` keys)."""
+        h, hkv, d, w = cfg.n_heads, cfg.n_kv_heads, cfg.hd, options_of(cfg, "hybrid").window
+        return [
+            dict(kind="linear", n_heads=h, n_kv_heads=h, head_dim=d),
+            dict(kind="softmax", n_heads=h, n_kv_heads=hkv, head_dim=d, window=w),
+        ]
+
     @staticmethod
     def core_flops(cfg, layer: int, doc_lens) -> float:
         """The linear branch's state terms plus the window branch's allowed pairs (fwd+bwd)."""
@@ -178,6 +189,17 @@ class LolcatsAttention(_TwoKind):
     def state_dims(cfg) -> tuple[int, int]:
         """Hedgehog features (2 D) by the values and their normaliser (D + 1)."""
         return 2 * cfg.hd, cfg.hd + 1
+
+    @classmethod
+    def calls(cls, cfg) -> list[dict]:
+        """The window branch; the delay of [hedgehog keys (2 D), values, ones] by W positions;
+        the linear branch over 2 D features with D + 1 values (numerator and normaliser)."""
+        h, hkv, d, w = cfg.n_heads, cfg.n_kv_heads, cfg.hd, options_of(cfg, "hybrid").window
+        return [
+            dict(kind="softmax", n_heads=h, n_kv_heads=hkv, head_dim=d, window=w),
+            dict(kind="delay", n_heads=h, n_kv_heads=h, head_dim=3 * d + 1, delay=w),
+            dict(kind="linear", n_heads=h, n_kv_heads=h, head_dim=d + 1, key_dim=2 * d),
+        ]
 
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, layer)

@@ -70,6 +70,16 @@ class LizardAttention(_TwoKind):
     kinds = ("linear", "meta_window")
     state_dims = LolcatsAttention.state_dims  # hedgehog features by the values and the normaliser
 
+    @classmethod
+    def calls(cls, cfg) -> list[dict]:
+        """The window over meta tokens and K/V; the gated linear branch over 2 D features with
+        D + 1 values (numerator and normaliser)."""
+        h, hkv, d, w = cfg.n_heads, cfg.n_kv_heads, cfg.hd, options_of(cfg, "hybrid").window
+        return [
+            dict(kind="meta_window", n_heads=h, n_kv_heads=hkv, head_dim=d, window=w),
+            dict(kind="linear", n_heads=h, n_kv_heads=h, head_dim=d + 1, key_dim=2 * d),
+        ]
+
     def __init__(self, cfg, layer: int):
         super().__init__(cfg, layer)
         self.q_map = FeatureMap("hedgehog", self.h, self.d)

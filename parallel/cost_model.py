@@ -12,7 +12,11 @@ What it counts, and where each number comes from (one source of truth each):
     bytes         the strategy's own ``forward_bytes(LayerShape)`` (CAD: ``forward_bytes_of``
                   the batch's documents), the formulas the gloo tests check against
                   ``parallel.comm``'s counts; backward bytes from ``backward_bytes`` where the
-                  strategy states it, else the ratio in ``BACKWARD`` (why beside each)
+                  strategy states it, else the ratio in ``BACKWARD`` (why beside each). A layer
+                  that calls several kinds (liger, lolcats, lizard: the mixer's ``calls``) costs
+                  every call under its kind's strategy; a call with a reach (window, delay)
+                  served point to point counts, per rank, the chunks that reach needs
+                  (``reach_bytes``), and the layer's bytes are the busiest rank's sum
     memory        parameters, gradients and Adam states, the activations a block keeps for
                   backward (per token, listed in ``activation_bytes``), the strategy's extra
                   (all-gather without regather keeps the gathered K/V) and the logits
@@ -273,6 +277,33 @@ def layer_shape(spec: RunSpec, layer: int) -> LayerShape:
     )
 
 
+@dataclass(frozen=True)
+class Call:
+    """One context call of a layer: its kind, the shape its strategy's byte formula takes, and
+    its reach (``window`` keys of a window branch, ``delay`` positions of the delay kind)."""
+
+    kind: str
+    shape: LayerShape
+    window: int | None = None
+    delay: int | None = None
+
+
+def layer_calls(spec: RunSpec, layer: int) -> list[Call]:
+    """Every context call of ``layer``: the mixer's own ``calls(cfg)`` (two-kind layers), else
+    one call of its kind with ``layer_shape``."""
+    cfg = spec.model
+    calls = getattr(mixer_class(cfg.mixer_of(layer)), "calls", None)
+    if calls is None:
+        return [Call(cfg.kind_of(layer), layer_shape(spec, layer))]
+    base = LayerShape(spec.batch, spec.seq_len, spec.cp, cfg.n_heads, cfg.n_kv_heads, cfg.hd, spec.elem_bytes)
+    out = []
+    for c in calls(cfg):
+        c = dict(c)
+        kind, window, delay = c.pop("kind"), c.pop("window", None), c.pop("delay", None)
+        out.append(Call(kind, replace(base, layout=spec.layout, **c), window, delay))
+    return out
+
+
 def cu_seqlens(spec: RunSpec) -> torch.Tensor:
     """Document starts of the [B, N] batch (every row the same documents), [n + 1]."""
     starts, off = [0], 0
@@ -377,11 +408,15 @@ def _cad(spec: RunSpec, strat) -> tuple[float, int, int]:
 
 
 def _bytes(spec: RunSpec, layer: int, strat) -> tuple[int, int, int]:
-    """(forward, backward, of which overlapped-able ring part) bytes one rank receives."""
+    """(forward, backward, of which overlapped-able ring part) bytes one rank receives for the
+    layer's primary kind (``layer_bytes``: every call of a two-kind layer)."""
+    return _call_bytes(spec, spec.model.kind_of(layer), layer_shape(spec, layer), strat)
+
+
+def _call_bytes(spec: RunSpec, kind: str, shape: LayerShape, strat) -> tuple[int, int, int]:
+    """``_bytes`` of one call of kind ``kind`` and shape ``shape``."""
     if spec.cp == 1:
         return 0, 0, 0
-    shape = layer_shape(spec, layer)
-    kind = spec.model.kind_of(layer)
     if strat.name == "cad":
         fwd = _cad(spec, strat)[1]
     else:
@@ -406,6 +441,61 @@ def _bytes(spec: RunSpec, layer: int, strat) -> tuple[int, int, int]:
     if kind == "linear" and strat.name not in BACKWARD:
         raise ValueError(f"the cost model has no backward rule for strategy {strat.name!r}: add it to BACKWARD")
     return fwd, int(fwd * BACKWARD.get(strat.name, 1.0)), 0
+
+
+def reach_bytes(spec: RunSpec, call: Call, strat) -> tuple[list[int], list[int]] | None:
+    """Per rank (forward, backward) bytes of a call with a reach served point to point, from
+    the strategy's own need matrix (the layout, the documents, the reach): all-gather
+    ``gather="needed"`` and gather_window receive the K/V chunks their window reaches and
+    return dK / dV to the chunks' owners (all-gather with ``regather`` gathers again first);
+    halo receives the whole shards holding the positions ``delay`` back and returns their
+    gradients. None for any other call (its formula is the same on every rank)."""
+    from parallel.context import CPContext
+
+    s, p = call.shape, spec.cp
+    ctx = CPContext(strat, None, 0, p, spec.layout, spec.seq_len, spec.batch, cu_seqlens(spec))
+    if strat.name == "halo" and call.delay is not None:
+        from parallel.strategies.halo import delay_sources
+
+        sources = delay_sources(ctx, call.delay)
+        need = [[j in sources[r] for j in range(p)] for r in range(p)]
+        shard, again = s.batch * (s.seq_len // p) * s.n_heads * s.head_dim * s.elem_bytes, False
+    elif call.window is not None and (
+        strat.name == "gather_window" or (strat.name == "allgather" and strat.gather == "needed")
+    ):
+        from parallel.strategies.allgather import need_matrix
+
+        need = need_matrix(ctx, True, call.window)
+        shard, again = strat.forward_bytes(s) // (p - 1), strat.name == "allgather" and strat.regather
+    else:
+        return None
+    got = [sum(need[r]) - 1 for r in range(p)]  # chunks rank r receives
+    given = [sum(need[t][r] for t in range(p)) - 1 for r in range(p)]  # ranks that read r's chunk
+    return [g * shard for g in got], [(g * again + t) * shard for g, t in zip(got, given)]
+
+
+def call_bytes(spec: RunSpec, call: Call, strat) -> tuple[list[int], list[int], int]:
+    """(forward bytes per rank, backward bytes per rank, ring part) of one call."""
+    if spec.cp > 1:
+        per_rank = reach_bytes(spec, call, strat)
+        if per_rank is not None:
+            return *per_rank, 0
+    fwd, bwd, ring = _call_bytes(spec, call.kind, call.shape, strat)
+    return [fwd] * spec.cp, [bwd] * spec.cp, ring
+
+
+def layer_bytes(spec: RunSpec, layer: int) -> tuple[int, int]:
+    """(forward, backward) bytes the busiest rank receives in ``layer``, every call summed
+    (the layer's primary-kind ``_bytes`` when it makes one call)."""
+    calls = layer_calls(spec, layer)
+    if len(calls) == 1 or spec.cp == 1:
+        strat = spec.strategy(calls[0].kind) if spec.cp > 1 else build_strategy("local")
+        return _bytes(spec, layer, strat)[:2]
+    fwd, bwd = [0] * spec.cp, [0] * spec.cp
+    for call in calls:
+        f, b, _ = call_bytes(spec, call, spec.strategy(call.kind))
+        fwd, bwd = [x + y for x, y in zip(fwd, f)], [x + y for x, y in zip(bwd, b)]
+    return max(fwd), max(bwd)
 
 
 def merge_seconds(cluster: Cluster, spec: RunSpec, layer: int, strat) -> tuple[float, float]:
@@ -465,16 +555,31 @@ def layer_cost(cluster: Cluster, spec: RunSpec, layer: int, params: int | None =
     peak = cluster.peak(spec.dtype)
     gemm_s = gemm_flops / (peak * cluster.gemm_fraction)
     core_s = core_flops / (peak * cluster.attention_fraction)
-    fwd_b, bwd_b, ring_b = _bytes(spec, layer, strat)
-    bwd_ring = 2 * ring_b if strat.name == "usp" else ring_b
-    f_serial, f_over = _comm_seconds(cluster, spec, strat, fwd_b, ring_b)
-    b_serial, b_over = _comm_seconds(cluster, spec, strat, bwd_b, bwd_ring)
+    calls = layer_calls(spec, layer)
+    if len(calls) == 1 or spec.cp == 1:
+        fwd_b, bwd_b, ring_b = _bytes(spec, layer, strat)
+        bwd_ring = 2 * ring_b if strat.name == "usp" else ring_b
+        f_serial, f_over = _comm_seconds(cluster, spec, strat, fwd_b, ring_b)
+        b_serial, b_over = _comm_seconds(cluster, spec, strat, bwd_b, bwd_ring)
+    else:  # every call, each under its kind's strategy and overlap rule
+        fwd_b, bwd_b = layer_bytes(spec, layer)
+        f_serial = f_over = b_serial = b_over = 0.0
+        for call in calls:
+            s = spec.strategy(call.kind)
+            f, b, ring = call_bytes(spec, call, s)
+            serial, over = _comm_seconds(cluster, spec, s, max(f), ring)
+            f_serial, f_over = f_serial + serial, f_over + over
+            serial, over = _comm_seconds(cluster, spec, s, max(b), 2 * ring if s.name == "usp" else ring)
+            b_serial, b_over = b_serial + serial, b_over + over
     passes = [(1 / 3, f_serial, f_over), (2 / 3, b_serial, b_over)]
     if recompute:  # the recomputed forward exchanges again
         passes.append((1 / 3, f_serial, f_over))
     core_one = core_total * balance / spec.cp * 1.0 / (peak * cluster.attention_fraction)
     if kind == "linear":  # the op's executed work, not the MFU count (see linear_core_seconds)
         core_one = linear_core_seconds(cluster, cfg, spec.batch, spec.seq_len // spec.cp, spec.dtype)
+        if len(calls) > 1:  # a two-kind layer's other branch (window pairs): FLOPs beyond the linear count
+            linear_flops = mixer_class("linear").core_flops(cfg, layer, list(spec.docs)) * spec.batch
+            core_one += max(0.0, core_total - linear_flops) / spec.cp / (peak * cluster.attention_fraction)
         core_s = core_one * (4 / 3 if recompute else 1)
     merge_f, merge_b = merge_seconds(cluster, spec, layer, strat)
     time_core = sum(max(share * core_one, over) + serial for share, serial, over in passes)
@@ -487,7 +592,7 @@ def layer_cost(cluster: Cluster, spec: RunSpec, layer: int, params: int | None =
     return LayerCost(
         layer=layer,
         kind=kind,
-        strategy=strat.name,
+        strategy="+".join(dict.fromkeys(spec.strategy_name(c.kind) for c in calls)) if spec.cp > 1 else strat.name,
         gemm_flops=gemm_flops,
         core_flops=core_flops,
         balance=balance,

@@ -40,11 +40,30 @@ def test_recipe_composes_and_every_stage_validates(name):
     assert [s.offset for s in stages] == [sum(x.spec.steps for x in stages[:i]) for i in range(len(stages))]
 
 
+@pytest.mark.parametrize("name", _options("recipe"))
+def test_attention_transfer_stages_train_only_mixer_parameters(name):
+    """The transfer loss is each mixer's output: a pattern that also reaches the FFN (``*.gate_*``
+    matches ``ffn.gate_proj``) would train it to ease the next layer's match, at the model's
+    expense."""
+    import fnmatch
+
+    from models import Transformer
+    from trainer.stages import plan
+
+    for st in plan(_compose([f"recipe={name}", "model.n_layers=1"])):
+        if st.spec.objective != "attention_transfer":
+            continue
+        model = Transformer(st.cfg.model)
+        names = [n for n, _ in model.named_parameters()]
+        trained = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in st.spec.train_params)]
+        assert trained and all(".mixer." in n for n in trained), (st.spec.name, trained)
+
+
 def test_recipe_stage_overrides_apply_on_top_of_the_run():
     from trainer.stages import plan
 
     stages = plan(_compose(["recipe=cpu_example", "model.dim=64"]))
-    assert [s.cfg.data.seq_len for s in stages] == [512, 1024, 1024, 1024]
+    assert [s.cfg.data.seq_len for s in stages] == [512] + [1024] * 8
     assert all(s.cfg.model.dim == 64 for s in stages)
     assert stages[3].cfg.model.mixer_pattern == ["linear", "linear", "linear", "softmax"]
     assert stages[3].cfg.optim.lr == 3e-4 and stages[2].cfg.optim.lr == 1e-2

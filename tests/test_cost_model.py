@@ -196,3 +196,66 @@ def test_mla_layers_are_costed_by_their_latent():
     assert lat.kind == "mla" and lat.fwd_bytes == (cp - 1) * (n // cp) * (96 + 64) * e
     assert kv.fwd_bytes == (cp - 1) * (n // cp) * 2 * 4 * (64 + 64) * e  # K and V, 4 heads, Dn + Dr wide
     assert lat.fwd_bytes < kv.fwd_bytes
+
+
+TWO_KIND = ModelConfig(
+    vocab_size=8, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, hybrid_window=12, landmark_every=7
+)
+TWO_KIND_MIXERS = ("liger", "lolcats", "lizard", "landmark")
+
+
+def _layer_bytes_each(rank, world, mixers, n):
+    """(forward, backward) bytes this rank receives for one layer of each mixer of ``mixers``
+    (every kind it calls under its default strategy; zigzag, one document, fp32)."""
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from models.mixers import mixer_class
+    from models.rope import Rotary
+    from parallel import comm
+    from parallel.context import CPContext
+    from parallel.strategies import build_strategies
+
+    out = []
+    for name in mixers:
+        cfg = dataclasses.replace(TWO_KIND, mixer_pattern=[name])
+        torch.manual_seed(0)  # the same parameters on every rank
+        mixer = mixer_class(name)(cfg, 0)
+        strategies = build_strategies({}, {}, cfg.kinds())
+        ctx = CPContext(strategies, dist.group.WORLD, rank, world, "zigzag", n, 1, torch.tensor([0, n]), 16)
+        x = torch.randn(1, n, cfg.dim, generator=torch.Generator().manual_seed(1))
+        idx = ctx.local_index
+        cos, sin = Rotary(cfg.rope, cfg.hd).cos_sin(idx[None], torch.float32)
+        xl = x[:, idx].clone().requires_grad_()
+        comm.COUNTER.reset()
+        o = mixer(xl, cos, sin, ctx)
+        fwd = comm.COUNTER.total_received
+        o.square().sum().backward()
+        out.append((fwd, comm.COUNTER.total_received - fwd))
+    return out
+
+
+@pytest.mark.gloo
+def test_two_kind_layer_bytes_are_counted_bytes():
+    """A two-kind layer costs every call it makes: liger the linear branch (LASP-2) and the
+    window branch (all-gather of the chunks the window reaches), lolcats those and the delay's
+    halo exchange, lizard LASP-2 and gather_window; landmark gathers every rank's K/V. Forward
+    and backward bytes of the busiest rank equal what parallel.comm counts in a gloo run."""
+    import dataclasses
+
+    from parallel.cost_model import layer_bytes
+    from parallel.spawn import run_distributed
+
+    n = 96
+    cl = load_cluster(os.path.join(CONF, "cluster", "h100.yaml"))
+    for world in (2, 4):
+        per_rank = run_distributed(_layer_bytes_each, world, TWO_KIND_MIXERS, n)
+        for name, counted in zip(TWO_KIND_MIXERS, zip(*per_rank)):
+            cfg = dataclasses.replace(TWO_KIND, mixer_pattern=[name])
+            spec = RunSpec(cfg, n, cp=world, strategies={}, dtype="fp32")
+            fwd, bwd = layer_bytes(spec, 0)
+            assert (fwd, bwd) == (max(c[0] for c in counted), max(c[1] for c in counted)), (name, world, counted)
+            cost = layer_cost(cl, spec, 0)
+            assert (cost.fwd_bytes, cost.bwd_bytes) == (fwd, bwd) and cost.comm_s > 0

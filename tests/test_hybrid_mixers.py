@@ -230,7 +230,7 @@ def test_liger_imports_a_checkpoint_and_exports_what_transformers_holds(model_ty
     "mixer,new,train",
     [
         ("lolcats", 3, ["*.q_map.*", "*.k_map.*", "*.window_factors"]),  # maps, window factors
-        ("lizard", 7, ["*.q_map.*", "*.k_map.*", "*.gate_*", "*.meta_*"]),  # maps, gate (3), meta k/v
+        ("lizard", 7, ["*.q_map.*", "*.k_map.*", "*.mixer.gate_*", "*.mixer.meta_*"]),  # maps, gate (3), meta k/v
     ],
 )
 def test_conversion_target_and_its_transfer_loss_falls(mixer, new, train, tmp_path):

@@ -66,6 +66,50 @@ def test_linearize_resumes_at_the_boundary_and_mid_stage_bit_exact(tmp_path):
     assert os.path.exists(os.path.join(a, "eval", "lora.json"))
 
 
+BRANCH = [  # teacher, a conversion of it, then the teacher again (start_from), trained on
+    {"name": "teacher", "steps": 2},
+    {"name": "lin", "steps": 2, "overrides": {"model": {"mixer_pattern": ["linear"]}}},
+    {"name": "again", "steps": 2, "start_from": "teacher", "overrides": {"optim": {"lr": 1e-4}}},
+]
+
+
+def test_start_from_branches_from_an_earlier_stage_and_resumes_past_it(tmp_path):
+    """The branch's start is the teacher's end (same model, same held-out rows), not the stage
+    before; resumed after the teacher's end checkpoint would have been pruned (keep 1, save every
+    step), the run is bit-exact with the uninterrupted one."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = ["trainer.save_every=1", "trainer.keep_checkpoints=1"]
+    full = run_distributed(_train, 1, common + [f"trainer.run_dir={a}"], BRANCH)[0]
+    ends = {(r["stage"], r["at"]): r["val_loss"] for r in _rows(a) if "at" in r}
+    assert ends[("again", "start")] == ends[("teacher", "end")] != ends[("lin", "end")]
+    parts = [
+        run_distributed(_train, 1, common + [f"trainer.run_dir={b}", f"trainer.stop_after={n}"], BRANCH)[0]
+        for n in (3, 1, 2)  # inside lin, at its end, then the branch from the pinned checkpoint
+    ]
+    assert [p["step"] for p in parts] == [3, 4, 6]
+    assert sum((p["history"] for p in parts), []) == full["history"]
+    assert sorted(os.listdir(os.path.join(b, "checkpoints"))) == ["latest", "step_000002", "step_000006"]
+    (_, wa), (_, wb) = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_start_from_must_name_one_earlier_stage():
+    from trainer import stages
+    from trainer.config import StageConfig
+    from trainer.train import to_config
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = to_config(compose(config_name="train", overrides=TINY))
+    for bad in ("again", "nope"):  # itself, no stage
+        cfg.recipe.stages = [StageConfig(**({**s, "start_from": bad} if s["name"] == "again" else s)) for s in BRANCH]
+        with pytest.raises(ValueError, match="exactly one earlier stage"):
+            stages.plan(cfg)
+    cfg.recipe.stages = [StageConfig(**s) for s in BRANCH]
+    cfg.recipe.stages[2].optimizer = "keep"
+    with pytest.raises(ValueError, match="optimizer=reset"):
+        stages.plan(cfg)
+
+
 def _evaluate(rank, world, argv):
     from trainer.evaluate import main
 
@@ -125,14 +169,14 @@ def test_extend_then_linearize_and_sparsify_from_its_run_dir_then_evaluate(tmp_p
 
 def test_cpu_example_recipe_runs(tmp_path):
     run = str(tmp_path / "ex")
-    short = [f"recipe.stages.{i}.steps=1" for i in range(4)]
-    short += [f"recipe.stages.{i}.overrides.data.seq_len=128" for i in (1, 2, 3)]
+    names = ["pretrain", "extend", "transfer", "lora", "lolcats_transfer", "lolcats_lora", "liger_lora"]
+    names += ["lizard_transfer", "lizard_lora"]
+    short = [f"recipe.stages.{i}.steps=1" for i in range(len(names))]
+    short += [f"recipe.stages.{i}.overrides.data.seq_len=128" for i in range(1, len(names))]
     out = run_distributed(_train, 1, ["recipe=cpu_example", f"trainer.run_dir={run}"] + short)[0]
-    assert out["step"] == 4
+    assert out["step"] == len(names)
     written = sorted(f for f in os.listdir(os.path.join(run, "eval")) if f.endswith(".json"))
-    assert written == sorted(
-        f"{s}{at}.json" for s in ("pretrain", "extend", "transfer", "lora") for at in ("", "_start")
-    )
+    assert written == sorted(f"{s}{at}.json" for s in names for at in ("", "_start"))
 
 
 @pytest.mark.gloo

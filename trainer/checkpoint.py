@@ -73,11 +73,22 @@ def _files(root: str) -> list[str]:
     return sorted(out)
 
 
-def save(run_dir: str, step: int, engine, scheduler, loader, rank: int, keep: int = 2, meta: dict | None = None) -> str:
+def save(
+    run_dir: str,
+    step: int,
+    engine,
+    scheduler,
+    loader,
+    rank: int,
+    keep: int = 2,
+    meta: dict | None = None,
+    pinned: set[int] | frozenset[int] = frozenset(),
+) -> str:
     """Collective: every rank calls it. ``engine`` (trainer/engines) writes model + optimizer.
     Returns the final checkpoint directory. On any rank's failure every rank raises
     CheckpointError and no trace of this step is left. ``meta`` (JSON-able, rank 0's) goes
-    into the manifest (read_meta)."""
+    into the manifest (read_meta). The ``keep`` newest checkpoints stay, and those of the steps
+    in ``pinned`` (stage ends a later stage starts from)."""
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:06d}")
     tmp = final + ".tmp"
@@ -124,7 +135,7 @@ def save(run_dir: str, step: int, engine, scheduler, loader, rank: int, keep: in
             write_atomic(os.path.join(root, "latest"), lambda p: Path(p).write_bytes(str(step).encode()))
         except OSError:
             pass  # `latest` is only a convenience
-        _prune(root, keep)
+        _prune(root, keep, pinned)
     dist.barrier()
     return final
 
@@ -147,9 +158,10 @@ def newest_saved(run_dir: str) -> str | None:
     return os.path.basename(found[0][1]) if found else None
 
 
-def _prune(root: str, keep: int) -> None:
-    for _, d in _step_dirs(root)[keep:] if keep > 0 else []:
-        shutil.rmtree(d, ignore_errors=True)
+def _prune(root: str, keep: int, pinned=frozenset()) -> None:
+    for step, d in _step_dirs(root)[keep:] if keep > 0 else []:
+        if step not in pinned:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _problems(ckpt: str, rank: int, world: int) -> tuple[str | None, int | None]:
@@ -230,14 +242,20 @@ def load_run_weights(run_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """Non-collective: (meta, model state dict) of the newest complete checkpoint of a longctx
     run dir, whichever engine wrote it (DCP or DeepSpeed), LoRA factors merged into their
     weights. ValueError naming the problem when there is none."""
-    from models.lora import merge_lora_state
-
     ckpt = newest_complete(run_dir)
     if ckpt is None:
         raise ValueError(
             f"{run_dir!r} holds no complete longctx checkpoint (checkpoints/step_*/manifest.json): "
             "give a run dir of trainer.train with trainer.save_every > 0 or a finished run"
         )
+    return checkpoint_weights(ckpt)
+
+
+def checkpoint_weights(ckpt: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Non-collective: (meta, model state dict) of the checkpoint directory ``ckpt``, LoRA
+    factors merged into their weights."""
+    from models.lora import merge_lora_state
+
     with open(os.path.join(ckpt, MANIFEST)) as f:
         meta = json.load(f).get("meta", {})
     weights = _deepspeed_weights(ckpt)

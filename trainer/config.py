@@ -184,6 +184,8 @@ class StageConfig:
     lora_rank: int = 0  # > 0: LoRA factors on lora_targets (models/lora.py), merged at stage end
     lora_alpha: float = 16.0  # LoRA scale alpha / rank
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    start_from: str | None = None  # the name of an earlier stage whose final weights this stage
+    # starts from (a branch: several conversions of one teacher in one run); None: the stage before
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 The trainer runs the stages in order in one run dir (global step numbers continue across
 stages). A stage starts from the previous stage's final weights (or, for the first stage,
-from ``init_from`` or a fresh initialisation) and may change the model:
+from ``init_from`` or a fresh initialisation), or from those of the earlier stage its
+``start_from`` names (a branch: the README's worked example converts one extended model three
+ways, each conversion its own stages), and may change the model:
 
     same name, same shape                  -> copied
     k/v projection, a whole multiple wider -> each kv head repeated (GQA softmax -> linear
@@ -40,6 +42,7 @@ class Stage:
     offset: int  # global step at which the stage starts
     count: int = 1  # stages in the run
     staged: bool = False  # from a recipe (False: the run's own settings, one stage)
+    source: int | None = None  # index of the stage whose final weights it starts from (None: first)
 
     @property
     def end(self) -> int:
@@ -75,9 +78,36 @@ def plan(cfg: TrainConfig) -> list[Stage]:
             raise ValueError(f"{where}.optimizer={spec.optimizer!r} is unknown: choose reset or keep")
         if spec.lora_rank < 0:
             raise ValueError(f"{where}.lora_rank={spec.lora_rank} must be >= 0 (0: no LoRA)")
-        out.append(Stage(i, spec, stage_cfg, offset, len(cfg.recipe.stages), True))
+        out.append(Stage(i, spec, stage_cfg, offset, len(cfg.recipe.stages), True, _source(cfg, i, where)))
         offset += spec.steps
     return out
+
+
+def _source(cfg: TrainConfig, i: int, where: str) -> int | None:
+    """Index of the stage whose weights stage ``i`` starts from: the one its ``start_from`` names
+    (exactly one earlier stage), else the stage before (None for the first)."""
+    name = cfg.recipe.stages[i].start_from
+    if name is None:
+        return i - 1 if i > 0 else None
+    found = [j for j, s in enumerate(cfg.recipe.stages[:i]) if s.name == name]
+    if len(found) != 1:
+        names = [s.name for s in cfg.recipe.stages[:i]]
+        raise ValueError(
+            f"{where}.start_from={name!r} must name exactly one earlier stage (earlier: {names}): "
+            "give it one of those names, each used once"
+        )
+    if found[0] != i - 1 and cfg.recipe.stages[i].optimizer == "keep":
+        raise ValueError(
+            f"{where}.optimizer=keep carries the moments of the stage before, not of start_from={name!r}: "
+            "set optimizer=reset"
+        )
+    return found[0]
+
+
+def branch_points(plan: list[Stage]) -> set[int]:
+    """Indices of the stages a later stage starts from out of order (``start_from``): the trainer
+    keeps their final weights and always checkpoints their end (so a resumed run finds them)."""
+    return {st.source for st in plan if st.source is not None and st.source != st.index - 1}
 
 
 @torch.no_grad()

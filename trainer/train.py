@@ -184,20 +184,43 @@ def train(cfg: TrainConfig) -> dict:
             )
     stop_after = cfg.trainer.stop_after
     run.end = plan[-1].end if stop_after is None else min(plan[-1].end, run.step + stop_after)
-    prev, last = None, {}
+    run.pinned = {plan[i].end for i in stages.branch_points(plan)}
+    finished, last = {}, {}  # stage index -> its final weights, while a later stage starts from them
     for st in plan[first:]:
         if st.index > first and run.step >= run.end:  # stopped at a stage boundary (stop_after)
             break
         mesh, strategies = _stage_mesh(st, mesh)
-        prev, last = _run_stage(run, st, mesh, strategies, prev, resume if st.index == first else None)
-        if prev is None or run.stopped:  # stopped inside the stage (stop_after) or by a signal
+        prev = None if st.index == first else _start_weights(run, plan[st.source], finished)
+        done, last = _run_stage(run, st, mesh, strategies, prev, resume if st.index == first else None)
+        if done is None or run.stopped:  # stopped inside the stage (stop_after) or by a signal
             break
+        finished[st.index] = done
+        later = {s.source for s in plan[st.index + 1 :]}
+        finished = {  # beyond the next stage only the weights (start_from resets the optimizer)
+            i: w if i == st.index else {**w, "model": None, "optimizer": None}
+            for i, w in finished.items()
+            if i in later
+        }
     logger.close()
     out = {"step": run.step, "history": run.history, "run_dir": run_dir, **last}
     if mesh.is_main:
         took = time.perf_counter() - started
         print(run_checks.summary_line(out, took, run_dir, checkpoint.newest_saved(run_dir)), flush=True)
     return out
+
+
+def _start_weights(run: _Run, source: stages.Stage, finished: dict) -> dict:
+    """The final weights of stage ``source`` for a stage that starts from them: kept in memory, or
+    (a resumed run past it, ``start_from``) read from the checkpoint of its end, which is pinned."""
+    if source.index in finished:
+        return finished[source.index]
+    ckpt = os.path.join(run.run_dir, "checkpoints", f"step_{source.end:06d}")
+    if not os.path.isdir(ckpt):
+        raise ValueError(
+            f"the weights of stage {source.spec.name!r} (step {source.end}) are not in {ckpt}: a resumed run "
+            "needs the checkpoint of the end of a stage that a later stage's start_from names; rerun from it"
+        )
+    return {"weights": checkpoint.checkpoint_weights(ckpt)[1], "model": None, "optimizer": None}
 
 
 def _resolve_auto(cfg: TrainConfig, world: int) -> dict:
@@ -223,6 +246,7 @@ class _Run:
     end: int = 0  # the global step this invocation stops at
     stopped: bool = False  # a preemption signal (agreed by every rank) stopped the run
     predicted_step_s: float | None = None  # the cost model's step time (strategies=auto), checked once
+    pinned: set = dataclasses.field(default_factory=set)  # steps always checkpointed and never pruned
 
 
 @dataclasses.dataclass
@@ -294,7 +318,7 @@ def _set_up_stage(run: _Run, st: stages.Stage, mesh: Mesh, strategies: dict, pre
     n_matmul = matmul_params(model)  # before the engine wraps (or shards) it
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = build_engine(cfg, model, mesh)  # native (DDP / FSDP2), deepspeed or accelerate
-    if spec.optimizer == "keep" and prev is not None and resume is None:
+    if spec.optimizer == "keep" and prev is not None and prev["optimizer"] is not None and resume is None:
         stages.carry_optimizer_state(prev["optimizer"], prev["model"], engine.optimizer, engine.module)
     scheduler = build_scheduler(engine.optimizer, spec.steps, cfg.optim)
     if resume is not None:
@@ -441,7 +465,7 @@ def _evaluate_and_save(run: _Run, sr: _StageRun, stop: bool) -> None:
     st, t, step = sr.st, sr.st.cfg.trainer, run.step
     if (t.eval_every and (step - st.offset) % t.eval_every == 0) or step == st.end:
         sr.last.update(_evaluate(run, sr, "end" if step == st.end else None))
-    if (t.save_every and step % t.save_every == 0) or step == sr.end or stop:
+    if (t.save_every and step % t.save_every == 0) or step == sr.end or step in run.pinned or stop:
         meta = {
             "stage": st.index,
             "stage_name": st.spec.name,
@@ -451,7 +475,7 @@ def _evaluate_and_save(run: _Run, sr: _StageRun, stop: bool) -> None:
         }
         train_loader = sr.loaders[0]
         rank, keep = sr.mesh.rank, t.keep_checkpoints
-        checkpoint.save(run.run_dir, step, sr.engine, sr.scheduler, train_loader, rank, keep, meta)
+        checkpoint.save(run.run_dir, step, sr.engine, sr.scheduler, train_loader, rank, keep, meta, run.pinned)
 
 
 def _any_rank(flags: tuple, mesh: Mesh) -> list[bool]:
