@@ -128,6 +128,24 @@ def test_retrieval_recipe_stages_chain_at_cp2(tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.gloo
+@pytest.mark.parametrize("variant", ["retrieval_hybrid", "retrieval_s2"])
+def test_retrieval_variants_chain_at_cp2(tmp_path, variant):
+    """The hybrid (LASP-2 beside the softmax strategy) and S2 variants run the same stages."""
+    run = str(tmp_path / "r")
+    extra = ["model.s2_local=1", "model.s2_stride=2"] if "s2" in variant else ["model.n_layers=4"]  # TINY has 2
+    short = [f"recipe={variant}", *SHORT[1:], *extra]
+    out = run_distributed(_train, 2, short + [f"trainer.run_dir={run}"])
+    assert out[0]["history"] == out[1]["history"] and out[0]["step"] == 6
+    from trainer.checkpoint import load_run_weights
+
+    meta, _ = load_run_weights(run)
+    pattern = meta["config"]["model"]["mixer_pattern"]
+    assert meta["config"]["parallel"]["cp"]["size"] == 2 and pattern == _compose(short).model.mixer_pattern
+    assert {"passkey@256", "mqar@256"} <= out[0].keys()
+
+
+@pytest.mark.e2e
+@pytest.mark.gloo
 def test_extension_stage_is_the_same_at_cp1_and_cp2(tmp_path):
     """The extension stage from the same pretrained weights: loss curve equal to fp32 reduction
     noise and the same retrieval accuracy on one process (CP=1) and on two (CP=2)."""
