@@ -245,6 +245,7 @@ def test_retrieval_section_and_accuracy_plot(tmp_path):
         st |= {"mixers": {"simple_gla": 3, "softmax": 1}, "params": 340000, "passkey_end": {"256": 0.25}}
     text = render_retrieval(results, {"retrieval_hybrid": hybrid})
     assert "| `recipe=retrieval` | 2 softmax | 0.17M | 20.0 min | 1.00 / 0.20 / 0.00 | 1.00 / 1.00 / 0.10 |" in text
+    assert "| 1.00 / 1.00 / 0.10 | 1.00 / 1.00 / 0.10 | 1.500 / 1.500 |" in text  # MQAR, held-out loss
     assert (
         "| `recipe=retrieval_hybrid` | 3 simple_gla : 1 softmax | 0.34M | 30.0 min | 0.25 / - / - | 0.25 / - / - |"
         in text

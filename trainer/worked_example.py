@@ -256,8 +256,9 @@ def variants_table(results: dict, variants: dict) -> list[str]:
     head = " / ".join(f"@{n}" for n in lengths)
     lines = [
         f"| recipe | mixers | parameters | CPU time | passkey after pretrain {head} | "
-        f"passkey after the last extension {head} | MQAR after the last extension {head} |",
-        "|---|---|---|---|---|---|---|",
+        f"passkey after the last extension {head} | MQAR after the last extension {head} | "
+        "held-out loss after pretrain / the last extension |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in {"retrieval": results, **variants}.items():
         stages = {s["name"]: s for s in r["stages"]}
@@ -268,7 +269,8 @@ def variants_table(results: dict, variants: dict) -> list[str]:
 
         lines.append(
             f"| `recipe={name}` | {_mixers(pre['mixers'])} | {pre['params'] / 1e6:.2f}M | {r['cpu_s'] / 60:.1f} min | "
-            f"{accs(pre['passkey_end'])} | {accs(last['passkey_end'])} | {accs(last['mqar_end'])} |"
+            f"{accs(pre['passkey_end'])} | {accs(last['passkey_end'])} | {accs(last['mqar_end'])} | "
+            f"{pre['loss_end']:.3f} / {last['loss_end']:.3f} |"
         )
     return lines
 
