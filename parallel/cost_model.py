@@ -484,6 +484,16 @@ def call_bytes(spec: RunSpec, call: Call, strat) -> tuple[list[int], list[int], 
     return [fwd] * spec.cp, [bwd] * spec.cp, ring
 
 
+def _each_call(spec: RunSpec, calls: list[Call]) -> list[tuple]:
+    """(strategy, forward bytes per rank, backward bytes per rank, ring part) of every call."""
+    return [(s, *call_bytes(spec, call, s)) for call in calls for s in [spec.strategy(call.kind)]]
+
+
+def _busiest(each: list[tuple]) -> tuple[int, int]:
+    """(forward, backward) bytes of the busiest rank, ``_each_call``'s calls summed per rank."""
+    return max(map(sum, zip(*(f for _, f, _, _ in each)))), max(map(sum, zip(*(b for _, _, b, _ in each))))
+
+
 def layer_bytes(spec: RunSpec, layer: int) -> tuple[int, int]:
     """(forward, backward) bytes the busiest rank receives in ``layer``, every call summed
     (the layer's primary-kind ``_bytes`` when it makes one call)."""
@@ -491,11 +501,7 @@ def layer_bytes(spec: RunSpec, layer: int) -> tuple[int, int]:
     if len(calls) == 1 or spec.cp == 1:
         strat = spec.strategy(calls[0].kind) if spec.cp > 1 else build_strategy("local")
         return _bytes(spec, layer, strat)[:2]
-    fwd, bwd = [0] * spec.cp, [0] * spec.cp
-    for call in calls:
-        f, b, _ = call_bytes(spec, call, spec.strategy(call.kind))
-        fwd, bwd = [x + y for x, y in zip(fwd, f)], [x + y for x, y in zip(bwd, b)]
-    return max(fwd), max(bwd)
+    return _busiest(_each_call(spec, calls))
 
 
 def merge_seconds(cluster: Cluster, spec: RunSpec, layer: int, strat) -> tuple[float, float]:
@@ -562,11 +568,10 @@ def layer_cost(cluster: Cluster, spec: RunSpec, layer: int, params: int | None =
         f_serial, f_over = _comm_seconds(cluster, spec, strat, fwd_b, ring_b)
         b_serial, b_over = _comm_seconds(cluster, spec, strat, bwd_b, bwd_ring)
     else:  # every call, each under its kind's strategy and overlap rule
-        fwd_b, bwd_b = layer_bytes(spec, layer)
+        each = _each_call(spec, calls)
+        fwd_b, bwd_b = _busiest(each)
         f_serial = f_over = b_serial = b_over = 0.0
-        for call in calls:
-            s = spec.strategy(call.kind)
-            f, b, ring = call_bytes(spec, call, s)
+        for s, f, b, ring in each:
             serial, over = _comm_seconds(cluster, spec, s, max(f), ring)
             f_serial, f_over = f_serial + serial, f_over + over
             serial, over = _comm_seconds(cluster, spec, s, max(b), 2 * ring if s.name == "usp" else ring)
