@@ -248,6 +248,11 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _accs(d: dict, lengths: list[int]) -> str:
+    """Accuracies of ``d`` ({"512": acc}) at ``lengths``, " / " between, "-" where not evaluated."""
+    return " / ".join(f"{d[str(n)]:.2f}" if str(n) in d else "-" for n in lengths)
+
+
 def variants_table(results: dict, variants: dict) -> list[str]:
     """The softmax recipe's retrieval beside its variants' (the same data, stages and steps, other
     mixers): after pretraining at L, and after the last extension at every length. CPU time (all
@@ -263,14 +268,10 @@ def variants_table(results: dict, variants: dict) -> list[str]:
     for name, r in {"retrieval": results, **variants}.items():
         stages = {s["name"]: s for s in r["stages"]}
         pre, last = stages["pretrain"], r["stages"][-1]
-
-        def accs(d: dict) -> str:
-            return " / ".join(f"{d[str(n)]:.2f}" if str(n) in d else "-" for n in lengths)
-
         lines.append(
             f"| `recipe={name}` | {_mixers(pre['mixers'])} | {pre['params'] / 1e6:.2f}M | {r['cpu_s'] / 60:.1f} min | "
-            f"{accs(pre['passkey_end'])} | {accs(last['passkey_end'])} | {accs(last['mqar_end'])} | "
-            f"{pre['loss_end']:.3f} / {last['loss_end']:.3f} |"
+            f"{_accs(pre['passkey_end'], lengths)} | {_accs(last['passkey_end'], lengths)} | "
+            f"{_accs(last['mqar_end'], lengths)} | {pre['loss_end']:.3f} / {last['loss_end']:.3f} |"
         )
     return lines
 
@@ -285,7 +286,7 @@ def render_retrieval(results: dict, variants: dict | None = None) -> str:
     head = " / ".join(f"@{n}" for n in lengths)
 
     def accs(d: dict) -> str:
-        return " / ".join(f"{d[str(n)]:.2f}" if str(n) in d else "-" for n in lengths)
+        return _accs(d, lengths)
 
     lines = [
         RETRIEVAL_BEGIN,
@@ -319,9 +320,8 @@ def render_retrieval(results: dict, variants: dict | None = None) -> str:
             f"| {s['name']} | {s['seq_len']}, {rope} | {s['cp']} | {s['steps']} | {s['loss_end']:.3f} | "
             f"{accs(s['passkey_end'])} | {accs(s['mqar_end'])} |"
         )
-    contrasts = results.get("contrasts") or ([results["pi_contrast"]] if results.get("pi_contrast") else [])
     at = lines.index(next(x for x in lines if x.startswith("| pretrain |"))) + 1
-    for s in reversed(contrasts):  # after the pretrain row: the no-training contrasts
+    for s in reversed(results.get("contrasts", [])):  # after the pretrain row: the no-training contrasts
         lines.insert(
             at,
             f"| {s['name']} | {s['seq_len']}, {_rope(s['rope'])} | 1 | 0 | {s['loss_end']:.3f} | "
