@@ -72,3 +72,17 @@ def test_mask_bench_matches_its_formulas_and_peers(tmp_path):
         assert float(r["max_err"]) < 1e-4, r
         assert r["bytes_max"] == r["bytes_formula"], r
     assert (tmp_path / "masks.png").exists()
+
+
+def test_s2_short_bench_paths_agree(tmp_path):
+    """bench.s2_short at one tiny row: the pattern kernel's tile plan, its masked call and its
+    own choice give the same outputs and gradients (fp32), and the train-step cells run."""
+    from bench.s2_short import main
+
+    main(["--seq-lens", "40", "--train-seq-lens", "40", "--batch", "2", "--repeats", "1", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "s2_short.csv")))
+    kernel = {r["impl"]: r for r in rows if r["cell"] == "kernel"}
+    assert set(kernel) == {"tiles", "masked_call", "auto", "dense"}
+    assert all(float(r["max_err"]) < 1e-5 for r in kernel.values()), kernel
+    assert {r["impl"] for r in rows if r["cell"] == "train_step"} == {"s2", "softmax"}
+    assert (tmp_path / "s2_short.png").exists()

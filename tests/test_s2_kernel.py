@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.ops.attention import MaskSpec, attention, attention_ref, planned_pairs
+from models.ops.attention import pattern as pattern_kernel
 from models.ops.documents import doc_ids
 from models.s2_pattern import BlockLayout, s2_pattern
 
@@ -56,6 +57,18 @@ def masked_attention(q, k, v, allowed):
     return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
 
 
+@pytest.fixture(params=["tiles", "masked_call"])
+def kernel_path(request, monkeypatch):
+    """Both CPU paths of the pattern kernel: the tile plan (DENSE_SCORES 0) and one masked fused
+    call (a limit no test reaches); checks afterwards that the named path is the one that ran."""
+    masked = request.param == "masked_call"
+    monkeypatch.setattr(pattern_kernel, "DENSE_SCORES", 1 << 40 if masked else 0)
+    calls, forward = [], pattern_kernel._masked_call_forward
+    monkeypatch.setattr(pattern_kernel, "_masked_call_forward", lambda *a: calls.append(1) or forward(*a))
+    yield request.param
+    assert bool(calls) == masked
+
+
 def _qkv(b, n, h, hkv, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, n, x, d, generator=g, dtype=torch.float64, requires_grad=True) for x in (h, hkv, hkv)]
@@ -87,7 +100,7 @@ S2_CASES = [  # (heads, kv heads, stride, local, options, window, doc starts of 
 
 
 @pytest.mark.parametrize("h,hkv,stride,local,opts,window,starts", S2_CASES)
-def test_s2_kernel_matches_brute_force(h, hkv, stride, local, opts, window, starts):
+def test_s2_kernel_matches_brute_force(h, hkv, stride, local, opts, window, starts, kernel_path):
     n, b, block = 83, 2, 16  # 83: not a multiple of the block
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # some of these patterns leave residues uncovered on purpose
@@ -121,7 +134,7 @@ def test_s2_kernel_matches_brute_force(h, hkv, stride, local, opts, window, star
 
 
 @pytest.mark.parametrize("seed,density", [(3, 0.4), (4, 0.15), (5, 0.7)])
-def test_random_layouts_offset_chunks_and_empty_rows(seed, density):
+def test_random_layouts_offset_chunks_and_empty_rows(seed, density, kernel_path):
     """Random per-head tables; a Q chunk meeting a K chunk from elsewhere, with a slice of
     global kv heads (as under Ulysses); rows that see nothing give zeros."""
     g = torch.Generator().manual_seed(seed)

@@ -16,6 +16,12 @@ lse) and runs its diagonal tile in the same op, causal, when the two are the sam
 the pieces are merged by log-sum-exp. Backward calls the op's backward with the *merged* output
 and lse, which gives each piece's exact share. Anything else (windows, chunks from elsewhere,
 CUDA) runs masked matmul tiles. Masks and indices are built on q's device.
+
+Short rows (at most ``DENSE_SCORES`` scores, B x H x Tq x Tk) skip the tile plan on CPU: one call
+of the same fused op under an additive 0 / -inf mask built from the pattern and the token mask
+(``allowed_heads``), forward and backward. It computes the inactive pairs too, but at a few
+thousand tokens the tile plan's Python and its many small calls cost more (bench/s2_short.py:
+at 4 x 256 tokens 8.8 ms against the plan's 44 ms, forward + backward).
 """
 
 from __future__ import annotations
@@ -146,23 +152,37 @@ class _Plan:
         return out
 
 
-_PLANS: OrderedDict = OrderedDict()  # (pattern, metadata, n_kv, fused) -> (metadata tensors, CPU plan)
+_PLANS: OrderedDict = OrderedDict()  # (what, pattern, metadata, n_kv) -> (metadata tensors, built, per device)
 _PLAN_CACHE = 8
 
+# The fused CPU path runs a mask whose score matrix (B x H x Tq x Tk) has at most this many entries
+# as ONE call of the fused op under an additive mask built from the pattern, instead of the tile
+# plan: at a few thousand tokens the plan's many small calls and its Python cost more than the
+# inactive tiles the masked call computes (bench/s2_short.py measures the crossover). 0: always
+# the tile plan (the tests run both).
+DENSE_SCORES = 1 << 24
 
-def plan_of(mask: MaskSpec, n_kv: int, device, fused: bool) -> _Plan:
-    """The kernel's plan of ``mask`` on ``device``: built on CPU from the mask's metadata, once per
-    pattern, metadata and head count (the layers of one batch share their positions / documents
-    tensors and pattern, forward and backward their mask), then moved to the device once."""
+
+def _cached(what, mask: MaskSpec, n_kv: int, build):
+    """``build()`` once per ``what``, pattern, metadata and head count (the layers of one batch
+    share their positions / documents tensors and pattern, forward and backward their mask).
+    Returns the cache entry (metadata tensors, built, {device: copy})."""
     tensors = (mask.q_pos, mask.k_pos, mask.q_doc, mask.k_doc)
-    key = (mask.pattern, mask.causal, mask.window, mask.kv_heads, *map(id, tensors), n_kv, fused)
+    key = (what, mask.pattern, mask.causal, mask.window, mask.kv_heads, mask.slices, *map(id, tensors), n_kv)
     hit = _PLANS.get(key)
     if hit is None or not all(x is y for x, y in zip(hit[0], tensors)):  # ids of live tensors only
-        hit = (tensors, _Plan(mask, n_kv, fused), {})
+        hit = (tensors, build(), {})
         _PLANS[key] = hit
         while len(_PLANS) > _PLAN_CACHE:
             _PLANS.popitem(last=False)
     _PLANS.move_to_end(key)
+    return hit
+
+
+def plan_of(mask: MaskSpec, n_kv: int, device, fused: bool) -> _Plan:
+    """The kernel's plan of ``mask`` on ``device``: built on CPU from the mask's metadata, once
+    (``_cached``), then moved to the device once."""
+    hit = _cached(("plan", fused), mask, n_kv, lambda: _Plan(mask, n_kv, fused))
     device = torch.device(device)
     if device.type == "cpu":
         return hit[1]
@@ -298,6 +318,64 @@ def _use_fused(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and _FLASH_CPU is not None
 
 
+def _use_masked_call(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """One masked fused call instead of the tile plan (CPU, at most DENSE_SCORES scores)."""
+    return _use_fused(q) and q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] <= DENSE_SCORES
+
+
+def allowed_heads(mask: MaskSpec, n_kv: int) -> torch.Tensor:
+    """bool [B, Hkv, Tq, Tk]: the token mask and each local KV head's block pattern, all rows
+    at once (the pattern's blocks of every row, then one broadcast ``active``)."""
+    bsz = mask.q_doc.shape[0] if mask.q_doc is not None else len(mask.slices.rows)
+    kidx = torch.arange(mask.k_pos.shape[0])
+    n_heads = n_kv if mask.head_slices() else None  # head slices of a patterned mask: per KV head
+    tokens = torch.stack([mask.allowed(slice(None), kidx, b, n_heads) for b in range(bsz)])
+    tokens = tokens if tokens.dim() == 4 else tokens[:, None]
+    rows = torch.arange(bsz)
+    qb = mask.pattern.blocks(mask.q_pos, mask.q_doc, rows)  # [B or 1, Tq]
+    kb = mask.pattern.blocks(mask.k_pos, mask.k_doc, rows)
+    hk = torch.tensor([mask.global_head(h) for h in range(n_kv)])
+    return tokens & mask.pattern.active(qb[:, None, :, None], kb[:, None, None, :], hk[None, :, None, None])
+
+
+def _masked_call_bias(mask: MaskSpec, n_kv: int, groups: int, dtype, device):
+    """(bias [B, H, Tq, Tk] of 0 / -inf in ``dtype`` on ``device``, empty [B, H, Tq] rows that see
+    no key), once per mask, head count and dtype."""
+
+    def build():
+        allowed = allowed_heads(mask, n_kv).repeat_interleave(groups, dim=1)
+        return allowed, ~allowed.any(-1)
+
+    hit = _cached("masked_call", mask, n_kv, build)
+    at = (str(device), dtype)
+    if at not in hit[2]:
+        allowed, empty = (x.to(device) for x in hit[1])
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
+        hit[2][at] = bias, empty
+    return hit[2][at]
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, D] -> [B, H, T, D] view, the fused op's layout."""
+    return x.transpose(1, 2)
+
+
+def _masked_call_forward(qa, ka, va, mask: MaskSpec, scale):
+    """(o [B, Tq, H, D], lse [B, H, Tq]) in one masked fused call; rows seeing nothing: 0, -inf."""
+    bias, empty = _masked_call_bias(mask, ka.shape[2], qa.shape[2] // ka.shape[2], qa.dtype, qa.device)
+    o, lse = _FLASH_CPU(*map(_heads_first, (qa, ka, va)), 0.0, False, attn_mask=bias, scale=scale)
+    return o.transpose(1, 2), lse.masked_fill_(empty, -math.inf)
+
+
+def _masked_call_backward(qa, ka, va, doa, oa, lse, mask: MaskSpec, scale):
+    """(dq, dk, dv) in one masked fused call, from the given (possibly merged) lse; a row whose
+    lse is -inf (it sees no key anywhere) gets no gradient."""
+    bias, _ = _masked_call_bias(mask, ka.shape[2], qa.shape[2] // ka.shape[2], qa.dtype, qa.device)
+    safe = lse.masked_fill(torch.isinf(lse), 0.0)  # its scores are all -inf: probabilities 0
+    grads = _FLASH_CPU_BWD(*map(_heads_first, (doa, qa, ka, va, oa)), safe, 0.0, False, attn_mask=bias, scale=scale)
+    return (g.transpose(1, 2) for g in grads)
+
+
 def pattern_forward(
     q, k, v, mask: MaskSpec, scale: float | None = None, block: int = DEFAULT_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,6 +387,9 @@ def pattern_forward(
     acc = acc_dtype(q)
     fused = _use_fused(q)
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    if _use_masked_call(q, k):
+        o, lse = _masked_call_forward(qa, ka, va, mask, scale)
+        return o.to(q.dtype), lse
     o = torch.zeros(bsz, tq, h, d, dtype=acc, device=q.device)
     lse = torch.full((bsz, h, tq), -math.inf, dtype=acc, device=q.device)
     plan = plan_of(mask, k.shape[2], q.device, fused)
@@ -341,6 +422,9 @@ def pattern_backward(do, q, k, v, o, lse, mask: MaskSpec, scale: float | None = 
     fused = _use_fused(q)
     qa, ka, va, doa, oa = (x.to(acc) for x in (q, k, v, do, o))
     lse = lse.to(acc)
+    if _use_masked_call(q, k):
+        dq, dk, dv = _masked_call_backward(qa, ka, va, doa, oa, lse, mask, scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
