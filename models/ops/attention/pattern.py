@@ -17,7 +17,7 @@ the pieces are merged by log-sum-exp. Backward calls the op's backward with the 
 and lse, which gives each piece's exact share. Anything else (windows, chunks from elsewhere,
 CUDA) runs masked matmul tiles. Masks and indices are built on q's device.
 
-Short rows (at most ``DENSE_SCORES`` scores, B x H x Tq x Tk) skip the tile plan on CPU: one call
+Short rows (at most ``DENSE_SCORES`` scores a row, H x Tq x Tk) skip the tile plan on CPU: one call
 of the same fused op under an additive 0 / -inf mask built from the pattern and the token mask
 (``allowed_heads``), forward and backward. It computes the inactive pairs too, but at a few
 thousand tokens the tile plan's Python and its many small calls cost more (bench/s2_short.py:
@@ -155,12 +155,14 @@ class _Plan:
 _PLANS: OrderedDict = OrderedDict()  # (what, pattern, metadata, n_kv) -> (metadata tensors, built, per device)
 _PLAN_CACHE = 8
 
-# The fused CPU path runs a mask whose score matrix (B x H x Tq x Tk) has at most this many entries
-# as ONE call of the fused op under an additive mask built from the pattern, instead of the tile
-# plan: at a few thousand tokens the plan's many small calls and its Python cost more than the
-# inactive tiles the masked call computes (bench/s2_short.py measures the crossover). 0: always
-# the tile plan (the tests run both).
-DENSE_SCORES = 1 << 24
+# The fused CPU path runs a mask with at most DENSE_SCORES scores a row (H x Tq x Tk) as ONE call of
+# the fused op under an additive mask built from the pattern, instead of the tile plan: below that
+# the plan's Python and its many small calls cost more than the inactive pairs the masked call
+# computes (bench/s2_short.py: 4 rows of 1024 tokens, 4 heads: 140 ms vs the plan's 263; one row of
+# 2048: 147 vs 51). DENSE_BIAS_SCORES bounds the whole mask (B x H x Tq x Tk fp32 entries, 256 MiB).
+# DENSE_SCORES = 0: always the tile plan (the tests run both paths).
+DENSE_SCORES = 1 << 22
+DENSE_BIAS_SCORES = 1 << 26
 
 
 def _cached(what, mask: MaskSpec, n_kv: int, build):
@@ -319,8 +321,9 @@ def _use_fused(q: torch.Tensor) -> bool:
 
 
 def _use_masked_call(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """One masked fused call instead of the tile plan (CPU, at most DENSE_SCORES scores)."""
-    return _use_fused(q) and q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] <= DENSE_SCORES
+    """One masked fused call instead of the tile plan (CPU, at most DENSE_SCORES scores a row)."""
+    row = q.shape[2] * q.shape[1] * k.shape[1]
+    return _use_fused(q) and row <= DENSE_SCORES and q.shape[0] * row <= DENSE_BIAS_SCORES
 
 
 def allowed_heads(mask: MaskSpec, n_kv: int) -> torch.Tensor:
