@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import comm
+from parallel.activation_trace import saved_storage_bytes  # noqa: F401  (the benchmarks import it from here)
 from parallel.spawn import run_distributed
 
 COLUMNS = [
@@ -95,22 +96,6 @@ def timed_repeats(step, leaves, repeats, device, world, clock=time.perf_counter)
             torch.cuda.synchronize(device)
         times.append(clock() - t0)
     return times, o
-
-
-def saved_storage_bytes(skip=()):
-    """(box, hooks): inside ``hooks``, box["bytes"] sums the storages of the tensors autograd
-    saves for backward, each storage once (views and repeated saves are not double counted);
-    the storages of the tensors in ``skip`` (e.g. the parameters) are not counted."""
-    box, seen = {"bytes": 0}, {t.untyped_storage().data_ptr() for t in skip}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            box["bytes"] += storage.nbytes()
-        return t
-
-    return box, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
 def peak_allocated_bytes(fn, device: torch.device) -> int:

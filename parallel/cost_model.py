@@ -1,6 +1,7 @@
 """A cost model of one training step under context parallelism, per layer and per rank, for
-every registered CP strategy. Pure arithmetic: it imports nothing from ``torch.distributed``
-and runs no collective, so a cluster not yet booked can be planned on a laptop.
+every registered CP strategy. Arithmetic, plus one small CPU forward per mixer for the
+activation bytes: it imports nothing from ``torch.distributed`` and runs no collective, so a
+cluster not yet booked can be planned on a laptop.
 
 What it counts, and where each number comes from (one source of truth each):
     core FLOPs    the mixer's own ``core_flops(cfg, layer, doc_lens)`` (the MFU count: pairs
@@ -18,8 +19,9 @@ What it counts, and where each number comes from (one source of truth each):
                   served point to point counts, per rank, the chunks that reach needs
                   (``reach_bytes``), and the layer's bytes are the busiest rank's sum
     memory        parameters, gradients and Adam states, the activations a block keeps for
-                  backward (per token, listed in ``activation_bytes``), the strategy's extra
-                  (all-gather without regather keeps the gathered K/V) and the logits
+                  backward (traced from the mixer's code at small widths and extrapolated:
+                  parallel/activation_trace.py), the strategy's extra (all-gather without
+                  regather keeps the gathered K/V), autocast's bf16 weight copies, the logits
     time          FLOPs / (peak x achieved fraction) of the cluster profile; bytes / link
                   bandwidth + steps x latency; combined by the overlap rule of each strategy
                   (``OVERLAP``): communication that runs under the core op costs
@@ -637,36 +639,53 @@ def attention_saved_bytes(spec: RunSpec, layer: int) -> int:
     return held
 
 
-def activation_bytes(spec: RunSpec, layer: int) -> int:
-    """Bytes block ``layer`` keeps for backward on one rank (no checkpointing): the block
-    input, both norm outputs (3 x dim per token), the MLP's gate, up, activation and down input
-    (4 x ffn per token) in the compute dtype, plus the core op's (``attention_saved_bytes``;
-    linear mixers: q, k, v, o, 4 H D per token)."""
+def core_extra_bytes(spec: RunSpec, layer: int) -> int:
+    """What the layer's CP strategy keeps beyond the one-device core op's q, k, v, o and lse
+    (``attention_saved_bytes`` minus them: Ulysses' replicated KV heads, all-gather's gathered K/V,
+    CAD's plan), for softmax and sparse layers; 0 for the others and without CP."""
     cfg = spec.model
+    if spec.cp == 1 or cfg.kind_of(layer) not in ("softmax", "sparse"):
+        return 0
     tokens = spec.batch * spec.seq_len // spec.cp
-    block = (3 * cfg.dim + 4 * cfg.ffn) * tokens * spec.elem_bytes
-    if cfg.kind_of(layer) == "linear":
-        return block + 4 * cfg.n_heads * cfg.hd * tokens * spec.elem_bytes
-    return block + attention_saved_bytes(spec, layer)
+    plain = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.hd * tokens * spec.elem_bytes
+    return attention_saved_bytes(spec, layer) - plain - cfg.n_heads * tokens * max(4, spec.elem_bytes)
+
+
+def activation_bytes(spec: RunSpec, layer: int) -> int:
+    """Bytes block ``layer`` keeps for backward on one rank (no checkpointing): what one block
+    saves over the rank's C = N / P tokens of each of the B rows, traced from the mixer's own code
+    (parallel/activation_trace.py: norms, projections, rotary, the mixer's branches and features,
+    the core op, the MLP; exact at one device on CPU), plus the strategy's extra
+    (``core_extra_bytes``)."""
+    from parallel.activation_trace import block_activation_bytes
+
+    per_row = block_activation_bytes(spec.model, layer, spec.seq_len // spec.cp, spec.dtype)
+    return spec.batch * per_row + core_extra_bytes(spec, layer)
 
 
 def memory(cluster: Cluster, spec: RunSpec, n_params: int) -> tuple[int, dict]:
     """(bytes per device, parts). States: fp32 parameters, gradients and two Adam moments,
     16 bytes per parameter (longctx keeps fp32 masters under bf16 autocast), sharded over
     dp * cp with FSDP. Activations: every block's (``activation_bytes``), or with activation
-    checkpointing each block's input plus one block's full set during its recompute.
-    Logits: fp32 [tokens, vocab] and its gradient, or ``loss_chunk`` tokens at a time."""
+    checkpointing each block's input plus one block's full set during its recompute. Weight
+    copies (bf16 autocast): the bf16 weights each block's linears save from forward to backward,
+    whole even under FSDP (one block's with checkpointing). Logits: fp32 [tokens, vocab] and its
+    gradient, or ``loss_chunk`` tokens at a time."""
+    from parallel.activation_trace import block_weight_copy_bytes
+
     cfg = spec.model
     states = 16 * n_params / (spec.dp * spec.cp if spec.fsdp else 1)
     per_layer = [activation_bytes(spec, i) for i in range(cfg.n_layers)]
+    copies = [block_weight_copy_bytes(cfg, i, spec.dtype) for i in range(cfg.n_layers)]
     tokens = spec.batch * spec.seq_len // spec.cp
     if spec.activation_checkpointing:
         acts = cfg.n_layers * tokens * cfg.dim * spec.elem_bytes + max(per_layer)
+        copies = max(copies)
     else:
-        acts = sum(per_layer)
+        acts, copies = sum(per_layer), sum(copies)
     logit_tokens = min(spec.loss_chunk, tokens) if spec.loss_chunk else tokens
     logits = 2 * logit_tokens * cfg.vocab_size * 4
-    parts = dict(states=int(states), activations=int(acts), logits=int(logits))
+    parts = dict(states=int(states), activations=int(acts), weight_copies=int(copies), logits=int(logits))
     return sum(parts.values()), parts
 
 
