@@ -29,15 +29,16 @@ from torch import nn
 
 from models.hybrid_attention import LolcatsAttention, _TwoKind
 from models.linear_attention import FeatureMap
-from models.ops.attention import check_inputs
+from models.ops.attention import MaskSpec, attention_backward, attention_forward, check_inputs
+from models.ops.common import acc_dtype, no_autocast
 from models.registry import options_of, register_kind, register_mixer
 from models.rope import apply_rotary
 
 
-def meta_window_core(q, k, v, q_index, q_doc, k_index, k_doc, *, window, meta_k, meta_v, scale=None):
-    """o [B, Tq, H, D]: softmax over the keys k [B, Tk, Hkv, D] at row positions ``k_index`` in
-    query i's window (0 <= i - j < window, same document) together with the meta tokens
-    meta_k, meta_v [M, Hkv, D]. Dense in (Tq, Tk) over the keys it is given."""
+def meta_window_ref(q, k, v, q_index, q_doc, k_index, k_doc, *, window, meta_k, meta_v, scale=None):
+    """The naive reference: o [B, Tq, H, D], one dense softmax over the keys k [B, Tk, Hkv, D] at
+    row positions ``k_index`` in query i's window (0 <= i - j < window, same document) together
+    with the meta tokens meta_k, meta_v [M, Hkv, D]; [B, H, Tq, Tk] scores (autograd)."""
     b, tq, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     g = h // k.shape[2]
@@ -53,14 +54,83 @@ def meta_window_core(q, k, v, q_index, q_doc, k_index, k_doc, *, window, meta_k,
     return torch.einsum("bhij,bjhd->bihd", pw, vr) + torch.einsum("bhim,mhd->bihd", pm, mv.to(q.dtype))
 
 
+@no_autocast
+def _meta_scores(q, meta_k, scale):
+    """Scores of every query against the meta tokens, [B, H, Tq, M] in the accumulation dtype."""
+    acc = acc_dtype(q)
+    mk = meta_k.to(acc).repeat_interleave(q.shape[2] // meta_k.shape[1], dim=1)  # [M, H, D]
+    return torch.einsum("bihd,mhd->bhim", q.to(acc), mk) * scale
+
+
+class _MetaWindow(torch.autograd.Function):
+    """The window keys through the softmax kernel (``attention_forward``: only the pairs the
+    window allows, O(Tq x W)), the M meta tokens as a dense [Tq, M] softmax, merged by log-sum-exp.
+    Backward hands the kernel the *merged* output and lse (its exact share of the gradients) and
+    differentiates the meta part against the same lse: no [Tq, Tk] tensor anywhere."""
+
+    @staticmethod
+    def forward(fctx, q, k, v, meta_k, meta_v, mask, scale):
+        o_w, lse_w = attention_forward(q, k, v, mask, scale)  # [B, Tq, H, D], [B, H, Tq]
+        with torch.autocast(q.device.type, enabled=False):  # the merge in the accumulation dtype
+            sm = _meta_scores(q, meta_k, scale)
+            lse = torch.logaddexp(lse_w, torch.logsumexp(sm, -1))  # finite: every query sees M >= 1 tokens
+            mv = meta_v.to(sm.dtype).repeat_interleave(q.shape[2] // meta_v.shape[1], dim=1)
+            o = o_w.to(sm.dtype) * torch.exp(lse_w - lse).transpose(1, 2).unsqueeze(-1)
+            o = (o + torch.einsum("bhim,mhd->bihd", torch.exp(sm - lse.unsqueeze(-1)), mv)).to(q.dtype)
+        fctx.save_for_backward(q, k, v, meta_k, meta_v, o, lse)
+        fctx.mask, fctx.scale = mask, scale
+        return o
+
+    @staticmethod
+    def backward(fctx, do):
+        q, k, v, meta_k, meta_v, o, lse = fctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, fctx.mask, fctx.scale)
+        with torch.autocast(q.device.type, enabled=False):
+            sm = _meta_scores(q, meta_k, fctx.scale)
+            acc, g, hkv = sm.dtype, q.shape[2] // meta_k.shape[1], meta_k.shape[1]
+            p = torch.exp(sm - lse.unsqueeze(-1))  # [B, H, Tq, M]
+            doa, qa = do.to(acc), q.to(acc)
+            mv = meta_v.to(acc).repeat_interleave(g, dim=1)
+            mk = meta_k.to(acc).repeat_interleave(g, dim=1)
+            delta = (doa * o.to(acc)).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, Tq, 1]
+            ds = p * (torch.einsum("bihd,mhd->bhim", doa, mv) - delta)
+            dq = dq.to(acc) + torch.einsum("bhim,mhd->bihd", ds, mk) * fctx.scale
+            dmk = torch.einsum("bhim,bihd->mhd", ds, qa) * fctx.scale
+            dmv = torch.einsum("bhim,bihd->mhd", p, doa)
+            m, d = dmk.shape[0], dmk.shape[-1]
+            dmk, dmv = (x.view(m, hkv, g, d).sum(2) for x in (dmk, dmv))  # GQA: the group's sum
+        return dq.to(q.dtype), dk, dv, dmk.to(meta_k.dtype), dmv.to(meta_v.dtype), None, None
+
+
+def meta_window_core(q, k, v, q_index, q_doc, k_index, k_doc, *, window, meta_k, meta_v, scale=None):
+    """o [B, Tq, H, D]: softmax over the keys k [B, Tk, Hkv, D] at row positions ``k_index`` in
+    query i's window (0 <= i - j < window, same document) together with the meta tokens
+    meta_k, meta_v [M, Hkv, D]. Memory and work O(Tq x W + Tq x M) (``_MetaWindow``); the
+    dense formulation is ``meta_window_ref``."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = MaskSpec(q_index, k_index, q_doc, k_doc, True, window)
+    return _MetaWindow.apply(q, k, v, meta_k, meta_v, mask, scale)
+
+
 def _local_meta_window(q, k, v, ctx, *, window, meta_k, meta_v, scale=None):
-    """The single-device op (already the dense formulation: its own reference)."""
+    """The single-device op."""
     check_inputs(q, k, window)
     d = ctx.docs
-    return meta_window_core(q, k, v, d.index, d.doc, d.index, d.doc, window=window, meta_k=meta_k, meta_v=meta_v)
+    return meta_window_core(
+        q, k, v, d.index, d.doc, d.index, d.doc, window=window, meta_k=meta_k, meta_v=meta_v, scale=scale
+    )
 
 
-register_kind("meta_window", reference=_local_meta_window)(_local_meta_window)
+def _local_meta_window_ref(q, k, v, ctx, *, window, meta_k, meta_v, scale=None):
+    """The naive reference of the kind (``meta_window_ref`` over the local tokens)."""
+    check_inputs(q, k, window)
+    d = ctx.docs
+    return meta_window_ref(
+        q, k, v, d.index, d.doc, d.index, d.doc, window=window, meta_k=meta_k, meta_v=meta_v, scale=scale
+    )
+
+
+register_kind("meta_window", reference=_local_meta_window_ref)(_local_meta_window)
 
 
 @register_mixer("lizard")

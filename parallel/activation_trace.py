@@ -8,7 +8,7 @@ under ``torch.autograd.graph.saved_tensors_hooks`` and the storages autograd sav
 
 The saved bytes of one row are affine in the model width ``dim`` and the MLP width ``ffn`` (at the
 real heads, head dim and mixer options) and quadratic in the row's tokens ``T`` (the T^2 term:
-cores that keep dense [T, T] scores, e.g. landmark attention and lizard's meta window today):
+cores that keep dense [T, T] scores, e.g. landmark attention today):
 
     bytes(dim, ffn, T) = s T^2 + l T + r,   each of s, l, r = x * dim + y * ffn + z
 

@@ -304,3 +304,30 @@ def test_kv_cache_bytes_of_the_two_kind_and_landmark_layers():
         assert got == {"kv_cache_bytes_per_token": 0, "state_bytes": (window + state) * 2}, mixer
     got = kv_cache_bytes(ModelConfig(**base, mixer_pattern=["landmark"]), elem_bytes=2)
     assert got == {"kv_cache_bytes_per_token": 2 * 2 * d * 2, "state_bytes": 0}
+
+
+def test_meta_window_op_matches_its_dense_reference_on_gathered_keys():
+    """The O(Tq x W) meta window (the softmax kernel on the window keys, the meta tokens merged by
+    log-sum-exp, backward from the merged lse) against the dense [Tq, Tk + M] softmax, fp64, on
+    a query chunk against a non-contiguous gathered key set (as under CP), GQA, documents: output
+    and the gradients of q, k, v and both meta tensors."""
+    from models.lizard_attention import meta_window_core, meta_window_ref
+    from models.ops.documents import doc_ids
+
+    g = torch.Generator().manual_seed(3)
+    q_index = torch.arange(40, 64)
+    k_index = torch.cat([torch.arange(20, 30), torch.arange(33, 64)])
+    cu = torch.tensor([0, 35, 50, 128])
+    q_doc, k_doc = doc_ids(cu, q_index)[None].expand(2, -1), doc_ids(cu, k_index)[None].expand(2, -1)
+    q = torch.randn(2, len(q_index), 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, len(k_index), 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    mk, mv = (torch.randn(3, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    args = (q, k, v, q_index, q_doc, k_index, k_doc)
+    do = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    outs = []
+    for op in (meta_window_core, meta_window_ref):
+        o = op(*args, window=9, meta_k=mk, meta_v=mv)
+        outs.append([o, *torch.autograd.grad((o * do).sum(), (q, k, v, mk, mv))])
+    errs = [(a - b).abs().max().item() for a, b in zip(*outs)]
+    assert max(errs) < 1e-12, errs
+    assert outs[0][2].abs().sum() > 0 and outs[0][4].abs().sum() > 0  # keys and meta tokens reached
