@@ -8,9 +8,9 @@ softmax layers.
 Kernel cells (``models.ops.attention.attention``, fp32, forward + backward, [B, T, H, D] rows of
 packed documents of uneven lengths, S2 pattern with per-document blocks):
     tiles        the tile plan: per query tile, its active key tiles, batched by shape into
-                 calls of PyTorch's fused CPU flash op (``DENSE_SCORES = 0``)
+                 calls of PyTorch's fused CPU flash op (``cpu_path("tiles")``)
     masked_call  one call of the fused op under the pattern's additive [B, H, T, T] mask
-                 (``DENSE_SCORES`` and ``DENSE_BIAS_SCORES`` above every cell)
+                 (``cpu_path("masked_call")``)
     auto         the kernel's own choice (masked_call up to ``DENSE_SCORES`` scores a row)
     dense        the softmax kind on the same rows (documents mask, no pattern): the peer S2
                  has to beat, or at least come near, for sparsity to be worth it at this size
@@ -23,6 +23,7 @@ Writes ``s2_short.csv`` and ``s2_short.png`` into --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -74,25 +75,21 @@ def kernel_rows(n: int, args) -> list[dict]:
         "sparse": MaskSpec(pos, pos, doc, doc, True, None, pattern.bind(cu, b, n)),
     }
     scores = h * n * n
-    limits = (pattern_kernel.DENSE_SCORES, pattern_kernel.DENSE_BIAS_SCORES)  # the kernel's own
-    impls = [("tiles", "sparse", (0, 0)), ("masked_call", "sparse", (1 << 62, 1 << 62))]
-    impls += [("auto", "sparse", limits), ("dense", "dense", limits)]
+    impls = [("tiles", "sparse", "tiles"), ("masked_call", "sparse", "masked_call")]
+    impls += [("auto", "sparse", None), ("dense", "dense", None)]  # None: the kernel's own limits
     rows, outs = [], {}
-    for impl, which, (per_row, whole) in impls:
-        pattern_kernel.DENSE_SCORES, pattern_kernel.DENSE_BIAS_SCORES = per_row, whole
-        try:
+    for impl, which, path in impls:
 
-            def step(mask=masks[which]):
-                for x in leaves:
-                    x.grad = None
-                o, _ = attention(q, k, v, mask, None, args.block)
-                o.backward(do)
-                return [o.detach(), *(x.grad for x in leaves)]
+        def step(mask=masks[which]):
+            for x in leaves:
+                x.grad = None
+            o, _ = attention(q, k, v, mask, None, args.block)
+            o.backward(do)
+            return [o.detach(), *(x.grad for x in leaves)]
 
+        with pattern_kernel.cpu_path(path) if path else contextlib.nullcontext():
             ms = _median_ms(step, args.repeats)
             outs[impl] = step()
-        finally:
-            pattern_kernel.DENSE_SCORES, pattern_kernel.DENSE_BIAS_SCORES = limits
         rows.append(dict(cell="kernel", seq_len=n, batch=b, scores=scores, impl=impl, fwd_bwd_ms=ms))
     for r in rows:
         r["ratio"] = round(r["fwd_bwd_ms"] / rows[-1]["fwd_bwd_ms"], 3)

@@ -54,12 +54,16 @@ def meta_window_ref(q, k, v, q_index, q_doc, k_index, k_doc, *, window, meta_k, 
     return torch.einsum("bhij,bjhd->bihd", pw, vr) + torch.einsum("bhim,mhd->bihd", pm, mv.to(q.dtype))
 
 
+def _per_query_head(meta: torch.Tensor, n_heads: int, dtype) -> torch.Tensor:
+    """Meta tokens [M, Hkv, D] -> [M, H, D] in ``dtype``: each KV head's for its query heads (GQA)."""
+    return meta.to(dtype).repeat_interleave(n_heads // meta.shape[1], dim=1)
+
+
 @no_autocast
 def _meta_scores(q, meta_k, scale):
     """Scores of every query against the meta tokens, [B, H, Tq, M] in the accumulation dtype."""
     acc = acc_dtype(q)
-    mk = meta_k.to(acc).repeat_interleave(q.shape[2] // meta_k.shape[1], dim=1)  # [M, H, D]
-    return torch.einsum("bihd,mhd->bhim", q.to(acc), mk) * scale
+    return torch.einsum("bihd,mhd->bhim", q.to(acc), _per_query_head(meta_k, q.shape[2], acc)) * scale
 
 
 class _MetaWindow(torch.autograd.Function):
@@ -74,7 +78,7 @@ class _MetaWindow(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):  # the merge in the accumulation dtype
             sm = _meta_scores(q, meta_k, scale)
             lse = torch.logaddexp(lse_w, torch.logsumexp(sm, -1))  # finite: every query sees M >= 1 tokens
-            mv = meta_v.to(sm.dtype).repeat_interleave(q.shape[2] // meta_v.shape[1], dim=1)
+            mv = _per_query_head(meta_v, q.shape[2], sm.dtype)
             o = o_w.to(sm.dtype) * torch.exp(lse_w - lse).transpose(1, 2).unsqueeze(-1)
             o = (o + torch.einsum("bhim,mhd->bihd", torch.exp(sm - lse.unsqueeze(-1)), mv)).to(q.dtype)
         fctx.save_for_backward(q, k, v, meta_k, meta_v, o, lse)
@@ -90,8 +94,7 @@ class _MetaWindow(torch.autograd.Function):
             acc, g, hkv = sm.dtype, q.shape[2] // meta_k.shape[1], meta_k.shape[1]
             p = torch.exp(sm - lse.unsqueeze(-1))  # [B, H, Tq, M]
             doa, qa = do.to(acc), q.to(acc)
-            mv = meta_v.to(acc).repeat_interleave(g, dim=1)
-            mk = meta_k.to(acc).repeat_interleave(g, dim=1)
+            mv, mk = (_per_query_head(x, q.shape[2], acc) for x in (meta_v, meta_k))
             delta = (doa * o.to(acc)).sum(-1).transpose(1, 2).unsqueeze(-1)  # [B, H, Tq, 1]
             ds = p * (torch.einsum("bihd,mhd->bhim", doa, mv) - delta)
             dq = dq.to(acc) + torch.einsum("bhim,mhd->bihd", ds, mk) * fctx.scale
@@ -112,25 +115,19 @@ def meta_window_core(q, k, v, q_index, q_doc, k_index, k_doc, *, window, meta_k,
     return _MetaWindow.apply(q, k, v, meta_k, meta_v, mask, scale)
 
 
-def _local_meta_window(q, k, v, ctx, *, window, meta_k, meta_v, scale=None):
-    """The single-device op."""
-    check_inputs(q, k, window)
-    d = ctx.docs
-    return meta_window_core(
-        q, k, v, d.index, d.doc, d.index, d.doc, window=window, meta_k=meta_k, meta_v=meta_v, scale=scale
-    )
+def _on_local_tokens(core):
+    """The kind's single-device op (q, k, v, ctx, ...) -> o running ``core`` over the tokens
+    ``ctx`` holds: ``meta_window_core`` (the op) or ``meta_window_ref`` (its reference)."""
+
+    def op(q, k, v, ctx, *, window, meta_k, meta_v, scale=None):
+        check_inputs(q, k, window)
+        d = ctx.docs
+        return core(q, k, v, d.index, d.doc, d.index, d.doc, window=window, meta_k=meta_k, meta_v=meta_v, scale=scale)
+
+    return op
 
 
-def _local_meta_window_ref(q, k, v, ctx, *, window, meta_k, meta_v, scale=None):
-    """The naive reference of the kind (``meta_window_ref`` over the local tokens)."""
-    check_inputs(q, k, window)
-    d = ctx.docs
-    return meta_window_ref(
-        q, k, v, d.index, d.doc, d.index, d.doc, window=window, meta_k=meta_k, meta_v=meta_v, scale=scale
-    )
-
-
-register_kind("meta_window", reference=_local_meta_window_ref)(_local_meta_window)
+register_kind("meta_window", reference=_on_local_tokens(meta_window_ref))(_on_local_tokens(meta_window_core))
 
 
 @register_mixer("lizard")

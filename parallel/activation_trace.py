@@ -90,19 +90,21 @@ def block_saved(cfg, layer: int, rows: int, tokens: int, dtype: str = "fp32") ->
     return box["bytes"] * (2 if dtype == "fp64" else 1), names
 
 
-_PROBES: dict = {}  # (repr(cfg), mixer entry, dtype) -> (the nine coefficients, copied parameter names)
+_PROBES: dict = {}  # (repr(cfg), mixer entry, dtype) -> (the nine coefficients, weight copy bytes)
 
 
-def _probed(cfg, entry: int, dtype: str) -> tuple[tuple[float, ...], frozenset]:
-    """(the nine coefficients: x, y, z of s, then of l, then of r; the names of the parameters
-    autocast copies) of mixer entry ``entry``, probed once."""
+def _probed(cfg, entry: int, dtype: str) -> tuple[tuple[float, ...], int]:
+    """(the nine coefficients: x, y, z of s, then of l, then of r; the bytes of autocast's weight
+    copies at the real widths) of mixer entry ``entry``, probed once."""
     key = (repr(cfg), entry, dtype)
     if key not in _PROBES:
         _PROBES[key] = _probe(cfg, entry, dtype)
     return _PROBES[key]
 
 
-def _probe(cfg, entry: int, dtype: str) -> tuple[tuple[float, ...], frozenset]:
+def _probe(cfg, entry: int, dtype: str) -> tuple[tuple[float, ...], int]:
+    from models.llama import Block
+
     t0 = PROBE_TOKENS
     per, names = [], frozenset()  # per probe width: (bytes per token^2, per token, per row)
     for dim, ffn in _WIDTHS:
@@ -116,7 +118,12 @@ def _probe(cfg, entry: int, dtype: str) -> tuple[tuple[float, ...], frozenset]:
     for base, by_dim, by_ffn in zip(*per):  # each coefficient affine in (dim, ffn)
         a, b = (by_dim - base) / (d1 - d0), (by_ffn - base) / (f1 - f0)
         out += [a, b, base - a * d0 - b * f0]
-    return tuple(out), names
+    copies = 0
+    if names:  # the copied parameters counted at the real widths, on the meta device
+        with torch.device("meta"):
+            block = Block(cfg, entry)
+        copies = 2 * sum(p.numel() for n, p in block.named_parameters() if n in names)
+    return tuple(out), copies
 
 
 def block_activation_bytes(cfg, layer: int, tokens: int, dtype: str = "fp32") -> int:
@@ -131,14 +138,8 @@ def block_activation_bytes(cfg, layer: int, tokens: int, dtype: str = "fp32") ->
 def block_weight_copy_bytes(cfg, layer: int, dtype: str) -> int:
     """Bytes of the bf16 weight copies block ``layer`` keeps from forward to backward under
     autocast (bf16 / fp16; 0 otherwise): 2 bytes per element of every parameter whose copy the
-    probe saw saved, counted at the real widths on the meta device. Whole weights, whatever
-    FSDP shards: autocast casts the gathered weight, and the linear saves the cast."""
+    probe saw saved, at the real widths. Whole weights, whatever FSDP shards: autocast casts the
+    gathered weight, and the linear saves the cast."""
     if dtype not in ("bf16", "fp16"):
         return 0
-    from models.llama import Block
-
-    entry = layer % len(cfg.mixer_pattern)
-    _, names = _probed(cfg, entry, dtype)
-    with torch.device("meta"):
-        block = Block(cfg, entry)
-    return 2 * sum(p.numel() for n, p in block.named_parameters() if n in names)
+    return _probed(cfg, layer % len(cfg.mixer_pattern), dtype)[1]

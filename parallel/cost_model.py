@@ -614,6 +614,15 @@ def layer_cost(cluster: Cluster, spec: RunSpec, layer: int, params: int | None =
 
 
 # ----------------------------------------------------------------------------- memory
+def _core_held_bytes(spec: RunSpec, hkv: int) -> int:
+    """q and o [C, H, D], k and v [C, hkv, D] in the compute dtype and the fp32 log-sum-exp
+    [H, C] of one rank: what the core op saves before any strategy's extra."""
+    cfg = spec.model
+    tokens = spec.batch * spec.seq_len // spec.cp
+    lse = cfg.n_heads * tokens * max(4, spec.elem_bytes)
+    return (2 * cfg.n_heads + 2 * hkv) * cfg.hd * tokens * spec.elem_bytes + lse
+
+
 def attention_saved_bytes(spec: RunSpec, layer: int) -> int:
     """Bytes the core op of a softmax / sparse layer keeps for backward on the busiest rank: q
     and o [C, H, D], k and v [C, Hkv', D] in the compute dtype and the fp32 log-sum-exp [H, C]
@@ -624,16 +633,15 @@ def attention_saved_bytes(spec: RunSpec, layer: int) -> int:
     from parallel.strategies.ulysses import kv_heads_for
 
     cfg = spec.model
-    tokens = spec.batch * spec.seq_len // spec.cp
-    lse = cfg.n_heads * tokens * max(4, spec.elem_bytes)
     hkv = cfg.n_kv_heads
     strat = spec.strategy(cfg.kind_of(layer)) if spec.cp > 1 else None
     if strat is not None and strat.name == "cad":
+        lse = cfg.n_heads * (spec.batch * spec.seq_len // spec.cp) * max(4, spec.elem_bytes)
         return _cad(spec, strat)[2] + lse
     if strat is not None and strat.name in ("ulysses", "usp"):
         u = spec.cp if strat.name == "ulysses" else strat.degree(spec.cp, cfg.n_heads)
         hkv = kv_heads_for(cfg.n_heads, cfg.n_kv_heads, u)
-    held = (2 * cfg.n_heads + 2 * hkv) * cfg.hd * tokens * spec.elem_bytes + lse
+    held = _core_held_bytes(spec, hkv)
     if strat is not None and strat.name == "allgather" and not strat.regather:
         held += 2 * spec.batch * spec.seq_len * hkv * cfg.hd * spec.elem_bytes  # gather="all" bound
     return held
@@ -643,12 +651,9 @@ def core_extra_bytes(spec: RunSpec, layer: int) -> int:
     """What the layer's CP strategy keeps beyond the one-device core op's q, k, v, o and lse
     (``attention_saved_bytes`` minus them: Ulysses' replicated KV heads, all-gather's gathered K/V,
     CAD's plan), for softmax and sparse layers; 0 for the others and without CP."""
-    cfg = spec.model
-    if spec.cp == 1 or cfg.kind_of(layer) not in ("softmax", "sparse"):
+    if spec.cp == 1 or spec.model.kind_of(layer) not in ("softmax", "sparse"):
         return 0
-    tokens = spec.batch * spec.seq_len // spec.cp
-    plain = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.hd * tokens * spec.elem_bytes
-    return attention_saved_bytes(spec, layer) - plain - cfg.n_heads * tokens * max(4, spec.elem_bytes)
+    return attention_saved_bytes(spec, layer) - _core_held_bytes(spec, spec.model.n_kv_heads)
 
 
 def activation_bytes(spec: RunSpec, layer: int) -> int:

@@ -106,14 +106,11 @@ def check_all(rank, world):
         except ValueError:
             continue  # e.g. ulysses with 4 heads on 3 ranks
         for layout in ("contiguous", "zigzag"):
-            for path, most in (("tiles", 0), ("masked_call", 1 << 40)):  # the kernel's two CPU paths
-                pattern_kernel.DENSE_SCORES, default = most, pattern_kernel.DENSE_SCORES
-                try:
+            for path in ("tiles", "masked_call"):  # the kernel's two CPU paths
+                with pattern_kernel.cpu_path(path):
                     errs[(name, layout, path)] = max(
                         check_strategy(rank, world, name, layout, s2_cases(world), 16, options)
                     )
-                finally:
-                    pattern_kernel.DENSE_SCORES = default
     nbytes = [measure_s2_bytes(rank, world, layout) for layout in ("contiguous", "zigzag")] if world > 1 else []
     if world > 1:
         nbytes += [measure_case_bytes(rank, world, lay, c) for lay in ("contiguous", "zigzag") for c in s2_cases(world)]

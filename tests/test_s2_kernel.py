@@ -59,14 +59,13 @@ def masked_attention(q, k, v, allowed):
 
 @pytest.fixture(params=["tiles", "masked_call"])
 def kernel_path(request, monkeypatch):
-    """Both CPU paths of the pattern kernel: the tile plan (DENSE_SCORES 0) and one masked fused
-    call (a limit no test reaches); checks afterwards that the named path is the one that ran."""
-    masked = request.param == "masked_call"
-    monkeypatch.setattr(pattern_kernel, "DENSE_SCORES", 1 << 40 if masked else 0)
+    """Both CPU paths of the pattern kernel (``cpu_path``): the tile plan and one masked fused
+    call; checks afterwards that the named path is the one that ran."""
     calls, forward = [], pattern_kernel._masked_call_forward
     monkeypatch.setattr(pattern_kernel, "_masked_call_forward", lambda *a: calls.append(1) or forward(*a))
-    yield request.param
-    assert bool(calls) == masked
+    with pattern_kernel.cpu_path(request.param):
+        yield request.param
+    assert bool(calls) == (request.param == "masked_call")
 
 
 def _qkv(b, n, h, hkv, d=8, seed=0):

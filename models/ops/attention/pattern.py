@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 
@@ -163,6 +164,20 @@ _PLAN_CACHE = 8
 # DENSE_SCORES = 0: always the tile plan (the tests run both paths).
 DENSE_SCORES = 1 << 22
 DENSE_BIAS_SCORES = 1 << 26
+_PATH_LIMITS = {"tiles": (0, 0), "masked_call": (1 << 62, 1 << 62)}  # (DENSE_SCORES, DENSE_BIAS_SCORES)
+
+
+@contextmanager
+def cpu_path(path: str):
+    """Within the block the fused CPU path takes ``path`` at every size: "tiles" (the tile plan)
+    or "masked_call" (one masked call); the limits are restored on exit (tests, benchmarks)."""
+    global DENSE_SCORES, DENSE_BIAS_SCORES
+    saved = DENSE_SCORES, DENSE_BIAS_SCORES
+    DENSE_SCORES, DENSE_BIAS_SCORES = _PATH_LIMITS[path]
+    try:
+        yield
+    finally:
+        DENSE_SCORES, DENSE_BIAS_SCORES = saved
 
 
 def _cached(what, mask: MaskSpec, n_kv: int, build):
